@@ -1,0 +1,1 @@
+"""The `effnet` command: one subcommand module per area of the project."""

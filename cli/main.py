@@ -1,0 +1,39 @@
+"""`effnet`: train, store, serve, benchmark and load-test EfficientNet-B0 variants.
+
+Each area of the project contributes its subcommands through an `add_commands(subparsers)`
+function; this file only collects them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in the order they appear in --help.
+COMMAND_MODULES = ["models.cli"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="effnet",
+        description="Train, store, serve and load-test EfficientNet-B0 and the variants of the seed slides.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `effnet COMMAND --help` for each command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""`effnet models` (the variant table) and `effnet bench` (offline speed)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _variant_rows(resolution: int, num_classes: int, family: str | None) -> list[dict]:
+    from models import count_macs, count_params, create_model, get_variant, list_aliases, list_models
+
+    aliases: dict[str, list[str]] = {}
+    for alias, target in list_aliases().items():
+        aliases.setdefault(target, []).append(alias)
+    rows = []
+    for name in list_models(family):
+        info = get_variant(name)
+        model = create_model(name, num_classes=num_classes)
+        params = count_params(model)
+        # The slides' figures are for 1000 classes; a difference is only meaningful there.
+        comparable = num_classes == 1000 and info.seed_params is not None
+        diff = (params + info.seed_offset - info.seed_params) / info.seed_params * 100 if comparable else None
+        rows.append(
+            {
+                "name": name,
+                "family": info.family,
+                "params": params,
+                "macs": count_macs(model, resolution),
+                "seed_params": info.seed_params,
+                "seed_offset": info.seed_offset,
+                "params_diff_pct": None if diff is None else round(diff, 3),
+                "seed_macs": info.seed_macs,
+                "aliases": sorted(aliases.get(name, [])),
+                "description": info.description,
+            }
+        )
+    return rows
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = _variant_rows(args.resolution, args.num_classes, args.family)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{len(rows)} variants, {args.num_classes} classes, MACs at {args.resolution}x{args.resolution}")
+    print(f"{'name':<28} {'family':<8} {'params':>11} {'MACs (M)':>9} {'slides':>7} {'diff':>7}  aliases")
+    print("-" * 90)
+    for r in rows:
+        seed = f"{r['seed_params'] / 1e6:.2f}M" if r["seed_params"] else "-"
+        diff = f"{r['params_diff_pct']:+.2f}%" if r["params_diff_pct"] is not None else "-"
+        print(
+            f"{r['name']:<28} {r['family']:<8} {r['params']:>11,} {r['macs'] / 1e6:>9.2f} {seed:>7} {diff:>7}  "
+            f"{', '.join(r['aliases'])}"
+        )
+    if any(r["seed_offset"] for r in rows) and args.num_classes == 1000:
+        print("\ndiff for the compact family adds the constant 0.321M that the compact paper counts in every row.")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.bench import REFERENCE, format_table, machine_info, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    from models import get_variant
+
+    for n in names:
+        if n != REFERENCE:
+            get_variant(n)  # fail fast with the list of known names
+    batches = [int(b) for b in args.batches.split(",")]
+    progress = None if args.json or args.quiet else (lambda s: print(f"\r{s:<60}", end="", file=sys.stderr, flush=True))
+    rows = run_bench(names, batches, args.resolution, args.rounds, args.seconds, progress=progress)
+    if progress:
+        print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
+    info = machine_info()
+    info.update(resolution=args.resolution, rounds=args.rounds, layout="channels_last, inference_mode, eager")
+    if args.record:
+        out = Path(args.record)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+        print(format_table(rows))
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list every registered variant with parameters, MACs and the slides' figures",
+        description="Print every registered variant: family, parameters, MACs at a chosen resolution, "
+        "the slides' parameter figure where they give one, and the relative difference.",
+    )
+    p.add_argument("--resolution", type=int, default=224, help="input side for the MAC count (default 224)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classifier size (default 1000, as the slides)")
+    p.add_argument("--family", choices=["b0-se", "compact", "mec"], help="only this family")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "bench",
+        help="time batch-1 latency and batch-8/32 throughput of the main variants",
+        description="Offline inference speed (PyTorch eager, channels_last, inference_mode) of the chosen "
+        "variants beside torchvision's efficientnet_b0, interleaved so machine noise hits all alike. "
+        "Runs on the GPU when one is present.",
+    )
+    p.add_argument("--models", default="b0,lite0,compact,mec,torchvision-b0",
+                   help="comma-separated variant names; 'torchvision-b0' is the reference (default: %(default)s)")
+    p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=224, help="input side (default 224)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--seconds", type=float, default=0.6,
+                   help="time per model and batch in each round (default 0.6)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--record", metavar="FILE", help="also write machine info and rows as JSON to FILE")
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,22 @@
+"""The checkpoint store: safetensors weights plus a JSON manifest, inside BentoML's model store.
+
+The trainer writes checkpoints here and the service reads them; the manifest is the only thing the
+two share. Nothing is ever unpickled: weights are safetensors and verified against the manifest's
+sha256 before they are loaded.
+"""
+from .checkpoint import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    Manifest,
+    get_store,
+    list_checkpoints,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
+
+__all__ = [
+    "MANIFEST_FILE", "WEIGHTS_FILE", "CheckpointError", "Manifest", "get_store", "list_checkpoints",
+    "load_checkpoint", "read_manifest", "save_checkpoint",
+]

@@ -1,0 +1,183 @@
+"""Save, list, verify and load checkpoints in a BentoML model store.
+
+A checkpoint is a BentoML model (`name:version` tag, labels `variant` and `dataset`, metrics in its
+metadata) whose folder holds exactly:
+- `model.safetensors`: the state_dict, tensors only;
+- `manifest.json`: everything needed to rebuild, verify and use the model (see `Manifest`).
+
+The store lives under `$BENTOML_HOME/models` (BentoML's default `~/bentoml`), read at call time so
+every command and test honours `BENTOML_HOME`; a `home=` argument overrides it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or does not match its manifest."""
+
+
+@dataclass
+class Manifest:
+    variant: str  # registry name (models.list_models())
+    config: dict[str, Any]  # models.NetConfig.to_dict(): rebuilds the exact architecture
+    num_classes: int
+    classes: list[str]
+    dataset: str
+    resolution: int  # square input side the model was trained/evaluated at
+    in_chans: int = 3
+    # Preprocessing: resize the shorter side to `resize`, centre-crop `resolution`, scale to 0..1,
+    # then (x - mean) / std per channel. Grayscale data is replicated to 3 channels when in_chans=3.
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    resize: int | None = None
+    grayscale: bool = False  # trained on grayscale images (replicated to in_chans channels)
+    metrics: dict[str, Any] = field(default_factory=dict)  # top1/top5 as fractions, per-class, ...
+    training: dict[str, Any] = field(default_factory=dict)  # the resolved training configuration
+    params: int = 0
+    macs: int = 0  # at `resolution`
+    sha256: str = ""  # of WEIGHTS_FILE
+    weights_file: str = WEIGHTS_FILE
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _home(home: str | os.PathLike | None) -> Path:
+    if home is not None:
+        return Path(home)
+    return Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+
+
+def get_store(home: str | os.PathLike | None = None):
+    """BentoML's ModelStore under `home` (default: $BENTOML_HOME, else ~/bentoml)."""
+    from bentoml._internal.models.model import ModelStore
+
+    path = _home(home) / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return ModelStore(str(path))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    model: nn.Module, manifest: Manifest, *, name: str | None = None, home: str | os.PathLike | None = None
+) -> str:
+    """Write `model`'s weights and `manifest` as a new model in the store; returns its tag."""
+    import bentoml
+    from safetensors.torch import save_file
+
+    name = name or manifest.variant.replace(".", "_")
+    # safetensors refuses shared storage and non-contiguous tensors; BN counters are harmless to copy.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    labels = {"variant": manifest.variant, "dataset": manifest.dataset, "project": "effnet"}
+    meta = {k: manifest.metrics.get(k) for k in ("top1", "top5") if k in manifest.metrics}
+    meta.update(resolution=manifest.resolution, num_classes=manifest.num_classes, params=manifest.params)
+    with bentoml.models.create(name, labels=labels, metadata=meta, _model_store=get_store(home)) as bento_model:
+        weights = Path(bento_model.path_of(WEIGHTS_FILE))
+        save_file(state, str(weights), metadata={"variant": manifest.variant})
+        manifest.sha256 = sha256_file(weights)
+        manifest.weights_file = WEIGHTS_FILE
+        manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        Path(bento_model.path_of(MANIFEST_FILE)).write_text(json.dumps(asdict(manifest), indent=2))
+        tag = str(bento_model.tag)
+    return tag
+
+
+def _resolve(tag: str, home: str | os.PathLike | None) -> Path:
+    """The folder of a stored checkpoint; `tag` may be `name`, `name:latest` or `name:version`."""
+    try:
+        return Path(get_store(home).get(tag).path)
+    except Exception as e:  # bentoml raises NotFound / BentoMLException
+        raise CheckpointError(f"checkpoint {tag!r} not found in store {_home(home)}: {e}") from None
+
+
+def read_manifest(tag_or_path: str | os.PathLike, home: str | os.PathLike | None = None) -> tuple[Manifest, Path]:
+    """The manifest and folder of a checkpoint, given a store tag or a checkpoint folder path."""
+    folder = Path(tag_or_path)
+    if not (folder / MANIFEST_FILE).is_file():
+        folder = _resolve(str(tag_or_path), home)
+    mpath = folder / MANIFEST_FILE
+    try:
+        manifest = Manifest.from_dict(json.loads(mpath.read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder} has no {MANIFEST_FILE}") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {folder}: unreadable {MANIFEST_FILE}: {e}") from None
+    return manifest, folder
+
+
+def load_checkpoint(
+    tag_or_path: str | os.PathLike, home: str | os.PathLike | None = None, device: str = "cpu"
+) -> tuple[nn.Module, Manifest]:
+    """Verify and load a checkpoint: sha256 of the weights must match the manifest.
+
+    Returns the model in eval mode and its manifest. Raises `CheckpointError` with the checkpoint and
+    the problem named; never unpickles anything.
+    """
+    from safetensors.torch import load_file
+
+    from models import build_from_config
+
+    manifest, folder = read_manifest(tag_or_path, home)
+    weights = folder / manifest.weights_file
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {folder}: weights file {manifest.weights_file} is missing")
+    digest = sha256_file(weights)
+    if digest != manifest.sha256:
+        raise CheckpointError(
+            f"checkpoint {folder}: sha256 of {manifest.weights_file} is {digest[:12]}..., manifest says "
+            f"{manifest.sha256[:12]}...; the weights were modified or corrupted. Re-create the checkpoint."
+        )
+    try:
+        model = build_from_config(manifest.config, num_classes=manifest.num_classes, in_chans=manifest.in_chans)
+        model.load_state_dict(load_file(str(weights), device=device))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {folder}: weights do not fit variant {manifest.variant!r}: {e}") from None
+    return model.to(device).eval(), manifest
+
+
+def list_checkpoints(home: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """One row per stored checkpoint of this project, newest first."""
+    rows = []
+    for m in get_store(home).list():
+        folder = Path(m.path)
+        if not (folder / MANIFEST_FILE).is_file():
+            continue  # some other project's BentoML model
+        try:
+            man, _ = read_manifest(folder)
+        except CheckpointError:
+            continue
+        rows.append(
+            {
+                "tag": str(m.tag), "variant": man.variant, "dataset": man.dataset,
+                "classes": man.num_classes, "resolution": man.resolution,
+                "top1": man.metrics.get("top1"), "params": man.params, "created": man.created,
+                "path": str(folder),
+            }
+        )
+    rows.sort(key=lambda r: r["created"], reverse=True)
+    return rows

@@ -1,0 +1,36 @@
+"""`effnet models` and `effnet bench` as a user runs them."""
+import json
+
+from cli.main import main
+
+
+def test_models_json_lists_every_variant_with_its_figures(capsys):
+    from models import list_models
+
+    assert main(["models", "--json", "--resolution", "64"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list_models()
+    for r in rows:
+        assert {"name", "family", "params", "macs", "seed_params"} <= set(r)
+        assert r["params"] > 0 and r["macs"] > 0
+    b0 = next(r for r in rows if r["name"] == "b0")
+    assert b0["seed_params"] == 5.29e6 and abs(b0["params_diff_pct"]) < 0.5
+
+
+def test_models_table_shows_differences_and_other_class_counts(capsys):
+    assert main(["models", "--family", "b0-se", "--num-classes", "10", "--resolution", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "b0-nose-all" in out and "lite0" not in out
+    assert "10 classes" in out
+
+
+def test_bench_json_rows_include_the_reference(capsys):
+    argv = ["bench", "--json", "--models", "compact,torchvision-b0", "--batches", "1,2",
+            "--resolution", "32", "--rounds", "1", "--seconds", "0.01"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["name"], r["batch"]) for r in rows} == {
+        ("compact", 1), ("compact", 2), ("torchvision-b0", 1), ("torchvision-b0", 2)}
+    for r in rows:
+        assert r["latency_ms"] > 0 and r["images_per_s"] > 0
+        assert abs(r["images_per_s"] - r["batch"] * 1000 / r["latency_ms"]) / r["images_per_s"] < 0.01
