@@ -15,9 +15,9 @@ from .checkpoint import (
     read_manifest,
     save_checkpoint,
 )
-from .preprocess import to_model_input
+from .preprocess import InputNormalizer, resize_crop, to_model_input
 
 __all__ = [
     "MANIFEST_FILE", "WEIGHTS_FILE", "CheckpointError", "Manifest", "get_store", "list_checkpoints",
-    "load_checkpoint", "read_manifest", "save_checkpoint", "to_model_input",
+    "load_checkpoint", "read_manifest", "save_checkpoint", "to_model_input", "resize_crop", "InputNormalizer",
 ]

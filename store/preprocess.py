@@ -1,36 +1,61 @@
 """The one definition of how an image becomes a model input, read from a checkpoint's manifest.
 
-Training evaluation, the service and the load-test's offline check all call `to_model_input`, so an
-image gives the same logits everywhere: resize the shorter side to `manifest.resize` (default: the
-resolution), centre-crop `resolution`, convert to gray or RGB as the model was trained, scale to
-0..1, then normalise with the manifest's mean and std.
+Two steps, so the request path can carry small uint8 tensors and normalise inside the model graph:
+1. `resize_crop` (uint8 -> uint8): resize the shorter side to `manifest.resize` (default: the
+   resolution), centre-crop `resolution x resolution`. Runs where the image is decoded.
+2. `InputNormalizer` (uint8 -> float, an nn.Module): scale to 0..1, convert channels to what the
+   model was trained on (gray <-> RGB, luma as PIL's convert("L")), then (x - mean) / std. Runs in
+   front of the network, inside every engine and exported graph.
+Training evaluation, the service and the load-test's offline check all use these, so an image gives
+the same logits everywhere.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torchvision.transforms.v2 import functional as F
 
 from .checkpoint import Manifest
 
 # ITU-R 601-2 luma, as PIL's convert("L").
-_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+LUMA = (0.299, 0.587, 0.114)
 
 
-def to_model_input(images: torch.Tensor, manifest: Manifest) -> torch.Tensor:
-    """uint8 images (C,H,W) or (N,C,H,W) with C in {1,3} -> normalised float (N,in_chans,R,R)."""
+def resize_crop(images: torch.Tensor, manifest: Manifest) -> torch.Tensor:
+    """uint8 (C,H,W) or (N,C,H,W), C in {1,3} -> uint8 (N,C,R,R) at the manifest's resolution."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
     x = images if images.dim() == 4 else images.unsqueeze(0)
     if x.shape[1] not in (1, 3):
         raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]}")
     r = manifest.resolution
-    x = F.resize(x, [manifest.resize or r], antialias=True)
-    x = F.center_crop(x, [r, r])
-    x = x.float().div_(255)
-    if manifest.grayscale and x.shape[1] == 3:
-        x = (x * _LUMA).sum(1, keepdim=True)
-    if x.shape[1] != manifest.in_chans:
-        x = x.expand(-1, manifest.in_chans, -1, -1) if x.shape[1] == 1 else (x * _LUMA).sum(1, keepdim=True)
-    mean = torch.tensor(manifest.mean[: manifest.in_chans]).view(1, -1, 1, 1)
-    std = torch.tensor(manifest.std[: manifest.in_chans]).view(1, -1, 1, 1)
-    return (x - mean) / std
+    if x.shape[-2:] != (r, r):
+        x = F.resize(x, [manifest.resize or r], antialias=True)
+        x = F.center_crop(x, [r, r])
+    return x
+
+
+class InputNormalizer(nn.Module):
+    """uint8 (N,1|3,R,R) -> normalised float (N,in_chans,R,R), as the checkpoint was trained."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        super().__init__()
+        c = manifest.in_chans
+        self.gray = bool(manifest.grayscale)
+        self.in_chans = c
+        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(manifest.mean[:c]).view(1, c, 1, 1) * 255, persistent=False)
+        self.register_buffer("inv_std", 1 / (torch.tensor(manifest.std[:c]).view(1, c, 1, 1) * 255), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.shape[1] == 3 and (self.gray or self.in_chans == 1):
+            x = (x * self.luma).sum(1, keepdim=True)
+        if x.shape[1] != self.in_chans:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        return (x - self.mean) * self.inv_std
+
+
+def to_model_input(images: torch.Tensor, manifest: Manifest) -> torch.Tensor:
+    """uint8 images -> the float tensor the network takes (both steps above)."""
+    return InputNormalizer(manifest)(resize_crop(images, manifest))
