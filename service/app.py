@@ -1,0 +1,50 @@
+"""What `bentoml serve service.app:Gateway` imports: the services, built from the configuration.
+
+The configuration file is `$EFFNET_SERVE_CONFIG` (set by `effnet serve --config`), else
+`service/config.yaml`. Every process of the server (gateway and workers) imports this module and
+reads the same file, so all of them build the same worker classes with the same names.
+"""
+from __future__ import annotations
+
+import bentoml
+
+from .config import load_config
+from .gateway import GatewayLogic, LimitsMiddleware, http_app
+from .workers import make_worker
+
+
+def _gpu_present() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def build_gateway(cfg):
+    """The gateway service class, with one `bentoml.depends` per served variant."""
+    gpu = _gpu_present()
+    attrs = {f"w_{name.replace('-', '_')}": bentoml.depends(make_worker(v, cfg, gpu)) for name, v in cfg.variants.items()}
+    namespace = {
+        **attrs,
+        "cfg": cfg,
+        "worker_attrs": {name: f"w_{name.replace('-', '_')}" for name in cfg.variants},
+        "__doc__": "Classify images with the EfficientNet variants of the serving configuration "
+                   "(POST /classify, /classify_batch; GET /variants, /routes).",
+    }
+    cls = type("Gateway", (GatewayLogic,), namespace)
+    svc = bentoml.service(
+        name="effnet-gateway",
+        # Our own in-flight limit answers 429 with Retry-After (BentoML's max_concurrency has none);
+        # the timeout is a backstop behind it and the workers' max_latency_ms.
+        traffic={"timeout": cfg.server.timeout_s},
+        workers=1,
+    )(bentoml.asgi_app(http_app, path="/")(cls))
+    svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,
+                            max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s)
+    return svc
+
+
+CONFIG = load_config()
+Gateway = build_gateway(CONFIG)

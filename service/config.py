@@ -1,0 +1,240 @@
+"""The serving configuration: which checkpoints are served, on what, with which batching, in which routes.
+
+The YAML file (default `service/config.yaml`; `effnet serve --config` or `$EFFNET_SERVE_CONFIG`
+overrides it) is validated here into frozen dataclasses, so a typo fails at start-up with the key
+named instead of surfacing as a 500 under load. Validation that needs the checkpoints (a variant whose
+classes differ from its route's) is `check_label_spaces`, run by `effnet serve` before starting and by
+the gateway at start-up.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_ENV = "EFFNET_SERVE_CONFIG"
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+
+
+class ConfigError(ValueError):
+    """The serving configuration is invalid; the message names the key or variant."""
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    name: str  # the name clients use (`variant=` field), e.g. "b0"
+    model: str  # store tag, e.g. "b0-fashion-mnist:latest"
+    engine: str = "torch"  # engines.load_engine name
+    gpu: float = 0  # GPUs to request (a fraction shares one); 0 = CPU. Used only when CUDA is present.
+    threads: int = 0  # intra-op threads on the CPU; 0 = the server's cpu_threads
+    max_batch_size: int = 8  # batch 32 is slower per image than 8 on these CPUs (FACTS.md)
+    # BentoML's batcher answers 503 once a request's estimated wait passes this, so it is the
+    # queueing budget under load, not a delay added to every request.
+    max_latency_ms: int = 2000
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    variant: str
+    fraction: float  # of the route's requests mirrored to the shadow
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    split: dict[str, float]  # variant -> weight, normalised to sum 1
+    shadow: ShadowConfig | None = None
+
+    @property
+    def variants(self) -> list[str]:
+        """Every variant that may answer in this route: the split's, then the shadow."""
+        names = list(self.split)
+        if self.shadow and self.shadow.variant not in names:
+            names.append(self.shadow.variant)
+        return names
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_body_bytes: int = 10 * 1024 * 1024  # whole request body; above -> 413
+    max_pixels: int = 40_000_000  # per image, read from the header before decoding
+    max_batch_images: int = 32  # images in one /classify_batch request
+    max_top_k: int = 100  # top_k is also capped by the model's class count
+    max_inflight: int = 64  # concurrent classify requests in the gateway; above -> 429
+    timeout_s: float = 60  # BentoML's per-request timeout (504), a backstop behind the two above
+    cpu_threads: int = 0  # inference threads shared by all CPU workers; 0 = the cores available
+    retry_after_s: int = 1  # what 429/503 answers tell clients to wait
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    variants: dict[str, VariantConfig]
+    routes: dict[str, RouteConfig]
+    default_route: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+    source: str = ""  # the file it came from, for messages
+
+    def routes_of(self, variant: str) -> list[str]:
+        return [r for r, route in self.routes.items() if variant in route.variants]
+
+    def route_of(self, variant: str) -> str:
+        """The route a variant answers in when the client names only the variant (default route first)."""
+        routes = self.routes_of(variant)
+        return self.default_route if self.default_route in routes else routes[0]
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(cfg: ServingConfig) -> int:
+    return cfg.server.cpu_threads or available_cpus()
+
+
+def config_path(path: str | os.PathLike | None = None) -> Path:
+    return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def _keys(where: str, d: Any, allowed: set[str], required: set[str] = frozenset()) -> dict:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    unknown = set(d) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    missing = required - set(d)
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {sorted(missing)}")
+    return d
+
+
+def _number(where: str, value: Any, *, integer: bool = False, minimum: float = 0, positive: bool = False) -> Any:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or value < minimum or (positive and value <= 0):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{where}: expected {kind} {'> 0' if positive else f'>= {minimum}'}, got {value!r}")
+    return value
+
+
+def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
+    """Validate a loaded YAML document into a ServingConfig; raises ConfigError naming the problem."""
+    top = _keys(source, data, {"server", "variants", "routes", "default_route"}, {"variants", "routes"})
+
+    server_raw = _keys(f"{source}: server", top.get("server") or {}, {
+        "max_body_mb", "max_pixels", "max_batch_images", "max_top_k", "max_inflight", "timeout_s",
+        "cpu_threads", "retry_after_s"})
+    s = {}
+    if "max_body_mb" in server_raw:
+        s["max_body_bytes"] = int(_number("server.max_body_mb", server_raw["max_body_mb"], positive=True) * 1024 * 1024)
+    for key in ("max_pixels", "max_batch_images", "max_top_k", "max_inflight", "retry_after_s"):
+        if key in server_raw:
+            s[key] = _number(f"server.{key}", server_raw[key], integer=True, positive=True)
+    if "timeout_s" in server_raw:
+        s["timeout_s"] = _number("server.timeout_s", server_raw["timeout_s"], positive=True)
+    if "cpu_threads" in server_raw and server_raw["cpu_threads"] not in (None, "auto"):
+        s["cpu_threads"] = _number("server.cpu_threads", server_raw["cpu_threads"], integer=True, positive=True)
+    server = ServerConfig(**s)
+
+    variants_raw = top["variants"]
+    if not isinstance(variants_raw, dict) or not variants_raw:
+        raise ConfigError(f"{source}: variants: expected a non-empty mapping of name -> settings")
+    variants = {}
+    for name, v in variants_raw.items():
+        where = f"variants.{name}"
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}: variant names are letters, digits, '-' and '_'")
+        v = _keys(where, v, {"model", "engine", "gpu", "threads", "max_batch_size", "max_latency_ms"}, {"model"})
+        if not isinstance(v["model"], str) or not v["model"]:
+            raise ConfigError(f"{where}.model: expected a store tag such as 'b0-fashion-mnist:latest'")
+        kw: dict[str, Any] = {"name": name, "model": v["model"]}
+        if "engine" in v:
+            if not isinstance(v["engine"], str):
+                raise ConfigError(f"{where}.engine: expected an engine name")
+            kw["engine"] = v["engine"]
+        if "gpu" in v:
+            kw["gpu"] = _number(f"{where}.gpu", v["gpu"])
+        if "threads" in v:
+            kw["threads"] = _number(f"{where}.threads", v["threads"], integer=True)
+        for key in ("max_batch_size", "max_latency_ms"):
+            if key in v:
+                kw[key] = _number(f"{where}.{key}", v[key], integer=True, positive=True)
+        variants[name] = VariantConfig(**kw)
+
+    routes_raw = top["routes"]
+    if not isinstance(routes_raw, dict) or not routes_raw:
+        raise ConfigError(f"{source}: routes: expected a non-empty mapping of name -> settings")
+    routes = {}
+    for name, r in routes_raw.items():
+        where = f"routes.{name}"
+        r = _keys(where, r, {"split", "shadow"}, {"split"})
+        split = r["split"]
+        if isinstance(split, list):  # a plain list means equal weights
+            split = {v: 1 for v in split}
+        if not isinstance(split, dict) or not split:
+            raise ConfigError(f"{where}.split: expected a mapping of variant -> weight")
+        for v, w in split.items():
+            if v not in variants:
+                raise ConfigError(f"{where}.split: unknown variant {v!r}; variants: {sorted(variants)}")
+            _number(f"{where}.split.{v}", w)
+        total = sum(split.values())
+        if total <= 0:
+            raise ConfigError(f"{where}.split: the weights sum to 0")
+        split = {v: w / total for v, w in split.items()}
+        shadow = None
+        if r.get("shadow") is not None:
+            sh = _keys(f"{where}.shadow", r["shadow"], {"variant", "fraction"}, {"variant", "fraction"})
+            if sh["variant"] not in variants:
+                raise ConfigError(f"{where}.shadow.variant: unknown variant {sh['variant']!r}; variants: {sorted(variants)}")
+            frac = _number(f"{where}.shadow.fraction", sh["fraction"])
+            if frac > 1:
+                raise ConfigError(f"{where}.shadow.fraction: expected 0..1, got {frac}")
+            shadow = ShadowConfig(sh["variant"], float(frac))
+        routes[name] = RouteConfig(name, split, shadow)
+
+    default_route = top.get("default_route") or next(iter(routes))
+    if default_route not in routes:
+        raise ConfigError(f"default_route: unknown route {default_route!r}; routes: {sorted(routes)}")
+    unused = [v for v in variants if not any(v in r.variants for r in routes.values())]
+    if unused:
+        raise ConfigError(f"variants {unused} are in no route; add them to a route's split or shadow, or remove them")
+
+    budget = server.cpu_threads or available_cpus()
+    for v in variants.values():
+        if v.threads > budget:
+            raise ConfigError(f"variants.{v.name}.threads: {v.threads} is more than the {budget} CPU threads available")
+    return ServingConfig(variants=variants, routes=routes, default_route=default_route, server=server, source=source)
+
+
+def load_config(path: str | os.PathLike | None = None) -> ServingConfig:
+    p = config_path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"serving configuration {p} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"serving configuration {p} is not valid YAML: {e}") from None
+    return parse_config(data, source=str(p))
+
+
+def check_label_spaces(cfg: ServingConfig, classes: dict[str, list[str]]) -> None:
+    """Every variant of a route must have the route's classes (those of its first variant).
+
+    `classes` maps variant -> class names from its manifest; raises ConfigError naming the variant.
+    """
+    for route in cfg.routes.values():
+        first = route.variants[0]
+        for v in route.variants[1:]:
+            if v in classes and first in classes and classes[v] != classes[first]:
+                a, b = classes[v], classes[first]
+                raise ConfigError(
+                    f"route {route.name!r}: variant {v!r} ({cfg.variants[v].model}) has {len(a)} classes "
+                    f"{a[:4]}{'...' if len(a) > 4 else ''}, but the route's are those of {first!r} "
+                    f"({cfg.variants[first].model}): {len(b)} classes {b[:4]}{'...' if len(b) > 4 else ''}. "
+                    "A route's variants must share one label space."
+                )

@@ -1,0 +1,456 @@
+"""The gateway: HTTP endpoints, input checks, routing, shadowing, answers.
+
+The classify endpoints are Starlette routes mounted on the BentoML service rather than typed
+`@bentoml.api` methods, because BentoML's multipart parsing decides the status of bad input itself
+(500 for a text field where a file is expected, after fetching it as a URL) and reads any body size.
+Here every failure has its status and message:
+- 413: the body is above `server.max_body_mb` (checked on Content-Length and while streaming), or an
+  image declares more than `server.max_pixels`;
+- 400: not multipart, missing/empty/garbage/truncated image, a text field where a file goes or the
+  reverse, unknown fields, unknown variant or route (the message lists the valid ones), top_k out of
+  range;
+- 429 + Retry-After: more than `server.max_inflight` classify requests in the gateway at once;
+- 503 + Retry-After: the variant's worker is not ready, or its batcher refused the request because
+  it could not meet `max_latency_ms` (BentoML's load shedding);
+- 502: the worker failed in another way (after retries of dropped connections).
+BentoML still serves /livez, /readyz (`__is_ready__` below), /metrics and /docs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from . import metrics
+from .config import ConfigError, ServingConfig, check_label_spaces
+from .images import ImageError, decode_image
+from .routing import Assignment, Router, RoutingError
+
+logger = logging.getLogger("effnet.gateway")
+
+CLASSIFY_PATHS = ("/classify", "/classify_batch")
+CLASSIFY_FIELDS = {"image", "variant", "route", "top_k"}
+BATCH_FIELDS = {"images", "image", "variant", "route", "top_k"}
+DEFAULT_TOP_K = 5
+WORKER_RETRIES = 2  # dropped connections between gateway and worker; inference is idempotent
+MAX_SHADOW_INFLIGHT = 16  # mirrored calls in flight; beyond that shadowing is skipped, never queued
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientError(Exception):
+    """Answered with `status` and the message as {"error": ...}."""
+
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers or {}
+
+
+class LimitsMiddleware:
+    """Body size and in-flight limits on the classify endpoints, before anything reads the body.
+
+    Pure ASGI so it can refuse on Content-Length without reading, and count bytes of chunked bodies.
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int, max_inflight: int, retry_after_s: int) -> None:
+        self.app = app
+        self.max_body = max_body_bytes
+        self.max_inflight = max_inflight
+        self.retry_after = str(retry_after_s)
+        self.inflight = 0
+
+    async def _refuse(self, send: Any, status: int, message: str, endpoint: str, headers: dict | None = None) -> None:
+        rid = uuid.uuid4().hex
+        metrics.REQUESTS.labels(endpoint, "none", "none", str(status)).inc()
+        resp = JSONResponse({"error": message, "request_id": rid}, status_code=status,
+                            headers={"X-Request-Id": rid, **(headers or {})})
+        await resp({"type": "http"}, None, send)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in CLASSIFY_PATHS or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"].lstrip("/")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await self._refuse(send, 413, f"request body of {int(length):,} bytes is above the limit of "
+                                      f"{self.max_body:,} bytes", endpoint)
+        if self.inflight >= self.max_inflight:
+            return await self._refuse(send, 429, f"overloaded: {self.inflight} requests in flight; retry later",
+                                      endpoint, {"Retry-After": self.retry_after})
+        received = 0
+        started = False
+
+        async def limited_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self.inflight += 1
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(send, 413, f"request body is above the limit of {self.max_body:,} bytes", endpoint)
+        finally:
+            self.inflight -= 1
+
+
+def _error(rid: str, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "request_id": rid}, status_code=status,
+                        headers={"X-Request-Id": rid, **(headers or {})})
+
+
+def _text_field(form: Any, name: str) -> str | None:
+    values = form.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ClientError(f"field {name!r} is given {len(values)} times; give it once")
+    value = values[0]
+    if isinstance(value, UploadFile):
+        raise ClientError(f"field {name!r} must be a text value, not a file")
+    value = value.strip()
+    return value or None
+
+
+class GatewayLogic:
+    """The gateway's state and request handling; `app.py` mixes it into the BentoML service class."""
+
+    cfg: ServingConfig
+    worker_attrs: dict[str, str]  # variant -> attribute holding its bentoml.depends proxy
+
+    def __init__(self) -> None:
+        from store import CheckpointError, read_manifest
+
+        self.router = Router(self.cfg)
+        self.manifests: dict[str, Any] = {}
+        self.problems: dict[str, str] = {}  # variant -> why it cannot serve (from the manifest or worker)
+        self.status: dict[str, dict] = {}  # variant -> worker status once ready
+        self.ready = False
+        self.shadow_tasks: set[asyncio.Task] = set()
+        for name, v in self.cfg.variants.items():
+            try:
+                self.manifests[name], _ = read_manifest(v.model)
+            except CheckpointError as e:
+                self.problems[name] = f"variant {name!r}, checkpoint {v.model!r}: {e}"
+                logger.error("effnet gateway: %s", self.problems[name])
+        self.config_error = None
+        try:
+            check_label_spaces(self.cfg, {n: m.classes for n, m in self.manifests.items()})
+        except ConfigError as e:
+            self.config_error = f"configuration error in {self.cfg.source}: {e}"
+            logger.error("effnet gateway: %s", self.config_error)
+
+    def worker(self, variant: str) -> Any:
+        return getattr(self, self.worker_attrs[variant])
+
+    # readiness --------------------------------------------------------------------------------------
+
+    async def __is_ready__(self) -> bool:
+        """Ready once every worker has loaded and verified its checkpoint; else 503 with the reasons."""
+        if self.ready:
+            return True
+        reasons = [self.config_error] if self.config_error else []
+        for name in self.cfg.variants:
+            try:
+                st = await self.worker(name).to_async.status()
+            except Exception as e:
+                reasons.append(self.problems.get(name) or f"variant {name!r}: worker not reachable yet ({type(e).__name__})")
+                continue
+            if not st.get("ready"):
+                self.problems[name] = st.get("error") or self.problems.get(name) or f"variant {name!r}: not loaded"
+                reasons.append(self.problems[name])
+            else:
+                self.status[name] = st
+        if reasons:
+            raise HTTPException(status_code=503, detail="not ready: " + "; ".join(reasons))
+        self.ready = True
+        for name, v in self.cfg.variants.items():
+            m, st = self.manifests[name], self.status[name]
+            metrics.VARIANT_INFO.labels(
+                name, ",".join(self.cfg.routes_of(name)), v.model, str(m.params), str(m.macs),
+                str(m.metrics.get("top1", "")), str(m.resolution), st.get("device", ""),
+                (st.get("engine") or {}).get("engine", v.engine),
+            ).set(1)
+        return True
+
+    # inference --------------------------------------------------------------------------------------
+
+    async def infer(self, variant: str, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """Scores (N, K) for a uint8 batch, and the seconds the batch waited before running."""
+        import httpx
+        from bentoml.exceptions import BentoMLException
+
+        proxy = self.worker(variant).to_async
+        for attempt in range(WORKER_RETRIES + 1):
+            t0 = time.perf_counter()
+            try:
+                out = await proxy.predict(batch)
+                break
+            except httpx.TimeoutException:
+                raise ClientError(f"variant {variant!r} did not answer in time; retry later", 503,
+                                  {"Retry-After": str(self.cfg.server.retry_after_s)}) from None
+            except httpx.TransportError as e:
+                # NOTE: a dropped connection (bentoml 1.4.31-1.4.40 closes sessions under load, FACTS.md);
+                # inference has no side effects, so trying again is safe.
+                if attempt == WORKER_RETRIES:
+                    raise ClientError(f"variant {variant!r}: worker connection failed ({type(e).__name__})", 502) from None
+                logger.warning("variant %s: retrying after %s", variant, type(e).__name__)
+            except BentoMLException as e:
+                status = int(getattr(e, "error_code", 500))
+                if status in (429, 503):
+                    raise ClientError(f"variant {variant!r} is at capacity; retry later", 503,
+                                      {"Retry-After": str(self.cfg.server.retry_after_s)}) from None
+                raise ClientError(f"variant {variant!r}: worker failed ({status})", 502) from None
+        rtt = time.perf_counter() - t0
+        out = np.asarray(out)
+        return out[:, :-1], max(0.0, rtt - float(out[0, -1]))
+
+    def prepare(self, data: bytes, variant: str) -> np.ndarray:
+        """Bytes -> uint8 (1, 3, R, R) at the variant's resolution (runs in a thread)."""
+        import torch
+
+        from store import resize_crop
+
+        m = self.manifests[variant]
+        rgb = decode_image(data, max_pixels=self.cfg.server.max_pixels, min_side=m.resize or m.resolution)
+        return resize_crop(torch.from_numpy(rgb), m).numpy()
+
+    def predictions(self, scores: np.ndarray, variant: str, top_k: int) -> list[dict]:
+        classes = self.manifests[variant].classes
+        idx = np.argsort(-scores, kind="stable")[:top_k]
+        return [{"label": classes[i], "index": int(i), "score": round(float(scores[i]), 6)} for i in idx]
+
+    def shadow(self, a: Assignment, batch: np.ndarray, primary_top1: list[int]) -> None:
+        """Mirror to the shadow variant in the background; only agreement is recorded."""
+        if len(self.shadow_tasks) >= MAX_SHADOW_INFLIGHT:
+            metrics.SHADOW.labels(a.route, a.shadow, a.variant, "skipped").inc(len(primary_top1))
+            return
+
+        async def run() -> None:
+            try:
+                m_p, m_s = self.manifests[a.variant], self.manifests[a.shadow]
+                if m_s.resolution != m_p.resolution:
+                    import torch
+
+                    from store import resize_crop
+
+                    b = resize_crop(torch.from_numpy(batch), m_s).numpy()
+                else:
+                    b = batch
+                scores, _ = await self.infer(a.shadow, b)
+                for top, row in zip(primary_top1, scores):
+                    result = "agree" if int(np.argmax(row)) == top else "disagree"
+                    metrics.SHADOW.labels(a.route, a.shadow, a.variant, result).inc()
+            except Exception as e:
+                logger.warning("shadow %s failed: %s", a.shadow, e)
+                metrics.SHADOW.labels(a.route, a.shadow, a.variant, "error").inc(len(primary_top1))
+
+        task = asyncio.get_running_loop().create_task(run())
+        self.shadow_tasks.add(task)
+        task.add_done_callback(self.shadow_tasks.discard)
+
+    # request handling -------------------------------------------------------------------------------
+
+    async def _parse(self, request: Request, allowed: set[str]) -> tuple[Any, Assignment, int]:
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise ClientError("send multipart/form-data with the image as a file field "
+                              f"(got content type {ctype or 'none'!r}), e.g. curl -F image=@photo.jpg")
+        try:
+            form = await request.form(max_files=self.cfg.server.max_batch_images + 1, max_fields=16)
+        except BodyTooLarge:
+            raise
+        except Exception as e:
+            raise ClientError(f"the body is not valid multipart/form-data: {getattr(e, 'detail', e)}") from None
+        unknown = set(form.keys()) - allowed
+        if unknown:
+            raise ClientError(f"unknown field(s) {sorted(unknown)}; fields: {', '.join(sorted(allowed))}")
+        variant, route = _text_field(form, "variant"), _text_field(form, "route")
+        top_k_raw = _text_field(form, "top_k")
+        try:
+            a = self.router.assign(route, variant, request.headers.get("x-client-id") or None)
+        except RoutingError as e:
+            raise ClientError(str(e)) from None
+        if a.variant in self.problems or (not self.ready and a.variant not in self.manifests):
+            raise ClientError(f"variant {a.variant!r} is not ready: {self.problems.get(a.variant, 'loading')}",
+                              503, {"Retry-After": str(self.cfg.server.retry_after_s)})
+        k_max = min(self.cfg.server.max_top_k, self.manifests[a.variant].num_classes)
+        top_k = DEFAULT_TOP_K if top_k_raw is None else None
+        if top_k_raw is not None:
+            try:
+                top_k = int(top_k_raw)
+            except ValueError:
+                raise ClientError(f"top_k must be an integer from 1 to {k_max}, got {top_k_raw!r}") from None
+        top_k = min(top_k, k_max) if top_k_raw is None else top_k
+        if not 1 <= top_k <= k_max:
+            raise ClientError(f"top_k must be from 1 to {k_max} (variant {a.variant!r} has "
+                              f"{self.manifests[a.variant].num_classes} classes), got {top_k}")
+        return form, a, top_k
+
+    def _answer(self, rid: str, a: Assignment, scores: np.ndarray, top_k: int, t0: float) -> dict:
+        preds = self.predictions(scores, a.variant, top_k)
+        metrics.TOP1_SCORE.labels(a.route, a.variant).observe(preds[0]["score"])
+        return {"request_id": rid, "route": a.route, "variant": a.variant, "model": self.cfg.variants[a.variant].model,
+                "assignment": a.how, "predictions": preds, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    async def classify(self, request: Request) -> JSONResponse:
+        t0, rid = time.perf_counter(), uuid.uuid4().hex
+        route, variant = "none", "none"
+        try:
+            form, a, top_k = await self._parse(request, CLASSIFY_FIELDS)
+            route, variant = a.route, a.variant
+            files = form.getlist("image")
+            if not files:
+                raise ClientError("missing file field 'image' (e.g. curl -F image=@photo.jpg)")
+            if len(files) > 1:
+                raise ClientError(f"/classify takes one image, got {len(files)}; use /classify_batch for several")
+            if not isinstance(files[0], UploadFile):
+                raise ClientError("field 'image' must be a file (a multipart part with a filename), not a text value")
+            data = await files[0].read()
+            batch = await anyio.to_thread.run_sync(self.prepare, data, a.variant)
+            scores, wait = await self.infer(a.variant, batch)
+            metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(wait)
+            metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
+            body = self._answer(rid, a, scores[0], top_k, t0)
+            if a.shadow:
+                self.shadow(a, batch, [body["predictions"][0]["index"]])
+            status, resp = 200, JSONResponse(body, headers={"X-Request-Id": rid})
+        except (ClientError, ImageError) as e:
+            status = e.status
+            resp = _error(rid, status, str(e), getattr(e, "headers", None))
+        except BodyTooLarge:
+            status, resp = 413, _error(rid, 413, f"request body is above the limit of {self.cfg.server.max_body_bytes:,} bytes")
+        metrics.REQUESTS.labels("classify", route, variant, str(status)).inc()
+        metrics.E2E_LATENCY.labels("classify", route, variant).observe(time.perf_counter() - t0)
+        return resp
+
+    async def classify_batch(self, request: Request) -> JSONResponse:
+        t0, rid = time.perf_counter(), uuid.uuid4().hex
+        route, variant = "none", "none"
+        try:
+            form, a, top_k = await self._parse(request, BATCH_FIELDS)
+            route, variant = a.route, a.variant
+            files = form.getlist("images") + form.getlist("image")
+            if not files:
+                raise ClientError("missing file field 'images' (e.g. curl -F images=@a.jpg -F images=@b.png)")
+            if len(files) > self.cfg.server.max_batch_images:
+                raise ClientError(f"{len(files)} images is above the limit of {self.cfg.server.max_batch_images} per request")
+            results: list[dict | None] = [None] * len(files)
+            good: list[tuple[int, np.ndarray]] = []
+            for i, f in enumerate(files):
+                name = getattr(f, "filename", None)
+                try:
+                    if not isinstance(f, UploadFile):
+                        raise ImageError("this item is a text value, not a file")
+                    good.append((i, await anyio.to_thread.run_sync(self.prepare, await f.read(), a.variant)))
+                except ImageError as e:
+                    results[i] = {"index": i, "filename": name, "status": e.status, "error": str(e)}
+                    metrics.REQUESTS.labels("classify_batch", route, variant, str(e.status)).inc()
+            if good:
+                batch = np.concatenate([b for _, b in good])
+                scores, wait = await self.infer(a.variant, batch)
+                metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(wait)
+                for (i, _), row in zip(good, scores):
+                    item = self._answer(f"{rid}-{i}", a, row, top_k, t0)
+                    results[i] = {"index": i, "filename": getattr(files[i], "filename", None), "status": 200, **item}
+                    metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
+                    metrics.REQUESTS.labels("classify_batch", route, variant, "200").inc()
+                if a.shadow:
+                    self.shadow(a, batch, [results[i]["predictions"][0]["index"] for i, _ in good])
+            body = {"request_id": rid, "route": a.route, "variant": a.variant, "assignment": a.how,
+                    "results": results, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+            resp = JSONResponse(body, headers={"X-Request-Id": rid})
+        except (ClientError, ImageError) as e:
+            metrics.REQUESTS.labels("classify_batch", route, variant, str(e.status)).inc()
+            resp = _error(rid, e.status, str(e), getattr(e, "headers", None))
+        except BodyTooLarge:
+            metrics.REQUESTS.labels("classify_batch", route, variant, "413").inc()
+            resp = _error(rid, 413, f"request body is above the limit of {self.cfg.server.max_body_bytes:,} bytes")
+        metrics.E2E_LATENCY.labels("classify_batch", route, variant).observe(time.perf_counter() - t0)
+        return resp
+
+    # descriptions -----------------------------------------------------------------------------------
+
+    def describe_variants(self) -> list[dict]:
+        rows = []
+        for name, v in self.cfg.variants.items():
+            m, st = self.manifests.get(name), self.status.get(name, {})
+            routes = self.cfg.routes_of(name)
+            rows.append({
+                "variant": name, "model": v.model, "routes": routes,
+                "weights": {r: self.cfg.routes[r].split.get(name, 0.0) for r in routes},
+                "shadow_in": [r for r in routes if (s := self.cfg.routes[r].shadow) and s.variant == name],
+                "device": st.get("device"), "engine": (st.get("engine") or {}).get("engine", v.engine),
+                "threads": st.get("threads"), "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
+                "architecture": m.variant if m else None, "dataset": m.dataset if m else None,
+                "resolution": m.resolution if m else None, "num_classes": m.num_classes if m else None,
+                "params": m.params if m else None, "macs": m.macs if m else None,
+                "offline_top1": m.metrics.get("top1") if m else None,
+                "ready": name in self.status and name not in self.problems, "problem": self.problems.get(name),
+            })
+        return rows
+
+    def describe_routes(self) -> dict:
+        return {
+            "default_route": self.cfg.default_route,
+            "routes": {
+                name: {"split": r.split, "variants": r.variants,
+                       "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None,
+                       "num_classes": self.manifests[r.variants[0]].num_classes if r.variants[0] in self.manifests else None}
+                for name, r in self.cfg.routes.items()
+            },
+        }
+
+
+def _current() -> GatewayLogic:
+    import bentoml
+
+    return bentoml.get_current_service()
+
+
+async def _classify(request: Request) -> JSONResponse:
+    return await _current().classify(request)
+
+
+async def _classify_batch(request: Request) -> JSONResponse:
+    return await _current().classify_batch(request)
+
+
+async def _variants(request: Request) -> JSONResponse:
+    return JSONResponse({"variants": _current().describe_variants()})
+
+
+async def _routes(request: Request) -> JSONResponse:
+    return JSONResponse(_current().describe_routes())
+
+
+http_app = Starlette(routes=[
+    Route("/classify", _classify, methods=["POST"]),
+    Route("/classify_batch", _classify_batch, methods=["POST"]),
+    Route("/variants", _variants, methods=["GET"]),
+    Route("/routes", _routes, methods=["GET"]),
+])

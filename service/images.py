@@ -1,0 +1,100 @@
+"""Untrusted bytes -> a uint8 RGB array, or an ImageError that the gateway answers with a 4xx.
+
+We decode ourselves rather than take BentoML's `PIL.Image` parameter, which answers 500 to garbage,
+trusts the declared content type and decodes any size (FACTS.md). Here:
+- the format is sniffed from the bytes and must be one of `ALLOWED_FORMATS` (the client's content
+  type is ignored);
+- the pixel count is read from the header and checked before any pixel is decoded, so a small file
+  that declares a huge image costs nothing;
+- truncated files are errors (PIL's LOAD_TRUNCATED_IMAGES stays off);
+- EXIF orientation is applied; GIFs give their first frame;
+- every mode becomes 8-bit RGB: 16/32-bit and float grayscale are scaled, alpha and palette
+  transparency are composited over white, CMYK/YCbCr/LAB/HSV go through PIL's conversion.
+The model-specific part (resize, crop, gray vs RGB) is `store.resize_crop` and the engine's
+`InputNormalizer`, read from each checkpoint's manifest.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# PIL's format names; sniffed from the bytes by PIL's per-format `_accept` checks.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+
+class ImageError(ValueError):
+    """An image the service refuses; `status` is the HTTP status to answer with (400 or 413)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale
+        a = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+        a = np.nan_to_num(a / top * 255.0 + 0.5, nan=0.0)
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    elif mode == "P" or mode == "PA":
+        img = img.convert("RGBA")  # keeps palette transparency as alpha
+    if img.mode in ("RGBA", "LA", "RGBa", "La"):
+        # NOTE: transparent pixels become white, as a viewer shows them on a white page.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        img = background
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -> np.ndarray:
+    """Decode `data` to a contiguous uint8 array (3, H, W) in RGB.
+
+    `min_side`: the smallest shorter side the caller needs; JPEGs are then decoded at a reduced
+    scale (DCT scaling, 1/2..1/8) that still covers it, which makes large photos cheap.
+    Raises ImageError (status 400, or 413 for too many pixels) with a message for the client.
+    """
+    if not data:
+        raise ImageError("the image file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"not a supported image: the bytes are not {', '.join(ALLOWED_FORMATS[:-1])} or {ALLOWED_FORMATS[-1]} "
+            f"(the format is read from the file's content, not its name or content type)"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"the image declares too many pixels: {e}", status=413) from None
+    except Exception as e:  # a header PIL cannot parse
+        raise ImageError(f"the image header cannot be read: {e}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"the image declares an empty size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageError(f"the image declares {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}", status=413)
+    try:
+        if min_side and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
+        img.seek(0)  # GIF/WebP animations: the first frame
+        img.load()
+    except Exception as e:  # truncated or corrupt pixel data; PIL raises OSError, SyntaxError, ValueError...
+        raise ImageError(f"the {img.format} image is truncated or corrupt: {e}") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:
+        pass  # an unreadable EXIF block: keep the pixels as stored rather than refuse the image
+    try:
+        rgb = _to_rgb(img)
+    except Exception as e:
+        raise ImageError(f"the {img.format} image in mode {img.mode} cannot be converted to RGB: {e}") from None
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))

@@ -1,0 +1,62 @@
+"""The `effnet_*` Prometheus series (documented in README.md, "Serving metrics").
+
+Plain prometheus_client (`bentoml.metrics` is deprecated). `bentoml serve` starts every process with
+PROMETHEUS_MULTIPROC_DIR set, so these write to its shared files and the gateway's /metrics shows the
+series of every process beside BentoML's own `bentoml_service_*`. Gauges say how to merge processes
+(`max`: no per-process label). Info is a gauge set to 1, as `Info` does not work across processes.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+# gateway
+REQUESTS = Counter(
+    "effnet_requests", "Classified images by outcome: HTTP status of the image's answer (a /classify_batch "
+    "item counts alone); variant/route are 'none' when the request failed before routing",
+    ["endpoint", "route", "variant", "status"],
+)
+E2E_LATENCY = Histogram(
+    "effnet_request_duration_seconds", "Gateway time per request, from the body received to the answer ready",
+    ["endpoint", "route", "variant"], buckets=LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "effnet_queue_wait_seconds", "Time a request spent between the gateway and its batch's start: "
+    "transport, batching queue and the wait for the CPU",
+    ["route", "variant"], buckets=LATENCY_BUCKETS,
+)
+ASSIGNMENTS = Counter(
+    "effnet_split_assignments", "Routing decisions by how the variant was chosen (explicit, split, default)",
+    ["route", "variant", "assignment"],
+)
+SHADOW = Counter(
+    "effnet_shadow_requests", "Mirrored requests by whether the shadow's top-1 agreed with the primary's "
+    "(result: agree, disagree, error)",
+    ["route", "variant", "primary", "result"],
+)
+TOP1_SCORE = Histogram(
+    "effnet_top1_score", "Softmax score of the top-1 class of each answered image (primary answers only)",
+    ["route", "variant"], buckets=SCORE_BUCKETS,
+)
+VARIANT_INFO = Gauge(
+    "effnet_variant_info", "1 for every served variant, its description in the labels",
+    ["variant", "route", "model", "params", "macs", "top1", "resolution", "device", "engine"],
+    multiprocess_mode="max",
+)
+VARIANT_READY = Gauge(
+    "effnet_variant_ready", "1 when the variant's worker has loaded and verified its checkpoint, else 0",
+    ["variant"], multiprocess_mode="max",
+)
+
+# workers
+INFERENCE_LATENCY = Histogram(
+    "effnet_inference_duration_seconds", "Worker time per batch: the engine call, uint8 batch in, scores out",
+    ["variant", "device"], buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "effnet_batch_size", "Images per batch that a worker ran (BentoML's adaptive batching)",
+    ["variant"], buckets=BATCH_BUCKETS,
+)

@@ -1,0 +1,87 @@
+"""Which variant answers a request: pure functions over the configuration, no server needed.
+
+1. An explicit `variant` wins; it must belong to the route when one is given.
+2. Otherwise the route's split decides: with a client id, by a stable hash of it (the same client
+   lands on the same variant while the weights stay the same); without one, at random by weight.
+3. No route given: the variant's route (explicit variant), else the default route.
+Shadowing picks, independently of the primary choice, whether a request is mirrored.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+from .config import RouteConfig, ServingConfig
+
+
+class RoutingError(ValueError):
+    """A request names an unknown route or variant, or a variant outside its route (answered 400)."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    route: str
+    variant: str
+    how: str  # "explicit", "split" or "default" (the route has one variant: nothing was chosen)
+    shadow: str | None = None  # the variant to mirror this request to, if any
+
+
+def stable_unit(key: str) -> float:
+    """A client id -> [0, 1), the same in every process and Python version (not `hash()`, which is salted)."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def pick_by_weight(split: dict[str, float], u: float) -> str:
+    """The variant whose cumulative-weight interval holds u in [0, 1); order is the config's."""
+    acc = 0.0
+    last = None
+    for variant, weight in split.items():
+        if weight <= 0:
+            continue
+        acc += weight
+        last = variant
+        if u < acc:
+            return variant
+    return last  # rounding: u just under 1 with weights summing to 0.999...
+
+
+class Router:
+    def __init__(self, cfg: ServingConfig, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.rng = rng or random.Random()
+
+    def _route(self, name: str) -> RouteConfig:
+        try:
+            return self.cfg.routes[name]
+        except KeyError:
+            raise RoutingError(f"unknown route {name!r}; routes: {', '.join(self.cfg.routes)}") from None
+
+    def assign(self, route: str | None = None, variant: str | None = None, client_id: str | None = None) -> Assignment:
+        if variant is not None:
+            if variant not in self.cfg.variants:
+                raise RoutingError(f"unknown variant {variant!r}; variants: {', '.join(self.cfg.variants)}")
+            if route is not None:
+                r = self._route(route)
+                if variant not in r.variants:
+                    raise RoutingError(
+                        f"variant {variant!r} is not in route {route!r}; its variants: {', '.join(r.variants)}"
+                    )
+            else:
+                r = self._route(self.cfg.route_of(variant))
+            return Assignment(r.name, variant, "explicit", self._shadow(r, variant))
+        r = self._route(route if route is not None else self.cfg.default_route)
+        live = {v: w for v, w in r.split.items() if w > 0}
+        if len(live) == 1:
+            chosen, how = next(iter(live)), "default"
+        else:
+            u = stable_unit(f"{r.name}\0{client_id}") if client_id else self.rng.random()
+            chosen, how = pick_by_weight(live, u), "split"
+        return Assignment(r.name, chosen, how, self._shadow(r, chosen))
+
+    def _shadow(self, r: RouteConfig, primary: str) -> str | None:
+        sh = r.shadow
+        if sh is None or sh.variant == primary or sh.fraction <= 0:
+            return None
+        return sh.variant if self.rng.random() < sh.fraction else None
