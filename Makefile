@@ -45,9 +45,9 @@ models: setup
 bench: setup
 	$(EFFNET) bench --record benchmarks/bench-$$(date -u +%Y%m%d-%H%M).json
 
-# Until the service lands, `make serve` shows what it will serve.
-serve: setup
-	$(EFFNET) models
+# Fills the default store if empty (`checkpoints`), then serves on 127.0.0.1:3000 (prints example curls).
+serve: setup checkpoints
+	$(EFFNET) serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,75 @@
+"""`effnet serve`: check the configuration and the store, then run `bentoml serve` on the gateway."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def preflight(cfg) -> list[str]:
+    """Problems with the stored checkpoints, one line each; raises ConfigError for a label-space mismatch.
+
+    Missing or corrupted checkpoints are only reported: the server then starts not ready and says why
+    at /readyz, as it would if a checkpoint broke between two starts.
+    """
+    from store import CheckpointError, read_manifest
+
+    from .config import check_label_spaces
+
+    problems, classes = [], {}
+    for name, v in cfg.variants.items():
+        try:
+            m, _ = read_manifest(v.model)
+            classes[name] = m.classes
+        except CheckpointError as e:
+            problems.append(f"variant {name!r}: {e}")
+    check_label_spaces(cfg, classes)
+    return problems
+
+
+def example_curl(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return (f"  curl -s -F image=@photo.jpg -H 'X-Client-Id: alice' http://{shown}:{port}/classify\n"
+            f"  curl -s -F image=@photo.jpg -F route=imagenet -F top_k=3 http://{shown}:{port}/classify\n"
+            f"  curl -s http://{shown}:{port}/variants   # also /routes, /readyz, /metrics, /docs")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import CONFIG_ENV, ConfigError, config_path, load_config
+
+    path = config_path(args.config).resolve()
+    try:
+        cfg = load_config(path)
+        problems = preflight(cfg)
+    except ConfigError as e:
+        print(f"effnet serve: {e}", file=sys.stderr)
+        return 2
+    for p in problems:
+        print(f"effnet serve: warning: {p}\n  the server will start but stay not ready (see /readyz); "
+              "`make checkpoints` fills the default store", file=sys.stderr)
+    routes = ", ".join(f"{r.name}: {'/'.join(r.split)}" + (f" (shadow {r.shadow.variant})" if r.shadow else "")
+                       for r in cfg.routes.values())
+    print(f"serving {path} on http://{args.host}:{args.port} (store: {os.environ.get('BENTOML_HOME', '~/bentoml')})\n"
+          f"routes: {routes}; default route: {cfg.default_route}\ntry:\n{example_curl(args.host, args.port)}",
+          flush=True)
+    env = {**os.environ, CONFIG_ENV: str(path)}
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no network here; skip usage analytics
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", args.host,
+           "--port", str(args.port), "--working-dir", str(ROOT)]
+    os.execvpe(cmd[0], cmd, env)  # bentoml's arbiter takes over this process: Ctrl-C stops everything
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the configured variants over HTTP (BentoML gateway + one worker per variant)",
+        description="Check the serving configuration and the store, then serve POST /classify, "
+        "/classify_batch and GET /variants, /routes, /livez, /readyz, /metrics.",
+    )
+    p.add_argument("--config", help="serving configuration YAML (default: $EFFNET_SERVE_CONFIG, else service/config.yaml)")
+    p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=cmd_serve)
