@@ -43,7 +43,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         else:
             top = 65535.0 if mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
         a = np.nan_to_num(a / top * 255.0 + 0.5, nan=0.0)
-        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     elif mode == "P" or mode == "PA":
         img = img.convert("RGBA")  # keeps palette transparency as alpha
     if img.mode in ("RGBA", "LA", "RGBa", "La"):
@@ -66,17 +66,17 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
         raise ImageError("the image file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides below
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise ImageError(
             f"not a supported image: the bytes are not {', '.join(ALLOWED_FORMATS[:-1])} or {ALLOWED_FORMATS[-1]} "
             f"(the format is read from the file's content, not its name or content type)"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"the image declares too many pixels: {e}", status=413) from None
+    except Image.DecompressionBombError as e:  # above twice PIL's own limit: refused while opening
+        raise ImageError(f"the image declares too many pixels (limit {max_pixels:,}): {e}", status=413) from None
     except Exception as e:  # a header PIL cannot parse
-        raise ImageError(f"the image header cannot be read: {e}") from None
+        raise ImageError(f"the image is truncated or corrupt: its header cannot be read ({e})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageError(f"the image declares an empty size {w}x{h}")

@@ -1,0 +1,108 @@
+"""Helpers for tests and the benchmark: tiny fake checkpoints and a real `bentoml serve` subprocess.
+
+Every server gets its own BENTOML_HOME and port: `bentoml serve` wipes
+`$BENTOML_HOME/prometheus_multiproc_dir` at start, so two servers sharing a home lose each other's
+metrics (FACTS.md).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def make_checkpoint(home: Path, name: str, variant: str, classes: list[str], resolution: int,
+                    grayscale: bool = False, seed: int = 0) -> str:
+    """A checkpoint with random weights (a classifier scaled so that scores differ between classes)."""
+    import torch
+
+    from models import count_params, create_model, model_config
+    from store import Manifest, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = create_model(variant, num_classes=len(classes))
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.normal_(last.weight, std=0.5)  # zero-initialised heads give every class the same score
+    man = Manifest(variant=variant, config=model_config(variant).to_dict(), num_classes=len(classes),
+                   classes=list(classes), dataset="fake", resolution=resolution, grayscale=grayscale,
+                   mean=[0.5] * 3 if grayscale else [0.485, 0.456, 0.406],
+                   std=[0.5] * 3 if grayscale else [0.229, 0.224, 0.225],
+                   metrics={"top1": 0.1 + seed / 100}, params=count_params(model))
+    return save_checkpoint(model, man, name=name, home=home)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class Server:
+    """`bentoml serve service.app:Gateway` in a subprocess (own session, own BENTOML_HOME and port)."""
+
+    def __init__(self, home: Path, config: Path, port: int | None = None, log: Path | None = None) -> None:
+        self.home, self.config = Path(home), Path(config)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log or self.home / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        env = {**os.environ, "BENTOML_HOME": str(self.home), "EFFNET_SERVE_CONFIG": str(self.config),
+               "BENTOML_DO_NOT_TRACK": "true"}
+        self._logf = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", "127.0.0.1",
+             "--port", str(self.port), "--working-dir", str(ROOT)],
+            env=env, stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        return self
+
+    def wait(self, path: str = "/readyz", timeout: float = 240) -> int:
+        """Poll `path` until it answers 200 (or, for /livez-style waits, anything); returns the last status."""
+        import httpx
+
+        deadline, status = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log.read_text()[-4000:]}")
+            try:
+                status = httpx.get(self.url + path, timeout=10).status_code
+                if status == 200:
+                    return status
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.url}{path} not 200 after {timeout}s (last {status}); log:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # our own session: the arbiter and its workers
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if getattr(self, "_logf", None):
+            self._logf.close()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,239 @@
+"""Serving without a server: router, configuration, image decoding, request limits."""
+import asyncio
+import io
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.config import ConfigError, check_label_spaces, load_config, parse_config
+from service.gateway import LimitsMiddleware
+from service.images import ImageError, decode_image
+from service.routing import Router, RoutingError, pick_by_weight, stable_unit
+
+CFG = {
+    "default_route": "fashion",
+    "variants": {"b0": {"model": "b0:latest"}, "mec": {"model": "mec:latest"}, "compact": {"model": "c:latest"},
+                 "lite0": {"model": "l:latest"}},
+    "routes": {"fashion": {"split": {"b0": 0.5, "mec": 0.25, "compact": 0.25}, "shadow": {"variant": "mec", "fraction": 1.0}},
+               "imagenet": {"split": {"lite0": 1}}},
+}
+
+
+def router(seed=0):
+    return Router(parse_config(CFG), rng=random.Random(seed))
+
+
+# router ----------------------------------------------------------------------------------------------
+
+def test_same_client_id_always_gets_the_same_variant():
+    r = router()
+    assert len({r.assign(client_id="client-42").variant for _ in range(20)}) == 1
+    # and in a fresh router (another process): the hash is stable, not Python's salted hash()
+    assert router(seed=9).assign(client_id="client-42").variant == r.assign(client_id="client-42").variant
+
+
+def test_two_thousand_client_ids_split_within_4_points_of_the_weights():
+    r = router()
+    counts = Counter(r.assign(client_id=f"user-{i}").variant for i in range(2000))
+    for variant, weight in {"b0": 0.5, "mec": 0.25, "compact": 0.25}.items():
+        assert abs(counts[variant] / 2000 - weight) < 0.04, counts
+
+
+def test_without_client_id_the_split_is_random_by_weight():
+    r = router()
+    counts = Counter(r.assign().variant for _ in range(4000))
+    assert abs(counts["b0"] / 4000 - 0.5) < 0.04 and set(counts) == {"b0", "mec", "compact"}
+    assert r.assign().how == "split" and r.assign().route == "fashion"
+
+
+def test_explicit_variant_wins_and_finds_its_route():
+    r = router()
+    a = r.assign(variant="lite0", client_id="x")
+    assert (a.route, a.variant, a.how, a.shadow) == ("imagenet", "lite0", "explicit", None)
+    assert r.assign(route="imagenet").how == "default"  # one variant: nothing was chosen
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"variant": "nope"}, "unknown variant 'nope'; variants: b0, mec, compact, lite0"),
+    ({"route": "nope"}, "unknown route 'nope'; routes: fashion, imagenet"),
+    ({"route": "imagenet", "variant": "b0"}, "variant 'b0' is not in route 'imagenet'; its variants: lite0"),
+])
+def test_routing_errors_list_the_valid_names(kwargs, message):
+    with pytest.raises(RoutingError, match=message.replace("(", r"\(")):
+        router().assign(**kwargs)
+
+
+def test_shadow_mirrors_only_other_primaries():
+    r = router()
+    for i in range(50):
+        a = r.assign(client_id=str(i))
+        assert a.shadow == (None if a.variant == "mec" else "mec")
+
+
+def test_pick_by_weight_covers_the_unit_interval():
+    split = {"a": 0.2, "b": 0.8}
+    assert pick_by_weight(split, 0.0) == "a" and pick_by_weight(split, 0.19) == "a"
+    assert pick_by_weight(split, 0.2) == "b" and pick_by_weight(split, 0.999999) == "b"
+    assert 0 <= stable_unit("anything") < 1
+
+
+# configuration --------------------------------------------------------------------------------------
+
+def test_default_config_serves_the_default_store():
+    cfg = load_config()
+    assert cfg.default_route == "fashion"
+    assert set(cfg.routes["fashion"].split) == {"b0", "mec", "compact"} and cfg.routes["fashion"].shadow
+    assert cfg.variants["lite0"].model == "lite0-imagenet:latest"
+    assert cfg.server.max_body_bytes == 10 * 1024 * 1024
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"routes": {"fashion": {"split": {"b1": 1}}}}, "unknown variant 'b1'"),
+    ({"default_route": "nope"}, "default_route: unknown route 'nope'"),
+    ({"variants": {"b0": {"model": "x", "max_batch_size": 0}}}, "variants.b0.max_batch_size"),
+    ({"variants": {"b0": {"model": "x", "typo": 1}}}, "unknown key"),
+    ({"routes": {"fashion": {"split": {"b0": 1}, "shadow": {"variant": "mec", "fraction": 2}}}}, "fraction"),
+    ({"server": {"max_body_mb": -1}}, "server.max_body_mb"),
+    ({"routes": {"fashion": {"split": {"b0": 0, "mec": 0}}}}, "sum to 0"),
+])
+def test_invalid_configs_name_the_key(patch, message):
+    data = {**CFG, **patch}
+    if "variants" in patch:
+        data["variants"] = {**CFG["variants"], **patch["variants"]}
+    if "routes" in patch:
+        data["routes"] = {**CFG["routes"], **patch["routes"]}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_a_variant_with_other_classes_than_its_route_is_named():
+    cfg = parse_config(CFG)
+    classes = {"b0": list("abc"), "mec": list("abc"), "compact": list("abd"), "lite0": list("xyz")}
+    with pytest.raises(ConfigError, match=r"route 'fashion': variant 'compact' \(c:latest\) has 3 classes"):
+        check_label_spaces(cfg, classes)
+    check_label_spaces(cfg, {**classes, "compact": list("abc")})
+
+
+# images ---------------------------------------------------------------------------------------------
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+RGB = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("mode, fmt", [
+    ("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"),
+    ("P", "PNG"), ("1", "BMP"), ("I;16", "PNG"), ("RGB", "WEBP"), ("RGBA", "WEBP"),
+    ("RGB", "BMP"), ("P", "GIF"),
+])
+def test_every_mode_becomes_uint8_rgb(mode, fmt):
+    img = RGB.convert(mode) if not mode.startswith("I") else Image.fromarray(
+        (np.arange(600).reshape(20, 30) * 100).astype(np.uint16 if mode == "I;16" else np.int32))
+    out = decode_image(encode(img, fmt), max_pixels=10**6)
+    assert out.dtype == np.uint8 and out.shape == (3, 20, 30) and out.flags["C_CONTIGUOUS"]
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    img = Image.fromarray(np.full((4, 4), 32768, np.uint16))
+    assert 120 <= decode_image(encode(img, "PNG"), max_pixels=100).mean() <= 135
+
+
+def test_transparency_is_composited_over_white():
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert decode_image(encode(img, "PNG"), max_pixels=100).min() == 255
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = decode_image(encode(RGB, "JPEG", exif=exif), max_pixels=10**6)
+    assert out.shape == (3, 30, 20)
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buf.getvalue(), max_pixels=100)
+    assert out[0].mean() > 200 and out[2].mean() < 50
+
+
+def test_jpeg_draft_decodes_large_photos_smaller_but_above_min_side():
+    big = RGB.resize((800, 600))
+    out = decode_image(encode(big, "JPEG"), max_pixels=10**7, min_side=64)
+    assert min(out.shape[1:]) >= 64 and out.shape[1] < 600
+
+
+def huge_png(w=12000, h=12000) -> bytes:
+    """A small file whose header declares w x h pixels (the data is a valid IDAT-less stub)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("data, status, message", [
+    (b"", 400, "empty"),
+    (b"hello world, not an image" * 4, 400, "not a supported image"),
+    (encode(RGB, "JPEG")[:200], 400, "truncated or corrupt"),
+    (encode(RGB, "PNG")[:100], 400, "truncated or corrupt"),
+    (encode(RGB, "TIFF"), 400, "not a supported image"),  # a real image, but not on the allowlist
+    (b"%PDF-1.4\n", 400, "not a supported image"),
+    (huge_png(), 413, "12000x12000"),
+    (huge_png(20000, 20000), 413, "too many pixels"),  # above twice PIL's own limit: refused while opening
+    (huge_png(7000, 7000), 413, "7000x7000 = 49,000,000 pixels, above the limit of 40,000,000"),
+])
+def test_bad_images_raise_a_client_error(data, status, message):
+    with pytest.raises(ImageError, match=message) as e:
+        decode_image(data, max_pixels=40_000_000)
+    assert e.value.status == status
+
+
+# request limits (pure ASGI, with a stand-in app: the real server is in test_service_http.py) ----------
+
+def run_asgi(mw, path="/classify", body=b"x", headers=None, chunks=1):
+    sent = []
+
+    async def receive():
+        nonlocal chunks
+        chunks -= 1
+        return {"type": "http.request", "body": body, "more_body": chunks > 0}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "method": "POST", "headers": headers or []}
+    asyncio.run(mw(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], dict(start["headers"])
+
+
+async def reading_app(scope, receive, send):
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_body_limit_refuses_by_content_length_and_while_streaming():
+    mw = LimitsMiddleware(reading_app, max_body_bytes=100, max_inflight=4, retry_after_s=1)
+    assert run_asgi(mw, headers=[(b"content-length", b"101")])[0] == 413
+    assert run_asgi(mw, body=b"x" * 60, chunks=2)[0] == 413  # chunked: no Content-Length
+    assert run_asgi(mw, body=b"x" * 50, chunks=2)[0] == 200
+
+
+def test_too_many_in_flight_requests_get_429_with_retry_after():
+    mw = LimitsMiddleware(reading_app, max_body_bytes=100, max_inflight=2, retry_after_s=3)
+    mw.inflight = 2
+    status, headers = run_asgi(mw)
+    assert status == 429 and headers[b"retry-after"] == b"3"
+    assert run_asgi(mw, path="/variants")[0] == 200  # other paths are not limited
