@@ -1,0 +1,258 @@
+"""The service over HTTP: one real `bentoml serve` for the module (own port and BENTOML_HOME).
+
+Checkpoints are tiny and random (`service.testing.make_checkpoint`): correctness is checked against
+the same checkpoint run offline, not against labels.
+"""
+import io
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.images import decode_image
+from service.testing import FASHION_CLASSES, Server, make_checkpoint, write_config
+
+pytestmark = pytest.mark.slow
+
+IMAGENET_CLASSES = [f"class-{i}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("serve") / "bentoml"
+    tags = {
+        "b0": make_checkpoint(home, "b0-fashion-mnist", "b0", FASHION_CLASSES, 32, grayscale=True, seed=1),
+        "mec": make_checkpoint(home, "mec-out-e3-fashion-mnist", "mec-out-e3", FASHION_CLASSES, 32, grayscale=True, seed=2),
+        "compact": make_checkpoint(home, "compact-fashion-mnist", "compact", FASHION_CLASSES, 32, grayscale=True, seed=3),
+        "lite0": make_checkpoint(home, "lite0-imagenet", "lite0", IMAGENET_CLASSES, 64, seed=4),
+    }
+    cfg = write_config(home.parent / "serve.yaml", {
+        "server": {"max_body_mb": 1, "max_pixels": 4_000_000, "max_batch_images": 8},
+        "default_route": "fashion",
+        "variants": {v: {"model": t.split(":")[0] + ":latest", "max_batch_size": 16, "max_latency_ms": 5000}
+                     for v, t in tags.items()},
+        "routes": {
+            "fashion": {"split": {"b0": 0.5, "mec": 0.25, "compact": 0.25},
+                        "shadow": {"variant": "mec", "fraction": 1.0}},  # every non-mec answer mirrored
+            "imagenet": {"split": {"lite0": 1}},
+        },
+    })
+    with Server(home, cfg) as s:
+        s.wait("/readyz")
+        s.home, s.tags = home, tags
+        s.client = httpx.Client(base_url=s.url, timeout=60)
+        yield s
+        s.client.close()
+
+
+def png(size=(40, 30), mode="RGB", seed=0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg(seed=0) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png(seed=seed))).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def classify(server, image=None, headers=None, path="/classify", files=None, **fields):
+    files = files if files is not None else ([("image", ("x.png", image, "image/png"))] if image is not None else [])
+    return server.client.post(path, files=files or None, data=fields or None, headers=headers)
+
+
+def offline_scores(server, variant, data):
+    """The same checkpoint run in this process: what the service must answer."""
+    import os
+
+    from engines import load_engine
+    from store import resize_crop
+
+    os.environ["BENTOML_HOME"] = str(server.home)
+    engine, man = load_engine(server.tags[variant], threads=1)
+    x = resize_crop(torch.from_numpy(decode_image(data, max_pixels=10**7, min_side=man.resolution)), man)
+    return torch.softmax(engine(x), 1)[0].numpy(), man
+
+
+@pytest.mark.parametrize("variant, route", [("b0", "fashion"), ("lite0", "imagenet"), ("compact", None)])
+def test_explicit_variant_answers_as_the_checkpoint_does_offline(server, variant, route, monkeypatch):
+    data = jpeg(seed=3)
+    fields = {"variant": variant, "top_k": "3", **({"route": route} if route else {})}
+    r = classify(server, data, **fields)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["variant"] == variant and body["assignment"] == "explicit"
+    assert body["route"] == (route or "fashion") and body["model"].startswith(server.tags[variant].split(":")[0])
+    assert r.headers["x-request-id"] == body["request_id"] and body["latency_ms"] > 0
+    monkeypatch.setenv("BENTOML_HOME", str(server.home))
+    scores, man = offline_scores(server, variant, data)
+    expected = np.argsort(-scores, kind="stable")[:3]
+    assert [p["index"] for p in body["predictions"]] == list(expected)
+    assert [p["label"] for p in body["predictions"]] == [man.classes[i] for i in expected]
+    np.testing.assert_allclose([p["score"] for p in body["predictions"]], scores[expected], atol=1e-4)
+
+
+def test_split_spreads_requests_over_the_routes_variants(server):
+    seen = {classify(server, png(seed=i)).json()["variant"] for i in range(24)}
+    assert seen <= {"b0", "mec", "compact"} and len(seen) >= 2
+    body = classify(server, png()).json()
+    assert body["assignment"] == "split" and body["route"] == "fashion" and len(body["predictions"]) == 5
+    assert classify(server, png(), route="imagenet").json()["assignment"] == "default"
+
+
+def test_the_same_client_id_gets_one_variant(server):
+    for client in ("alice", "bob", "carol"):
+        got = {classify(server, png(seed=i), headers={"X-Client-Id": client}).json()["variant"] for i in range(20)}
+        assert len(got) == 1, (client, got)
+
+
+def huge_header_png():
+    from tests.test_service_units import huge_png
+
+    return huge_png(5000, 5000)
+
+
+def tiff() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def img(data, name="upload.jpg"):
+    return ("image", (name, data, "image/jpeg"))  # the declared type is ignored: bytes decide
+
+
+def text(field, value):
+    return (field, (None, value))  # a plain multipart text field
+
+
+BAD = [
+    # (case, multipart parts, status, message regex)
+    ("garbage bytes", [img(b"not an image at all" * 10)], 400, "not a supported image"),
+    ("truncated jpeg", [img(jpeg()[:300])], 400, "truncated or corrupt"),
+    ("empty file", [img(b"")], 400, "empty"),
+    ("tiff is not allowed", [img(tiff())], 400, "not a supported image"),
+    ("missing file", [text("variant", "b0")], 400, "missing file field 'image'"),
+    ("image as text", [text("image", "hello")], 400, "'image' must be a file"),
+    ("variant as file", [img(png()), ("variant", ("v.txt", b"b0", "text/plain"))], 400, "'variant' must be a text value"),
+    ("unknown variant", [img(png()), text("variant", "b7")], 400, "unknown variant 'b7'; variants: b0, mec, compact, lite0"),
+    ("unknown route", [img(png()), text("route", "cats")], 400, "unknown route 'cats'; routes: fashion, imagenet"),
+    ("variant outside route", [img(png()), text("route", "imagenet"), text("variant", "b0")], 400,
+     "not in route 'imagenet'"),
+    ("top_k zero", [img(png()), text("top_k", "0")], 400, "top_k must be from 1 to 10"),
+    ("top_k too big", [img(png()), text("variant", "lite0"), text("top_k", "13")], 400, "top_k must be from 1 to 12"),
+    ("top_k not a number", [img(png()), text("top_k", "five")], 400, "top_k must be an integer"),
+    ("unknown field", [img(png()), text("varient", "b0")], 400, r"unknown field\(s\) \['varient'\]"),
+    ("two images to /classify", [img(png()), img(png())], 400, "use /classify_batch"),
+    ("too many pixels", [img(huge_header_png())], 413, "5000x5000 = 25,000,000 pixels"),
+    ("body too large", [img(b"\xff\xd8" + b"0" * (1024 * 1024 + 10))], 413, "above the limit of 1,048,576 bytes"),
+    ("json, not multipart", None, 400, "send multipart/form-data"),
+]
+
+
+@pytest.mark.parametrize("case, parts, status, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_4xx_and_the_server_stays_ready(server, case, parts, status, message):
+    if parts is None:
+        r = server.client.post("/classify", json={"image": "x"})
+    else:
+        r = server.client.post("/classify", files=parts)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert re.search(message, body["error"]), body
+    assert r.headers["x-request-id"] == body["request_id"]
+    assert server.client.get("/readyz").status_code == 200
+
+
+def test_classify_batch_fails_only_the_bad_item(server):
+    files = [("images", ("a.png", png(seed=1), "image/png")), ("images", ("bad.jpg", b"garbage" * 20, "image/jpeg")),
+             ("images", ("c.jpg", jpeg(seed=2), "image/jpeg")), ("images", ("empty.png", b"", "image/png"))]
+    r = server.client.post("/classify_batch", files=files, data={"variant": "compact", "top_k": "2"})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 400, 200, 400]
+    assert [x["index"] for x in results] == [0, 1, 2, 3] and results[1]["filename"] == "bad.jpg"
+    assert "not a supported image" in results[1]["error"] and "empty" in results[3]["error"]
+    assert all(x["variant"] == "compact" and len(x["predictions"]) == 2 for x in results[::2])
+    single = classify(server, jpeg(seed=2), variant="compact", top_k="2").json()["predictions"]
+    assert [p["index"] for p in results[2]["predictions"]] == [p["index"] for p in single]
+
+
+def test_variants_and_routes_describe_the_configuration(server):
+    variants = {v["variant"]: v for v in server.client.get("/variants").json()["variants"]}
+    assert set(variants) == {"b0", "mec", "compact", "lite0"}
+    b0 = variants["b0"]
+    assert b0["ready"] and b0["device"] == "cpu" and b0["weights"] == {"fashion": 0.5} and b0["params"] > 0
+    assert variants["mec"]["shadow_in"] == ["fashion"] and variants["lite0"]["offline_top1"] == pytest.approx(0.14)
+    routes = server.client.get("/routes").json()
+    assert routes["default_route"] == "fashion" and routes["routes"]["fashion"]["shadow"]["variant"] == "mec"
+
+
+def metric(text, name, **labels):
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_shadow_agreement_is_counted(server):
+    for i in range(6):
+        assert classify(server, png(seed=i), variant="b0").status_code == 200
+    deadline = time.monotonic() + 60  # mirrored calls finish after the answers: wait for them
+    while time.monotonic() < deadline:
+        text = server.client.get("/metrics").text
+        counted = sum(metric(text, "effnet_shadow_requests_total", route="fashion", variant="mec", primary="b0",
+                             result=res) for res in ("agree", "disagree"))
+        if counted >= 6:
+            break
+        time.sleep(0.5)
+    assert counted >= 6, [line for line in text.splitlines() if "shadow" in line]
+
+
+def test_metrics_are_labelled_per_variant(server):
+    for v in ("b0", "mec", "compact", "lite0"):
+        assert classify(server, png(seed=5), variant=v).status_code == 200
+    text = server.client.get("/metrics").text
+    for v in ("b0", "mec", "compact", "lite0"):
+        assert metric(text, "effnet_requests_total", variant=v, status="200") >= 1, v
+        assert metric(text, "effnet_inference_duration_seconds_count", variant=v) >= 1, v
+        assert metric(text, "effnet_batch_size_count", variant=v) >= 1, v
+        assert metric(text, "effnet_queue_wait_seconds_count", variant=v) >= 1, v
+        assert metric(text, "effnet_top1_score_count", variant=v) >= 1, v
+        assert metric(text, "effnet_request_duration_seconds_count", variant=v) >= 1, v
+        assert metric(text, "effnet_variant_info", variant=v) == 1, v
+        assert metric(text, "effnet_variant_ready", variant=v) == 1, v
+    assert metric(text, "effnet_split_assignments_total", route="fashion", assignment="split") >= 1
+    assert metric(text, "effnet_requests_total", status="400") >= 1  # from the bad-input tests
+    assert "bentoml_service_request_total" in text  # BentoML's own series are still there
+
+
+def test_32_concurrent_clients_get_no_failures(server):
+    """Catches dropped gateway->worker calls (bentoml 1.4.31-1.4.40) and batcher 503s at this load."""
+    images = [png(seed=i) for i in range(8)] + [jpeg(seed=i) for i in range(8)]
+    statuses, lock = [], threading.Lock()
+
+    def client(c):
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            for i in range(10):
+                kw = {"route": "imagenet"} if (c + i) % 4 == 0 else {}
+                r = http.post("/classify", files={"image": ("x", images[(c + i) % 16])}, data=kw,
+                              headers={"X-Client-Id": f"c{c}"})
+                with lock:
+                    statuses.append((r.status_code, r.text[:200] if r.status_code != 200 else ""))
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(client, range(32)))
+    failures = [s for s in statuses if s[0] != 200]
+    assert len(statuses) == 320 and not failures, failures[:5]
+    assert server.client.get("/readyz").status_code == 200
