@@ -295,7 +295,12 @@ class GatewayLogic:
             a = self.router.assign(route, variant, request.headers.get("x-client-id") or None)
         except RoutingError as e:
             raise ClientError(str(e)) from None
-        if a.variant in self.problems or (not self.ready and a.variant not in self.manifests):
+        if not self.ready:  # learn the workers' problems (a bad checkpoint) before calling them
+            try:
+                await self.__is_ready__()
+            except HTTPException:
+                pass
+        if a.variant in self.problems or a.variant not in self.manifests:
             raise ClientError(f"variant {a.variant!r} is not ready: {self.problems.get(a.variant, 'loading')}",
                               503, {"Retry-After": str(self.cfg.server.retry_after_s)})
         k_max = min(self.cfg.server.max_top_k, self.manifests[a.variant].num_classes)
