@@ -1,50 +1,92 @@
-"""Inference engines behind every worker.
+"""The `Engine` interface, the eager PyTorch reference, and the graph every engine runs.
 
 An engine turns a batch of uint8 images, already resized and cropped to the checkpoint's resolution
-(`store.resize_crop`), into logits. Normalisation happens inside the engine (`store.InputNormalizer`
-is the first layer of every graph), so the request path carries small uint8 tensors.
-
-    engine, manifest = load_engine("compact-fashion-mnist:latest", engine="torch", threads=1)
-    logits = engine(batch_uint8)          # (N, C, R, R) uint8 -> (N, num_classes) float32
-    engine.describe()                     # {"engine": "torch", "precision": "fp32", "reason": ...}
-
-Only the PyTorch eager reference lives here so far; compiled engines (ONNX Runtime, OpenVINO,
-torch.compile) plug in behind the same interface.
+(`store.resize_crop`), into float32 logits. Normalisation happens inside the engine
+(`store.InputNormalizer` is the first layer of every graph), so the request path carries small
+uint8 tensors.
 """
 from __future__ import annotations
 
-import os
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from store import InputNormalizer, Manifest, load_checkpoint
+from store import InputNormalizer, Manifest
+
+
+class ServingGraph(nn.Module):
+    """uint8 images -> logits: the normaliser in front of the network, the one graph every engine runs.
+
+    A module with a named `images` argument (not an `nn.Sequential`) so the ONNX graph's input is
+    called `images` and `torch.export` can name its dynamic batch dimension.
+    """
+
+    def __init__(self, model: nn.Module, manifest: Manifest) -> None:
+        super().__init__()
+        self.normalize = InputNormalizer(manifest)
+        self.net = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(images))
 
 
 class Engine:
-    """Common interface: `__call__(uint8 NCHW) -> float logits`, plus a description for /variants."""
+    """Common interface: `__call__(uint8 NCHW) -> float32 logits`, plus a description for /variants."""
 
     name = "base"
+    runtime = "base"
     precision = "fp32"
+    reason = ""
+    artefacts: tuple[Path, ...] = ()  # exported files it runs (hashed into its verification record)
+
+    @classmethod
+    def unavailable(cls, device: str = "cpu") -> str | None:
+        """Why this engine cannot run here (library missing, CPU lacks bf16, ...), else None."""
+        return None
+
+    @classmethod
+    def build(cls, ctx: "BuildContext") -> "Engine":  # pragma: no cover - interface
+        raise NotImplementedError
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def warmup(self, batch_sizes: Sequence[int], resolution: int, channels: int = 3) -> None:
+        """Run once per batch size so the first request pays no allocation or compilation."""
+        for b in batch_sizes:
+            self(torch.zeros(b, channels, resolution, resolution, dtype=torch.uint8))
+
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "precision": self.precision, "reason": getattr(self, "reason", "")}
+        """Which engine and precision serve, and why; with the verification figures and, after
+        `auto`, the timings and the refused engines (set by `engines.load_engine`)."""
+        d: dict[str, Any] = {"engine": self.name, "precision": self.precision, "reason": self.reason}
+        v = getattr(self, "verification", None)
+        if v is not None and hasattr(v, "ok"):
+            d["verification"] = {"ok": v.ok, **v.metrics}
+        for attr in ("timings_ms", "refused"):
+            if getattr(self, attr, None):
+                d[attr] = getattr(self, attr)
+        return d
 
 
 class TorchEngine(Engine):
     """PyTorch eager, channels_last, inference_mode: the reference every other engine is checked against."""
 
     name = "torch"
+    runtime = "torch"
 
     def __init__(self, model: nn.Module, manifest: Manifest, device: str = "cpu") -> None:
         self.device = torch.device(device)
-        self.graph = nn.Sequential(InputNormalizer(manifest), model).eval().to(self.device)
+        self.graph = ServingGraph(model, manifest).eval().to(self.device)
         self.graph = self.graph.to(memory_format=torch.channels_last)
         self.reason = "reference engine (eager PyTorch)"
+
+    @classmethod
+    def build(cls, ctx: "BuildContext") -> "TorchEngine":
+        return cls(ctx.model_fn(), ctx.manifest, device=ctx.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -52,26 +94,36 @@ class TorchEngine(Engine):
             return self.graph(x).float().cpu()
 
 
-def set_threads(threads: int | None) -> int:
-    """Pin this process's intra-op threads (oversubscribing 2 cores made eager 13x slower here)."""
-    n = threads or max(1, (os.cpu_count() or 1))
-    torch.set_num_threads(n)
-    return n
+def run_in_buckets(images: torch.Tensor, buckets: Sequence[int], run) -> torch.Tensor:
+    """Run a static-shape engine on any batch: pad up to the nearest bucket, split above the largest.
+
+    Static shapes are faster on OpenVINO and avoid a recompile per batch size under torch.compile;
+    zero padding costs the padded rows' compute, which is why the buckets are the worker's own sizes.
+    """
+    n = images.shape[0]
+    top = max(buckets)
+    if n > top:
+        return torch.cat([run_in_buckets(images[i:i + top], buckets, run) for i in range(0, n, top)])
+    b = min(s for s in buckets if s >= n)
+    if b != n:
+        pad = images.new_zeros((b - n, *images.shape[1:]))
+        images = torch.cat([images, pad])
+    return run(images, b)[:n]
 
 
-def load_engine(
-    tag_or_path: str,
-    engine: str = "torch",
-    threads: int | None = None,
-    device: str = "cpu",
-    home: str | None = None,
-) -> tuple[Engine, Manifest]:
-    """Verify and load a checkpoint, then wrap it in the named engine."""
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
-    set_threads(threads)
-    model, manifest = load_checkpoint(tag_or_path, home=home, device=device)
-    return ENGINES[engine](model, manifest, device=device), manifest
+@dataclass
+class BuildContext:
+    """What an engine needs to build itself from a stored checkpoint."""
+
+    folder: Path  # the checkpoint's folder in the store
+    manifest: Manifest
+    model_fn: Callable[[], nn.Module]  # builds the verified eager model (only when an export is needed)
+    threads: int
+    device: str = "cpu"
+    batch_sizes: tuple[int, ...] = (1, 8)
+    calibration: Any = None  # engines.calibration.CalibrationSet, loaded lazily by the loader
 
 
-ENGINES: dict[str, type[Engine]] = {"torch": TorchEngine}
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Exported graphs take 3 channels: a grayscale batch is replicated (the normaliser's own rule)."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images

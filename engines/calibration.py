@@ -1,0 +1,124 @@
+"""Calibration and test images for verifying engines and calibrating int8.
+
+The calibration set is a small subset of the checkpoint's own training data, stored as uint8 in the
+checkpoint's folder: `calibration.safetensors` with
+- `images`: uint8 (N, C, R, R), already `store.resize_crop`-ed to the manifest's resolution
+  (exactly what an engine receives), C in {1, 3};
+- `labels`: int64 (N,), optional.
+The trainer writes it with `save_calibration` next to the weights.
+
+# NOTE: checkpoints written before the trainer stores a calibration set have none. Then, in order:
+# 1. `dataset == "fashion-mnist"`: a fixed, seeded sample of the training split from the Debian
+#    package's idx files is generated and cached in the checkpoint's `engines/` folder;
+# 2. otherwise there is no calibration data: fp32 engines are still verified (logits on a fixed,
+#    seeded uint8 noise batch: closeness of logits needs no real images), bf16 is verified by top-1
+#    agreement on that noise batch (weaker, recorded as such), and int8 is refused (static
+#    quantisation calibrated on noise would set the wrong activation ranges).
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from store import Manifest, resize_crop
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_FILE = "calibration.safetensors"
+CALIBRATION_SIZE = 256  # enough for stable int8 ranges; 99% agreement then allows 2 flips
+VERIFY_BATCH = 16  # the fixed batch on which fp32 logits are compared
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+
+
+@dataclass
+class CalibrationSet:
+    images: torch.Tensor  # uint8 (N, C, R, R)
+    labels: torch.Tensor | None
+    source: str  # where it came from, recorded with every verification
+
+    @property
+    def real(self) -> bool:
+        return not self.source.startswith("synthetic")
+
+
+def save_calibration(folder: str | Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
+    """Write a calibration set into a checkpoint folder (the trainer calls this)."""
+    from safetensors.torch import save_file
+
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"calibration images must be uint8 (N, C, R, R), got {images.dtype} {tuple(images.shape)}")
+    tensors = {"images": images.contiguous()}
+    if labels is not None:
+        tensors["labels"] = labels.to(torch.int64).contiguous()
+    path = Path(folder) / CALIBRATION_FILE
+    save_file(tensors, str(path))
+    return path
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An idx file (MNIST format), gzipped: big-endian header, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(split: str, manifest: Manifest, limit: int | None = None, seed: int = 0) -> CalibrationSet | None:
+    """Fashion-MNIST images at the manifest's resolution (None when the dataset is not installed).
+
+    # NOTE: 28x28 becomes RxR through `store.resize_crop`, the project's one image->input definition,
+    # so the engines are checked on exactly what the service feeds them.
+    """
+    prefix = "train" if split == "train" else "t10k"
+    img_path, lab_path = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if not (img_path.is_file() and lab_path.is_file()):
+        return None
+    images, labels = _read_idx(img_path), _read_idx(lab_path)
+    if limit is not None and limit < len(images):
+        idx = np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))
+        images, labels = images[idx], labels[idx]
+    x = resize_crop(torch.from_numpy(images.copy()).unsqueeze(1), manifest)
+    return CalibrationSet(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), f"fashion-mnist {split} split")
+
+
+def synthetic_batch(manifest: Manifest, n: int = VERIFY_BATCH, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, manifest.resolution, manifest.resolution), dtype=torch.uint8, generator=g)
+
+
+def load_calibration(folder: Path, manifest: Manifest, cache: Path | None = None) -> CalibrationSet:
+    """The checkpoint's calibration set, else the documented fallback (see the module docstring)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in (folder / CALIBRATION_FILE, cache / CALIBRATION_FILE if cache else None):
+        if path is not None and path.is_file():
+            t = load_file(str(path))
+            source = "checkpoint calibration set" if path.parent == folder else "generated calibration set"
+            return CalibrationSet(t["images"], t.get("labels"), f"{source} ({path.name}, {len(t['images'])} images)")
+    if manifest.dataset.lower().replace("_", "-") == "fashion-mnist":
+        calib = fashion_mnist("train", manifest, limit=CALIBRATION_SIZE)
+        if calib is not None:
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                tensors = {"images": calib.images, "labels": calib.labels}
+                save_file(tensors, str(cache / CALIBRATION_FILE))
+            log.info("%s: no %s; generated %d images from the %s", folder.name, CALIBRATION_FILE,
+                     len(calib.images), calib.source)
+            calib.source = f"generated from the {calib.source} (checkpoint has no {CALIBRATION_FILE})"
+            return calib
+    return CalibrationSet(synthetic_batch(manifest, CALIBRATION_SIZE), None,
+                          f"synthetic uint8 noise (checkpoint has no {CALIBRATION_FILE} and dataset "
+                          f"{manifest.dataset!r} is not available offline)")
+
+
+def load_test_set(manifest: Manifest) -> CalibrationSet | None:
+    """The checkpoint's test set where it is available offline (Fashion-MNIST), else None."""
+    if manifest.dataset.lower().replace("_", "-") == "fashion-mnist":
+        return fashion_mnist("test", manifest)
+    return None

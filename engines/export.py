@@ -1,0 +1,205 @@
+"""Export a stored checkpoint to ONNX, OpenVINO IR and int8 ONNX, cached next to the weights.
+
+Artefacts live in the checkpoint's folder, under
+    engines/<first 16 hex of the weights' sha256>/<artefact key>/
+where the key names the artefact's format version and the library versions that produced it, so a
+restart finds them (no second export) and a new weights file, exporter or runtime never reuses a
+stale one. A lock file per artefact folder makes concurrent workers export once: the others wait
+and then read the finished file. Files are written under a temporary name and renamed into place,
+so a killed export never leaves a half-written artefact that looks finished.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from store import Manifest
+
+from .base import ServingGraph
+from .calibration import CalibrationSet
+
+log = logging.getLogger(__name__)
+
+ENGINES_DIR = "engines"
+OPSET = 18  # the dynamo exporter's default; matched eager to ~1e-6 relative here (FACTS.md)
+FORMAT_VERSION = 1  # bump when the graph we export changes (normaliser, input layout, ...)
+MAX_BATCH = 1024  # upper bound of the dynamic batch dimension
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return "none"
+
+
+def onnx_key() -> str:
+    return f"onnx-v{FORMAT_VERSION}-opset{OPSET}-torch{torch.__version__.split('+')[0]}"
+
+
+def openvino_key() -> str:
+    return f"{onnx_key()}-openvino{_version('openvino')}"
+
+
+def int8_key(calib: CalibrationSet) -> str:
+    digest = hashlib.sha256(calib.images.numpy().tobytes()).hexdigest()[:8]
+    return f"{onnx_key()}-int8qdq-ort{_version('onnxruntime')}-calib{digest}"
+
+
+def cache_dir(folder: Path, manifest: Manifest) -> Path:
+    """The engines folder of this checkpoint's weights (keyed by their sha256)."""
+    return Path(folder) / ENGINES_DIR / (manifest.sha256[:16] or "unhashed")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+
+
+def export_onnx(model: torch.nn.Module, manifest: Manifest, out: Path) -> Path:
+    """The network with its `InputNormalizer`, uint8 NCHW input `images`, dynamic batch -> `out`.
+
+    PyTorch's dynamo-based exporter (`torch.onnx.export(dynamo=True)`), weights inlined in the file
+    (the models here are at most ~21 MB, under protobuf's 2 GB limit).
+    """
+    graph = ServingGraph(model, manifest).eval()
+    r = manifest.resolution
+    example = torch.randint(0, 256, (2, 3, r, r), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    t0 = time.perf_counter()
+    quiet = logging.getLogger("onnx_ir")  # logs every deduplicated initializer at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, (example,), str(tmp), input_names=["images"], output_names=["logits"],
+            dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True, external_data=False,
+            verbose=False,
+        )
+    quiet.setLevel(level)
+    _publish(tmp, out)
+    log.info("exported %s to ONNX in %.1f s: %s", manifest.variant, time.perf_counter() - t0, out)
+    return out
+
+
+def onnx_path(model_fn, manifest: Manifest, folder: Path) -> Path:
+    """The cached ONNX file of this checkpoint, exported on first use. `model_fn()` builds the model."""
+    d = cache_dir(folder, manifest) / onnx_key()
+    out = d / "model.onnx"
+    if out.is_file():
+        return out
+    with _locked(d):
+        if not out.is_file():  # another worker may have finished it while we waited
+            export_onnx(model_fn(), manifest, out)
+    return out
+
+
+def openvino_path(onnx_file: Path, manifest: Manifest, folder: Path) -> Path:
+    """The cached OpenVINO IR (`model.xml` + `model.bin`, fp32 weights) converted from the ONNX file."""
+    import openvino as ov
+
+    d = cache_dir(folder, manifest) / openvino_key()
+    out = d / "model.xml"
+    if out.is_file() and out.with_suffix(".bin").is_file():
+        return out
+    with _locked(d):
+        if not (out.is_file() and out.with_suffix(".bin").is_file()):
+            t0 = time.perf_counter()
+            tmp = d / f"tmp{os.getpid()}"
+            tmp.mkdir(exist_ok=True)
+            # fp32 weights in the IR: precision is chosen at compile time (INFERENCE_PRECISION_HINT).
+            ov.save_model(ov.convert_model(str(onnx_file)), str(tmp / "model.xml"), compress_to_fp16=False)
+            _publish(tmp / "model.bin", out.with_suffix(".bin"))  # the .xml last: it marks completion
+            _publish(tmp / "model.xml", out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("converted %s to OpenVINO IR in %.1f s", manifest.variant, time.perf_counter() - t0)
+    return out
+
+
+def cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+class _Reader:
+    """ONNX Runtime's calibration reader over the calibration images, in batches of 16."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        self.batches = iter([{"images": images[i:i + 16].contiguous().numpy()} for i in range(0, len(images), 16)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_int8(onnx_file: Path, calib: CalibrationSet, out: Path) -> Path:
+    """Static post-training quantisation, QDQ format, calibrated on the calibration images.
+
+    Weights int8 per channel, activations uint8, MinMax ranges. QDQ runs on ONNX Runtime and is read
+    by OpenVINO as int8 (FakeQuantize), so both int8 engines share this one file.
+    # NOTE: on CPUs without VNNI, u8s8 kernels can saturate (ONNX Runtime's quantisation guide);
+    # there weights use 7 bits (`reduce_range`).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    t0 = time.perf_counter()
+    tmp_pre = out.with_name(f"pre{os.getpid()}.onnx")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quant_pre_process(str(onnx_file), str(tmp_pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(tmp_pre), str(tmp), _Reader(calib.images), quant_format=QuantFormat.QDQ, per_channel=True,
+            reduce_range=not cpu_has_vnni(), activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    tmp_pre.unlink(missing_ok=True)
+    _publish(tmp, out)
+    log.info("quantised to int8 (static, QDQ, %d calibration images) in %.1f s",
+             len(calib.images), time.perf_counter() - t0)
+    return out
+
+
+def int8_path(onnx_file: Path, calib: CalibrationSet, manifest: Manifest, folder: Path) -> Path:
+    d = cache_dir(folder, manifest) / int8_key(calib)
+    out = d / "model.int8.onnx"
+    if out.is_file():
+        return out
+    with _locked(d):
+        if not out.is_file():
+            quantize_int8(onnx_file, calib, out)
+    return out
+
+
+def sha256_of(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,198 @@
+"""`load_engine`: a verified engine for a stored checkpoint, named or chosen by timing (`auto`).
+
+    engine, manifest = load_engine(tag, engine="auto", threads=worker_threads(workers), batch_sizes=(1, 8))
+
+1. The checkpoint is loaded and sha256-verified (`store.load_checkpoint`); the eager model is the
+   reference.
+2. Each candidate engine is built (exported on first use, cached in the checkpoint's `engines/`
+   folder) and verified (`engines.verify`). A failure is logged with its reason and the next
+   candidate is tried: for a named engine the chain in `FALLBACK` down to `torch`; for `auto` every
+   candidate in `AUTO_CANDIDATES`.
+3. `auto` times every verified candidate for a bounded few seconds at the worker's batch sizes and
+   keeps the fastest; `describe()` says which engine and precision won, and why.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Sequence
+
+import torch
+
+from store import Manifest, load_checkpoint, read_manifest
+
+from .base import BuildContext, Engine, TorchEngine
+from .calibration import load_calibration, load_test_set
+from .export import cache_dir
+from .onnxrt import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
+from .openvino_rt import OpenVinoBf16Engine, OpenVinoEngine, OpenVinoInt8Engine
+from .threads import available_cores, set_threads
+from .torch_compile import TorchCompileEngine
+from .verify import Reference, Verdict, verify
+
+log = logging.getLogger("engines")
+
+AUTO = "auto"
+ENGINES: dict[str, type[Engine]] = {
+    e.name: e
+    for e in (TorchEngine, TorchCompileEngine, OnnxRuntimeEngine, OnnxRuntimeInt8Engine, OpenVinoEngine,
+              OpenVinoBf16Engine, OpenVinoInt8Engine)
+}
+# Where a named engine falls back when it cannot run here or fails verification.
+FALLBACK = {
+    "openvino-bf16": "openvino", "openvino-int8": "openvino", "onnxruntime-int8": "onnxruntime",
+    "openvino": "onnxruntime", "onnxruntime": "torch", "torch-compile": "torch",
+}
+# NOTE: `auto` leaves torch-compile out: its first call costs 41-46 s per batch size here (FACTS.md),
+# so every worker start would pay minutes, for an engine measured 2x slower than ONNX Runtime. Name
+# it explicitly (or pass `candidates=`) to use it.
+AUTO_CANDIDATES = ("openvino-bf16", "openvino-int8", "onnxruntime-int8", "openvino", "onnxruntime", "torch")
+AUTO_SECONDS = 3.0  # total timing budget of `auto`, shared by every candidate and batch size
+
+
+def engine_names() -> list[str]:
+    return [AUTO, *ENGINES]
+
+
+class _Checkpoint:
+    """The checkpoint, its reference outputs and the calibration data, each loaded at most once."""
+
+    def __init__(self, tag_or_path: str, home: str | None, device: str, threads: int, batch_sizes) -> None:
+        self.manifest, self.folder = read_manifest(tag_or_path, home)
+        self.model, _ = load_checkpoint(self.folder, device=device)  # sha256-verified
+        self.cache = cache_dir(self.folder, self.manifest)
+        self.ctx = BuildContext(self.folder, self.manifest, self._fresh_model, threads, device, tuple(batch_sizes))
+        self.device = device
+        self._ref: Reference | None = None
+
+    def _fresh_model(self) -> torch.nn.Module:
+        model, _ = load_checkpoint(self.folder, device=self.device)
+        return model
+
+    @property
+    def calibration(self):
+        if self.ctx.calibration is None:
+            self.ctx.calibration = load_calibration(self.folder, self.manifest, self.cache)
+        return self.ctx.calibration
+
+    def reference(self) -> Reference:
+        if self._ref is None:
+            self._ref = Reference(TorchEngine(self.model, self.manifest, self.device), self.calibration,
+                                       load_test_set(self.manifest))
+        return self._ref
+
+
+def _try(name: str, ck: _Checkpoint) -> tuple[Engine | None, Verdict | str]:
+    """Build and verify one engine; (engine, verdict) or (None, why not)."""
+    cls = ENGINES[name]
+    why = cls.unavailable(ck.device)
+    if why:
+        return None, why
+    try:
+        _ = ck.calibration  # int8 builds need it; loading it here keeps the error messages uniform
+        eng = cls.build(ck.ctx)
+    except Exception as e:  # an exporter or runtime failure refuses this engine, not the worker
+        log.debug("building %s failed", name, exc_info=True)
+        return None, f"build failed: {type(e).__name__}: {e}"
+    if name == "torch":
+        return eng, Verdict("torch", "fp32", True, "the reference itself")
+    v = verify(eng, ck.reference(), ck.cache)
+    if not v.ok:
+        return None, v
+    return eng, v
+
+
+def _why(result: Verdict | str) -> str:
+    return result if isinstance(result, str) else result.reason
+
+
+def time_engine(engine: Engine, batch_sizes: Sequence[int], manifest: Manifest, seconds: float) -> float:
+    """Median seconds per image, averaged over the batch sizes, within about `seconds` in all."""
+    r, per = manifest.resolution, seconds / max(1, len(batch_sizes))
+    costs = []
+    for b in batch_sizes:
+        x = torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8)
+        engine(x)  # warm-up
+        times, deadline = [], time.perf_counter() + per
+        while len(times) < 3 or time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            engine(x)
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 3 and time.perf_counter() > deadline + per:  # a very slow engine: stop
+                break
+        costs.append(statistics.median(times) / b)
+    return statistics.mean(costs)
+
+
+def load_engine(
+    tag_or_path: str,
+    engine: str = "torch",
+    threads: int | None = None,
+    device: str = "cpu",
+    home: str | None = None,
+    batch_sizes: Sequence[int] = (1, 8),
+    candidates: Sequence[str] | None = None,
+    auto_seconds: float = AUTO_SECONDS,
+) -> tuple[Engine, Manifest]:
+    """Verify and load a checkpoint, then wrap it in the named engine, or the fastest verified one (`auto`).
+
+    `threads`: this worker's intra-op threads (see `engines.worker_threads`; None: all cores).
+    `batch_sizes`: the batch sizes the worker will run (static-shape engines compile one per size;
+    `auto` times them). `candidates`: the engines `auto` considers (default `AUTO_CANDIDATES`).
+    Raises ValueError for an unknown engine name.
+    """
+    if engine != AUTO and engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; available: {', '.join(engine_names())}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no GPU is available")
+    threads = set_threads(threads or available_cores())
+    ck = _Checkpoint(tag_or_path, home, device, threads, sorted(set(batch_sizes)))
+    label = f"{ck.manifest.variant} ({ck.folder.name})"
+    refused: dict[str, str] = {}
+
+    if engine != AUTO:
+        name: str | None = engine
+        while name is not None:
+            eng, result = _try(name, ck)
+            if eng is not None:
+                eng.verification = result
+                eng.reason = f"{eng.reason}; verified: {_why(result)}"
+                if refused:
+                    eng.reason += "; requested " + engine + " refused (" + "; ".join(
+                        f"{k}: {v}" for k, v in refused.items()) + ")"
+                eng.refused = refused
+                log.info("%s: serving on %s (%s)", label, name, eng.reason)
+                return eng, ck.manifest
+            refused[name] = _why(result)
+            nxt = FALLBACK.get(name)
+            log.warning("%s: engine %s refused: %s; trying %s", label, name, refused[name], nxt)
+            name = nxt
+        raise RuntimeError(f"{label}: no engine could serve: {refused}")  # torch itself failed
+
+    timings: dict[str, float] = {}
+    best: tuple[float, Engine] | None = None
+    names = list(candidates or AUTO_CANDIDATES)
+    per = auto_seconds / max(1, len(names))
+    for name in names:
+        if name not in ENGINES:
+            raise ValueError(f"unknown engine {name!r} among candidates")
+        eng, result = _try(name, ck)
+        if eng is None:
+            refused[name] = _why(result)
+            log.warning("%s: engine %s refused: %s", label, name, refused[name])
+            continue
+        eng.verification = result
+        timings[name] = time_engine(eng, ck.ctx.batch_sizes, ck.manifest, per)
+        if best is None or timings[name] < best[0]:
+            best = (timings[name], eng)  # the loser is dropped here, freeing its memory
+    if best is None:
+        raise RuntimeError(f"{label}: no engine could serve: {refused}")
+    eng = best[1]
+    ranking = ", ".join(f"{n} {t * 1e3:.2f}" for n, t in sorted(timings.items(), key=lambda kv: kv[1]))
+    eng.reason = (f"auto: fastest verified engine at batch {list(ck.ctx.batch_sizes)} "
+                  f"(ms/image: {ranking}); {eng.reason}; verified: {_why(eng.verification)}")
+    eng.refused, eng.timings_ms = refused, {n: round(t * 1e3, 3) for n, t in timings.items()}
+    log.info("%s: auto chose %s %s: %s", label, eng.name, eng.precision, eng.reason)
+    return eng, ck.manifest
+
