@@ -129,4 +129,7 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
         resources=resources,
         workers=1,  # one process per variant; its batches are the parallelism
         traffic={"timeout": cfg.server.timeout_s},
+        # Gateway -> worker calls are internal; the gateway's access log has every request already,
+        # and one log line per call costs CPU that the 2 cores need for inference.
+        logging={"access": {"enabled": False}},
     )(Worker)

@@ -1,0 +1,207 @@
+"""Serving benchmark (not a test): lite0 on the imagenet route and the fashion route, through HTTP.
+
+    .venv/bin/python -m service.bench                 # the default store ($BENTOML_HOME or ~/bentoml)
+    .venv/bin/python -m service.bench --prepare DIR   # a private store: real Lite0 ImageNet weights,
+                                                      # random-weight 32x32 fashion models (same compute)
+
+1. Offline, before the server starts: lite0 through the same engine the worker uses
+   (`engines.load_engine`, same threads), batch-1 median latency and the best images/s over batches.
+2. A real `bentoml serve` with the configuration, then an aiohttp load generator in this process:
+   imagenet route at concurrency 1 and at saturation with real photos (scikit-image's, re-encoded as
+   224x224 JPEGs), the fashion route at saturation with 28x28 PNGs (Fashion-MNIST's when the Debian
+   package is installed). The generator shares the cores with the server: its CPU share is reported.
+Prints a summary and writes JSON (`--record`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import cpu_threads, load_config
+from .testing import FASHION_CLASSES, Server, make_checkpoint
+
+
+def photos(side: int = 224) -> list[bytes]:
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name in ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry"):
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        s = min(img.size)
+        img = img.crop(((img.width - s) // 2, (img.height - s) // 2, (img.width + s) // 2, (img.height + s) // 2))
+        buf = io.BytesIO()
+        img.resize((side, side), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def fashion_images(n: int = 64) -> list[bytes]:
+    import gzip
+
+    from PIL import Image
+
+    path = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+    if path.is_file():
+        raw = gzip.decompress(path.read_bytes())
+        arr = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+    else:
+        arr = np.random.default_rng(0).integers(0, 255, (n, 28, 28), dtype=np.uint8)
+    out = []
+    for a in arr:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def prepare_store(home: Path) -> None:
+    """Real Lite0 weights; fashion variants with random weights (their compute is what is measured)."""
+    from store import list_checkpoints
+
+    have = {r["tag"].split(":")[0] for r in list_checkpoints(home)}
+    if "lite0-imagenet" not in have:
+        from training.pretrained import import_lite0
+
+        print("importing lite0-imagenet:", import_lite0(home=home), file=sys.stderr)
+    for name, variant in (("b0-fashion-mnist", "b0"), ("mec-out-e3-fashion-mnist", "mec-out-e3"),
+                          ("compact-fashion-mnist", "compact")):
+        if name not in have:
+            print("random-weight", make_checkpoint(home, name, variant, FASHION_CLASSES, 32, grayscale=True), file=sys.stderr)
+
+
+def offline(tag: str, threads: int, seconds: float = 4.0) -> dict:
+    """The worker's engine alone: batch-1 median latency and images/s per batch size."""
+    import torch
+
+    from engines import load_engine
+
+    engine, man = load_engine(tag, engine="torch", threads=threads)
+    r = man.resolution
+    result = {"engine": engine.describe(), "threads": threads, "batches": {}}
+    for batch in (1, 4, 8, 16):
+        x = torch.randint(0, 255, (batch, 3, r, r), dtype=torch.uint8)
+        for _ in range(3):
+            engine(x)
+        times, end = [], time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 5:
+            t0 = time.perf_counter()
+            engine(x)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        result["batches"][batch] = {"median_ms": round(med * 1e3, 2), "images_per_s": round(batch / med, 1)}
+    result["batch1_median_ms"] = result["batches"][1]["median_ms"]
+    result["best_images_per_s"] = max(b["images_per_s"] for b in result["batches"].values())
+    return result
+
+
+async def load(url: str, images: list[bytes], concurrency: int, seconds: float, fields: dict) -> dict:
+    import aiohttp
+
+    latencies, statuses = [], {}
+    stop = time.perf_counter() + seconds
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+
+    async def client(c: int, session: aiohttp.ClientSession) -> None:
+        i = c
+        while time.perf_counter() < stop:
+            form = aiohttp.FormData()
+            form.add_field("image", images[i % len(images)], filename="img", content_type="application/octet-stream")
+            for k, v in fields.items():
+                form.add_field(k, v)
+            t0 = time.perf_counter()
+            async with session.post(url + "/classify", data=form, headers={"X-Client-Id": f"bench-{c}"}) as resp:
+                await resp.read()
+                statuses[resp.status] = statuses.get(resp.status, 0) + 1
+                if resp.status == 200:
+                    latencies.append(time.perf_counter() - t0)
+            i += concurrency
+
+    t_start = time.perf_counter()
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        await asyncio.gather(*(client(c, session) for c in range(concurrency)))
+    wall = time.perf_counter() - t_start
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    gen_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    lat = sorted(latencies)
+    pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3, 1)) if lat else (lambda q: None)
+    return {"concurrency": concurrency, "seconds": round(wall, 1), "ok": len(lat),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "req_per_s": round(len(lat) / wall, 1), "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99),
+            "generator_cpu_share_of_machine": round(gen_cpu / wall / (os.cpu_count() or 1), 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="serving configuration (default service/config.yaml)")
+    p.add_argument("--prepare", metavar="DIR", help="use a private BENTOML_HOME at DIR, filled as described above")
+    p.add_argument("--seconds", type=float, default=20, help="per load phase (default 20)")
+    p.add_argument("--saturation", type=int, default=16, help="concurrent clients at saturation (default 16)")
+    p.add_argument("--record", metavar="FILE", help="write the results as JSON")
+    args = p.parse_args(argv)
+
+    from models.bench import machine_info
+
+    if args.prepare:
+        home = Path(args.prepare).resolve()
+        os.environ["BENTOML_HOME"] = str(home)
+        prepare_store(home)
+    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    cfg = load_config(args.config)
+    threads = cpu_threads(cfg)
+    lite0 = cfg.variants["lite0"].model
+    results: dict = {"machine": machine_info(), "store": str(home), "config": cfg.source}
+
+    print(f"offline: {lite0}, engine torch, {threads} threads ...", file=sys.stderr)
+    results["offline_lite0"] = offline(lite0, threads)
+
+    config_path = Path(cfg.source)
+    with Server(home, config_path, log=home / "bench-server.log") as server:
+        server.wait("/readyz")
+        imagenet, fashion = photos(), fashion_images()
+
+        async def run_all() -> None:
+            await load(server.url, imagenet, 4, 5, {"route": "imagenet"})  # warm-up
+            results["imagenet_c1"] = await load(server.url, imagenet, 1, args.seconds, {"route": "imagenet"})
+            results["imagenet_saturation"] = await load(server.url, imagenet, args.saturation, args.seconds,
+                                                        {"route": "imagenet"})
+            results["imagenet_c32"] = await load(server.url, imagenet, 32, args.seconds / 2, {"route": "imagenet"})
+            await load(server.url, fashion, 4, 5, {})
+            results["fashion_c1"] = await load(server.url, fashion, 1, args.seconds / 2, {})
+            results["fashion_saturation"] = await load(server.url, fashion, args.saturation, args.seconds, {})
+            results["fashion_c32"] = await load(server.url, fashion, 32, args.seconds / 2, {})
+
+        asyncio.run(run_all())
+        import httpx
+
+        results["metrics_excerpt"] = [line for line in httpx.get(server.url + "/metrics").text.splitlines()
+                                      if line.startswith(("effnet_batch_size_sum", "effnet_batch_size_count",
+                                                          "effnet_inference_duration_seconds_sum",
+                                                          "effnet_inference_duration_seconds_count"))]
+
+    off = results["offline_lite0"]
+    sat, c1 = results["imagenet_saturation"], results["imagenet_c1"]
+    results["ratios"] = {
+        "throughput_vs_offline_best": round(sat["req_per_s"] / off["best_images_per_s"], 3),
+        "c1_p50_minus_offline_batch1_ms": round(c1["p50_ms"] - off["batch1_median_ms"], 1) if c1["p50_ms"] else None,
+    }
+    print(json.dumps(results, indent=2))
+    if args.record:
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
