@@ -56,11 +56,15 @@ class Cell:
     name: str
     batch: int
     times: list[float]
+    engine: str = "torch"  # the eager reference; `effnet bench --engines` times the others
+    precision: str = "fp32"
 
     def row(self) -> dict:
         med = statistics.median(self.times)
         return {
             "name": self.name,
+            "engine": self.engine,
+            "precision": self.precision,
             "batch": self.batch,
             "latency_ms": round(med * 1e3, 3),
             "latency_min_ms": round(min(self.times) * 1e3, 3),

@@ -71,13 +71,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for n in names:
         if n != REFERENCE:
             get_variant(n)  # fail fast with the list of known names
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in (args.batches or ("1,8" if args.engines else "1,8,32")).split(",")]
     progress = None if args.json or args.quiet else (lambda s: print(f"\r{s:<60}", end="", file=sys.stderr, flush=True))
-    rows = run_bench(names, batches, args.resolution, args.rounds, args.seconds, progress=progress)
+    if args.engines:  # every engine and precision (engines/bench.py), eager reference included
+        from engines.bench import format_engine_table, run_engine_bench, select_engines, skipped_engines
+
+        engines = select_engines(args.engines)
+        rows = run_engine_bench(names, engines, batches, args.resolution, args.rounds, args.seconds,
+                                threads=args.threads or None, progress=progress)
+        format_table = format_engine_table  # noqa: F811 - the engines' table for these rows
+    else:
+        rows = run_bench(names, batches, args.resolution, args.rounds, args.seconds, progress=progress)
     if progress:
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
     info = machine_info()
     info.update(resolution=args.resolution, rounds=args.rounds, layout="channels_last, inference_mode, eager")
+    if args.engines:
+        info.update(layout="uint8 input, normaliser inside every graph", engines=engines, unavailable=skipped_engines())
     if args.record:
         out = Path(args.record)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +122,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--models", default="b0,lite0,compact,mec,torchvision-b0",
                    help="comma-separated variant names; 'torchvision-b0' is the reference (default: %(default)s)")
-    p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes (default: %(default)s)")
+    p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8,32; 1,8 with --engines)")
+    p.add_argument("--engines", metavar="LIST",
+                   help="time these inference engines too: 'all' (every engine that runs here) or a "
+                        "comma-separated list (torch, torch-compile, onnxruntime, onnxruntime-int8, openvino, "
+                        "openvino-bf16, openvino-int8); rows gain engine and precision")
     p.add_argument("--resolution", type=int, default=224, help="input side (default 224)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--seconds", type=float, default=0.6,

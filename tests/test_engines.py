@@ -1,0 +1,237 @@
+"""Compiled engines: export, verification against eager, refusal, auto, the export cache, threads.
+
+One tiny checkpoint (compact, 4 classes, 32x32, briefly trained so its predictions are decisive and
+low precisions can agree with it) is exported once per module: the ONNX exporter takes 15-30 s on
+these 2 cores, so every test shares that store (copied where a test damages it).
+torch-compile is not exercised: its first call compiles for about 45 s per batch size here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import engines
+from engines import ENGINES, load_engine, worker_threads
+from engines.base import run_in_buckets
+from engines.calibration import CALIBRATION_FILE, FASHION_DIR, load_calibration
+from engines.export import cache_dir
+from models import create_model, model_config
+from store import InputNormalizer, Manifest, load_checkpoint, read_manifest, save_checkpoint
+
+RES = 32
+RUNNABLE = [n for n in ENGINES if n not in ("torch", "torch-compile") and ENGINES[n].unavailable() is None]
+
+
+def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four easy classes: which colour channel (or none: gray) is bright, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    x = torch.randint(0, 90, (n, 3, RES, RES), generator=g)
+    for c in range(3):
+        x[labels == c, c] += 150
+    x[labels == 3] += 100
+    return x.clamp(0, 255).to(torch.uint8), labels
+
+
+def _train_tiny(manifest: Manifest) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model("compact", num_classes=4)
+    norm = InputNormalizer(manifest)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(40):
+        x, y = _images(32, seed=step)
+        loss = torch.nn.functional.cross_entropy(model(norm(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(home, tag) of a trained tiny checkpoint with its calibration set, exported once."""
+    home = tmp_path_factory.mktemp("engines") / "bentoml"
+    man = Manifest(variant="compact", config=model_config("compact").to_dict(), num_classes=4,
+                   classes=["red", "green", "blue", "gray"], dataset="synthetic-colours", resolution=RES)
+    tag = save_checkpoint(_train_tiny(man), man, home=home)
+    _, folder = read_manifest(tag, home)
+    images, labels = _images(256, seed=1000)  # the checkpoint's "training data"
+    engines.save_calibration(folder, images, labels)
+    for name in RUNNABLE:  # export and verify every engine once; tests below read the cache
+        load_engine(tag, engine=name, threads=2, home=str(home))
+    return home, tag
+
+
+def _reference(tag, home, x):
+    model, man = load_checkpoint(tag, home=home)
+    return engines.TorchEngine(model, man)(x)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_every_engine_exports_and_verifies_against_eager(store, name):
+    home, tag = store
+    eng, man = load_engine(tag, engine=name, threads=2, home=str(home))
+    assert eng.name == name, eng.describe()  # not a fallback
+    d = eng.describe()
+    assert d["verification"]["ok"] and d["precision"] == ENGINES[name].precision
+    x, _ = _images(10, seed=7)  # 10: not one of the batch sizes, so padding and splitting run too
+    out, ref = eng(x), _reference(tag, home, x)
+    assert out.shape == (10, 4) and out.dtype == torch.float32
+    if eng.precision == "fp32":
+        torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+    else:
+        assert d["verification"]["agreement"] >= 0.99
+        assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    # grayscale input (1 channel) is accepted like the eager reference accepts it
+    gray = x[:, :1]
+    assert (eng(gray).argmax(1) == _reference(tag, home, gray).argmax(1)).float().mean() >= 0.9
+
+
+def test_export_cache_is_reused_on_restart(store, monkeypatch):
+    home, tag = store
+    man, folder = read_manifest(tag, home)
+    onnx_files = list(cache_dir(folder, man).rglob("model.onnx"))
+    assert len(onnx_files) == 1 and man.sha256[:16] in str(onnx_files[0])
+    mtime = onnx_files[0].stat().st_mtime_ns
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr("engines.export.export_onnx", no_export)
+    monkeypatch.setattr("engines.export.quantize_int8", no_export)
+    for name in RUNNABLE:
+        eng, _ = load_engine(tag, engine=name, threads=2, home=str(home))
+        assert eng.name == name and "(recorded " in eng.reason  # the verdict is reused as well
+    assert onnx_files[0].stat().st_mtime_ns == mtime
+    records = json.loads((cache_dir(folder, man) / "verification.json").read_text())
+    assert {n for n, r in records.items() if r["ok"]} >= set(RUNNABLE)
+
+
+def _copy_store(home: Path, dest: Path) -> Path:
+    shutil.copytree(home, dest / "bentoml")
+    return dest / "bentoml"
+
+
+def test_a_perturbed_exported_model_is_refused_and_the_next_engine_serves(store, tmp_path, caplog):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    home, tag = store
+    home = _copy_store(home, tmp_path)
+    man, folder = read_manifest(tag, home)
+    path = next(cache_dir(folder, man).rglob("model.onnx"))
+    proto = onnx.load(str(path))
+    biggest = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+    w = numpy_helper.to_array(biggest)
+    biggest.CopyFrom(numpy_helper.from_array((w * 1.05).astype(w.dtype), biggest.name))  # a 5% error
+    onnx.save(proto, str(path))
+
+    with caplog.at_level(logging.WARNING, logger="engines"):
+        eng, _ = load_engine(tag, engine="onnxruntime", threads=2, home=str(home))
+    assert eng.name == "torch"  # onnxruntime -> torch: the fallback chain
+    assert "differ by" in eng.refused["onnxruntime"]
+    assert any("onnxruntime refused" in r.message and "differ by" in r.message for r in caplog.records)
+
+
+def test_int8_is_refused_without_calibration_data(store, tmp_path):
+    home, tag = store
+    home = _copy_store(home, tmp_path)
+    man, folder = read_manifest(tag, home)
+    (folder / CALIBRATION_FILE).unlink()
+    eng, _ = load_engine(tag, engine="onnxruntime-int8", threads=2, home=str(home))
+    assert eng.name == "onnxruntime"
+    assert "calibration" in eng.refused["onnxruntime-int8"]
+
+
+def test_auto_chooses_a_verified_engine_and_says_why(store):
+    home, tag = store
+    eng, _ = load_engine(tag, engine="auto", threads=2, home=str(home), batch_sizes=(1, 4), auto_seconds=0.5)
+    d = eng.describe()
+    assert d["engine"] in RUNNABLE + ["torch"] and d["verification"]["ok"]
+    assert d["reason"].startswith("auto: fastest verified engine")
+    assert set(d["timings_ms"]) >= {"torch", d["engine"]}
+    assert d["timings_ms"][d["engine"]] == min(d["timings_ms"].values())
+    for name, why in d.get("refused", {}).items():  # whatever was refused says why
+        assert why, name
+
+
+def test_unknown_engine_is_rejected(store):
+    home, tag = store
+    with pytest.raises(ValueError, match="unknown engine"):
+        load_engine(tag, engine="tensorflow", home=str(home))
+
+
+def test_export_cli_reports_every_engine(store, capsys):
+    from cli.main import main
+
+    home, tag = store
+    assert main(["export", tag, "--engine", ",".join(RUNNABLE), "--home", str(home), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["engine"] for r in out["engines"]] == RUNNABLE and all(r["ok"] for r in out["engines"])
+    assert out["calibration"].startswith("checkpoint calibration set")
+
+
+# -- thread budget -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cores", [1, 2, 4, 16])
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+@pytest.mark.parametrize("configured", [None, 1, 2, 8])
+def test_threads_across_workers_never_exceed_the_cores(cores, workers, configured):
+    t = worker_threads(workers, configured, cores=cores)
+    assert t >= 1
+    if workers <= cores:
+        assert workers * t <= cores
+    else:
+        assert t == 1  # the least possible; a warning says to run fewer workers
+    if configured and configured * workers <= cores:
+        assert t == configured  # a configuration that fits is honoured
+
+
+def test_derived_threads_use_all_cores_for_one_worker():
+    assert worker_threads(1, cores=2) == 2 and worker_threads(2, cores=2) == 1
+
+
+def test_every_runtime_gets_the_worker_thread_count(store):
+    home, tag = store
+    eng, _ = load_engine(tag, engine="onnxruntime", threads=1, home=str(home))
+    assert torch.get_num_threads() == 1
+    assert eng.session.get_session_options().intra_op_num_threads == 1
+    if "openvino" in RUNNABLE:
+        eng, _ = load_engine(tag, engine="openvino", threads=1, home=str(home))
+        compiled = next(iter(eng.compiled.values()))
+        assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    torch.set_num_threads(2)
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+
+def test_static_engines_pad_and_split_batches():
+    calls = []
+
+    def run(x, b):
+        calls.append((len(x), b))
+        return x.float().flatten(1)[:, :1]
+
+    x = torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1)
+    out = run_in_buckets(x, (1, 4), run)
+    assert out.flatten().tolist() == list(range(11))
+    assert calls == [(4, 4), (4, 4), (4, 4)]  # 4 + 4 + 3 padded to 4
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_checkpoints_without_calibration_get_one_from_the_training_split(tmp_path):
+    man = Manifest(variant="compact", config={}, num_classes=10, classes=[str(i) for i in range(10)],
+                   dataset="fashion-mnist", resolution=RES, in_chans=3, grayscale=True)
+    calib = load_calibration(tmp_path, man, cache=tmp_path / "cache")
+    assert calib.real and "generated from the fashion-mnist train split" in calib.source
+    assert calib.images.dtype == torch.uint8 and calib.images.shape == (256, 1, RES, RES)
+    assert (tmp_path / "cache" / CALIBRATION_FILE).is_file()  # generated once, then cached
+    again = load_calibration(tmp_path, man, cache=tmp_path / "cache")
+    assert torch.equal(again.images, calib.images)
