@@ -8,11 +8,13 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests and load tests use: real data and a real Prometheus server.
 DEBS := dataset-fashion-mnist prometheus
 
-.PHONY: setup system-deps test models bench serve clean help
+.PHONY: setup system-deps test models bench serve clean help checkpoints train-full
 
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
 	@echo "make test    set up, then run the test suite"
+	@echo "make checkpoints  fill the model store: Lite0 ImageNet + b0/mec/compact on Fashion-MNIST (quick recipe)"
+	@echo "make train-full   the full recipe on Fashion-MNIST (VARIANT=b0 NPROC=1)"
 	@echo "make models  print the variant table (parameters, MACs, the slides' figures)"
 	@echo "make bench   time the main variants offline and record the figures in benchmarks/"
 
@@ -44,6 +46,24 @@ models: setup
 
 bench: setup
 	$(EFFNET) bench --record benchmarks/bench-$$(date -u +%Y%m%d-%H%M).json
+
+# The default store ($BENTOML_HOME, else ~/bentoml): the Lite0 ImageNet import, then b0, mec and compact
+# on Fashion-MNIST with the quick recipe (~20 min on 2 cores). Skips whatever is already stored.
+QUICK_VARIANTS ?= b0 mec compact
+checkpoints: setup
+	$(EFFNET) import-pretrained lite0 --skip-existing
+	for v in $(QUICK_VARIANTS); do \
+	  $(EFFNET) train --variant $$v --data fashion-mnist --recipe quick --skip-existing --no-progress || exit 1; \
+	done
+	$(EFFNET) store
+
+# The full recipe (RandAugment, 40 epochs at 64x64): hours on a CPU, minutes per epoch on a GPU.
+# NPROC=N runs it as N DDP processes; VARIANT picks the model. Stored under the same name as the quick
+# checkpoint ({variant}-fashion-mnist), so `name:latest` (what the service serves) becomes the better model.
+VARIANT ?= b0
+NPROC ?= 1
+train-full: setup
+	$(EFFNET) train --variant $(VARIANT) --data fashion-mnist --recipe full --nproc $(NPROC)
 
 # Fills the default store if empty (`checkpoints`), then serves on 127.0.0.1:3000 (prints example curls).
 serve: setup checkpoints

@@ -1,9 +1,10 @@
 """Save, list, verify and load checkpoints in a BentoML model store.
 
 A checkpoint is a BentoML model (`name:version` tag, labels `variant` and `dataset`, metrics in its
-metadata) whose folder holds exactly:
+metadata) whose folder holds:
 - `model.safetensors`: the state_dict, tensors only;
-- `manifest.json`: everything needed to rebuild, verify and use the model (see `Manifest`).
+- `manifest.json`: everything needed to rebuild, verify and use the model (see `Manifest`);
+- optionally, informational files such as the trainer's `train_log.jsonl` and `confusion.png`.
 
 The store lives under `$BENTOML_HOME/models` (BentoML's default `~/bentoml`), read at call time so
 every command and test honours `BENTOML_HOME`; a `home=` argument overrides it.
@@ -84,9 +85,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def save_checkpoint(
-    model: nn.Module, manifest: Manifest, *, name: str | None = None, home: str | os.PathLike | None = None
+    model: nn.Module, manifest: Manifest, *, name: str | None = None, home: str | os.PathLike | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
 ) -> str:
-    """Write `model`'s weights and `manifest` as a new model in the store; returns its tag."""
+    """Write `model`'s weights and `manifest` as a new model in the store; returns its tag.
+
+    `extra_files` ({name in the folder: source path}) are copied in beside them (the trainer's epoch
+    log and confusion matrix); they are informational and not covered by the sha256.
+    """
+    import shutil
+
     import bentoml
     from safetensors.torch import save_file
 
@@ -103,6 +111,10 @@ def save_checkpoint(
         manifest.weights_file = WEIGHTS_FILE
         manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
         Path(bento_model.path_of(MANIFEST_FILE)).write_text(json.dumps(asdict(manifest), indent=2))
+        for fname, src in (extra_files or {}).items():
+            if fname in (WEIGHTS_FILE, MANIFEST_FILE) or Path(fname).name != fname:
+                raise ValueError(f"extra file name {fname!r} must be a plain name other than the weights/manifest")
+            shutil.copyfile(src, bento_model.path_of(fname))
         tag = str(bento_model.tag)
     return tag
 

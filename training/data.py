@@ -1,0 +1,223 @@
+"""Datasets: `fashion-mnist`, `imagefolder:PATH`, `fake`; all yield uint8 images.
+
+The network never sees a float image prepared here: training, evaluation and the service all turn
+uint8 images into model input with `store.resize_crop` + `store.InputNormalizer`, read from the same
+manifest fields, so an image gets the same logits offline and under load.
+
+Grayscale (Fashion-MNIST) is trained with **1 input channel**: the data has one, the stem is 3x
+cheaper, and `store.InputNormalizer` turns any RGB photo sent to the service into luma
+(PIL's convert("L") weights) before the network, so users never convert anything.
+
+Small datasets (Fashion-MNIST, fake) are resized once, up front, to the training resolution with the
+service's `resize_crop` and kept as one uint8 tensor (60k x 1 x 40 x 40 = 96 MB): decoding and
+resizing cost nothing per epoch, and augmentation works on tensors.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from store import Manifest, resize_crop
+
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+# Per-channel statistics of the Fashion-MNIST training set on 0..1 pixels.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = [0.2860], [0.3530]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+FAKE_CLASSES = ["a", "b", "c", "d"]
+
+
+@dataclass
+class DataSpec:
+    """What the manifest needs to know about the data, and the two splits."""
+
+    dataset: str  # short name: the `dataset` label and the suffix of the default checkpoint name
+    classes: list[str]
+    in_chans: int
+    grayscale: bool
+    mean: list[float]
+    std: list[float]
+    resize: int  # shorter side before the centre crop (store.resize_crop)
+    train: Dataset
+    val: Dataset
+
+
+class TensorImages(Dataset):
+    """uint8 (N,C,R,R) images already at the training resolution, with an optional per-image transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), int(self.labels[i])
+
+
+class ImageFiles(Dataset):
+    """An ImageFolder split (`class/xxx.jpg`), decoded with torchvision.io to uint8 RGB tensors."""
+
+    EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
+
+    def __init__(self, root: Path, classes: list[str], transform) -> None:
+        self.samples = [
+            (p, i) for i, c in enumerate(classes) for p in sorted((root / c).rglob("*")) if p.suffix.lower() in self.EXTS
+        ]
+        if not self.samples:
+            raise FileNotFoundError(f"no images under {root}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from torchvision.io import ImageReadMode, decode_image
+
+        path, label = self.samples[i]
+        x = decode_image(str(path), mode=ImageReadMode.RGB)
+        return self.transform(x), label
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path}: not an idx file of unsigned bytes")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
+
+
+def _fashion_mnist_files() -> dict[str, Path]:
+    names = {
+        "train_x": "train-images-idx3-ubyte.gz", "train_y": "train-labels-idx1-ubyte.gz",
+        "val_x": "t10k-images-idx3-ubyte.gz", "val_y": "t10k-labels-idx1-ubyte.gz",
+    }
+    files = {k: FASHION_MNIST_DIR / v for k, v in names.items()}
+    if all(p.is_file() for p in files.values()):
+        return files
+    # Elsewhere: torchvision's downloader, for users with internet.
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effnet" / "fashion-mnist"
+    raw = cache / "FashionMNIST" / "raw"
+    if not all((raw / v).is_file() for v in names.values()):
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(cache), train=True, download=True)
+            FashionMNIST(str(cache), train=False, download=True)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (Debian: apt-get install dataset-fashion-mnist, "
+                f"or set FASHION_MNIST_DIR) and the download failed: {e}"
+            ) from None
+    return {k: raw / v for k, v in names.items()}
+
+
+def _pre_resize(images: torch.Tensor, manifest: Manifest, chunk: int = 4096) -> torch.Tensor:
+    # The service's resize_crop, in chunks to bound memory; contiguous channels_last-free uint8.
+    return torch.cat([resize_crop(images[i : i + chunk], manifest) for i in range(0, len(images), chunk)])
+
+
+def _limit(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x[:n], y[:n]) if n else (x, y)
+
+
+def auto_augment_transform(name: str, magnitude: int):
+    """torchvision's policy on uint8 tensors, or None."""
+    from torchvision.transforms import v2 as T
+
+    if name == "randaugment":
+        return T.RandAugment(num_ops=2, magnitude=magnitude)
+    if name == "autoaugment":
+        return T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)
+    if name == "trivialaugment":
+        return T.TrivialAugmentWide()
+    return None
+
+
+def load_data(cfg) -> DataSpec:
+    """The two splits of `cfg.data` at `cfg.resolution`, plus what the manifest records about them."""
+    r = cfg.resolution
+    augment = auto_augment_transform(cfg.auto_augment, cfg.randaugment_magnitude)
+    if cfg.data == "fashion-mnist":
+        files = _fashion_mnist_files()
+        # 28 -> r: resize the shorter side to r and centre-crop r, i.e. a plain resize, as the service does.
+        man = Manifest(variant="", config={}, num_classes=10, classes=[], dataset="", resolution=r, in_chans=1, resize=r)
+        tx, ty = _limit(_read_idx(files["train_x"]).unsqueeze(1), _read_idx(files["train_y"]).long(), cfg.limit_train)
+        vx, vy = _limit(_read_idx(files["val_x"]).unsqueeze(1), _read_idx(files["val_y"]).long(), cfg.limit_val)
+        return DataSpec(
+            "fashion-mnist", list(FASHION_MNIST_CLASSES), 1, True, FASHION_MNIST_MEAN, FASHION_MNIST_STD, r,
+            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(vx, man), vy),
+        )
+    if cfg.data == "fake":
+        # Learnable but tiny: each class is a brightness level plus noise, RGB, 24x24 native.
+        g = torch.Generator().manual_seed(1234)
+
+        def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            y = torch.arange(n) % len(FAKE_CLASSES)
+            base = (y.float() * 60 + 30).view(n, 1, 1, 1)
+            x = (base + torch.randn(n, 3, 24, 24, generator=g) * 20).clamp(0, 255).to(torch.uint8)
+            return x, y
+
+        man = Manifest(variant="", config={}, num_classes=4, classes=[], dataset="", resolution=r, in_chans=3, resize=r)
+        tx, ty = _limit(*split(96), cfg.limit_train)
+        vx, vy = _limit(*split(32), cfg.limit_val)
+        return DataSpec(
+            "fake", list(FAKE_CLASSES), 3, False, IMAGENET_MEAN, IMAGENET_STD, r,
+            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(vx, man), vy),
+        )
+    if cfg.data.startswith("imagefolder:"):
+        from torchvision.transforms import v2 as T
+
+        root = Path(cfg.data.split(":", 1)[1]).expanduser()
+        if not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise FileNotFoundError(f"{root} must hold train/ and val/ folders of class subfolders (ImageNet layout)")
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        resize = int(round(r / 0.875))  # the standard 0.875 centre crop of ImageNet evaluation
+        man = Manifest(variant="", config={}, num_classes=len(classes), classes=[], dataset="", resolution=r, resize=resize)
+        train_tf = T.Compose([T.RandomResizedCrop(r, antialias=True), *([augment] if augment else [])])
+        train = ImageFiles(root / "train", classes, train_tf)
+        val = ImageFiles(root / "val", classes, lambda x: resize_crop(x, man)[0])
+        if cfg.limit_train:
+            train.samples = train.samples[: cfg.limit_train]
+        if cfg.limit_val:
+            val.samples = val.samples[: cfg.limit_val]
+        return DataSpec(root.name.lower() or "imagefolder", classes, 3, False, IMAGENET_MEAN, IMAGENET_STD, resize, train, val)
+    raise ValueError(f"unknown data {cfg.data!r}: use fashion-mnist, imagefolder:PATH or fake")
+
+
+def batch_augment(x: torch.Tensor, pad: int, hflip: bool, erase_p: float = 0.0) -> torch.Tensor:
+    """Batched random translation (reflect pad + random crop), horizontal flip and random erasing on uint8.
+
+    One gather per batch instead of a Python transform per image: free next to the network.
+    """
+    n, c, h, w = x.shape
+    if pad:
+        padded = torch.nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
+        oy = torch.randint(0, 2 * pad + 1, (n,))
+        ox = torch.randint(0, 2 * pad + 1, (n,))
+        iy = (oy[:, None] + torch.arange(h))[:, None, :, None]
+        ix = (ox[:, None] + torch.arange(w))[:, None, None, :]
+        x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], iy, ix]
+    if hflip:
+        flip = torch.rand(n) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if erase_p > 0:
+        # One rectangle of 2-20% of the area, filled with noise, on a fraction erase_p of the images.
+        for i in torch.nonzero(torch.rand(n) < erase_p).flatten().tolist():
+            area = h * w * float(torch.empty(1).uniform_(0.02, 0.2))
+            ratio = float(torch.empty(1).uniform_(0.3, 3.3))
+            eh, ew = min(h, max(1, int((area * ratio) ** 0.5))), min(w, max(1, int((area / ratio) ** 0.5)))
+            y0, x0 = int(torch.randint(0, h - eh + 1, ())), int(torch.randint(0, w - ew + 1, ()))
+            x[i, :, y0 : y0 + eh, x0 : x0 + ew] = torch.randint(0, 256, (c, eh, ew), dtype=x.dtype)
+    return x.contiguous()

@@ -1,0 +1,154 @@
+"""One epoch of training, evaluation, the LR schedule and the EMA of the weights."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from copy import deepcopy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import batch_augment
+
+
+def get_lr(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:
+    """Linear warmup to `peak`, then cosine down to `peak * min_ratio` (a pure function of the step)."""
+    # 1) warmup
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    # 2) after the schedule: the floor
+    if step >= total_steps:
+        return peak * min_ratio
+    # 3) cosine in between
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+class ModelEma(nn.Module):
+    """Exponential moving average of every state_dict entry (weights and BN statistics), as timm's ModelEmaV2."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
+        super().__init__()
+        self.module = deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        n = self.updates
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        self.updates += 1
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(m.detach(), 1 - d)
+            else:
+                e.copy_(m)
+
+
+def distill_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened distributions, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True, reduction="batchmean"
+    ) * (t * t)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_one_epoch(
+    model, ema, optimizer, scaler, loader, normalize, cfg, *, epoch, step, total_steps, warmup_steps, device,
+    peak_lr, amp_dtype=None, teacher=None, teacher_input=None, progress=True, pad=0,
+) -> tuple[dict, int]:
+    """Train for one pass over `loader`; returns (metrics, global step after the epoch).
+
+    `normalize` is the manifest's InputNormalizer (uint8 -> model input). With a teacher, the loss is
+    (1 - kd_alpha) * label-smoothed CE + kd_alpha * distillation.
+    """
+    from tqdm import tqdm
+
+    model.train()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    total_loss, total_correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch",
+               mininterval=1.0, dynamic_ncols=True, leave=True)
+    for i, (images, labels) in enumerate(bar):
+        lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = batch_augment(images, pad, cfg.hflip, cfg.random_erasing)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        x = normalize(images).contiguous(memory_format=memory_format)
+        with autocast_context(device, amp_dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(teacher_input(images).contiguous(memory_format=memory_format)).float()
+                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * distill_loss(logits.float(), t_logits, cfg.kd_temperature)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        ema.update(model.module if hasattr(model, "module") else model)
+        step += 1
+        n = labels.shape[0]
+        seen += n
+        total_loss += loss.detach() * n
+        total_correct += (logits.detach().argmax(-1) == labels).sum()
+        if progress and (i % cfg.log_every == 0 or i == len(loader) - 1):
+            dt = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", img_s=f"{seen / dt:.0f}", lr=f"{lr:.2e}", refresh=False)
+    bar.close()
+    dt = time.perf_counter() - t0
+    return {
+        "train_loss": float(total_loss) / max(1, seen),
+        "train_acc": float(total_correct) / max(1, seen),
+        "images_per_s": seen / dt,  # this process; multiply by the world size for the job
+        "epoch_seconds": dt,
+        "lr": lr,
+    }, step
+
+
+@torch.no_grad()
+def evaluate(model, loader, normalize, num_classes: int, device, channels_last: bool = True, amp_dtype=None) -> dict:
+    """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    top5_hits, total, loss_sum = 0, 0, 0.0
+    k = min(5, num_classes)
+    t0 = time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast_context(device, amp_dtype):
+            logits = model(normalize(images).contiguous(memory_format=memory_format)).float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        pred = logits.argmax(-1)
+        confusion += torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, -1)
+        top5_hits += int((logits.topk(k, -1).indices == labels[:, None]).any(-1).sum())
+        total += labels.shape[0]
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1)).tolist()
+    return {
+        "top1": float(confusion.diag().sum()) / max(1, total),
+        "top5": top5_hits / max(1, total),
+        "loss": loss_sum / max(1, total),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+        "images": total,
+        "eval_seconds": time.perf_counter() - t0,
+    }

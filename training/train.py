@@ -1,0 +1,379 @@
+"""The trainer: `main(cfg)` trains one variant and writes one verified checkpoint into the store.
+
+Shaped like torchvision's references/classification/train.py: `load_data()` (training/data.py),
+`train_one_epoch()` and `evaluate()` (training/engine.py), `main()`, `get_args_parser()`. Runs as one
+process, or as N under torchrun (`effnet train --nproc N` or `torchrun --nproc_per_node=N -m training`)
+with a DistributedSampler; rank 0 evaluates, logs and saves.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import RECIPES, TrainConfig, config_fields, resolve_config
+
+
+def dataset_name(data: str) -> str:
+    """The `dataset` label a DATA argument gets (known before loading it, for --skip-existing)."""
+    if data.startswith("imagefolder:"):
+        return Path(data.split(":", 1)[1]).expanduser().resolve().name.lower() or "imagefolder"
+    return data
+
+
+def checkpoint_name(variant: str, data: str, name: str = "") -> str:
+    """`{canonical variant}-{dataset}` (e.g. b0-fashion-mnist, mec-out-e3-fashion-mnist): what the service asks for."""
+    from models import get_variant
+
+    return (name or f"{get_variant(variant).name}-{dataset_name(data)}").lower()
+
+
+def default_run_dir(name: str) -> Path:
+    home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    return home / "runs" / name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type != "cuda":
+            return None  # NOTE: FACTS: bf16 autocast trains at 321 vs 587 img/s on this CPU
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # No decay on BN parameters and biases: decaying them only fights the normalisation.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train `cfg.variant` on `cfg.data`; returns {"tag", "metrics", "run_dir", ...} on rank 0."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from models import count_macs, count_params, create_model, get_variant, model_config
+    from store import InputNormalizer, Manifest, load_checkpoint, resize_crop, save_checkpoint
+
+    from . import distributed as dist_utils
+    from .data import load_data
+    from .engine import ModelEma, evaluate, train_one_epoch
+    from .report import CONFUSION_FILE, LOG_FILE, append_jsonl, plot_confusion
+    from .state import load_state, save_state
+
+    rank, world, local = dist_utils.init_distributed(cfg.dist_backend)
+    main_proc = rank == 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if cfg.deterministic and device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    log = print if main_proc else (lambda *a, **k: None)
+
+    # 1) data and what the manifest says about it
+    variant = get_variant(cfg.variant).name
+    name = checkpoint_name(variant, cfg.data, cfg.name)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(name)
+    t_data = time.perf_counter()
+    data = load_data(cfg)
+    log(f"data {cfg.data}: {len(data.train)} train / {len(data.val)} val images, {len(data.classes)} classes, "
+        f"{data.in_chans} channel(s) at {cfg.resolution}x{cfg.resolution} ({time.perf_counter() - t_data:.1f} s)")
+    net_cfg = model_config(variant, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    manifest = Manifest(
+        variant=variant, config=net_cfg.to_dict(), num_classes=len(data.classes), classes=data.classes,
+        dataset=data.dataset, resolution=cfg.resolution, in_chans=data.in_chans, mean=list(data.mean),
+        std=list(data.std), resize=data.resize, grayscale=data.grayscale,
+    )
+    normalize = InputNormalizer(manifest).to(device)
+
+    # 2) model, EMA, optimizer, precision: the same initial weights on every rank
+    seed_everything(cfg.seed)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = create_model(variant, num_classes=manifest.num_classes, in_chans=manifest.in_chans,
+                         drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    model = model.to(device, memory_format=memory_format)
+    ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup)
+    global_batch = cfg.batch_size * world
+    peak_lr = cfg.lr * global_batch / 128  # linear scaling rule (Goyal et al.) from the base batch of 128
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if world > 1:
+        if cfg.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+    net = model.module if world > 1 else model
+
+    teacher = teacher_input = None
+    if cfg.teacher:
+        teacher, t_man = load_checkpoint(cfg.teacher, device=str(device))
+        if t_man.classes != manifest.classes:
+            raise ValueError(f"teacher {cfg.teacher} predicts {t_man.num_classes} other classes than {cfg.data}")
+        teacher = teacher.to(memory_format=memory_format).eval()
+        t_norm = InputNormalizer(t_man).to(device)
+
+        def teacher_input(images: torch.Tensor) -> torch.Tensor:
+            # The teacher sees the same augmented image, prepared the way it was trained.
+            return t_norm(resize_crop(images, t_man) if images.shape[-1] != t_man.resolution else images)
+
+        log(f"distilling from {cfg.teacher} (top-1 {t_man.metrics.get('top1')}), alpha {cfg.kd_alpha}, T {cfg.kd_temperature}")
+
+    # 3) loaders: the sampler's seed + epoch fixes the order on every rank, resumed or not
+    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=len(data.train) // world >= cfg.batch_size, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    val_loader = DataLoader(data.val, batch_size=256, shuffle=False, num_workers=cfg.workers)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = min(int(cfg.warmup_epochs * steps_per_epoch), max(0, total_steps - 1))
+    pad = 0 if cfg.data.startswith("imagefolder:") else int(round(cfg.crop_pad * cfg.resolution))
+
+    # 4) resume, or start fresh; after this, each rank draws its own augmentation randomness
+    start_epoch, step = 0, 0
+    if resume:
+        meta = load_state(resume, model=net, ema=ema, optimizer=optimizer, scaler=scaler)
+        for key in ("variant", "data", "resolution", "batch_size"):
+            if meta["config"][key] != getattr(cfg, key):
+                raise ValueError(f"--resume {resume}: it trained {key}={meta['config'][key]!r}, this run {getattr(cfg, key)!r}")
+        start_epoch, step = meta["epoch"] + 1, meta["step"]
+        if world > 1:
+            seed_everything(cfg.seed + 1000 * (start_epoch) + rank)  # per-rank streams were not saved per rank
+        log(f"resumed from {resume} after epoch {start_epoch}, step {step}")
+    else:
+        seed_everything(cfg.seed + rank)
+        if main_proc:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / LOG_FILE).write_text("")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log(f"{variant} -> {name}: {count_params(net):,} params, {world} process(es) on {device}, global batch "
+        f"{global_batch}, peak lr {peak_lr:.2e}, amp {amp_dtype}, {cfg.epochs} epochs x {steps_per_epoch} steps")
+
+    # 5) epochs
+    t_train = time.perf_counter()
+    images_seen = 0
+    last = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        stats, step = train_one_epoch(
+            model, ema, optimizer, scaler, loader, normalize, cfg, epoch=epoch, step=step, total_steps=total_steps,
+            warmup_steps=warmup_steps, device=device, peak_lr=peak_lr, amp_dtype=amp_dtype, teacher=teacher,
+            teacher_input=teacher_input, progress=progress and main_proc, pad=pad,
+        )
+        images_seen += steps_per_epoch * global_batch
+        record = {"epoch": epoch + 1, "step": step, **stats, "images_per_s_total": stats["images_per_s"] * world}
+        is_last = epoch + 1 == cfg.epochs
+        if main_proc and (is_last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            last = {
+                "model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
+                "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
+            }
+            record.update(val_top1=last["model"]["top1"], val_top5=last["model"]["top5"], val_loss=last["model"]["loss"],
+                          ema_top1=last["ema"]["top1"], ema_top5=last["ema"]["top5"], ema_loss=last["ema"]["loss"])
+        if main_proc:
+            append_jsonl(run_dir / LOG_FILE, record)
+            log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            save_state(run_dir, model=net, ema=ema, optimizer=optimizer, scaler=scaler, epoch=epoch, step=step,
+                       config=cfg.to_dict())
+        dist_utils.barrier()
+        if cfg.stop_after_epoch and epoch + 1 == cfg.stop_after_epoch and not is_last:
+            log(f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume {run_dir}")
+            dist_utils.cleanup()
+            return {"tag": None, "run_dir": str(run_dir), "stopped_after_epoch": epoch + 1}
+    train_seconds = time.perf_counter() - t_train
+
+    # 6) export the better of the model and its EMA, on rank 0
+    digests = dist_utils.weight_digests(net)
+    in_sync = all(np.allclose(d, digests[0], rtol=1e-9, atol=0) for d in digests)
+    result: dict[str, Any] = {"tag": None, "run_dir": str(run_dir), "ranks_in_sync": in_sync, "digests": digests}
+    if main_proc:
+        if not last:  # resumed after the last epoch's evaluation was lost
+            last = {"model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last),
+                    "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last)}
+        pick = "ema" if last["ema"]["top1"] >= last["model"]["top1"] else "model"
+        best, export = last[pick], (ema.module if pick == "ema" else net)
+        manifest.metrics = {
+            "top1": best["top1"], "top5": best["top5"], "loss": best["loss"],
+            "per_class": dict(zip(manifest.classes, best["per_class"])),
+            "weights": pick, "model_top1": last["model"]["top1"], "ema_top1": last["ema"]["top1"],
+            "eval_images": best["images"], "epochs": cfg.epochs, "train_seconds": round(train_seconds, 1),
+            "images_per_s": round(images_seen / train_seconds, 1) if images_seen else None,
+            "world_size": world, "ranks_in_sync": in_sync,
+        }
+        manifest.training = {
+            **cfg.to_dict(), "name": name, "world_size": world, "global_batch": global_batch, "peak_lr": peak_lr,
+            "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else None, "device": str(device),
+            "torch": torch.__version__, "resumed_from": resume,
+        }
+        export = export.to("cpu", memory_format=torch.contiguous_format)
+        manifest.params = count_params(export)
+        manifest.macs = count_macs(export, cfg.resolution, in_chans=manifest.in_chans)
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_confusion(best["confusion"], manifest.classes, Path(tmp) / CONFUSION_FILE,
+                                 f"{name} ({pick} weights): top-1 {best['top1']:.2%} on {best['images']} {data.dataset} images")
+            tag = save_checkpoint(export, manifest, name=name,
+                                  extra_files={LOG_FILE: run_dir / LOG_FILE, CONFUSION_FILE: png})
+        result.update(tag=tag, metrics=manifest.metrics)
+        log(f"saved {tag}: top-1 {best['top1']:.2%} top-5 {best['top5']:.2%} ({pick} weights; model "
+            f"{last['model']['top1']:.2%}, EMA {last['ema']['top1']:.2%}), {train_seconds:.0f} s training, "
+            f"{manifest.metrics['images_per_s']} images/s")
+        if world > 1:
+            log(f"ranks in sync: {in_sync} ({digests})")
+    dist_utils.barrier()
+    dist_utils.cleanup()
+    return result
+
+
+# -- command line ------------------------------------------------------------------------------
+
+HELP = {
+    "variant": "registered variant or alias (`effnet models`), e.g. b0, mec (= mec-out-e3), compact",
+    "data": "fashion-mnist (/usr/share/datasets/fashion-mnist, else torchvision's download), "
+    "imagefolder:PATH (PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg, the ImageNet layout), or fake (tiny generated set for tests)",
+    "recipe": "quick: the 2-CPU-core budget (~6 min per model on Fashion-MNIST); full: RandAugment, longer schedule, more regularisation",
+    "name": "store name (default: {variant}-{dataset}, e.g. b0-fashion-mnist, which the service serves)",
+    "teacher": "store tag of a trained checkpoint to distil from (same classes), e.g. b0-fashion-mnist:latest",
+    "epochs": "epochs of the cosine schedule",
+    "batch_size": "images per process per step (the LR scales with the global batch / 128)",
+    "lr": "peak AdamW learning rate for a global batch of 128",
+    "min_lr_ratio": "cosine floor as a fraction of the peak LR",
+    "warmup_epochs": "linear LR warmup, in epochs (fractions allowed)",
+    "weight_decay": "AdamW decoupled weight decay (not on BN or biases)",
+    "clip_grad": "max global gradient norm (0: off)",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "drop_rate": "dropout before the classifier",
+    "drop_path_rate": "stochastic depth rate of the last block (linear from 0 over the blocks)",
+    "auto_augment": "torchvision augmentation policy on uint8 tensors: randaugment, autoaugment, trivialaugment or none",
+    "randaugment_magnitude": "RandAugment magnitude (0-30)",
+    "crop_pad": "random translation as a fraction of the side (reflect padding + random crop; not for imagefolder)",
+    "hflip": "random horizontal flips",
+    "random_erasing": "probability of erasing one random rectangle per image",
+    "ema_decay": "per-step decay of the weight EMA; both are evaluated and the better one exported",
+    "ema_warmup": "ramp the EMA decay as (1+n)/(10+n) over the first steps",
+    "kd_alpha": "with --teacher: weight of the distillation loss (the rest is the label loss)",
+    "kd_temperature": "with --teacher: softmax temperature of the distillation",
+    "resolution": "training and evaluation input side; Fashion-MNIST's 28x28 is resized to it as the service does",
+    "amp": "mixed precision: auto (off on CPU, where bf16 slows training; bf16 or fp16 on CUDA), off, bf16, fp16",
+    "channels_last": "NHWC memory format (much faster on CPU and GPU)",
+    "workers": "DataLoader worker processes",
+    "threads": "torch threads per process (0: CPU cores / processes on this node)",
+    "seed": "seed for weights, data order, augmentation, dropout",
+    "deterministic": "deterministic CUDA algorithms (slower)",
+    "eval_every": "evaluate model and EMA every N epochs (0: only after the last)",
+    "log_every": "progress-bar refresh interval in steps",
+    "run_dir": "folder for the resumable training state and epoch log (default: $BENTOML_HOME/runs/NAME)",
+    "stop_after_epoch": "stop after this epoch with the state saved and no checkpoint (simulates an interruption)",
+    "limit_train": "use only the first N training images (smoke runs)",
+    "limit_val": "use only the first N validation images (smoke runs)",
+    "sync_bn": "synchronise BatchNorm statistics across processes",
+    "dist_backend": "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl",
+}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as an option whose default is None, so a YAML file or recipe can set it."""
+    base = TrainConfig()
+    p.add_argument("-c", "--config", metavar="FILE.yaml",
+                   help="YAML file of option: value pairs (same names as the options, - or _) used as defaults; "
+                   "command-line options override it")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from the state in RUN_DIR (state.safetensors + state.json): model, EMA, "
+                   "optimizer, LR step, scaler, epoch and RNG states")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine: >1 launches torchrun (DDP; one per GPU, or gloo on CPU). "
+                   "Multi-node: run `torchrun --nnodes ... -m training` yourself")
+    p.add_argument("--skip-existing", action="store_true", help="do nothing if NAME:latest is already in the store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch still prints)")
+    quick = RECIPES["quick"]
+    for f in config_fields().values():
+        opt = "--" + f.name.replace("_", "-")
+        default = getattr(base, f.name)
+        shown = f"full: {default!r}" + (f", quick: {quick[f.name]!r}" if f.name in quick else "")
+        if f.name in ("variant", "data"):
+            p.add_argument(opt, default=None, required=False, help=f"{HELP[f.name]} (default {default!r})")
+            continue
+        if f.name == "recipe":
+            p.add_argument(opt, choices=sorted(RECIPES), default=None, help=f"{HELP[f.name]} (default {default})")
+            continue
+        kind = type(default)
+        if kind is bool:
+            p.add_argument(opt, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP[f.name]} ({shown})")
+        else:
+            p.add_argument(opt, type=kind, default=None, help=f"{HELP[f.name]} ({shown})")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train an EfficientNet variant into the checkpoint store",
+                                add_help=add_help)
+    add_train_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return resolve_config(vars(args), args.config)
+
+
+def launch_torchrun(cfg: TrainConfig, nproc: int, resume: str | None, progress: bool) -> int:
+    """`torchrun --standalone --nproc_per_node N -m training -c RESOLVED.yaml`: the resolved config travels whole."""
+    import subprocess
+
+    import yaml
+
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(checkpoint_name(cfg.variant, cfg.data, cfg.name))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir / "launch_config.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "training", "-c", str(cfg_file)]
+    if resume:
+        cmd += ["--resume", resume]
+    if not progress:
+        cmd += ["--no-progress"]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        # gloo on CPU: split the cores between the processes instead of oversubscribing them.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `effnet train` and `python -m training`."""
+    cfg = config_from_args(args)
+    progress = not args.no_progress
+    if args.skip_existing:
+        from store import CheckpointError, read_manifest
+
+        name = checkpoint_name(cfg.variant, cfg.data, cfg.name)
+        try:
+            read_manifest(f"{name}:latest")
+            print(f"{name}:latest is already in the store; skipped")
+            return 0
+        except CheckpointError:
+            pass
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return launch_torchrun(cfg, args.nproc, args.resume, progress)
+    main(cfg, resume=args.resume, progress=progress)
+    return 0
