@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ["models.cli", "engines.cli", "training.cli", "service.cli"]
+COMMAND_MODULES = ["models.cli", "engines.cli", "training.cli", "service.cli", "loadtest.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,136 @@
+"""Labelled image sets that the load test sends, encoded once and held in memory.
+
+- `fashion-mnist`: the first N images of the Fashion-MNIST test set (Debian package
+  `dataset-fashion-mnist`, idx files), each encoded as an 8-bit grayscale PNG. PNG is lossless, so
+  the service decodes exactly the pixels the offline evaluation uses.
+- `photos`: real photographs that ship with scikit-image, sent as their original files (PNG or JPEG,
+  300x300 to 741x500), with the ImageNet classes a person would accept as their true label. Photos
+  with no ImageNet class (the astronaut) are sent too, as load, but count toward no accuracy.
+- `bad_inputs`: what a careless client sends (garbage bytes, a truncated file): the service must
+  answer 4xx.
+
+Every image has a stable id (`fashion-mnist/17`, `photos/coffee`) so the responses that the users
+record can be matched with the offline evaluation of the very same bytes.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import random
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Index order of the Fashion-MNIST labels (Zalando's README).
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+# scikit-image photo -> the ImageNet-1k classes (index, name) a person accepts as its true label.
+# NOTE: ImageNet-1k has several near-identical cat classes and no plain "motorcycle"; every
+# defensible class is accepted rather than one picked arbitrarily. Labels are judged from the
+# picture, not from any model's answer (Lite0 gets `clock_motion` wrong, and that is counted).
+# Indices are written out so Locust users need not import torchvision; a test checks the names.
+PHOTO_LABELS: dict[str, tuple[tuple[int, str], ...]] = {
+    "coffee.png": ((967, "espresso"),),
+    "chelsea.png": ((281, "tabby"), (282, "tiger cat"), (285, "Egyptian cat")),
+    "rocket.jpg": ((657, "missile"), (744, "projectile"), (812, "space shuttle")),
+    "motorcycle_left.png": ((665, "moped"), (670, "motor scooter")),
+    "motorcycle_right.png": ((665, "moped"), (670, "motor scooter")),
+    "camera.png": ((872, "tripod"), (759, "reflex camera")),
+    "clock_motion.png": ((409, "analog clock"), (892, "wall clock")),
+    "astronaut.png": (),  # no ImageNet class: load only
+}
+
+DATASETS = ("fashion-mnist", "photos")
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    id: str  # stable across runs: "<set>/<name or index>"
+    data: bytes  # the encoded file, exactly as sent
+    filename: str
+    content_type: str
+    labels: frozenset[int] = field(default_factory=frozenset)  # accepted true class indices; empty: unlabelled
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.labels)
+
+
+def _read_idx(path: Path) -> tuple[tuple[int, ...], bytes]:
+    """An idx file (gzip) -> (shape, raw uint8 payload)."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path}: not a uint8 idx file")
+    shape = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    return shape, raw[4 + 4 * ndim :]
+
+
+@lru_cache(maxsize=4)
+def fashion_mnist(n: int = 200, root: str | Path = FASHION_MNIST_DIR) -> tuple[LabelledImage, ...]:
+    """The first `n` Fashion-MNIST test images as PNG files, with their labels."""
+    from PIL import Image
+
+    root = Path(root)
+    shape, pixels = _read_idx(root / "t10k-images-idx3-ubyte.gz")
+    _, labels = _read_idx(root / "t10k-labels-idx1-ubyte.gz")
+    count, h, w = shape
+    out = []
+    for i in range(min(n, count)):
+        img = Image.frombytes("L", (w, h), pixels[i * h * w : (i + 1) * h * w])
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(LabelledImage(f"fashion-mnist/{i}", buf.getvalue(), f"fmnist-{i}.png", "image/png",
+                                 frozenset({labels[i]})))
+    return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def photos() -> tuple[LabelledImage, ...]:
+    """The scikit-image photos of `PHOTO_LABELS`, as their original files."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    out = []
+    for fname, accepted in PHOTO_LABELS.items():
+        data = (folder / fname).read_bytes()
+        ctype = "image/jpeg" if fname.endswith(".jpg") else "image/png"
+        out.append(LabelledImage(f"photos/{fname.rsplit('.', 1)[0]}", data, fname, ctype,
+                                 frozenset(i for i, _ in accepted)))
+    return tuple(out)
+
+
+def image_set(name: str, n: int = 200) -> tuple[LabelledImage, ...]:
+    if name == "fashion-mnist":
+        return fashion_mnist(n)
+    if name == "photos":
+        return photos()
+    raise ValueError(f"unknown image set {name!r}; known: {', '.join(DATASETS)}")
+
+
+def dataset_for(dataset: str | None, num_classes: int | None = None, route: str | None = None) -> str:
+    """Which image set fits a variant: by its manifest's dataset, else its class count, else its route."""
+    text = f"{dataset or ''} {route or ''}".lower()
+    if "fashion" in text or num_classes == 10:
+        return "fashion-mnist"
+    if "imagenet" in text or num_classes == 1000:
+        return "photos"
+    raise ValueError(f"no labelled image set for dataset={dataset!r} classes={num_classes} route={route!r}")
+
+
+# Bad inputs: each kind must be answered 4xx. Built from a real image so "truncated" is realistic.
+BAD_KINDS = ("garbage", "truncated")
+
+
+def bad_input(kind: str, rng: random.Random, good: LabelledImage) -> tuple[bytes, str, str]:
+    """(bytes, filename, content type) of a broken upload of `kind`."""
+    if kind == "garbage":
+        return rng.randbytes(rng.randint(16, 2048)), "garbage.png", "image/png"
+    if kind == "truncated":
+        return good.data[: max(8, len(good.data) // 2)], "truncated-" + good.filename, good.content_type
+    raise ValueError(f"unknown bad input kind {kind!r}; known: {', '.join(BAD_KINDS)}")

@@ -1,0 +1,323 @@
+"""Locust users that send real, labelled images to the effnet service and check every answer.
+
+People:   locust -f loadtest/locustfile.py --host http://127.0.0.1:3000      (web UI on :8089)
+Machines: effnet loadtest (runs this file headless, one step at a time, see loadtest/run.py)
+
+- `VariantUser` asks for one variant explicitly (`--variant b0`; empty: each user picks one of the
+  served variants at random) and sends the images of that variant's label space: Fashion-MNIST test
+  PNGs to Fashion-MNIST variants, real photos to ImageNet ones.
+- `SplitUser` names only the route (`--route`, empty: the default route) and an `X-Client-Id`, so the
+  service's split decides; each user plays `--clients-per-user` clients in turn, and every client
+  must always land on the same variant (sticky assignment).
+
+Each answer is checked with `catch_response`: HTTP status, the answer's schema, the variant and
+assignment it reports; whether its top-1 is the image's true label is counted per variant (accuracy
+under load). A share `--bad-share` of requests are broken uploads (garbage bytes, a truncated file):
+a 4xx is their success, anything else a failure. Locust's statistics name requests per variant
+(`classify b0`, `split fashion:mec`, `bad garbage`) so the CSV is per variant too.
+`--results-json FILE` writes the tallies (per variant, per image, per client) when the test stops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import threading
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from locust import HttpUser, events, task
+
+try:
+    from loadtest.images import BAD_KINDS, bad_input, dataset_for, image_set
+except ImportError:  # run by path from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from loadtest.images import BAD_KINDS, bad_input, dataset_for, image_set
+
+ANSWER_KEYS = {"request_id", "route", "variant", "model", "assignment", "predictions", "latency_ms"}
+PREDICTION_KEYS = {"label", "index", "score"}
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser):
+    # include_in_web_ui: the same knobs appear in the web UI's start form.
+    parser.add_argument("--variant", default="", help="VariantUser: the variant to ask for (empty: random per user)")
+    parser.add_argument("--route", default="", help="SplitUser: the route to send to (empty: the default route)")
+    parser.add_argument("--bad-share", type=float, default=0.02, help="share of broken uploads that must get 4xx")
+    parser.add_argument("--top-k", type=int, default=5, help="top_k asked for")
+    parser.add_argument("--fashion-images", type=int, default=200, help="Fashion-MNIST test images to send")
+    parser.add_argument("--clients-per-user", type=int, default=8, help="SplitUser: client ids each user plays")
+    parser.add_argument("--think-time", type=float, default=0.0, help="seconds between a user's requests")
+    parser.add_argument("--seed", type=int, default=0, help="seed of image order, bad inputs and client ids")
+    parser.add_argument("--results-json", default="", include_in_web_ui=False,
+                        help="write the per-variant tallies here when the test stops")
+
+
+class Catalog:
+    """What the service serves (GET /variants, /routes) and which images go to which variant."""
+
+    def __init__(self) -> None:
+        self.variants: dict[str, dict] = {}
+        self.routes: dict[str, dict] = {}
+        self.default_route = ""
+        self.images: dict[str, tuple] = {}  # variant -> its labelled images
+        self.route_images: dict[str, tuple] = {}
+
+    def load(self, host: str, n_fashion: int) -> None:
+        from loadtest.service_api import catalog
+
+        # Plain urllib, outside Locust's statistics: the catalog is set-up, not load.
+        self.variants, self.routes, self.default_route = catalog(host)
+        for name, v in self.variants.items():
+            ds = v.get("image_set") or dataset_for(v.get("dataset"), v.get("num_classes"), v.get("route"))
+            self.images[name] = image_set(ds, n_fashion)
+            self.route_images.setdefault(v.get("route", ""), self.images[name])
+
+
+class Tally:
+    """Counts kept while users run; thread-safe enough for gevent (one OS thread) and the web UI."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.by_variant: dict[str, dict] = defaultdict(lambda: {
+            "responses": 0, "labelled": 0, "correct": 0, "by_image": defaultdict(Counter),
+            "assignment": Counter(), "route": "", "model": "",
+        })
+        self.errors: dict[str, Counter] = defaultdict(Counter)  # request name -> error kind -> count
+        self.bad: dict[str, Counter] = defaultdict(Counter)  # kind -> "4xx"/status -> count
+        self.split: dict[str, Counter] = defaultdict(Counter)  # route -> variant -> answers
+        self.client_variant: dict[str, str] = {}
+        self.sticky_violations = 0
+
+    def answer(self, image, body: dict) -> None:
+        with self.lock:
+            v = self.by_variant[body["variant"]]
+            v["responses"] += 1
+            v["assignment"][body["assignment"]] += 1
+            v["route"], v["model"] = body["route"], body["model"]
+            top1 = int(body["predictions"][0]["index"])
+            v["by_image"][image.id][top1] += 1
+            if image.labelled:
+                v["labelled"] += 1
+                v["correct"] += top1 in image.labels
+
+    def to_json(self) -> dict:
+        return {
+            "variants": {k: {**v, "by_image": {i: dict(c) for i, c in v["by_image"].items()},
+                             "assignment": dict(v["assignment"])} for k, v in self.by_variant.items()},
+            "errors": {k: dict(c) for k, c in self.errors.items()},
+            "bad_inputs": {k: dict(c) for k, c in self.bad.items()},
+            "split": {k: dict(c) for k, c in self.split.items()},
+            "clients": len(self.client_variant),
+            "sticky_violations": self.sticky_violations,
+        }
+
+
+CATALOG = Catalog()
+TALLY = Tally()
+
+
+@events.init.add_listener
+def _on_init(environment, **_):
+    # Headless runs know the host now: load the catalog and encode the images before the clock
+    # starts, so a short step measures requests, not start-up. (The web UI loads it on first use.)
+    opts = environment.parsed_options
+    if opts and opts.headless and environment.host:
+        CATALOG.load(environment.host, opts.fashion_images)
+
+
+@events.test_start.add_listener
+def _on_test_start(environment, **_):
+    TALLY.reset()
+
+
+def _write_results(environment) -> None:
+    opts = environment.parsed_options
+    path = getattr(opts, "results_json", "") if opts else ""
+    if not path:
+        return
+    Path(path).write_text(json.dumps(TALLY.to_json(), indent=1, sort_keys=True))
+    # Locust's --csv writer runs once a second and is not flushed at exit, so its file can miss the
+    # last second; this is the same CSV (Locust's own StatsCSV) written from the final statistics.
+    import csv
+
+    from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
+
+    writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    base = path[: -len(".json")] if path.endswith(".json") else path
+    with open(f"{base}_stats.csv", "w", newline="") as f:
+        writer.requests_csv(csv.writer(f))
+    with open(f"{base}_failures.csv", "w", newline="") as f:
+        writer.failures_csv(csv.writer(f))
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment, **_):
+    _write_results(environment)
+
+
+@events.quit.add_listener
+def _on_quit(exit_code, **_):
+    # test_stop fires before in-flight requests drain (--stop-timeout); quit comes after them.
+    if _ENV:
+        _write_results(_ENV[0])
+
+
+_ENV: list = []
+
+
+@events.init.add_listener
+def _keep_env(environment, **_):
+    _ENV.append(environment)
+
+
+def check_answer(body, *, variant: str | None, route: str | None, assignment: str | None, top_k: int,
+                 known_variants) -> str | None:
+    """The first thing wrong with an answer, or None."""
+    if not isinstance(body, dict):
+        return "schema: answer is not a JSON object"
+    missing = ANSWER_KEYS - set(body)
+    if missing:
+        return f"schema: missing {sorted(missing)}"
+    preds = body["predictions"]
+    if not isinstance(preds, list) or not preds or len(preds) > top_k:
+        return f"schema: {len(preds) if isinstance(preds, list) else '?'} predictions for top_k={top_k}"
+    if any(not isinstance(p, dict) or PREDICTION_KEYS - set(p) for p in preds):
+        return "schema: prediction without label/index/score"
+    scores = [p["score"] for p in preds]
+    if scores != sorted(scores, reverse=True):
+        return "schema: predictions not highest first"
+    if body["variant"] not in known_variants:
+        return f"unknown variant {body['variant']!r} answered"
+    if variant and body["variant"] != variant:
+        return f"asked for {variant}, answered by {body['variant']}"
+    if route and body["route"] != route:
+        return f"asked route {route}, answered by route {body['route']}"
+    if assignment and body["assignment"] != assignment:
+        return f"assignment {body['assignment']!r}, expected {assignment!r}"
+    return None
+
+
+def _error_kind(resp) -> str:
+    if resp.status_code == 0 or resp.status_code is None:
+        return f"connection: {type(getattr(resp, 'error', None)).__name__}"
+    return f"HTTP {resp.status_code}"
+
+
+class ClassifyUser(HttpUser):
+    """Common to both users: picks images, sends them, checks answers, sends the odd broken upload."""
+
+    abstract = True
+    host = "http://127.0.0.1:3000"
+
+    def wait_time(self) -> float:
+        return self.environment.parsed_options.think_time if self.environment.parsed_options else 0.0
+
+    @property
+    def opts(self):
+        return self.environment.parsed_options
+
+    def on_start(self) -> None:
+        if not CATALOG.variants:
+            CATALOG.load(self.host, self.opts.fashion_images)
+        self.rng = random.Random(f"{self.opts.seed}-{id(self)}")
+
+    def send(self, images, *, variant=None, route=None, assignment=None, client_id=None, name="classify") -> None:
+        opts = self.opts
+        if opts.bad_share > 0 and self.rng.random() < opts.bad_share:
+            return self.send_bad(images, variant=variant, route=route, client_id=client_id)
+        image = self.rng.choice(images)
+        form = {"top_k": str(opts.top_k)}
+        if variant:
+            form["variant"] = variant
+        if route:
+            form["route"] = route
+        headers = {"X-Client-Id": client_id} if client_id else {}
+        with self.client.post("/classify", files={"image": (image.filename, image.data, image.content_type)},
+                              data=form, headers=headers, name=name, catch_response=True) as resp:
+            if resp.status_code != 200:
+                kind = _error_kind(resp)
+                TALLY.errors[name][kind] += 1
+                resp.failure(kind)
+                return
+            try:
+                body = resp.json()
+            except ValueError:
+                body = None
+            problem = check_answer(body, variant=variant, route=route, assignment=assignment, top_k=opts.top_k,
+                                   known_variants=CATALOG.variants)
+            if problem:
+                TALLY.errors[name][problem.split(":")[0]] += 1
+                resp.failure(problem)
+                return
+            if client_id:
+                # Split traffic: Locust's statistics then show one row per variant the split chose.
+                resp.request_meta["name"] = f"{name}:{body['variant']}"
+                TALLY.split[body["route"]][body["variant"]] += 1
+                first = TALLY.client_variant.setdefault(client_id, body["variant"])
+                if first != body["variant"]:
+                    TALLY.sticky_violations += 1
+                    TALLY.errors[name]["not sticky"] += 1
+                    resp.failure(f"client {client_id} moved from {first} to {body['variant']}")
+                    return
+            TALLY.answer(image, body)
+            resp.success()
+
+    def send_bad(self, images, *, variant=None, route=None, client_id=None) -> None:
+        kind = self.rng.choice(BAD_KINDS)
+        data, fname, ctype = bad_input(kind, self.rng, self.rng.choice(images))
+        form = {"variant": variant} if variant else {"route": route} if route else {}
+        name = f"bad {kind}"
+        with self.client.post("/classify", files={"image": (fname, data, ctype)}, data=form, name=name,
+                              catch_response=True) as resp:
+            code = resp.status_code or 0
+            TALLY.bad[kind]["4xx" if 400 <= code < 500 else str(code)] += 1
+            if 400 <= code < 500:
+                resp.success()
+            else:
+                TALLY.errors[name][_error_kind(resp)] += 1
+                resp.failure(f"broken upload ({kind}) answered {code}, expected 4xx")
+
+
+class VariantUser(ClassifyUser):
+    """Explicit per-variant traffic: `variant=<name>` on every request."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.variant = self.opts.variant or self.rng.choice(sorted(CATALOG.variants))
+        if self.variant not in CATALOG.variants:
+            raise RuntimeError(f"variant {self.variant!r} is not served; served: {', '.join(sorted(CATALOG.variants))}")
+
+    @task
+    def classify(self) -> None:
+        self.send(CATALOG.images[self.variant], variant=self.variant, assignment="explicit",
+                  name=f"classify {self.variant}")
+
+
+class SplitUser(ClassifyUser):
+    """Split traffic: the route and a sticky client id; the service picks the variant."""
+
+    _next_user = 0
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.route = self.opts.route or CATALOG.default_route
+        if self.route not in CATALOG.routes:
+            raise RuntimeError(f"route {self.route!r} is not served; served: {', '.join(sorted(CATALOG.routes))}")
+        # Deterministic ids: the same run config meets the same clients, so shares are comparable.
+        SplitUser._next_user += 1
+        n = max(1, self.opts.clients_per_user)
+        self.clients = [f"lt{self.opts.seed}-u{SplitUser._next_user}-c{i}" for i in range(n)]
+        self.turn = 0
+
+    @task
+    def classify(self) -> None:
+        client_id = self.clients[self.turn % len(self.clients)]
+        self.turn += 1
+        self.send(CATALOG.route_images[self.route], route=self.route, assignment="split", client_id=client_id,
+                  name=f"split {self.route}")
+

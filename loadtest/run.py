@@ -1,0 +1,332 @@
+"""One load-test run: the service, a Prometheus server, Locust step by step, then the figures.
+
+    with ServiceProcess(...) as svc, PrometheusServer(...) as prom:     # or --url: a running service
+        for phase in phases:            # one per variant (explicit), one per split route
+            for users in steps:         # default 1, 4, 16, 32 concurrent users, step_s seconds each
+                locust --headless ... (a subprocess, its own CSV and tallies)
+        query Prometheus for every step's window
+    stop everything (also on Ctrl-C or SIGTERM); write results.json (report.py renders the rest)
+
+Every loop is bounded: steps by their count and `step_s`, each Locust process by a hard timeout,
+the whole run by `max_total_s`; every address is 127.0.0.1.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import offline, promql
+from .images import dataset_for, image_set
+from .processes import ROOT, ServiceProcess, stop_process
+from .prometheus import PrometheusServer, loopback_target
+from .service_api import catalog
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+
+
+@dataclass
+class RunConfig:
+    url: str | None = None  # a running service; None: start `effnet serve`
+    config: str | None = None  # serving config for the started service (None: its default)
+    store_home: str | None = None  # BENTOML_HOME holding the models (None: $BENTOML_HOME or ~/bentoml)
+    steps: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    step_s: float = 15.0  # load time per step
+    variants: list[str] | None = None  # None: every served variant
+    split: bool = True  # also run the split phase of every route with more than one variant
+    slo_ms: float = 250.0  # p99 objective for "highest throughput within the SLO"
+    max_error_rate: float = 0.01  # a step with more errors does not count as within the SLO
+    bad_share: float = 0.02
+    fashion_images: int = 200
+    scrape_interval_s: float = 1.0
+    settle_s: float = 0.5  # after the last response, before the closing scrape (shadow calls land)
+    stop_timeout_s: float = 10.0  # Locust lets in-flight requests finish, so both sides count them
+    max_total_s: float = 900.0  # hard bound on the whole run
+    ready_timeout_s: float = 180.0
+    seed: int = 0
+    reports_dir: str = "reports"
+    name: str | None = None
+
+
+class RunAborted(RuntimeError):
+    pass
+
+
+def _store_home(cfg: RunConfig) -> Path:
+    return Path(cfg.store_home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every `with` block stops what it started."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if hasattr(signal, "SIGTERM"):
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. under some test runners)
+            pass
+
+
+def _versions(prom: PrometheusServer | None) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    # Package metadata, not imports: importing locust would monkey-patch this process with gevent.
+    for dist in ("torch", "bentoml", "locust", "prometheus-client", "pillow"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    out["prometheus"] = prom.version() if prom else None
+    try:
+        out["git"] = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=10).stdout.strip()
+    except Exception:
+        out["git"] = None
+    return out
+
+
+def machine() -> dict:
+    import psutil
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return {"host": platform.node(), "os": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu}
+
+
+def read_locust_csv(prefix: Path) -> dict[str, dict]:
+    """`<prefix>_stats.csv` -> {request name: {count, failures, p50/p95/p99 ms, rps}}."""
+    path = Path(f"{prefix}_stats.csv")
+    if not path.is_file():
+        return {}
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            def num(key):
+                try:
+                    return float(row[key])
+                except (KeyError, ValueError, TypeError):
+                    return None
+
+            out[row["Name"]] = {"count": int(num("Request Count") or 0), "failures": int(num("Failure Count") or 0),
+                                "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"),
+                                "rps": num("Requests/s"), "type": row.get("Type")}
+    return out
+
+
+def read_locust_failures(prefix: Path) -> dict[str, int]:
+    path = Path(f"{prefix}_failures.csv")
+    if not path.is_file():
+        return {}
+    out: dict[str, int] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            key = f"{row.get('Name')}: {row.get('Error')}"
+            out[key] = out.get(key, 0) + int(row.get("Occurrences") or 0)
+    return out
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_locust_step(cfg: RunConfig, url: str, user_class: str, users: int, out_prefix: Path,
+                    extra: list[str]) -> dict:
+    """One headless Locust process at `users` concurrent users for `cfg.step_s` seconds."""
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
+           "-u", str(users), "-r", str(users), "-t", f"{int(round(cfg.step_s))}s",
+           "--stop-timeout", str(int(cfg.stop_timeout_s)), "--csv", str(out_prefix), "--only-summary",
+           "--loglevel", "WARNING", "--exit-code-on-error", "0",
+           "--bad-share", str(cfg.bad_share), "--fashion-images", str(cfg.fashion_images), "--seed", str(cfg.seed),
+           "--results-json", f"{out_prefix}_tally.json", *extra, user_class]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.time()
+    with open(f"{out_prefix}_locust.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            # Locust starts in a few seconds, then runs step_s, then drains for at most stop_timeout.
+            proc.wait(timeout=cfg.step_s + cfg.stop_timeout_s + 60)
+        except subprocess.TimeoutExpired:
+            stop_process(proc)
+            raise RunAborted(f"locust step ({user_class}, {users} users) did not end in time; see {out_prefix}_locust.log")
+        finally:
+            stop_process(proc)
+    ended = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tally_path = Path(f"{out_prefix}_tally.json")
+    tally = json.loads(tally_path.read_text()) if tally_path.is_file() else {}
+    if proc.returncode not in (0, None) and not tally:
+        tail = Path(f"{out_prefix}_locust.log").read_bytes()[-2000:].decode(errors="replace")
+        raise RunAborted(f"locust failed ({proc.returncode}): {tail}")
+    return {"started": started, "ended": ended,
+            "locust_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            # The final CSV the locustfile writes at quit; Locust's periodic one can miss the last second.
+            "stats": read_locust_csv(Path(f"{out_prefix}_tally")) or read_locust_csv(out_prefix),
+            "failures": read_locust_failures(Path(f"{out_prefix}_tally")) or read_locust_failures(out_prefix),
+            "tally": tally,
+            "returncode": proc.returncode}
+
+
+def plan_phases(cfg: RunConfig, variants: dict, routes: dict) -> list[dict]:
+    """Explicit traffic per variant, then split traffic per route that splits between several."""
+    chosen = cfg.variants or sorted(variants, key=lambda v: (variants[v]["route"], v))
+    unknown = [v for v in chosen if v not in variants]
+    if unknown:
+        raise ValueError(f"not served: {', '.join(unknown)}; served: {', '.join(sorted(variants))}")
+    phases = [{"kind": "variant", "name": v, "user": "VariantUser", "args": ["--variant", v],
+               "route": variants[v]["route"]} for v in chosen]
+    if cfg.split:
+        for r, info in routes.items():
+            live = [v for v, w in (info.get("weights") or info.get("split") or {}).items() if w]
+            if len(live) > 1:
+                phases.append({"kind": "split", "name": f"split:{r}", "user": "SplitUser", "args": ["--route", r],
+                               "route": r})
+    return phases
+
+
+def offline_top1(variants: dict, store_home: Path, fashion_images: int) -> dict[str, dict]:
+    """{variant: {image id: top-1}} from the reference engine, for every variant whose model is in the store."""
+    out = {}
+    for name, v in variants.items():
+        ds = dataset_for(v.get("dataset"), v.get("num_classes"), v.get("route"))
+        try:
+            out[name] = offline.evaluate(v["model"], image_set(ds, fashion_images), home=str(store_home))
+        except Exception as e:  # e.g. --url against a service whose store is elsewhere
+            out[name] = {"error": str(e)}
+    return out
+
+
+def execute(cfg: RunConfig, log=print) -> Path:
+    """Run the whole load test; returns the report folder (results.json written, report rendered)."""
+    from .report import render
+
+    deadline = time.monotonic() + cfg.max_total_s
+    started_at = datetime.now(timezone.utc)
+    name = cfg.name or started_at.strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.reports_dir) / name
+    raw = out / "locust"
+    raw.mkdir(parents=True, exist_ok=True)
+    _sigterm_as_interrupt()
+    store_home = _store_home(cfg)
+    results: dict = {"run": name, "date": started_at.isoformat(timespec="seconds"), "config": asdict(cfg),
+                     "machine": machine(), "steps": [], "notes": []}
+    with ExitStack() as stack:
+        if cfg.url:
+            url = cfg.url.rstrip("/")
+            loopback_target(url)
+            service = None
+            log(f"target: {url} (already running)")
+        else:
+            log(f"starting the service (store {store_home}) ...")
+            t = time.monotonic()
+            service = stack.enter_context(ServiceProcess(cfg.config, store_home, log_path=out / "serve.log",
+                                                         ready_timeout=cfg.ready_timeout_s))
+            url = service.url
+            results["service_start_s"] = round(time.monotonic() - t, 1)
+            log(f"service ready at {url} in {results['service_start_s']} s")
+        variants, routes, default_route = catalog(url)
+        results.update(variants=variants, routes=routes, default_route=default_route, url=url)
+        log("served: " + ", ".join(f"{v} ({d['route']})" for v, d in variants.items()))
+        phases = plan_phases(cfg, variants, routes)
+
+        log("offline evaluation of the images to be sent ...")
+        results["offline_top1"] = offline_top1({v: variants[v] for v in variants}, store_home, cfg.fashion_images)
+
+        prom = stack.enter_context(PrometheusServer({"effnet": url}, interval_s=cfg.scrape_interval_s,
+                                                    keep_dir=out))
+        results["prometheus"] = {"url": prom.url, "scrape_interval_s": cfg.scrape_interval_s}
+        results["versions"] = _versions(prom)
+        log(f"prometheus at {prom.url}, scraping {url} every {cfg.scrape_interval_s} s")
+
+        n_steps = len(phases) * len(cfg.steps)
+        i = 0
+        for phase in phases:
+            for users in cfg.steps:
+                i += 1
+                left = deadline - time.monotonic()
+                if left < cfg.step_s + cfg.stop_timeout_s + 15:
+                    results["notes"].append(f"stopped before {phase['name']} x{users}: max_total_s reached")
+                    log(results["notes"][-1])
+                    break
+                prefix = raw / f"{phase['name'].replace(':', '-')}-u{users}"
+                pids = service.pids() if service else []
+                prom.wait_scraped(10, after=time.time())  # everything before t0 is in a scrape
+                t0 = time.time()
+                cpu0 = _cpu_seconds(pids)
+                step = run_locust_step(cfg, url, phase["user"], users, prefix, phase["args"])
+                cpu1 = _cpu_seconds(pids)
+                time.sleep(cfg.settle_s)
+                prom.wait_scraped(10, after=time.time())  # ... and everything the step sent is in one
+                t1 = time.time()
+                wall = step["ended"] - step["started"]
+                step.update(phase=phase["name"], kind=phase["kind"], route=phase["route"], users=users,
+                            t0=t0, t1=t1, load_s=cfg.step_s,
+                            cpu={"service_s": round(cpu1 - cpu0, 2), "locust_s": round(step["locust_cpu_s"], 2),
+                                 "wall_s": round(wall, 2), "cores": os.cpu_count()})
+                results["steps"].append(step)
+                agg = step["stats"].get("Aggregated", {})
+                log(f"[{i}/{n_steps}] {phase['name']:<16} {users:>3} users: {agg.get('count', 0):>6} requests, "
+                    f"{agg.get('failures', 0)} failures, {agg.get('rps') or 0:.1f} req/s, p95 {agg.get('p95_ms')} ms")
+            else:
+                continue
+            break
+
+        log("querying prometheus ...")
+        names = promql.MetricNames.discover(prom)
+        results["metric_names"] = names.to_dict()
+        for step in results["steps"]:
+            w = promql.Window(step["t0"], step["t1"], step["load_s"])
+            step["prometheus"] = {"all": promql.step_metrics(prom, names, w, None)}
+            for v in variants:
+                if step["kind"] == "variant" and step["phase"] != v:
+                    continue
+                if step["kind"] == "split" and variants[v]["route"] != step["route"] and v not in (
+                        routes.get(step["route"], {}).get("weights") or {}):
+                    continue
+                step["prometheus"][v] = promql.step_metrics(prom, names, w, v)
+            if step["kind"] == "split":
+                step["prometheus"]["split"] = promql.split_metrics(prom, names, w, step["route"])
+    log("stopped prometheus" + ("" if cfg.url else " and the service"))
+    results["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    from .analysis import summarise
+
+    results["summary"] = summarise(results, cfg)
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
+    render(out)
+    return out
