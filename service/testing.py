@@ -31,8 +31,21 @@ def make_checkpoint(home: Path, name: str, variant: str, classes: list[str], res
 
     torch.manual_seed(seed)
     model = create_model(variant, num_classes=len(classes))
+    # Untrained networks answer every class alike (zero-initialised BN gammas and head), which would
+    # make order checks vacuous: give BN unit-scale gammas, fit BN statistics on random "fake data"
+    # batches and scale the head, so that different images get different, confident-ish answers.
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            m.momentum = None  # cumulative average over the batches below
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 3, resolution, resolution) * 4 - 2)
+    model.eval()
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    torch.nn.init.normal_(last.weight, std=0.5)  # zero-initialised heads give every class the same score
+    torch.nn.init.normal_(last.weight, std=3.0 / last.in_features ** 0.5)
     man = Manifest(variant=variant, config=model_config(variant).to_dict(), num_classes=len(classes),
                    classes=list(classes), dataset="fake", resolution=resolution, grayscale=grayscale,
                    mean=[0.5] * 3 if grayscale else [0.485, 0.456, 0.406],

@@ -63,8 +63,6 @@ def service_name(variant: str) -> str:
 def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
     """The BentoML service class that serves variant `v`."""
     use_gpu = v.gpu > 0 and gpu_present
-    if v.gpu > 0 and not gpu_present:
-        logger.warning("variant %s asks for %s GPU(s) but CUDA is not present: serving it on the CPU", v.name, v.gpu)
     threads = v.threads or cpu_threads(cfg)
     resources: dict[str, Any] = {"gpu": v.gpu} if use_gpu else {"cpu": str(threads)}
 
@@ -76,11 +74,18 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
             self.engine = None
             self.manifest = None
             self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+            if v.gpu > 0 and self.device == "cpu":
+                logger.warning("variant %s asks for %s GPU(s) but CUDA is not present: serving it on the CPU",
+                               v.name, v.gpu)
             self.gate = CpuGate(cpu_lock_path()) if self.device == "cpu" else None
             try:
                 from engines import load_engine
 
-                self.engine, self.manifest = load_engine(v.model, engine=v.engine, threads=threads, device=self.device)
+                # Static-shape engines compile one graph per size and pad up to the next: the sizes
+                # this worker's batcher produces most (single requests, mid-size and full batches).
+                sizes = sorted({1, min(8, v.max_batch_size), v.max_batch_size})
+                self.engine, self.manifest = load_engine(v.model, engine=v.engine, threads=threads,
+                                                         device=self.device, batch_sizes=sizes)
                 r = self.manifest.resolution
                 self._run(np.zeros((1, 3, r, r), np.uint8))  # warm-up: first-call allocations off the request path
                 logger.info("variant %s: loaded %s (%s) on %s, %d threads", v.name, v.model,
