@@ -9,7 +9,7 @@ from __future__ import annotations
 import bentoml
 
 from .config import load_config
-from .gateway import GatewayLogic, LimitsMiddleware, http_app
+from .gateway import GatewayLogic, LimitsMiddleware, OpenAPIPathsMiddleware, http_app
 from .workers import make_worker
 
 
@@ -41,6 +41,7 @@ def build_gateway(cfg):
         traffic={"timeout": cfg.server.timeout_s},
         workers=1,
     )(bentoml.asgi_app(http_app, path="/")(cls))
+    svc.add_asgi_middleware(OpenAPIPathsMiddleware)
     svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,
                             max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s)
     return svc

@@ -118,6 +118,82 @@ class LimitsMiddleware:
             self.inflight -= 1
 
 
+_ERROR = {"description": "error", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}}}}}}
+_PREDICTION = {"type": "object", "properties": {
+    "request_id": {"type": "string"}, "route": {"type": "string"}, "variant": {"type": "string"},
+    "model": {"type": "string"}, "assignment": {"type": "string", "enum": ["explicit", "split", "default"]},
+    "predictions": {"type": "array", "items": {"type": "object", "properties": {
+        "label": {"type": "string"}, "index": {"type": "integer"}, "score": {"type": "number"}}}},
+    "latency_ms": {"type": "number"}}}
+_FIELDS = {"variant": {"type": "string", "description": "explicit variant (GET /variants)"},
+           "route": {"type": "string", "description": "route (GET /routes); default: the default route"},
+           "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}}
+_ERRORS = {"400": _ERROR, "413": _ERROR, "429": _ERROR, "503": _ERROR}
+_CLIENT_ID = [{"name": "X-Client-Id", "in": "header", "required": False, "schema": {"type": "string"},
+               "description": "sticky split key: one client, one variant while the weights stay the same"}]
+OPENAPI_PATHS = {
+    "/classify": {"post": {
+        "tags": ["Service APIs"], "summary": "Classify one image", "parameters": _CLIENT_ID,
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"}, **_FIELDS}}}}},
+        "responses": {"200": {"description": "top-k predictions", "content": {"application/json": {"schema": _PREDICTION}}},
+                      **_ERRORS}}},
+    "/classify_batch": {"post": {
+        "tags": ["Service APIs"], "summary": "Classify several images; a bad image fails only its item",
+        "parameters": _CLIENT_ID,
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["images"],
+            "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}, **_FIELDS}}}}},
+        "responses": {"200": {"description": "one result per image, in order", "content": {"application/json": {
+            "schema": {"type": "object", "properties": {"request_id": {"type": "string"},
+                                                        "results": {"type": "array", "items": _PREDICTION}}}}}},
+                      **_ERRORS}}},
+    "/variants": {"get": {"tags": ["Service APIs"], "summary": "Served variants: route, weight, device, params, MACs, offline top-1",
+                          "responses": {"200": {"description": "variants"}}}},
+    "/routes": {"get": {"tags": ["Service APIs"], "summary": "Routes, split weights and shadows",
+                        "responses": {"200": {"description": "routes"}}}},
+}
+
+
+class OpenAPIPathsMiddleware:
+    """Adds the mounted classify routes to BentoML's OpenAPI document (`/docs.json`, shown at `/docs`).
+
+    BentoML documents its typed `@bentoml.api` methods and mounted FastAPI apps only; ours are plain
+    Starlette routes (see the module docstring for why), so their description is merged in here.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/docs.json":
+            return await self.app(scope, receive, send)
+        import json
+
+        start, chunks = {}, []
+
+        async def capture(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        try:
+            spec = json.loads(body)
+            spec.setdefault("paths", {}).update(OPENAPI_PATHS)
+            body = json.dumps(spec).encode()
+        except ValueError:
+            pass  # not JSON (an error page): pass it through unchanged
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": start.get("status", 200), "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 def _error(rid: str, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "request_id": rid}, status_code=status,
                         headers={"X-Request-Id": rid, **(headers or {})})

@@ -193,6 +193,9 @@ def test_variants_and_routes_describe_the_configuration(server):
     assert variants["mec"]["shadow_in"] == ["fashion"] and variants["lite0"]["offline_top1"] == pytest.approx(0.14)
     routes = server.client.get("/routes").json()
     assert routes["default_route"] == "fashion" and routes["routes"]["fashion"]["shadow"]["variant"] == "mec"
+    paths = server.client.get("/docs.json").json()["paths"]  # the OpenAPI document behind /docs
+    assert {"/classify", "/classify_batch", "/variants", "/routes", "/readyz"} <= set(paths)
+    assert "image" in paths["/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
 
 
 def metric(text, name, **labels):
