@@ -237,3 +237,55 @@ def test_too_many_in_flight_requests_get_429_with_retry_after():
     status, headers = run_asgi(mw)
     assert status == 429 and headers[b"retry-after"] == b"3"
     assert run_asgi(mw, path="/variants")[0] == 200  # other paths are not limited
+
+
+# gateway -> worker calls (a stand-in worker: bentoml 1.4.30, which we pin, does not drop calls) ------
+
+class FlakyWorker:
+    """Drops the first `drops` calls as bentoml 1.4.31-1.4.40 do under load (FACTS.md)."""
+
+    def __init__(self, drops, error=None):
+        self.drops, self.calls, self.error = drops, 0, error
+        self.to_async = self
+
+    async def predict(self, batch):
+        import httpx
+
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        if self.calls <= self.drops:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        out = np.zeros((len(batch), 4), np.float32)
+        out[:, 1], out[:, -1] = 1.0, 0.001  # scores, then the batch's seconds
+        return out
+
+
+def gateway_with(worker):
+    from service.gateway import GatewayLogic
+
+    gw = object.__new__(GatewayLogic)  # no server: only the call path is under test
+    gw.cfg, gw.worker_attrs, gw.w_b0 = parse_config(CFG), {"b0": "w_b0"}, worker
+    return gw
+
+
+def test_a_dropped_worker_connection_is_retried():
+    worker = FlakyWorker(drops=2)
+    scores, wait = asyncio.run(gateway_with(worker).infer("b0", np.zeros((2, 3, 8, 8), np.uint8)))
+    assert worker.calls == 3 and scores.shape == (2, 3) and scores[0, 1] == 1.0 and wait >= 0
+
+
+def test_worker_errors_become_502_or_503_with_retry_after():
+    from bentoml.exceptions import InternalServerError, ServiceUnavailable
+
+    from service.gateway import ClientError
+
+    with pytest.raises(ClientError) as e:
+        asyncio.run(gateway_with(FlakyWorker(drops=5)).infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
+    assert e.value.status == 502
+    with pytest.raises(ClientError) as e:
+        asyncio.run(gateway_with(FlakyWorker(0, ServiceUnavailable("busy"))).infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
+    assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
+    with pytest.raises(ClientError) as e:
+        asyncio.run(gateway_with(FlakyWorker(0, InternalServerError("boom"))).infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
+    assert e.value.status == 502
