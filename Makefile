@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests and load tests use: real data and a real Prometheus server.
 DEBS := dataset-fashion-mnist prometheus
 
-.PHONY: setup system-deps test models bench serve clean help checkpoints train-full
+.PHONY: setup system-deps test models bench serve clean help checkpoints train-full loadtest
 
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
@@ -17,6 +17,7 @@ help:
 	@echo "make train-full   the full recipe on Fashion-MNIST (VARIANT=b0 NPROC=1)"
 	@echo "make models  print the variant table (parameters, MACs, the slides' figures)"
 	@echo "make bench   time the main variants offline and record the figures in benchmarks/"
+	@echo "make loadtest  Locust + Prometheus against the served variants; report in reports/<run>/ (<= 10 min)"
 
 setup: $(STAMP) system-deps
 
@@ -68,6 +69,12 @@ train-full: setup
 # Fills the default store if empty (`checkpoints`), then serves on 127.0.0.1:3000 (prints example curls).
 serve: setup checkpoints
 	$(EFFNET) serve
+
+# Fills the default store if empty, starts the service and a private Prometheus, steps Locust through
+# 1/4/16/32 users per variant and the split; LOADTEST_ARGS passes options (e.g. --url, --steps 1,8).
+LOADTEST_ARGS ?=
+loadtest: setup checkpoints
+	$(EFFNET) loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

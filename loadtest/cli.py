@@ -72,7 +72,7 @@ def add_commands(sub) -> None:
     p.add_argument("--bad-share", type=float, default=0.02, help="share of broken uploads (default 0.02)")
     p.add_argument("--fashion-images", type=int, default=200, help="Fashion-MNIST test images sent (default 200)")
     p.add_argument("--scrape-interval", type=float, default=1.0, help="Prometheus scrape interval, s (default 1)")
-    p.add_argument("--max-seconds", type=float, default=900.0, help="hard bound on the whole run (default 900)")
+    p.add_argument("--max-seconds", type=float, default=570.0, help="hard bound on the whole run; steps that do not fit are skipped and noted (default 570)")
     p.add_argument("--reports-dir", default="reports")
     p.add_argument("--name", help="run name (default: UTC date-time)")
     p.add_argument("--seed", type=int, default=0)

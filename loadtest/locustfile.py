@@ -30,13 +30,12 @@ from pathlib import Path
 from locust import HttpUser, events, task
 
 try:
+    from loadtest.checks import check_answer
     from loadtest.images import BAD_KINDS, bad_input, dataset_for, image_set
 except ImportError:  # run by path from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from loadtest.checks import check_answer
     from loadtest.images import BAD_KINDS, bad_input, dataset_for, image_set
-
-ANSWER_KEYS = {"request_id", "route", "variant", "model", "assignment", "predictions", "latency_ms"}
-PREDICTION_KEYS = {"label", "index", "score"}
 
 
 @events.init_command_line_parser.add_listener
@@ -173,33 +172,6 @@ _ENV: list = []
 @events.init.add_listener
 def _keep_env(environment, **_):
     _ENV.append(environment)
-
-
-def check_answer(body, *, variant: str | None, route: str | None, assignment: str | None, top_k: int,
-                 known_variants) -> str | None:
-    """The first thing wrong with an answer, or None."""
-    if not isinstance(body, dict):
-        return "schema: answer is not a JSON object"
-    missing = ANSWER_KEYS - set(body)
-    if missing:
-        return f"schema: missing {sorted(missing)}"
-    preds = body["predictions"]
-    if not isinstance(preds, list) or not preds or len(preds) > top_k:
-        return f"schema: {len(preds) if isinstance(preds, list) else '?'} predictions for top_k={top_k}"
-    if any(not isinstance(p, dict) or PREDICTION_KEYS - set(p) for p in preds):
-        return "schema: prediction without label/index/score"
-    scores = [p["score"] for p in preds]
-    if scores != sorted(scores, reverse=True):
-        return "schema: predictions not highest first"
-    if body["variant"] not in known_variants:
-        return f"unknown variant {body['variant']!r} answered"
-    if variant and body["variant"] != variant:
-        return f"asked for {variant}, answered by {body['variant']}"
-    if route and body["route"] != route:
-        return f"asked route {route}, answered by route {body['route']}"
-    if assignment and body["assignment"] != assignment:
-        return f"assignment {body['assignment']!r}, expected {assignment!r}"
-    return None
 
 
 def _error_kind(resp) -> str:

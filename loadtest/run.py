@@ -51,7 +51,7 @@ class RunConfig:
     scrape_interval_s: float = 1.0
     settle_s: float = 0.5  # after the last response, before the closing scrape (shadow calls land)
     stop_timeout_s: float = 10.0  # Locust lets in-flight requests finish, so both sides count them
-    max_total_s: float = 900.0  # hard bound on the whole run
+    max_total_s: float = 570.0  # hard bound on the whole run: `make loadtest` stays under 10 minutes
     ready_timeout_s: float = 180.0
     seed: int = 0
     reports_dir: str = "reports"
@@ -66,16 +66,15 @@ def _store_home(cfg: RunConfig) -> Path:
     return Path(cfg.store_home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM unwinds like Ctrl-C, so every `with` block stops what it started."""
+def _sigterm_as_interrupt():
+    """SIGTERM unwinds like Ctrl-C, so every `with` block stops what it started; returns the old handler."""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    if hasattr(signal, "SIGTERM"):
-        try:
-            signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. under some test runners)
-            pass
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. under some test runners)
+        return None
 
 
 def _versions(prom: PrometheusServer | None) -> dict:
@@ -234,15 +233,23 @@ def offline_top1(variants: dict, store_home: Path, fashion_images: int) -> dict[
 
 def execute(cfg: RunConfig, log=print) -> Path:
     """Run the whole load test; returns the report folder (results.json written, report rendered)."""
-    from .report import render
-
     deadline = time.monotonic() + cfg.max_total_s
     started_at = datetime.now(timezone.utc)
     name = cfg.name or started_at.strftime("%Y%m%d-%H%M%S")
     out = Path(cfg.reports_dir) / name
     raw = out / "locust"
     raw.mkdir(parents=True, exist_ok=True)
-    _sigterm_as_interrupt()
+    previous_handler = _sigterm_as_interrupt()
+    try:
+        return _execute(cfg, log, deadline, started_at, name, out, raw)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: str, out: Path, raw: Path) -> Path:
+    from .report import render
+
     store_home = _store_home(cfg)
     results: dict = {"run": name, "date": started_at.isoformat(timespec="seconds"), "config": asdict(cfg),
                      "machine": machine(), "steps": [], "notes": []}

@@ -1,0 +1,58 @@
+"""Smoke run of `effnet loadtest`: the real service (tiny fake checkpoints), a real Prometheus, Locust.
+
+One short step per phase (each variant explicitly, then the fashion split), so the whole run stays
+under 90 s on a quiet 2-core machine. It checks the report, not the speed: a row per served
+variant, accuracy under load equal to the offline evaluation of the same images (answer by answer),
+and Prometheus's request counts equal to Locust's.
+"""
+import json
+import shutil
+import time
+
+import pytest
+
+from loadtest.run import RunConfig, execute
+from loadtest.testing import make_fake_store
+
+pytestmark = pytest.mark.skipif(not shutil.which("prometheus") and not __import__("os").path.exists(
+    "/usr/bin/prometheus"), reason="the Debian package prometheus is not installed (make setup installs it)")
+
+
+@pytest.mark.slow
+def test_smoke_run_reports_every_variant_with_offline_accuracy_and_matching_counts(tmp_path, bentoml_home):
+    t = time.monotonic()
+    config = make_fake_store(bentoml_home)
+    cfg = RunConfig(config=str(config), store_home=str(bentoml_home), steps=[4], step_s=3, bad_share=0.05,
+                    fashion_images=64, stop_timeout_s=5, settle_s=0.3, max_total_s=240, ready_timeout_s=150,
+                    reports_dir=str(tmp_path / "reports"), name="smoke")
+    out = execute(cfg, log=print)
+    print(f"smoke run: {time.monotonic() - t:.0f} s")
+
+    report = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "tradeoff.png").stat().st_size > 10_000
+    assert not results["notes"], results["notes"]  # every step ran inside the time bound
+    served = set(results["variants"])
+    assert served == {"compact", "mec", "lite0"}
+    for name in served:
+        assert f"| **{name}** |" in report  # a row per served variant
+        acc = results["summary"]["variants"][name]["accuracy"]
+        assert acc["labelled"] > 0, name
+        # The service's answers are the offline engine's answers on the same bytes, one by one.
+        assert acc["answers_differing_from_offline"] == 0, (name, acc)
+        assert acc["under_load"] == acc["offline_same_images"], (name, acc)
+
+    checks = results["summary"]["cross_checks"]
+    assert len(checks) == 4  # three variants, one split
+    for c in checks:
+        assert c["locust"] > 0 and c["prometheus"] == c["locust"], c
+
+    split = results["summary"]["splits"]["fashion"]
+    assert set(split["answers"]) <= {"compact", "mec"} and split["sticky_violations"] == 0
+    bad = results["summary"]["bad_inputs"]
+    assert bad and all(set(counts) == {"4xx"} for counts in bad.values()), bad
+    # Everything the run started is gone: no Prometheus left on its port.
+    import urllib.request
+
+    with pytest.raises(OSError):
+        urllib.request.urlopen(results["prometheus"]["url"] + "/-/ready", timeout=2)
