@@ -226,6 +226,7 @@ class GatewayLogic:
         self.problems: dict[str, str] = {}  # variant -> why it cannot serve (from the manifest or worker)
         self.status: dict[str, dict] = {}  # variant -> worker status once ready
         self.ready = False
+        self.checked_at = 0.0  # last readiness check made on a request's behalf
         self.shadow_tasks: set[asyncio.Task] = set()
         for name, v in self.cfg.variants.items():
             try:
@@ -371,7 +372,9 @@ class GatewayLogic:
             a = self.router.assign(route, variant, request.headers.get("x-client-id") or None)
         except RoutingError as e:
             raise ClientError(str(e)) from None
-        if not self.ready:  # learn the workers' problems (a bad checkpoint) before calling them
+        if not self.ready and time.monotonic() - self.checked_at > 1.0:
+            # learn the workers' problems (a bad checkpoint) before calling them, at most once a second
+            self.checked_at = time.monotonic()
             try:
                 await self.__is_ready__()
             except HTTPException:
@@ -380,13 +383,12 @@ class GatewayLogic:
             raise ClientError(f"variant {a.variant!r} is not ready: {self.problems.get(a.variant, 'loading')}",
                               503, {"Retry-After": str(self.cfg.server.retry_after_s)})
         k_max = min(self.cfg.server.max_top_k, self.manifests[a.variant].num_classes)
-        top_k = DEFAULT_TOP_K if top_k_raw is None else None
-        if top_k_raw is not None:
-            try:
-                top_k = int(top_k_raw)
-            except ValueError:
-                raise ClientError(f"top_k must be an integer from 1 to {k_max}, got {top_k_raw!r}") from None
-        top_k = min(top_k, k_max) if top_k_raw is None else top_k
+        if top_k_raw is None:
+            return form, a, min(DEFAULT_TOP_K, k_max)
+        try:
+            top_k = int(top_k_raw)
+        except ValueError:
+            raise ClientError(f"top_k must be an integer from 1 to {k_max}, got {top_k_raw!r}") from None
         if not 1 <= top_k <= k_max:
             raise ClientError(f"top_k must be from 1 to {k_max} (variant {a.variant!r} has "
                               f"{self.manifests[a.variant].num_classes} classes), got {top_k}")
