@@ -37,9 +37,12 @@ def cleanup() -> None:
 
 @torch.no_grad()
 def weight_digests(model: torch.nn.Module) -> list[list[float]]:
-    """Every rank's (sum, sum of squares) of all parameters and buffers: equal when the ranks are in sync."""
-    vals = [(float(v.double().sum()), float(v.double().square().sum())) for v in model.state_dict().values()
-            if v.dtype.is_floating_point]
+    """Every rank's (sum, sum of squares) of all parameters: equal when the ranks are in sync.
+
+    Parameters only: BN running statistics are broadcast from rank 0 at each forward and then updated
+    with each rank's own batch, so they legitimately differ after the last step (rank 0's are exported).
+    """
+    vals = [(float(p.double().sum()), float(p.double().square().sum())) for p in model.parameters()]
     mine = torch.tensor([sum(a for a, _ in vals), sum(b for _, b in vals)], dtype=torch.float64)
     if not is_distributed():
         return [mine.tolist()]

@@ -68,7 +68,7 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 def train_one_epoch(
     model, ema, optimizer, scaler, loader, normalize, cfg, *, epoch, step, total_steps, warmup_steps, device,
-    peak_lr, amp_dtype=None, teacher=None, teacher_input=None, progress=True, pad=0,
+    peak_lr, amp_dtype=None, teacher=None, teacher_input=None, progress=True, pad=0, heartbeat=0,
 ) -> tuple[dict, int]:
     """Train for one pass over `loader`; returns (metrics, global step after the epoch).
 
@@ -113,6 +113,12 @@ def train_one_epoch(
         if progress and (i % cfg.log_every == 0 or i == len(loader) - 1):
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", img_s=f"{seen / dt:.0f}", lr=f"{lr:.2e}", refresh=False)
+        elif heartbeat and (i + 1) % heartbeat == 0:
+            # Without a bar (logs, make): one line now and then, with the same figures.
+            dt = time.perf_counter() - t0
+            eta = dt / (i + 1) * (len(loader) - i - 1)
+            print(f"  epoch {epoch + 1} step {i + 1}/{len(loader)} loss {float(total_loss) / seen:.3f} "
+                  f"{seen / dt:.0f} img/s lr {lr:.2e} eta {eta:.0f} s", flush=True)
     bar.close()
     dt = time.perf_counter() - t0
     return {

@@ -181,6 +181,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             model, ema, optimizer, scaler, loader, normalize, cfg, epoch=epoch, step=step, total_steps=total_steps,
             warmup_steps=warmup_steps, device=device, peak_lr=peak_lr, amp_dtype=amp_dtype, teacher=teacher,
             teacher_input=teacher_input, progress=progress and main_proc, pad=pad,
+            heartbeat=100 if main_proc and not progress else 0,
         )
         images_seen += steps_per_epoch * global_batch
         record = {"epoch": epoch + 1, "step": step, **stats, "images_per_s_total": stats["images_per_s"] * world}

@@ -1,0 +1,183 @@
+"""Training: fake data end to end into a temporary store, resume equivalence, 2-process DDP (gloo),
+sha256 refusal, the Lite0 import, and the pure pieces (config precedence, LR schedule, augmentation).
+
+Every run is tiny (fake data, 32x32, a few steps): behaviour, not accuracy or speed.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli.main import main as effnet
+from store import CheckpointError, list_checkpoints, load_checkpoint, read_manifest, to_model_input
+from training import TrainConfig, resolve_config
+from training.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+# The smallest run that still exercises every part: 2 steps of 16 images per epoch.
+TINY = ["--data", "fake", "--resolution", "32", "--batch-size", "16", "--limit-train", "32", "--no-progress"]
+
+
+def tiny_cfg(tmp: Path, **kw) -> TrainConfig:
+    base = dict(variant="compact", data="fake", resolution=32, batch_size=16, limit_train=32, epochs=2,
+                warmup_epochs=0.5, run_dir=str(tmp))
+    return resolve_config({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny checkpoint trained through `effnet train` into a private store."""
+    home = tmp_path_factory.mktemp("bentoml")
+    old = os.environ.get("BENTOML_HOME")
+    os.environ["BENTOML_HOME"] = str(home)
+    try:
+        assert effnet(["train", "--variant", "b0-compact", "--epochs", "2", "--eval-every", "1", *TINY]) == 0
+        yield home
+    finally:
+        if old is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = old
+
+
+def test_fake_training_end_to_end_into_the_store(trained, capsys, monkeypatch):
+    rows = list_checkpoints(trained)
+    assert [r["tag"].split(":")[0] for r in rows] == ["compact-fake"]  # canonical name, alias resolved
+    model, man = load_checkpoint("compact-fake:latest", home=trained)
+    assert man.variant == "compact" and man.dataset == "fake" and man.classes == ["a", "b", "c", "d"]
+    assert man.resolution == 32 and man.in_chans == 3 and man.params == sum(p.numel() for p in model.parameters())
+    m = man.metrics
+    assert 0 <= m["top1"] <= m["top5"] <= 1 and m["weights"] in ("model", "ema")
+    assert set(m["per_class"]) == set(man.classes) and m["top1"] == max(m["model_top1"], m["ema_top1"])
+    assert man.training["epochs"] == 2 and man.training["variant"] == "b0-compact" and man.training["seed"] == 0
+    folder = Path(rows[0]["path"])
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all("images_per_s" in r and "ema_top1" in r for r in log)
+    assert (folder / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The stored weights reproduce the stored top-1 through the service's preprocessing.
+    from training.data import load_data
+
+    val = load_data(resolve_config({"data": "fake", "resolution": 32})).val
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        acc = (model(to_model_input(x, man)).argmax(-1) == y).float().mean().item()
+    assert acc == pytest.approx(m["top1"], abs=1e-6)
+    # `effnet store --json` lists it with the agreed keys.
+    monkeypatch.setenv("BENTOML_HOME", str(trained))
+    capsys.readouterr()
+    assert effnet(["store", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {"tag", "variant", "dataset", "top1", "params", "path"} <= set(listed[0])
+    assert listed[0]["top1"] == m["top1"]
+
+
+def test_skip_existing_does_not_train_again(trained, capsys, monkeypatch):
+    monkeypatch.setenv("BENTOML_HOME", str(trained))
+    assert effnet(["train", "--variant", "compact", "--skip-existing", *TINY]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert len(list_checkpoints(trained)) == 1
+
+
+def test_modified_weights_are_refused(trained, tmp_path):
+    _, folder = read_manifest("compact-fake:latest", home=trained)
+    copy = tmp_path / "ckpt"
+    shutil.copytree(folder, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(copy)
+
+
+def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_home):
+    from safetensors.torch import load_file
+
+    full = train_main(tiny_cfg(tmp_path / "full"), progress=False)
+    stopped = train_main(tiny_cfg(tmp_path / "split", stop_after_epoch=1), progress=False)
+    assert stopped["tag"] is None and stopped["stopped_after_epoch"] == 1
+    assert json.loads((tmp_path / "split" / "state.json").read_text())["epoch"] == 0
+    resumed = train_main(tiny_cfg(tmp_path / "split"), resume=str(tmp_path / "split"), progress=False)
+    a = load_file(str(tmp_path / "full" / "state.safetensors"))
+    b = load_file(str(tmp_path / "split" / "state.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed["metrics"]["top1"] == full["metrics"]["top1"]
+    assert resumed["tag"] != full["tag"] and len(list_checkpoints()) == 2
+
+
+def test_a_corrupted_training_state_is_refused(tmp_path, bentoml_home):
+    train_main(tiny_cfg(tmp_path, epochs=1), progress=False)
+    state = tmp_path / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[-1] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="sha256"):
+        train_main(tiny_cfg(tmp_path, epochs=2), resume=str(tmp_path), progress=False)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_gloo_stays_in_sync(tmp_path, bentoml_home):
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    cmd = [sys.executable, "-m", "cli", "train", "--variant", "compact", "--nproc", "2", "--epochs", "1",
+           "--run-dir", str(tmp_path), *TINY, "--batch-size", "8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list_checkpoints(bentoml_home)
+    assert len(rows) == 1, rows  # rank 0 alone saved
+    man, _ = read_manifest(rows[0]["path"])
+    assert man.metrics["world_size"] == 2 and man.metrics["ranks_in_sync"] is True
+    assert man.training["global_batch"] == 16 and man.training["dist_backend"] == "auto"
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["step"] == 2  # 32 images / (2 ranks x 8)
+
+
+def test_import_pretrained_lite0_classifies_coffee_as_espresso(bentoml_home, capsys):
+    from skimage import data
+
+    assert effnet(["import-pretrained", "lite0"]) == 0
+    assert effnet(["import-pretrained", "lite0", "--skip-existing"]) == 0
+    assert "skipped" in capsys.readouterr().out
+    model, man = load_checkpoint("lite0-imagenet:latest")
+    assert len(list_checkpoints()) == 1
+    assert man.variant == "lite0" and man.num_classes == 1000 and len(man.classes) == 1000
+    assert man.resolution == 224 and man.resize == 256 and man.mean == pytest.approx([0.498] * 3)
+    photo = torch.from_numpy(data.coffee()).permute(2, 0, 1).contiguous()
+    with torch.no_grad():
+        p = model(to_model_input(photo, man)).softmax(-1)[0]
+    assert man.classes[int(p.argmax())] == "espresso" and float(p.max()) > 0.5
+
+
+def test_config_precedence_defaults_recipe_yaml_cli(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("recipe: quick\nepochs: 7\nbatch-size: 32\n")
+    cfg = resolve_config({"batch_size": 64, "lr": None}, str(f))
+    assert cfg.recipe == "quick" and cfg.epochs == 7 and cfg.batch_size == 64  # yaml over recipe, cli over yaml
+    assert cfg.resolution == 40 and cfg.label_smoothing == TrainConfig.label_smoothing  # recipe, then defaults
+    f.write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match="unknown options"):
+        resolve_config({}, str(f))
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine():
+    from training.engine import get_lr
+
+    lrs = [get_lr(s, 100, 10, 1.0, 0.01) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[100] == pytest.approx(0.01)
+
+
+def test_batch_augment_keeps_uint8_images_and_shapes():
+    from training.data import batch_augment
+
+    x = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    y = batch_augment(x.clone(), pad=4, hflip=True, erase_p=0.5)
+    assert y.dtype == torch.uint8 and y.shape == x.shape and not torch.equal(x, y)
+    assert torch.equal(batch_augment(x.clone(), pad=0, hflip=False), x)
