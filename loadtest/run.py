@@ -66,15 +66,22 @@ def _store_home(cfg: RunConfig) -> Path:
     return Path(cfg.store_home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
 
 
-def _sigterm_as_interrupt():
-    """SIGTERM unwinds like Ctrl-C, so every `with` block stops what it started; returns the old handler."""
+def _signals_as_interrupt() -> dict:
+    """SIGTERM and SIGINT unwind like Ctrl-C, so every `with` block stops what it started.
+
+    SIGINT too: a process started in the background by a script inherits SIGINT ignored, and Python
+    then never raises KeyboardInterrupt. Returns the previous handlers, to restore.
+    """
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. under some test runners)
-        return None
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. under some test runners)
+            pass
+    return previous
 
 
 def _versions(prom: PrometheusServer | None) -> dict:
@@ -239,12 +246,12 @@ def execute(cfg: RunConfig, log=print) -> Path:
     out = Path(cfg.reports_dir) / name
     raw = out / "locust"
     raw.mkdir(parents=True, exist_ok=True)
-    previous_handler = _sigterm_as_interrupt()
+    previous = _signals_as_interrupt()
     try:
         return _execute(cfg, log, deadline, started_at, name, out, raw)
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: str, out: Path, raw: Path) -> Path:
