@@ -71,19 +71,16 @@ def classify(server, image=None, headers=None, path="/classify", files=None, **f
 
 def offline_scores(server, variant, data):
     """The same checkpoint run in this process: what the service must answer."""
-    import os
-
     from engines import load_engine
     from store import resize_crop
 
-    os.environ["BENTOML_HOME"] = str(server.home)
-    engine, man = load_engine(server.tags[variant], threads=1)
+    engine, man = load_engine(server.tags[variant], threads=1, home=str(server.home))
     x = resize_crop(torch.from_numpy(decode_image(data, max_pixels=10**7, min_side=man.resolution)), man)
     return torch.softmax(engine(x), 1)[0].numpy(), man
 
 
 @pytest.mark.parametrize("variant, route", [("b0", "fashion"), ("lite0", "imagenet"), ("compact", None)])
-def test_explicit_variant_answers_as_the_checkpoint_does_offline(server, variant, route, monkeypatch):
+def test_explicit_variant_answers_as_the_checkpoint_does_offline(server, variant, route):
     data = jpeg(seed=3)
     fields = {"variant": variant, "top_k": "3", **({"route": route} if route else {})}
     r = classify(server, data, **fields)
@@ -92,7 +89,6 @@ def test_explicit_variant_answers_as_the_checkpoint_does_offline(server, variant
     assert body["variant"] == variant and body["assignment"] == "explicit"
     assert body["route"] == (route or "fashion") and body["model"].startswith(server.tags[variant].split(":")[0])
     assert r.headers["x-request-id"] == body["request_id"] and body["latency_ms"] > 0
-    monkeypatch.setenv("BENTOML_HOME", str(server.home))
     scores, man = offline_scores(server, variant, data)
     expected = np.argsort(-scores, kind="stable")[:3]
     assert [p["index"] for p in body["predictions"]] == list(expected)
@@ -103,8 +99,11 @@ def test_explicit_variant_answers_as_the_checkpoint_does_offline(server, variant
 def test_split_spreads_requests_over_the_routes_variants(server):
     seen = {classify(server, png(seed=i)).json()["variant"] for i in range(24)}
     assert seen <= {"b0", "mec", "compact"} and len(seen) >= 2
-    body = classify(server, png()).json()
+    data = png(seed=7)
+    body = classify(server, data).json()
     assert body["assignment"] == "split" and body["route"] == "fashion" and len(body["predictions"]) == 5
+    scores, _ = offline_scores(server, body["variant"], data)  # whichever variant the split chose
+    assert [p["index"] for p in body["predictions"]] == list(np.argsort(-scores, kind="stable")[:5])
     assert classify(server, png(), route="imagenet").json()["assignment"] == "default"
 
 
