@@ -60,8 +60,10 @@ def step_row(step: dict, variant: str | None) -> dict:
         "locust": {"count": lrow.get("count"), "failures": lrow.get("failures"), "rps": lrow.get("rps"),
                    "p50_ms": lrow.get("p50_ms"), "p95_ms": lrow.get("p95_ms"), "p99_ms": lrow.get("p99_ms")},
         # Shares of the machine (all cores) during the step: the load generator shares the CPU.
-        "cpu_share": {"service": cpu.get("service_s", 0) / (wall * cores) if wall else None,
-                      "locust": cpu.get("locust_s", 0) / (wall * cores) if wall else None},
+        "cpu_share": {"service": cpu.get("service_s", 0) / (wall * cores) if wall and cpu.get("service_processes") else None,
+                      "locust": cpu.get("locust_s", 0) / (wall * cores) if wall else None,
+                      # everything busy on the machine, other people's work included
+                      "machine": cpu.get("machine_busy_s") / (wall * cores) if wall and cpu.get("machine_busy_s") else None},
     }
 
 

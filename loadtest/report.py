@@ -63,6 +63,8 @@ def markdown(results: dict, plot: str | None = None) -> str:
              f"Prometheus scrape every {cfg.get('scrape_interval_s')} s; service {results.get('url')}"
              + (f" (ready in {results['service_start_s']} s)" if results.get("service_start_s") else ""))
     L.append("- **Versions**: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v))
+    L.append("- CPU shares are of the whole machine (all cores) during each step: the service's processes, the "
+             "Locust process (the load generator shares the cores), and everything busy, other work included.")
     L.append("- Latency is the service's own end-to-end histogram (`effnet_request_duration_seconds`, via "
              "PromQL over each step's window); Locust's client-side figures are in results.json and below "
              "where they disagree. The load generator runs on the same cores as the service.")
@@ -93,7 +95,7 @@ def markdown(results: dict, plot: str | None = None) -> str:
         L += ["", f"![accuracy against latency and throughput]({plot})"]
     L += ["", "## Per step", "",
           "| variant | users | req/s (Prometheus) | req/s (Locust) | p50/p95/p99 ms (server) | p50/p95/p99 ms (client) | "
-          "mean batch | errors (server) | CPU: service / load generator |",
+          "mean batch | errors (server) | CPU: service / load generator / whole machine |",
           "|---|---|---|---|---|---|---|---|---|"]
     for name, v in s["variants"].items():
         for r in v["steps"]:
@@ -101,7 +103,7 @@ def markdown(results: dict, plot: str | None = None) -> str:
             cpu = r["cpu_share"]
             L.append(f"| {name} | {r['users']} | {_f(r['throughput'])} | {_f(lc['rps'])} | {_latency_cell(r)} | "
                      f"{_latency_cell(lc)} | {_f(r['batch_size_mean'], '{:.2f}')} | {_pct(r['error_rate'])} | "
-                     f"{_pct(cpu['service'])} / {_pct(cpu['locust'])} |")
+                     f"{_pct(cpu['service'])} / {_pct(cpu['locust'])} / {_pct(cpu.get('machine'))} |")
     if s["splits"]:
         L += ["", "## Splits and shadow", "",
               "| route | weights | realised shares (answers) | clients | sticky violations | shadow agreement |",

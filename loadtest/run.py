@@ -171,6 +171,39 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def service_pids_on(url: str) -> list[int]:
+    """The processes of the server listening at `url` (for --url): the listener, its ancestors up to
+    the one that started it, and all their descendants."""
+    import psutil
+    from urllib.parse import urlsplit
+
+    port = urlsplit(url).port
+    try:
+        listeners = {c.pid for c in psutil.net_connections("tcp")
+                     if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid}
+    except (psutil.Error, PermissionError):
+        return []
+    pids: set[int] = set()
+    for pid in listeners:
+        try:
+            top = psutil.Process(pid)
+            while top.parent() is not None and any("bentoml" in part or "effnet" in part
+                                                   for part in top.parent().cmdline()):
+                top = top.parent()
+            pids |= {top.pid} | {c.pid for c in top.children(recursive=True)}
+        except psutil.Error:
+            continue
+    return sorted(pids)
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (all processes, ours and everybody else's)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
 def run_locust_step(cfg: RunConfig, url: str, user_class: str, users: int, out_prefix: Path,
                     extra: list[str]) -> dict:
     """One headless Locust process at `users` concurrent users for `cfg.step_s` seconds."""
@@ -299,12 +332,12 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
                     log(results["notes"][-1])
                     break
                 prefix = raw / f"{phase['name'].replace(':', '-')}-u{users}"
-                pids = service.pids() if service else []
+                pids = service.pids() if service else service_pids_on(url)
                 prom.wait_scraped(10, after=time.time())  # everything before t0 is in a scrape
                 t0 = time.time()
-                cpu0 = _cpu_seconds(pids)
+                cpu0, busy0 = _cpu_seconds(pids), _machine_busy_s()
                 step = run_locust_step(cfg, url, phase["user"], users, prefix, phase["args"])
-                cpu1 = _cpu_seconds(pids)
+                cpu1, busy1 = _cpu_seconds(pids), _machine_busy_s()
                 time.sleep(cfg.settle_s)
                 prom.wait_scraped(10, after=time.time())  # ... and everything the step sent is in one
                 t1 = time.time()
@@ -312,6 +345,7 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
                 step.update(phase=phase["name"], kind=phase["kind"], route=phase["route"], users=users,
                             t0=t0, t1=t1, load_s=cfg.step_s,
                             cpu={"service_s": round(cpu1 - cpu0, 2), "locust_s": round(step["locust_cpu_s"], 2),
+                                 "machine_busy_s": round(busy1 - busy0, 2), "service_processes": len(pids),
                                  "wall_s": round(wall, 2), "cores": os.cpu_count()})
                 results["steps"].append(step)
                 agg = step["stats"].get("Aggregated", {})
