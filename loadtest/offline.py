@@ -1,7 +1,8 @@
 """Offline evaluation of the very images the load test sends: the reference for accuracy under load.
 
 Each image's bytes are decoded, resized and cropped (`store.resize_crop`) and classified by
-`engines.load_engine(tag)`, the eager reference engine, outside the service. The load test then
+`engines.load_engine(tag)` outside the service, on the engine the service reports for the variant
+(the eager reference when it does not say). The load test then
 checks, image by image, that the service answered the same top-1 under load.
 """
 from __future__ import annotations
@@ -35,11 +36,15 @@ def decode(data: bytes, manifest: Manifest) -> torch.Tensor:
 
 
 def evaluate(tag: str, images: Iterable[LabelledImage], home: str | None = None, threads: int = 1,
-             batch: int = 64) -> dict[str, int]:
-    """{image id: top-1 class index} of checkpoint `tag` on `images`."""
+             batch: int = 64, engine_name: str = "torch") -> dict[str, int]:
+    """{image id: top-1 class index} of checkpoint `tag` on `images`, with the named engine (the one
+    the service runs the variant on, so a difference points at the serving path, not the engine)."""
     from engines import load_engine
 
-    engine, manifest = load_engine(tag, threads=threads, home=home)
+    try:
+        engine, manifest = load_engine(tag, engine=engine_name, threads=threads, home=home)
+    except ValueError:  # an engine name this build does not know: the eager reference
+        engine, manifest = load_engine(tag, threads=threads, home=home)
     images = list(images)
     out: dict[str, int] = {}
     for start in range(0, len(images), batch):

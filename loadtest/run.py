@@ -264,8 +264,10 @@ def offline_top1(variants: dict, store_home: Path, fashion_images: int) -> dict[
     out = {}
     for name, v in variants.items():
         ds = dataset_for(v.get("dataset"), v.get("num_classes"), v.get("route"))
+        engine = v.get("engine") if v.get("engine") and v.get("engine") != "auto" else "torch"
         try:
-            out[name] = offline.evaluate(v["model"], image_set(ds, fashion_images), home=str(store_home))
+            out[name] = offline.evaluate(v["model"], image_set(ds, fashion_images), home=str(store_home),
+                                         engine_name=engine)
         except Exception as e:  # e.g. --url against a service whose store is elsewhere
             out[name] = {"error": str(e)}
     return out
