@@ -84,8 +84,11 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
                 # Static-shape engines compile one graph per size and pad up to the next: the sizes
                 # this worker's batcher produces most (single requests, mid-size and full batches).
                 sizes = sorted({1, min(8, v.max_batch_size), v.max_batch_size})
-                self.engine, self.manifest = load_engine(v.model, engine=v.engine, threads=threads,
-                                                         device=self.device, batch_sizes=sizes)
+                # Loading holds the CPU lock too: `engine: auto` times its candidates while loading,
+                # which means nothing if the other workers load (and compile) on the same cores.
+                with self.gate or contextlib.nullcontext():
+                    self.engine, self.manifest = load_engine(v.model, engine=v.engine, threads=threads,
+                                                             device=self.device, batch_sizes=sizes)
                 r = self.manifest.resolution
                 self._run(np.zeros((1, 3, r, r), np.uint8))  # warm-up: first-call allocations off the request path
                 logger.info("variant %s: loaded %s (%s) on %s, %d threads", v.name, v.model,
