@@ -289,3 +289,20 @@ def test_worker_errors_become_502_or_503_with_retry_after():
     with pytest.raises(ClientError) as e:
         asyncio.run(gateway_with(FlakyWorker(0, InternalServerError("boom"))).infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
     assert e.value.status == 502
+
+
+def test_effnet_serve_refuses_a_route_whose_variants_disagree_on_classes(bentoml_home, tmp_path, capsys):
+    import argparse
+
+    from service.cli import cmd_serve
+    from service.testing import make_checkpoint, write_config
+
+    make_checkpoint(bentoml_home, "compact-a", "compact", ["cat", "dog"], 32)
+    make_checkpoint(bentoml_home, "compact-b", "compact", ["cat", "fox"], 32)
+    cfg = write_config(tmp_path / "bad.yaml", {
+        "variants": {"a": {"model": "compact-a:latest"}, "b": {"model": "compact-b:latest"}},
+        "routes": {"pets": {"split": ["a", "b"]}},
+    })
+    assert cmd_serve(argparse.Namespace(config=str(cfg), host="127.0.0.1", port=3999)) == 2
+    err = capsys.readouterr().err
+    assert "route 'pets': variant 'b' (compact-b:latest) has 2 classes" in err and "'a'" in err
