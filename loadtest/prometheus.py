@@ -8,6 +8,7 @@ then SIGKILL) when the `with` block ends, also on an exception or Ctrl-C.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -64,7 +65,8 @@ class PrometheusServer:
 
     def version(self) -> str:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10).stdout
-        return out.splitlines()[0] if out else "unknown"
+        m = re.search(r"version (\S+)", out)
+        return m.group(1) if m else (out.splitlines()[0] if out else "unknown")
 
     def start(self, timeout: float = 30.0) -> "PrometheusServer":
         if not Path(self.binary).exists():

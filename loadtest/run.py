@@ -359,6 +359,8 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
 
         log("querying prometheus ...")
         names = promql.MetricNames.discover(prom)
+        if not any(r.get("shadow") for r in routes.values()):  # nothing was mirrored: no series to find
+            names.notes = [n for n in names.notes if "shadow" not in n]
         results["metric_names"] = names.to_dict()
         for step in results["steps"]:
             w = promql.Window(step["t0"], step["t1"], step["load_s"])
