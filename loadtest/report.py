@@ -204,9 +204,11 @@ def plot(results: dict, path: Path) -> None:
             ax.set_title("Accuracy vs throughput")
         ax.set_ylabel("top-1 accuracy under load, %")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
     m = results.get("machine") or {}
-    fig.suptitle(f"effnet load test {results.get('run')}: {m.get('cpu', '')}, {m.get('cores')} cores"
+    fig.suptitle(f"effnet load test {results.get('run')} ({str(results.get('date', ''))[:16]} UTC): "
+                 f"{m.get('cpu', '')}, {m.get('cores')} cores"
                  f"{', ' + m['gpu'] if m.get('gpu') else ', CPU only'}; one point per variant "
                  f"(accuracy on each route's own task)", fontsize=9)
     fig.tight_layout()
