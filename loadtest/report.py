@@ -204,8 +204,9 @@ def plot(results: dict, path: Path) -> None:
             ax.set_title("Accuracy vs throughput")
         ax.set_ylabel("top-1 accuracy under load, %")
         ax.grid(alpha=0.3)
+        ax.margins(x=0.2, y=0.15)  # room for the names next to the points
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="best")
     m = results.get("machine") or {}
     fig.suptitle(f"effnet load test {results.get('run')} ({str(results.get('date', ''))[:16]} UTC): "
                  f"{m.get('cpu', '')}, {m.get('cores')} cores"
