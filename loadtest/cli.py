@@ -50,6 +50,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 2
     folder, _ = load(args.run, args.reports_dir)
     render(folder)
+    if args.publish:
+        from .report import publish
+
+        md, png = publish(folder, args.publish)
+        print(f"published {md} and {png}")
+        return 0
     print((folder / "report.md").read_text(), end="")
     return 0
 
@@ -81,5 +87,6 @@ def add_commands(sub) -> None:
     r = sub.add_parser("report", help="re-render a load-test report, or compare two runs (--compare A B)")
     r.add_argument("run", nargs="?", help="run folder or name under reports/")
     r.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two runs side by side")
+    r.add_argument("--publish", metavar="DIR", help="also copy report.md and tradeoff.png into DIR (e.g. docs)")
     r.add_argument("--reports-dir", default="reports")
     r.set_defaults(func=cmd_report)

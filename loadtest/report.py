@@ -217,6 +217,19 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def publish(folder: Path, docs: Path, stem: str = "loadtest") -> tuple[Path, Path]:
+    """Copy a run's report and plot into `docs` (committed, unlike reports/): `<stem>.md`, `<stem>-tradeoff.png`."""
+    import shutil
+
+    folder, docs = Path(folder), Path(docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    png = docs / f"{stem}-tradeoff.png"
+    shutil.copy(folder / "tradeoff.png", png)
+    md = docs / f"{stem}.md"
+    md.write_text((folder / "report.md").read_text().replace("](tradeoff.png)", f"]({png.name})"))
+    return md, png
+
+
 def compare(a: str | Path, b: str | Path, reports_dir: str | Path = "reports") -> str:
     """Markdown: the variants of two runs side by side, with what changed."""
     fa, ra = load(a, reports_dir)
