@@ -115,7 +115,7 @@ def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_hom
 
 
 def test_a_corrupted_training_state_is_refused(tmp_path, bentoml_home):
-    train_main(tiny_cfg(tmp_path, epochs=1), progress=False)
+    train_main(tiny_cfg(tmp_path, eval_every=0, stop_after_epoch=1), progress=False)
     state = tmp_path / "state.safetensors"
     data = bytearray(state.read_bytes())
     data[-1] ^= 0xFF

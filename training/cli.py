@@ -46,6 +46,26 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import machine, train_step_throughput
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    rows = train_step_throughput(variants, args.resolution, args.batch_size, args.steps, args.rounds,
+                                 threads=args.threads)
+    info = machine()
+    if args.record:
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.record).write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()))
+    print(f"{'variant':<16} {'res':>4} {'batch':>5} {'img/s':>8} {'img/s (CPU time)':>17} {'CPU share':>9}")
+    for r in rows:
+        print(f"{r['variant']:<16} {r['resolution']:>4} {r['batch']:>5} {r['images_per_s']:>8} "
+              f"{r['images_per_s_cpu_time']:>17} {r['cpu_share']:>9}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from .train import add_train_arguments
 
@@ -64,6 +84,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-bench", help="training throughput (images/s) per variant on this machine",
+                       description="Time the real training step (channels_last, AdamW, EMA, clipping) per variant on "
+                       "random 1-channel batches, interleaved. Prints wall images/s and images per CPU-second x threads "
+                       "(close to the idle-machine figure when other jobs share the cores).")
+    p.add_argument("--variants", default="b0,mec,compact", help="comma-separated variants (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=32, help="input side (default 32)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch (default 128, the quick recipe's)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round (default 6)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--record", metavar="FILE.json", help="also write machine info and rows to FILE.json")
+    p.set_defaults(func=cmd_train_bench)
 
     p = sub.add_parser("store", help="list the checkpoints in the store",
                        description="List stored checkpoints ($BENTOML_HOME/models): tag, variant, dataset, number of "
