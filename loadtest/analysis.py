@@ -112,6 +112,34 @@ def _best_within_slo(rows: list[dict], slo_ms: float, max_error_rate: float) -> 
     return best
 
 
+BUDGETS_MS = (100, 250, 500, 1000)
+
+
+def picks(variants: dict, budgets=BUDGETS_MS, max_error_rate: float = 0.01) -> dict[str, list[dict]]:
+    """Per route and p99 budget: the most accurate variant that met the budget at some step, and the
+    most traffic it carried within it (ties on accuracy go to the higher throughput)."""
+    out: dict[str, list[dict]] = {}
+    for route in sorted({v["route"] for v in variants.values()}):
+        rows = []
+        for budget in budgets:
+            best = None
+            for name, v in variants.items():
+                if v["route"] != route:
+                    continue
+                fit = _best_within_slo(v["steps"], budget, max_error_rate)
+                acc = v["accuracy"]["under_load"]
+                if fit is None or acc is None:
+                    continue
+                key = (acc, fit["throughput"])
+                if best is None or key > best["key"]:
+                    best = {"key": key, "variant": name, "accuracy": acc, **fit}
+            if best:
+                best.pop("key")
+            rows.append({"budget_ms": budget, **(best or {"variant": None})})
+        out[route] = rows
+    return out
+
+
 def _errors(steps: list[dict]) -> dict[str, int]:
     out: Counter = Counter()
     for step in steps:
@@ -189,6 +217,7 @@ def summarise(results: dict, cfg=None) -> dict:
         sp["shadow"].update({k: v for k, v in (shadow.get("by") or {}).items()})
         sp["shadow_metric"] = shadow.get("metric")
         sp["steps"].append(step_row(step, None))
+    summary["picks"] = picks(summary["variants"], max_error_rate=max_err)
     for route, sp in summary["splits"].items():
         total = sum(sp["answers"].values())
         sp["shares"] = {v: n / total for v, n in sp["answers"].items()} if total else {}

@@ -39,8 +39,9 @@ def _latency_cell(row):
 def render(folder: Path) -> None:
     folder = Path(folder)
     results = json.loads((folder / "results.json").read_text())
-    if "summary" not in results:
-        results["summary"] = summarise(results)
+    # The summary is a pure function of the raw figures: recomputed, so a re-render uses today's analysis.
+    results["summary"] = summarise(results)
+    (folder / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True, default=str))
     (folder / "report.md").write_text(markdown(results, plot="tradeoff.png"))
     plot(results, folder / "tradeoff.png")
 
@@ -93,6 +94,18 @@ def markdown(results: dict, plot: str | None = None) -> str:
              "and non-4xx failures seen by Locust (refused broken uploads are not errors).")
     if plot:
         L += ["", f"![accuracy against latency and throughput]({plot})"]
+    if s.get("picks"):
+        L += ["", "## Which variant for which latency budget", "",
+              "The most accurate variant of each route whose p99 stayed within the budget at some step "
+              "(at most 1% errors), and the most traffic it carried within it on this machine:", "",
+              "| route | p99 budget | pick | accuracy under load | req/s within budget (users) |", "|---|---|---|---|---|"]
+        for route, rows in s["picks"].items():
+            for r in rows:
+                if r.get("variant"):
+                    L.append(f"| {route} | {r['budget_ms']} ms | {r['variant']} | {_pct(r['accuracy'])} | "
+                             f"{r['throughput']:.1f} ({r['users']}) |")
+                else:
+                    L.append(f"| {route} | {r['budget_ms']} ms | none met it | - | - |")
     L += ["", "## Per step", "",
           "| variant | users | req/s (Prometheus) | req/s (Locust) | p50/p95/p99 ms (server) | p50/p95/p99 ms (client) | "
           "mean batch | errors (server) | CPU: service / load generator / whole machine |",
