@@ -129,6 +129,18 @@ def _on_init(environment, **_):
         CATALOG.load(environment.host, opts.fashion_images)
 
 
+@events.init.add_listener
+def _web_ui_accuracy(environment, **_):
+    # In the web UI, accuracy under load per variant is at /effnet-accuracy (JSON), beside Locust's tables.
+    if getattr(environment, "web_ui", None):
+        @environment.web_ui.app.route("/effnet-accuracy")
+        def effnet_accuracy():
+            with TALLY.lock:
+                return {name: {"answers": v["responses"], "labelled": v["labelled"], "correct": v["correct"],
+                               "accuracy": v["correct"] / v["labelled"] if v["labelled"] else None}
+                        for name, v in TALLY.by_variant.items()}
+
+
 @events.test_start.add_listener
 def _on_test_start(environment, **_):
     TALLY.reset()
