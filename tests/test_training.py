@@ -182,3 +182,20 @@ def test_batch_augment_keeps_uint8_images_and_shapes():
     y = batch_augment(x.clone(), pad=4, hflip=True, erase_p=0.5)
     assert y.dtype == torch.uint8 and y.shape == x.shape and not torch.equal(x, y)
     assert torch.equal(batch_augment(x.clone(), pad=0, hflip=False), x)
+
+
+def test_imagefolder_layout_trains_with_the_folder_name_as_dataset(tmp_path, bentoml_home):
+    from PIL import Image
+
+    root = tmp_path / "tinynet"
+    for split in ("train", "val"):
+        for k, cls in enumerate(("cat", "dog")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40 + i, 36), (80 * k + 40, 90, 30 * i)).save(root / split / cls / f"{i}.png")
+    out = train_main(resolve_config({"variant": "compact", "data": f"imagefolder:{root}", "resolution": 32,
+                                     "batch_size": 4, "epochs": 1, "eval_every": 0, "run_dir": str(tmp_path / "run")}),
+                     progress=False)
+    man, _ = read_manifest(out["tag"])
+    assert out["tag"].startswith("compact-tinynet:") and man.classes == ["cat", "dog"]
+    assert man.in_chans == 3 and not man.grayscale and man.resize == 37 and man.metrics["eval_images"] == 8
