@@ -81,7 +81,15 @@ def test_skip_existing_does_not_train_again(trained, capsys, monkeypatch):
     monkeypatch.setenv("BENTOML_HOME", str(trained))
     assert effnet(["train", "--variant", "compact", "--skip-existing", *TINY]) == 0
     assert "skipped" in capsys.readouterr().out
-    assert len(list_checkpoints(trained)) == 1
+    assert [r["tag"].split(":")[0] for r in list_checkpoints(trained)].count("compact-fake") == 1
+
+
+def test_distillation_from_a_stored_teacher(trained, monkeypatch):
+    monkeypatch.setenv("BENTOML_HOME", str(trained))
+    assert effnet(["train", "--variant", "compact", "--teacher", "compact-fake:latest", "--name", "student-kd",
+                   "--epochs", "1", "--kd-alpha", "0.7", "--run-dir", str(trained / "kd"), *TINY]) == 0
+    man, _ = read_manifest("student-kd:latest", home=trained)
+    assert man.training["teacher"] == "compact-fake:latest" and man.training["kd_alpha"] == 0.7
 
 
 def test_modified_weights_are_refused(trained, tmp_path):

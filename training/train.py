@@ -326,7 +326,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train an EfficientNet variant into the checkpoint store",
+    p = argparse.ArgumentParser(prog="python -m training", description="Train an EfficientNet variant into the checkpoint store",
                                 add_help=add_help)
     add_train_arguments(p)
     return p
