@@ -46,9 +46,21 @@ class CalibrationSet:
         return not self.source.startswith("synthetic")
 
 
-def save_calibration(folder: str | Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
-    """Write a calibration set into a checkpoint folder (the trainer calls this)."""
+def save_calibration(
+    tag_or_folder: str | Path, images: torch.Tensor, labels: torch.Tensor | None = None, home: str | None = None
+) -> Path:
+    """Write a calibration set into a checkpoint (tag or folder); the trainer calls this after saving.
+
+    `images` must already be at the checkpoint's resolution (`store.resize_crop`), uint8.
+    """
     from safetensors.torch import save_file
+
+    from store import read_manifest
+
+    manifest, folder = read_manifest(tag_or_folder, home)
+    if images.shape[-1] != manifest.resolution or images.shape[-2] != manifest.resolution:
+        raise ValueError(f"calibration images are {tuple(images.shape[-2:])}, the checkpoint's resolution is "
+                         f"{manifest.resolution}: resize_crop them first")
 
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"calibration images must be uint8 (N, C, R, R), got {images.dtype} {tuple(images.shape)}")
@@ -56,7 +68,7 @@ def save_calibration(folder: str | Path, images: torch.Tensor, labels: torch.Ten
     if labels is not None:
         tensors["labels"] = labels.to(torch.int64).contiguous()
     path = Path(folder) / CALIBRATION_FILE
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata={"source": "training data subset"})
     return path
 
 

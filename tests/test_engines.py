@@ -44,7 +44,7 @@ def _train_tiny(manifest: Manifest) -> torch.nn.Module:
     norm = InputNormalizer(manifest)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(40):
+    for step in range(30):
         x, y = _images(32, seed=step)
         loss = torch.nn.functional.cross_entropy(model(norm(x)), y)
         opt.zero_grad()
@@ -61,7 +61,7 @@ def store(tmp_path_factory):
                    classes=["red", "green", "blue", "gray"], dataset="synthetic-colours", resolution=RES)
     tag = save_checkpoint(_train_tiny(man), man, home=home)
     _, folder = read_manifest(tag, home)
-    images, labels = _images(256, seed=1000)  # the checkpoint's "training data"
+    images, labels = _images(128, seed=1000)  # the checkpoint's "training data"; 99% allows 1 flip
     engines.save_calibration(folder, images, labels)
     for name in RUNNABLE:  # export and verify every engine once; tests below read the cache
         load_engine(tag, engine=name, threads=2, home=str(home))
@@ -172,9 +172,10 @@ def test_export_cli_reports_every_engine(store, capsys):
     from cli.main import main
 
     home, tag = store
-    assert main(["export", tag, "--engine", ",".join(RUNNABLE), "--home", str(home), "--json"]) == 0
+    names = RUNNABLE[:2]  # each engine is built again: two show the command's output
+    assert main(["export", tag, "--engine", ",".join(names), "--home", str(home), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert [r["engine"] for r in out["engines"]] == RUNNABLE and all(r["ok"] for r in out["engines"])
+    assert [r["engine"] for r in out["engines"]] == names and all(r["ok"] for r in out["engines"])
     assert out["calibration"].startswith("checkpoint calibration set")
 
 
