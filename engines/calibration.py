@@ -10,7 +10,10 @@ The trainer writes it with `save_calibration` next to the weights.
 # NOTE: checkpoints written before the trainer stores a calibration set have none. Then, in order:
 # 1. `dataset == "fashion-mnist"`: a fixed, seeded sample of the training split from the Debian
 #    package's idx files is generated and cached in the checkpoint's `engines/` folder;
-# 2. otherwise there is no calibration data: fp32 engines are still verified (logits on a fixed,
+# 2. `dataset` starting with "imagenet" (ImageNet is not on these machines): 256 random crops and
+#    flips of the photos that ship with scikit-image (coffee, chelsea, rocket, astronaut, ...), a
+#    stand-in for training data, cached the same way and named as such in every verdict;
+# 3. otherwise there is no calibration data: fp32 engines are still verified (logits on a fixed,
 #    seeded uint8 noise batch: closeness of logits needs no real images), bf16 is verified by top-1
 #    agreement on that noise batch (weaker, recorded as such), and int8 is refused (static
 #    quantisation calibrated on noise would set the wrong activation ranges).
@@ -99,6 +102,40 @@ def fashion_mnist(split: str, manifest: Manifest, limit: int | None = None, seed
     return CalibrationSet(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), f"fashion-mnist {split} split")
 
 
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "colorwheel", "stereo_motorcycle", "cat", "camera", "clock", "coins", "moon")
+
+
+def photo_crops(manifest: Manifest, n: int, seed: int = 0) -> CalibrationSet | None:
+    """`n` seeded random crops (25-100% of the area) and flips of scikit-image's photos, resize_crop-ed."""
+    try:
+        import skimage.data
+    except ImportError:
+        return None
+    photos = []
+    for name in PHOTOS:
+        im = getattr(skimage.data, name)()
+        im = im[0] if isinstance(im, tuple) else im
+        t = torch.from_numpy(np.ascontiguousarray(im))
+        photos.append(t.permute(2, 0, 1)[:3] if t.dim() == 3 else t.unsqueeze(0).expand(3, -1, -1))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        h, w = im.shape[-2:]
+        scale = 0.25 + 0.75 * torch.rand(1, generator=g).item()
+        ch, cw = max(16, int(h * scale ** 0.5)), max(16, int(w * scale ** 0.5))
+        y = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+        x = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+        crop = im[:, y:y + ch, x:x + cw]
+        if torch.rand(1, generator=g).item() < 0.5:
+            crop = crop.flip(-1)
+        out.append(resize_crop(crop.contiguous(), manifest)[0])
+    source = (f"generated: {n} random crops of {len(photos)} scikit-image photos (dataset "
+              f"{manifest.dataset!r} is not available offline)")
+    return CalibrationSet(torch.stack(out), None, source)
+
+
 def synthetic_batch(manifest: Manifest, n: int = VERIFY_BATCH, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, manifest.resolution, manifest.resolution), dtype=torch.uint8, generator=g)
@@ -111,18 +148,30 @@ def load_calibration(folder: Path, manifest: Manifest, cache: Path | None = None
     for path in (folder / CALIBRATION_FILE, cache / CALIBRATION_FILE if cache else None):
         if path is not None and path.is_file():
             t = load_file(str(path))
-            source = "checkpoint calibration set" if path.parent == folder else "generated calibration set"
-            return CalibrationSet(t["images"], t.get("labels"), f"{source} ({path.name}, {len(t['images'])} images)")
+            source = f"checkpoint calibration set ({CALIBRATION_FILE}, {len(t['images'])} images)"
+            if path.parent != folder:  # generated earlier: the same words as when it was made
+                from safetensors import safe_open
+
+                with safe_open(str(path), "pt") as f:
+                    source = (f.metadata() or {}).get("source", "generated calibration set")
+            return CalibrationSet(t["images"], t.get("labels"), source)
     if manifest.dataset.lower().replace("_", "-") == "fashion-mnist":
         calib = fashion_mnist("train", manifest, limit=CALIBRATION_SIZE)
         if calib is not None:
-            if cache is not None:
-                cache.mkdir(parents=True, exist_ok=True)
-                tensors = {"images": calib.images, "labels": calib.labels}
-                save_file(tensors, str(cache / CALIBRATION_FILE))
             log.info("%s: no %s; generated %d images from the %s", folder.name, CALIBRATION_FILE,
                      len(calib.images), calib.source)
             calib.source = f"generated from the {calib.source} (checkpoint has no {CALIBRATION_FILE})"
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                tensors = {"images": calib.images, "labels": calib.labels}
+                save_file(tensors, str(cache / CALIBRATION_FILE), metadata={"source": calib.source})
+            return calib
+    if manifest.dataset.lower().startswith("imagenet"):
+        calib = photo_crops(manifest, CALIBRATION_SIZE)
+        if calib is not None:
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                save_file({"images": calib.images}, str(cache / CALIBRATION_FILE), metadata={"source": calib.source})
             return calib
     return CalibrationSet(synthetic_batch(manifest, CALIBRATION_SIZE), None,
                           f"synthetic uint8 noise (checkpoint has no {CALIBRATION_FILE} and dataset "

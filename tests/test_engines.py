@@ -236,3 +236,19 @@ def test_fashion_checkpoints_without_calibration_get_one_from_the_training_split
     assert (tmp_path / "cache" / CALIBRATION_FILE).is_file()  # generated once, then cached
     again = load_calibration(tmp_path, man, cache=tmp_path / "cache")
     assert torch.equal(again.images, calib.images)
+
+
+def test_imagenet_checkpoints_without_calibration_get_photo_crops(tmp_path):
+    pytest.importorskip("skimage")
+    man = Manifest(variant="lite0", config={}, num_classes=1000, classes=[], dataset="imagenet", resolution=RES)
+    calib = load_calibration(tmp_path, man, cache=tmp_path / "cache")
+    assert calib.real and "scikit-image photos" in calib.source
+    assert calib.images.dtype == torch.uint8 and calib.images.shape == (256, 3, RES, RES)
+    again = load_calibration(tmp_path, man, cache=tmp_path / "cache")  # a restart: same data, same words
+    assert torch.equal(again.images, calib.images) and again.source == calib.source
+
+
+def test_other_datasets_without_calibration_fall_back_to_noise_and_say_so(tmp_path):
+    man = Manifest(variant="compact", config={}, num_classes=4, classes=list("abcd"), dataset="fake", resolution=RES)
+    calib = load_calibration(tmp_path, man, cache=tmp_path / "cache")
+    assert not calib.real and "not available offline" in calib.source
