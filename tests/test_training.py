@@ -207,3 +207,17 @@ def test_imagefolder_layout_trains_with_the_folder_name_as_dataset(tmp_path, ben
     man, _ = read_manifest(out["tag"])
     assert out["tag"].startswith("compact-tinynet:") and man.classes == ["cat", "dog"]
     assert man.in_chans == 3 and not man.grayscale and man.resize == 37 and man.metrics["eval_images"] == 8
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_is_one_channel_resized_as_the_service_resizes():
+    from store import Manifest, resize_crop
+    from training.data import FASHION_MNIST_CLASSES, _fashion_mnist_files, _read_idx, load_data
+
+    spec = load_data(resolve_config({"data": "fashion-mnist", "resolution": 40, "limit_train": 8, "limit_val": 8}))
+    assert spec.classes == FASHION_MNIST_CLASSES and spec.in_chans == 1 and spec.grayscale and spec.resize == 40
+    raw = _read_idx(_fashion_mnist_files()["val_x"])[:8].unsqueeze(1)
+    man = Manifest(variant="", config={}, num_classes=10, classes=[], dataset="", resolution=40, in_chans=1, resize=40)
+    assert torch.equal(torch.stack([spec.val[i][0] for i in range(8)]), resize_crop(raw, man))
+    assert len(spec.train) == 8 and spec.val[0][0].dtype == torch.uint8
