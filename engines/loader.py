@@ -90,7 +90,8 @@ def _try(name: str, ck: _Checkpoint) -> tuple[Engine | None, Verdict | str]:
     if why:
         return None, why
     try:
-        _ = ck.calibration  # int8 builds need it; loading it here keeps the error messages uniform
+        if name != "torch":
+            _ = ck.calibration  # int8 builds need it; loading it here keeps the error messages uniform
         eng = cls.build(ck.ctx)
     except Exception as e:  # an exporter or runtime failure refuses this engine, not the worker
         log.debug("building %s failed", name, exc_info=True)
