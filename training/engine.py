@@ -131,6 +131,35 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader, normalize, batches: int, device, channels_last: bool = True) -> int:
+    """Recompute every BatchNorm's running statistics for the current weights (PreciseBN).
+
+    Only the BN layers run in training mode, with a cumulative average (momentum None) over `batches`
+    training batches; dropout and stochastic depth stay off, as at evaluation. Returns the batches used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return 0
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    n = 0
+    for images, _ in loader:
+        model(normalize(images.to(device)).contiguous(memory_format=memory_format))
+        n += 1
+        if n >= batches:
+            break
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.eval()
+    return n
+
+
+@torch.no_grad()
 def evaluate(model, loader, normalize, num_classes: int, device, channels_last: bool = True, amp_dtype=None) -> dict:
     """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
     model.eval()

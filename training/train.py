@@ -76,7 +76,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
 
     from . import distributed as dist_utils
     from .data import load_data
-    from .engine import ModelEma, evaluate, train_one_epoch
+    from .engine import ModelEma, evaluate, recalibrate_bn, train_one_epoch
     from .report import CONFUSION_FILE, LOG_FILE, append_jsonl, plot_confusion
     from .state import load_state, save_state
 
@@ -186,6 +186,10 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
         images_seen += steps_per_epoch * global_batch
         record = {"epoch": epoch + 1, "step": step, **stats, "images_per_s_total": stats["images_per_s"] * world}
         is_last = epoch + 1 == cfg.epochs
+        if main_proc and is_last and cfg.bn_recalibrate:
+            for m in (net, ema.module):
+                recalibrate_bn(m, loader, normalize, cfg.bn_recalibrate, device, cfg.channels_last)
+            record["bn_recalibrated_batches"] = min(cfg.bn_recalibrate, steps_per_epoch)
         if main_proc and (is_last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             last = {
                 "model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
@@ -273,6 +277,7 @@ HELP = {
     "random_erasing": "probability of erasing one random rectangle per image",
     "ema_decay": "per-step decay of the weight EMA; both are evaluated and the better one exported",
     "ema_warmup": "ramp the EMA decay as (1+n)/(10+n) over the first steps",
+    "bn_recalibrate": "after the last epoch, recompute BatchNorm statistics over this many training batches (0: off)",
     "kd_alpha": "with --teacher: weight of the distillation loss (the rest is the label loss)",
     "kd_temperature": "with --teacher: softmax temperature of the distillation",
     "resolution": "training and evaluation input side; Fashion-MNIST's 28x28 is resized to it as the service does",
