@@ -157,6 +157,8 @@ def load_engine(
         while name is not None:
             eng, result = _try(name, ck)
             if eng is not None:
+                # The first request must not pay for allocation or (torch-compile) compilation.
+                eng.warmup(ck.ctx.batch_sizes, ck.manifest.resolution)
                 eng.verification = result
                 eng.reason = f"{eng.reason}; verified: {_why(result)}"
                 if refused:
