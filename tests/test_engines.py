@@ -252,3 +252,20 @@ def test_other_datasets_without_calibration_fall_back_to_noise_and_say_so(tmp_pa
     man = Manifest(variant="compact", config={}, num_classes=4, classes=list("abcd"), dataset="fake", resolution=RES)
     calib = load_calibration(tmp_path, man, cache=tmp_path / "cache")
     assert not calib.real and "not available offline" in calib.source
+
+
+def test_bench_rows_name_their_engine_and_precision(capsys):
+    """`effnet bench` rows gain engine/precision; the eager reference is torch/fp32. (The exported
+    engines' rows come from `effnet bench --engines`, not run here: each model costs an export.)"""
+    from cli.main import main
+
+    argv = ["bench", "--json", "--models", "compact", "--batches", "1", "--resolution", "32",
+            "--rounds", "1", "--seconds", "0.01"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["engine"], r["precision"]) for r in rows] == [("torch", "fp32")]
+    from engines.bench import select_engines, skipped_engines
+
+    assert set(select_engines("all")) | set(skipped_engines()) == set(ENGINES)
+    with pytest.raises(KeyError, match="unknown engine"):
+        select_engines("torch,tensorrt-fp4")
