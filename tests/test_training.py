@@ -120,6 +120,9 @@ def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_hom
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     assert resumed["metrics"]["top1"] == full["metrics"]["top1"]
     assert resumed["tag"] != full["tag"] and len(list_checkpoints()) == 2
+    # Resuming a finished run re-exports it unchanged (e.g. after the store was wiped).
+    again = train_main(tiny_cfg(tmp_path / "full", eval_every=0), resume=str(tmp_path / "full"), progress=False)
+    assert again["metrics"]["top1"] == full["metrics"]["top1"] and len(list_checkpoints()) == 3
 
 
 def test_a_corrupted_training_state_is_refused(tmp_path, bentoml_home):

@@ -152,13 +152,14 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     pad = 0 if cfg.data.startswith("imagefolder:") else int(round(cfg.crop_pad * cfg.resolution))
 
     # 4) resume, or start fresh; after this, each rank draws its own augmentation randomness
-    start_epoch, step = 0, 0
+    start_epoch, step, recalibrated = 0, 0, False
     if resume:
         meta = load_state(resume, model=net, ema=ema, optimizer=optimizer, scaler=scaler)
         for key in ("variant", "data", "resolution", "batch_size"):
             if meta["config"][key] != getattr(cfg, key):
                 raise ValueError(f"--resume {resume}: it trained {key}={meta['config'][key]!r}, this run {getattr(cfg, key)!r}")
         start_epoch, step = meta["epoch"] + 1, meta["step"]
+        recalibrated = bool(meta.get("bn_recalibrated"))
         if world > 1:
             seed_everything(cfg.seed + 1000 * (start_epoch) + rank)  # per-rank streams were not saved per rank
         log(f"resumed from {resume} after epoch {start_epoch}, step {step}")
@@ -190,6 +191,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             for m in (net, ema.module):
                 recalibrate_bn(m, loader, normalize, cfg.bn_recalibrate, device, cfg.channels_last)
             record["bn_recalibrated_batches"] = min(cfg.bn_recalibrate, steps_per_epoch)
+            recalibrated = True
         if main_proc and (is_last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             last = {
                 "model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
@@ -201,7 +203,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             append_jsonl(run_dir / LOG_FILE, record)
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             save_state(run_dir, model=net, ema=ema, optimizer=optimizer, scaler=scaler, epoch=epoch, step=step,
-                       config=cfg.to_dict())
+                       config=cfg.to_dict(), extra={"bn_recalibrated": recalibrated})
         dist_utils.barrier()
         if cfg.stop_after_epoch and epoch + 1 == cfg.stop_after_epoch and not is_last:
             log(f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume {run_dir}")
@@ -214,7 +216,11 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     in_sync = all(np.allclose(d, digests[0], rtol=1e-9, atol=0) for d in digests)
     result: dict[str, Any] = {"tag": None, "run_dir": str(run_dir), "ranks_in_sync": in_sync, "digests": digests}
     if main_proc:
-        if not last:  # resumed after the last epoch's evaluation was lost
+        if not last:  # resumed from the state of a finished run: re-export it (recalibrated if it was not)
+            if cfg.bn_recalibrate and not recalibrated:
+                sampler.set_epoch(cfg.epochs - 1)
+                for m in (net, ema.module):
+                    recalibrate_bn(m, loader, normalize, cfg.bn_recalibrate, device, cfg.channels_last)
             last = {"model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last),
                     "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last)}
         pick = "ema" if last["ema"]["top1"] >= last["model"]["top1"] else "model"
