@@ -97,7 +97,8 @@ def markdown(results: dict, plot: str | None = None) -> str:
     if s.get("picks"):
         L += ["", "## Which variant for which latency budget", "",
               "The most accurate variant of each route whose p99 stayed within the budget at some step "
-              "(at most 1% errors), and the most traffic it carried within it on this machine:", "",
+              "(at most 1% errors; accuracies within one point count as a tie, won by throughput), and the "
+              "most traffic it carried within it on this machine:", "",
               "| route | p99 budget | pick | accuracy under load | req/s within budget (users) |", "|---|---|---|---|---|"]
         for route, rows in s["picks"].items():
             for r in rows:
@@ -200,9 +201,11 @@ def plot(results: dict, path: Path) -> None:
                 if x is None:
                     continue
                 pts.append((x, acc * 100, name))
+            # Routes label on alternate sides, so points of two routes that coincide stay readable.
+            offset = (5, 4) if routes.index(route) % 2 == 0 else (5, -12)
             for x, y, name in pts:
                 ax.scatter([x], [y], color=colors[route], s=40, zorder=3)
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=9)
             front = _pareto(pts, lower_x_better=kind == "latency")
             if len(front) > 1:
                 ax.plot([p[0] for p in front], [p[1] for p in front], "--", color=colors[route], lw=1,
