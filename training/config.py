@@ -75,7 +75,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # input beats more epochs here (FACTS: 1 epoch at 64 > 2 epochs at 32), and at 2-3 epochs every
     # regulariser costs accuracy rather than buying it, so they are turned down.
     "quick": {
-        "epochs": 2,  # NOTE: 2 x 60k images at 40x40: ~5 min per model at FACTS' ~400 img/s (625 at 32x32)
+        # NOTE: 2 x 60k images at 40x40: ~5 min per model at FACTS' ~400 img/s (625 at 32x32). Measured on
+        # the shared CPU with --epochs 1: b0 83.0%, mec 82.3%, compact 82.4% (benchmarks/training-quick.md);
+        # 2 epochs is unmeasured.
+        "epochs": 2,
         "resolution": 40,  # NOTE: a 2x2 final map instead of 32's 1x1, at 1.56x the cost of 32
         "warmup_epochs": 0.2,  # a 2-epoch run cannot spend its first epoch warming up
         "lr": 3e-3,  # short cosine schedules want a higher peak
