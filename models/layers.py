@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "silu": nn.SiLU,
@@ -51,5 +52,5 @@ class SqueezeExcite(nn.Module):
         self.gate = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
+        s = F.adaptive_avg_pool2d(x, 1)  # faster than mean() on channels_last tensors here
         return x * self.gate(self.fc2(self.act(self.fc1(s))))
