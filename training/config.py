@@ -75,18 +75,19 @@ RECIPES: dict[str, dict[str, Any]] = {
     # input beats more epochs here (FACTS: 1 epoch at 64 > 2 epochs at 32), and at 2-3 epochs every
     # regulariser costs accuracy rather than buying it, so they are turned down.
     "quick": {
-        # NOTE: 2 x 60k images at 40x40: ~5 min per model at FACTS' ~400 img/s (625 at 32x32). Measured on
-        # the shared CPU with --epochs 1: b0 83.0%, mec 82.3%, compact 82.4% (benchmarks/training-quick.md);
-        # 2 epochs is unmeasured.
-        "epochs": 2,
+        # NOTE: one epoch, not two. FACTS' ~400 img/s at 40x40 (625 at 32) came from an AVX-512 host; these
+        # AVX2 machines train b0 at ~130 img/s at 40x40 (2026-11-27, quiet), so 2 epochs x 3 models is ~45 min
+        # and `make serve` from a fresh clone would wait that long. One epoch: ~23 min for all three, and
+        # measured b0 83.0%, mec 82.3%, compact 82.4% (benchmarks/training-quick.md), below the 85% aim.
+        "epochs": 1,
         "resolution": 40,  # NOTE: a 2x2 final map instead of 32's 1x1, at 1.56x the cost of 32
-        "warmup_epochs": 0.2,  # a 2-epoch run cannot spend its first epoch warming up
+        "warmup_epochs": 0.2,  # a 1-epoch run cannot spend much of it warming up
         "lr": 3e-3,  # short cosine schedules want a higher peak
         "drop_path_rate": 0.05,  # underfitting regime: little regularisation
         "drop_rate": 0.1,
         "auto_augment": "none",  # RandAugment pays off after ~10 epochs; here translation + flip only
         "random_erasing": 0.0,
-        "ema_decay": 0.995,  # horizon ~200 steps of the ~940: averages the low-LR tail only
+        "ema_decay": 0.995,  # horizon ~200 steps of the ~470: averages the low-LR tail only
         "eval_every": 0,  # only the final evaluation (each costs ~15 s)
     },
 }
