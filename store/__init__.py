@@ -10,6 +10,7 @@ from .checkpoint import (
     CheckpointError,
     Manifest,
     get_store,
+    has_checkpoint,
     list_checkpoints,
     load_checkpoint,
     read_manifest,
@@ -18,6 +19,6 @@ from .checkpoint import (
 from .preprocess import InputNormalizer, resize_crop, to_model_input
 
 __all__ = [
-    "MANIFEST_FILE", "WEIGHTS_FILE", "CheckpointError", "Manifest", "get_store", "list_checkpoints",
+    "MANIFEST_FILE", "WEIGHTS_FILE", "CheckpointError", "Manifest", "get_store", "has_checkpoint", "list_checkpoints",
     "load_checkpoint", "read_manifest", "save_checkpoint", "to_model_input", "resize_crop", "InputNormalizer",
 ]

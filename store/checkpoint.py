@@ -142,6 +142,15 @@ def read_manifest(tag_or_path: str | os.PathLike, home: str | os.PathLike | None
     return manifest, folder
 
 
+def has_checkpoint(tag_or_path: str | os.PathLike, home: str | os.PathLike | None = None) -> bool:
+    """Whether the store holds a readable checkpoint under this tag (e.g. `name:latest`)."""
+    try:
+        read_manifest(tag_or_path, home)
+        return True
+    except CheckpointError:
+        return False
+
+
 def load_checkpoint(
     tag_or_path: str | os.PathLike, home: str | os.PathLike | None = None, device: str = "cpu"
 ) -> tuple[nn.Module, Manifest]:

@@ -30,18 +30,14 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from store import CheckpointError, read_manifest
+    from store import has_checkpoint
 
     from .pretrained import IMPORTERS
 
     name, importer = IMPORTERS[args.model]
-    if args.skip_existing:
-        try:
-            read_manifest(f"{name}:latest")
-            print(f"{name}:latest is already in the store; skipped")
-            return 0
-        except CheckpointError:
-            pass
+    if args.skip_existing and has_checkpoint(f"{name}:latest"):
+        print(f"{name}:latest is already in the store; skipped")
+        return 0
     print(f"stored {importer(name)}")
     return 0
 

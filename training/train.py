@@ -376,15 +376,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     progress = not args.no_progress
     if args.skip_existing:
-        from store import CheckpointError, read_manifest
+        from store import has_checkpoint
 
         name = checkpoint_name(cfg.variant, cfg.data, cfg.name)
-        try:
-            read_manifest(f"{name}:latest")
+        if has_checkpoint(f"{name}:latest"):
             print(f"{name}:latest is already in the store; skipped")
             return 0
-        except CheckpointError:
-            pass
     if args.nproc > 1 and "RANK" not in os.environ:
         return launch_torchrun(cfg, args.nproc, args.resume, progress)
     main(cfg, resume=args.resume, progress=progress)
