@@ -19,7 +19,7 @@ import torch
 from models.bench import Cell, build_bench_model
 from store import Manifest
 
-from .base import Engine, TorchEngine
+from .base import Engine, TorchEngine, TorchFp16Engine
 from .calibration import CalibrationSet
 from .export import export_onnx, quantize_int8
 from .loader import ENGINES
@@ -30,10 +30,10 @@ from .torch_compile import TorchCompileEngine
 log = logging.getLogger(__name__)
 
 
-def select_engines(spec: str) -> list[str]:
+def select_engines(spec: str, device: str = "cpu") -> list[str]:
     """'all' -> every engine that can run here; else a comma-separated list (unknown names fail)."""
     if spec == "all":
-        return [n for n, cls in ENGINES.items() if cls.unavailable("cpu") is None]
+        return [n for n, cls in ENGINES.items() if cls.unavailable(device) is None]
     names = [n.strip() for n in spec.split(",") if n.strip()]
     for n in names:
         if n not in ENGINES:
@@ -41,13 +41,22 @@ def select_engines(spec: str) -> list[str]:
     return names
 
 
-def skipped_engines() -> dict[str, str]:
+def skipped_engines(device: str = "cpu") -> dict[str, str]:
     """Engines that cannot run on this machine, with the reason (printed and recorded with the run)."""
-    return {n: why for n, cls in ENGINES.items() if (why := cls.unavailable("cpu"))}
+    return {n: why for n, cls in ENGINES.items() if (why := cls.unavailable(device))}
 
 
 def build_engines(model_name: str, engines: list[str], resolution: int, batches: list[int], threads: int,
-                  workdir: Path, progress: Callable[[str], None] | None = None) -> dict[str, Engine]:
+                  workdir: Path, progress: Callable[[str], None] | None = None, device: str = "cpu",
+                  failed: dict[str, str] | None = None) -> dict[str, Engine]:
+    """Every engine of `engines` for one model; one that fails to build is left out and its error
+    recorded in `failed` (`model/engine: error`), so one broken runtime does not lose the whole run."""
+    for name in list(engines):
+        why = ENGINES[name].unavailable(device) if name in ENGINES else None
+        if why and failed is not None:  # e.g. onnxruntime without its CUDA provider on a GPU
+            failed[f"{model_name}/{name}"] = f"unavailable: {why}"
+            engines = [e for e in engines if e != name]
+    torch.manual_seed(0)  # the same weights every run: torch-compile's cache then hits on a rerun
     model = build_bench_model(model_name).eval()
     man = Manifest(variant=model_name, config={}, num_classes=1000, classes=[], dataset="none", resolution=resolution)
     built: dict[str, Engine] = {}
@@ -72,24 +81,41 @@ def build_engines(model_name: str, engines: list[str], resolution: int, batches:
         g = torch.Generator().manual_seed(0)
         noise = torch.randint(0, 256, (64, 3, resolution, resolution), dtype=torch.uint8, generator=g)
         quantize_int8(onnx_file, CalibrationSet(noise, None, "noise"), int8_file)
+    def copy() -> torch.nn.Module:
+        fresh = build_bench_model(model_name).eval()
+        fresh.load_state_dict(model.state_dict())
+        return fresh
+
     for name in engines:
         t0 = time.perf_counter()
         if progress:
             progress(f"building {model_name} on {name}")
-        if name == "torch":
-            built[name] = TorchEngine(model, man)
-        elif name == "torch-compile":
-            built[name] = TorchCompileEngine(build_bench_model(model_name).eval(), man, batch_sizes=batches)
-        elif name == "onnxruntime":
-            built[name] = OnnxRuntimeEngine(onnx_file, threads)
-        elif name == "onnxruntime-int8":
-            built[name] = OnnxRuntimeInt8Engine(int8_file, threads)
-        elif name in ("openvino", "openvino-bf16"):
-            cls = OpenVinoEngine if name == "openvino" else OpenVinoBf16Engine
-            built[name] = cls(xml, threads, batches, resolution)
-        elif name == "openvino-int8":
-            built[name] = OpenVinoInt8Engine(int8_file, threads, batches, resolution)
-        built[name].warmup(batches, resolution)  # torch-compile compiles here
+        try:
+            if name == "torch":
+                eng: Engine = TorchEngine(model, man, device=device)
+            elif name == "torch-fp16":
+                eng = TorchFp16Engine(copy(), man, device=device)
+            elif name == "torch-compile":
+                eng = TorchCompileEngine(copy(), man, device=device, batch_sizes=batches)
+            elif name == "onnxruntime":
+                eng = OnnxRuntimeEngine(onnx_file, threads, device)
+            elif name == "onnxruntime-int8":
+                eng = OnnxRuntimeInt8Engine(int8_file, threads, device)
+            elif name in ("openvino", "openvino-bf16"):
+                cls = OpenVinoEngine if name == "openvino" else OpenVinoBf16Engine
+                eng = cls(xml, threads, batches, resolution)
+            elif name == "openvino-int8":
+                eng = OpenVinoInt8Engine(int8_file, threads, batches, resolution)
+            else:
+                raise KeyError(name)
+            eng.warmup(batches, resolution)  # torch-compile compiles here
+        except Exception as e:  # noqa: BLE001 - recorded with the run, not fatal to it
+            if failed is None:
+                raise
+            failed[f"{model_name}/{name}"] = f"{type(e).__name__}: {e}"[:500]
+            log.warning("%s on %s failed: %s", model_name, name, failed[f"{model_name}/{name}"])
+            continue
+        built[name] = eng
         log.info("%s on %s ready in %.1f s", model_name, name, time.perf_counter() - t0)
     return built
 
@@ -103,17 +129,27 @@ def run_engine_bench(
     seconds: float = 0.6,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    failed: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Time every (model, engine, batch); round r times all of them before round r+1 starts."""
+    """Time every (model, engine, batch); round r times all of them before round r+1 starts.
+
+    Input is a uint8 batch in host memory and output float logits back in host memory, as a worker
+    sees them: on a GPU the copies both ways are part of every figure. With `failed` given, an
+    engine that fails to build is recorded there and left out instead of ending the run.
+    """
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="effnet-bench-") as tmp:
-        built = {n: build_engines(n, engines, resolution, batches, threads, Path(tmp), progress) for n in names}
+        built = {n: build_engines(n, engines, resolution, batches, threads, Path(tmp), progress, device, failed)
+                 for n in names}
         inputs = {b: torch.randint(0, 256, (b, 3, resolution, resolution), dtype=torch.uint8) for b in batches}
         cells = {(n, e, b): Cell(n, b, [], engine=e, precision=built[n][e].precision)
-                 for n in names for e in engines for b in batches}
+                 for n in names for e in engines if e in built[n] for b in batches}
         for r in range(rounds):
             for n in names:
                 for e in engines:
+                    if e not in built[n]:
+                        continue
                     eng = built[n][e]
                     for b in batches:
                         if progress:
@@ -126,7 +162,7 @@ def run_engine_bench(
                             times.append(t1 - t0)
                             if t1 >= deadline and len(times) >= 2 * (r + 1):
                                 break
-    return [cells[n, e, b].row() for n in names for e in engines for b in batches]
+    return [cells[n, e, b].row() for n in names for e in engines for b in batches if (n, e, b) in cells]
 
 
 def format_engine_table(rows: list[dict]) -> str:

@@ -9,21 +9,26 @@ import sys
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import cache_dir
-    from .loader import AUTO_CANDIDATES, ENGINES, _Checkpoint, _try, _why
+    from .loader import ENGINES, _Checkpoint, _try, _why, auto_candidates
     from .threads import set_threads
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA GPU is visible to PyTorch here", file=sys.stderr)
+        return 2
     names = [n.strip() for n in args.engine.split(",") if n.strip()]
     if names == ["all"]:
         names = [n for n in ENGINES if n != "torch"]
     elif names == ["auto"]:
-        names = [n for n in AUTO_CANDIDATES if n != "torch"]
+        names = [n for n in auto_candidates(args.device) if n != "torch"]
     for n in names:
         if n not in ENGINES:
             print(f"unknown engine {n!r}; available: all, auto, {', '.join(ENGINES)}", file=sys.stderr)
             return 2
     threads = set_threads(args.threads or None)
-    ck = _Checkpoint(args.tag, args.home, "cpu", threads, sorted({int(b) for b in args.batch_sizes.split(",")}))
+    ck = _Checkpoint(args.tag, args.home, args.device, threads, sorted({int(b) for b in args.batch_sizes.split(",")}))
     rows, failed = [], 0
     for n in names:
         eng, result = _try(n, ck)
@@ -64,6 +69,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "(also torch-compile, which compiles for about 45 s per batch size)")
     p.add_argument("--batch-sizes", default="1,8", help="batch sizes the workers will run (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="verify for this device: cuda checks the GPU engines (default: %(default)s)")
     p.add_argument("--home", help="BENTOML_HOME of the store (default: $BENTOML_HOME)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="log each export step")

@@ -22,7 +22,7 @@ import torch
 
 from store import Manifest, load_checkpoint, read_manifest
 
-from .base import BuildContext, Engine, TorchEngine
+from .base import BuildContext, Engine, TorchEngine, TorchFp16Engine
 from .calibration import load_calibration, load_test_set
 from .export import cache_dir
 from .onnxrt import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
@@ -36,23 +36,31 @@ log = logging.getLogger("engines")
 AUTO = "auto"
 ENGINES: dict[str, type[Engine]] = {
     e.name: e
-    for e in (TorchEngine, TorchCompileEngine, OnnxRuntimeEngine, OnnxRuntimeInt8Engine, OpenVinoEngine,
+    for e in (TorchEngine, TorchFp16Engine, TorchCompileEngine, OnnxRuntimeEngine, OnnxRuntimeInt8Engine, OpenVinoEngine,
               OpenVinoBf16Engine, OpenVinoInt8Engine)
 }
 # Where a named engine falls back when it cannot run here or fails verification.
 FALLBACK = {
     "openvino-bf16": "openvino", "openvino-int8": "openvino", "onnxruntime-int8": "onnxruntime",
-    "openvino": "onnxruntime", "onnxruntime": "torch", "torch-compile": "torch",
+    "openvino": "onnxruntime", "onnxruntime": "torch", "torch-compile": "torch", "torch-fp16": "torch",
 }
 # NOTE: `auto` leaves torch-compile out: its first call costs 41-46 s per batch size here (FACTS.md),
 # so every worker start would pay minutes, for an engine measured 2x slower than ONNX Runtime. Name
 # it explicitly (or pass `candidates=`) to use it.
 AUTO_CANDIDATES = ("openvino-bf16", "openvino-int8", "onnxruntime-int8", "openvino", "onnxruntime", "torch")
+# On a GPU: ONNX Runtime's CUDA/TensorRT providers where the installed build has them, fp16 eager, and
+# the fp32 reference. The CPU-only engines would only be refused one by one.
+AUTO_CANDIDATES_GPU = ("onnxruntime", "torch-fp16", "torch")
 AUTO_SECONDS = 3.0  # total timing budget of `auto`, shared by every candidate and batch size
 
 
 def engine_names() -> list[str]:
     return [AUTO, *ENGINES]
+
+
+def auto_candidates(device: str = "cpu") -> tuple[str, ...]:
+    """The engines `auto` considers on this device."""
+    return AUTO_CANDIDATES_GPU if device.startswith("cuda") else AUTO_CANDIDATES
 
 
 class _Checkpoint:
@@ -175,7 +183,7 @@ def load_engine(
 
     timings: dict[str, float] = {}
     best: tuple[float, Engine] | None = None
-    names = list(candidates or AUTO_CANDIDATES)
+    names = list(candidates or auto_candidates(device))
     per = auto_seconds / max(1, len(names))
     for name in names:
         if name not in ENGINES:

@@ -77,7 +77,9 @@ class ServiceProcess:
 
     def start(self) -> "ServiceProcess":
         self.home = private_bentoml_home(self.store_home)
-        env = {**os.environ, "BENTOML_HOME": str(self.home), "PYTHONPATH": str(ROOT), **self.extra_env}
+        # The project first, then whatever the caller's PYTHONPATH held (packages installed with --target).
+        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "BENTOML_HOME": str(self.home), "PYTHONPATH": pythonpath, **self.extra_env}
         self.log = open(self.log_path, "wb") if self.log_path else open(self.home / "serve.log", "wb")
         self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

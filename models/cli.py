@@ -73,21 +73,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
             get_variant(n)  # fail fast with the list of known names
     batches = [int(b) for b in (args.batches or ("1,8" if args.engines else "1,8,32")).split(",")]
     progress = None if args.json or args.quiet else (lambda s: print(f"\r{s:<60}", end="", file=sys.stderr, flush=True))
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu", file=sys.stderr)
+        return 2
+    failed: dict[str, str] = {}
     if args.engines:  # every engine and precision (engines/bench.py), eager reference included
         from engines.bench import format_engine_table, run_engine_bench, select_engines, skipped_engines
 
-        engines = select_engines(args.engines)
+        engines = select_engines(args.engines, device)
         rows = run_engine_bench(names, engines, batches, args.resolution, args.rounds, args.seconds,
-                                threads=args.threads or None, progress=progress)
+                                threads=args.threads or None, progress=progress, device=device, failed=failed)
         format_table = format_engine_table  # noqa: F811 - the engines' table for these rows
     else:
-        rows = run_bench(names, batches, args.resolution, args.rounds, args.seconds, progress=progress)
+        rows = run_bench(names, batches, args.resolution, args.rounds, args.seconds, device=device, progress=progress)
     if progress:
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
     info = machine_info()
-    info.update(resolution=args.resolution, rounds=args.rounds, layout="channels_last, inference_mode, eager")
+    info.update(device=device, resolution=args.resolution, rounds=args.rounds, layout="channels_last, inference_mode, eager")
     if args.engines:
-        info.update(layout="uint8 input, normaliser inside every graph", engines=engines, unavailable=skipped_engines())
+        info.update(layout="uint8 input, normaliser inside every graph", engines=engines,
+                    unavailable=skipped_engines(device))
+        if failed:
+            info["failed"] = failed
     if args.record:
         out = Path(args.record)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,13 +133,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8,32; 1,8 with --engines)")
     p.add_argument("--engines", metavar="LIST",
                    help="time these inference engines too: 'all' (every engine that runs here) or a "
-                        "comma-separated list (torch, torch-compile, onnxruntime, onnxruntime-int8, openvino, "
-                        "openvino-bf16, openvino-int8); rows gain engine and precision")
+                        "comma-separated list (torch, torch-fp16 [GPU], torch-compile, onnxruntime, onnxruntime-int8, "
+                        "openvino, openvino-bf16, openvino-int8); rows gain engine and precision")
     p.add_argument("--resolution", type=int, default=224, help="input side (default 224)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--seconds", type=float, default=0.6,
                    help="time per model and batch in each round (default 0.6)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run: auto = the GPU when PyTorch sees one, else the CPU (default: %(default)s)")
     p.add_argument("--record", metavar="FILE", help="also write machine info and rows as JSON to FILE")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows")
     p.add_argument("--quiet", action="store_true", help="no progress line")
