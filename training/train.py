@@ -144,7 +144,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         drop_last=len(data.train) // world >= cfg.batch_size, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        persistent_workers=cfg.workers > 0)  # no re-fork of the workers every epoch
     val_loader = DataLoader(data.val, batch_size=256, shuffle=False, num_workers=cfg.workers)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
