@@ -78,8 +78,10 @@ class TorchEngine(Engine):
     name = "torch"
     runtime = "torch"
 
-    def __init__(self, model: nn.Module, manifest: Manifest, device: str = "cpu") -> None:
+    def __init__(self, model: nn.Module, manifest: Manifest, device: str = "cpu",
+                 batch_sizes: Sequence[int] | None = None) -> None:
         self.device = torch.device(device)
+        self.buckets = gpu_buckets(self.device, batch_sizes)
         if self.device.type == "cuda":
             # NOTE: the reference must be fp32. PyTorch lets cuDNN convolutions use TF32 by default
             # (a 10-bit mantissa), which alone can move logits past the 1e-3 fp32 tolerance that
@@ -88,16 +90,34 @@ class TorchEngine(Engine):
             torch.backends.cuda.matmul.allow_tf32 = False
         self.graph = ServingGraph(model, manifest).eval().to(self.device)
         self.graph = self.graph.to(memory_format=torch.channels_last)
-        self.reason = "reference engine (eager PyTorch)" + (" on CUDA, TF32 off" if self.device.type == "cuda" else "")
+        self.reason = "reference engine (eager PyTorch)" + (
+            f" on CUDA, TF32 off, static batch {list(self.buckets)}" if self.buckets else "")
 
     @classmethod
     def build(cls, ctx: "BuildContext") -> "TorchEngine":
-        return cls(ctx.model_fn(), ctx.manifest, device=ctx.device)
+        return cls(ctx.model_fn(), ctx.manifest, device=ctx.device, batch_sizes=ctx.batch_sizes)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def _run(self, images: torch.Tensor, b: int = 0) -> torch.Tensor:
         with torch.inference_mode():
             x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             return self.graph(x).float().cpu()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return run_in_buckets(images, self.buckets, self._run) if self.buckets else self._run(images)
+
+
+def gpu_buckets(device: torch.device, batch_sizes: Sequence[int] | None) -> tuple[int, ...]:
+    """The static batch sizes an eager engine pads to on a GPU (none on the CPU).
+
+    # NOTE: measured on an H100 (benchmarks/gpu/README.md): an eager b0 worker fed the adaptive
+    # batcher's every size from 1 to 32 stalled for 2-6 s at a time (p99 6.8 s at 16 clients), the cost
+    # of cuDNN meeting each new shape; with a few fixed sizes that cost is paid once, at warm-up, and
+    # cudnn.benchmark can pick each size's fastest kernels. On the CPU oneDNN has no such cost.
+    """
+    if device.type != "cuda" or not batch_sizes:
+        return ()
+    torch.backends.cudnn.benchmark = True
+    return tuple(sorted(set(batch_sizes)))
 
 
 class TorchFp16Engine(Engine):
@@ -112,11 +132,14 @@ class TorchFp16Engine(Engine):
     runtime = "torch"
     precision = "fp16"
 
-    def __init__(self, model: nn.Module, manifest: Manifest, device: str = "cuda") -> None:
+    def __init__(self, model: nn.Module, manifest: Manifest, device: str = "cuda",
+                 batch_sizes: Sequence[int] | None = None) -> None:
         self.device = torch.device(device)
+        self.buckets = gpu_buckets(self.device, batch_sizes)
         self.normalize = InputNormalizer(manifest).to(self.device)
         self.net = model.eval().to(self.device, memory_format=torch.channels_last).half()
-        self.reason = "eager PyTorch, fp16 weights and activations, channels_last"
+        self.reason = "eager PyTorch, fp16 weights and activations, channels_last" + (
+            f", static batch {list(self.buckets)}" if self.buckets else "")
 
     @classmethod
     def unavailable(cls, device: str = "cpu") -> str | None:
@@ -126,12 +149,15 @@ class TorchFp16Engine(Engine):
 
     @classmethod
     def build(cls, ctx: "BuildContext") -> "TorchFp16Engine":
-        return cls(ctx.model_fn(), ctx.manifest, device=ctx.device)
+        return cls(ctx.model_fn(), ctx.manifest, device=ctx.device, batch_sizes=ctx.batch_sizes)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def _run(self, images: torch.Tensor, b: int = 0) -> torch.Tensor:
         with torch.inference_mode():
             x = self.normalize(images.to(self.device, non_blocking=True)).half()
             return self.net(x.contiguous(memory_format=torch.channels_last)).float().cpu()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return run_in_buckets(images, self.buckets, self._run) if self.buckets else self._run(images)
 
 
 def run_in_buckets(images: torch.Tensor, buckets: Sequence[int], run) -> torch.Tensor:

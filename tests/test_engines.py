@@ -269,3 +269,32 @@ def test_bench_rows_name_their_engine_and_precision(capsys):
     assert set(select_engines("all")) | set(skipped_engines()) == set(ENGINES)
     with pytest.raises(KeyError, match="unknown engine"):
         select_engines("torch,tensorrt-fp4")
+
+
+def test_gpu_only_engines_are_skipped_on_the_cpu_and_recorded(tmp_path):
+    """An engine that cannot run on the device (here torch-fp16 on the CPU) is left out of the bench
+    with its reason recorded, and the rest of the run still happens."""
+    from engines.bench import run_engine_bench, select_engines, skipped_engines
+
+    assert "torch-fp16" not in select_engines("all", "cpu")
+    assert "fp16" in skipped_engines("cpu")["torch-fp16"]
+    failed: dict[str, str] = {}
+    rows = run_engine_bench(["compact"], ["torch", "torch-fp16"], [1], resolution=32, rounds=1, seconds=0.01,
+                            device="cpu", failed=failed)
+    assert [r["engine"] for r in rows] == ["torch"]
+    assert failed["compact/torch-fp16"].startswith("unavailable: fp16 eager is a GPU engine")
+
+
+def test_auto_considers_gpu_engines_on_a_gpu_and_cpu_engines_on_the_cpu():
+    from engines.base import gpu_buckets
+    from engines.loader import AUTO_CANDIDATES, auto_candidates
+
+    assert auto_candidates("cpu") == AUTO_CANDIDATES
+    gpu = auto_candidates("cuda")
+    assert gpu[0] == "torch-compile" and gpu[-1] == "torch"
+    assert not [n for n in gpu if n.startswith("openvino") or n.endswith("int8")]
+    for n in gpu:  # every GPU candidate says it can run on cuda (given its library)
+        why = ENGINES[n].unavailable("cuda")
+        assert why is None or "onnxruntime" in why, (n, why)
+    # Eager engines pad to static batch sizes on a GPU only (cuDNN's per-shape cost, see engines/base.py).
+    assert gpu_buckets(torch.device("cpu"), (1, 8, 32)) == ()
