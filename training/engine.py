@@ -88,7 +88,13 @@ def train_one_epoch(
     t0 = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch",
                mininterval=1.0, dynamic_ncols=True, leave=True)
+    # The steady rate leaves out the first steps: worker start-up, cuDNN's algorithm search and the
+    # allocator's growth. NOTE: on an H100 the first 100 of 234 steps ran at 630 img/s and the next
+    # 100 at 2,600 (benchmarks/gpu/README.md); planning epochs from the first figure was 4x off.
+    warm_steps, t_warm, seen_warm = max(1, min(20, len(loader) // 5)), None, 0
     for i, (images, labels) in enumerate(bar):
+        if i == warm_steps:
+            t_warm, seen_warm = time.perf_counter(), seen
         lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -125,11 +131,14 @@ def train_one_epoch(
             print(f"  epoch {epoch + 1} step {i + 1}/{len(loader)} loss {float(total_loss) / seen:.3f} "
                   f"{seen / dt:.0f} img/s lr {lr:.2e} eta {eta:.0f} s", flush=True)
     bar.close()
-    dt = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    dt = t1 - t0
     return {
         "train_loss": float(total_loss) / max(1, seen),
         "train_acc": float(total_correct) / max(1, seen),
         "images_per_s": seen / dt,  # this process; multiply by the world size for the job
+        # after the first steps (the rate to plan with); the whole epoch's rate when it is too short
+        "images_per_s_steady": (seen - seen_warm) / (t1 - t_warm) if t_warm and t1 > t_warm else seen / dt,
         "epoch_seconds": dt,
         "lr": lr,
     }, step
