@@ -531,9 +531,30 @@ async def _routes(request: Request) -> JSONResponse:
     return JSONResponse(_current().describe_routes())
 
 
+async def _assignment(request: Request) -> JSONResponse:
+    """Which variant a client id gets in a route, without classifying anything: what an A/B analysis
+    joins its outcomes on. The same hash as /classify, so the answer holds while the weights do."""
+    gw, rid = _current(), uuid.uuid4().hex
+    client = request.headers.get("x-client-id") or request.query_params.get("client_id")
+    unknown = set(request.query_params) - {"route", "client_id"}
+    if unknown:
+        return _error(rid, 400, f"unknown query parameter(s) {sorted(unknown)}; parameters: client_id, route")
+    if not client:
+        return _error(rid, 400, "send the client id as the X-Client-Id header or ?client_id=: without one, "
+                                "each request is assigned at random")
+    try:
+        a = gw.router.assign(request.query_params.get("route"), None, client)
+    except RoutingError as e:
+        return _error(rid, 400, str(e))
+    return JSONResponse({"client_id": client, "route": a.route, "variant": a.variant,
+                         "model": gw.cfg.variants[a.variant].model, "assignment": a.how,
+                         "weights": gw.cfg.routes[a.route].split})
+
+
 http_app = Starlette(routes=[
     Route("/classify", _classify, methods=["POST"]),
     Route("/classify_batch", _classify_batch, methods=["POST"]),
     Route("/variants", _variants, methods=["GET"]),
     Route("/routes", _routes, methods=["GET"]),
+    Route("/assignment", _assignment, methods=["GET"]),
 ])

@@ -1,6 +1,8 @@
-"""A corrupted checkpoint: the server starts, stays not ready and says why; it does not crash-loop."""
+"""The service in bad conditions, over HTTP: a corrupted checkpoint (not ready, says why, no crash
+loop) and more clients than it takes (refused fast with 429/503 and Retry-After, never a timeout)."""
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -43,3 +45,39 @@ def test_a_corrupted_checkpoint_leaves_the_service_not_ready_with_the_reason(tmp
         log = Path(server.log).read_text()
         assert log.count("effnet worker NOT READY") == 1, log[-3000:]
         assert "compact-fashion-mnist" in log and "sha256" in log
+
+
+def test_past_capacity_requests_are_refused_fast_with_retry_after(tmp_path):
+    """max_inflight 3 and a 30 ms batching budget against 24 clients at once: every answer is a 200, a
+    429 from the gateway's in-flight limit or a 503 from BentoML's batcher, each refusal with
+    Retry-After and a message, all within seconds, and the server is still ready afterwards."""
+    home = tmp_path / "bentoml"
+    tag = make_checkpoint(home, "b0-fashion-mnist", "b0", FASHION_CLASSES, 32, grayscale=True)
+    cfg = write_config(tmp_path / "serve.yaml", {
+        "server": {"max_inflight": 3, "retry_after_s": 2},
+        "variants": {"b0": {"model": tag.split(":")[0] + ":latest", "max_batch_size": 4, "max_latency_ms": 30}},
+        "routes": {"fashion": {"split": ["b0"]}},
+    })
+    from tests.test_service_http import png
+
+    data = png(seed=1)
+    with Server(home, cfg) as server:
+        server.wait("/readyz")
+
+        def one(i):
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                t0 = time.monotonic()
+                r = http.post("/classify", files={"image": ("x.png", data, "image/png")})
+                return r.status_code, r.headers.get("retry-after"), r.text, time.monotonic() - t0
+
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(one, range(96)))
+        statuses = [a[0] for a in answers]
+        assert set(statuses) <= {200, 429, 503}, statuses
+        assert 200 in statuses and (429 in statuses or 503 in statuses), statuses
+        for status, retry_after, text, _ in answers:
+            if status != 200:
+                assert retry_after is not None and int(retry_after) >= 1, (status, text)
+                assert "error" in text and len(text) > 20, text
+        assert max(a[3] for a in answers) < 20, sorted(a[3] for a in answers)[-5:]
+        assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200

@@ -113,6 +113,30 @@ def test_the_same_client_id_gets_one_variant(server):
         assert len(got) == 1, (client, got)
 
 
+def test_two_thousand_client_ids_split_within_4_points_of_the_weights(server):
+    """Sticky assignment by a hash of X-Client-Id spreads distinct clients as the weights say. /assignment
+    answers without running a model (2,000 classifications would cost minutes here); that it is the
+    same assignment /classify makes is checked on a sample of the ids."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        got = {}
+        for i in range(2000):
+            r = http.get("/assignment", params={"route": "fashion"}, headers={"X-Client-Id": f"user-{i}"})
+            assert r.status_code == 200, r.text
+            got[f"user-{i}"] = r.json()["variant"]
+        for name, weight in {"b0": 0.5, "mec": 0.25, "compact": 0.25}.items():
+            share = sum(v == name for v in got.values()) / 2000
+            assert abs(share - weight) <= 0.04, (name, share)
+        for client in list(got)[:: 200]:
+            r = http.post("/classify", files={"image": ("x.png", png(size=(8, 8)), "image/png")},
+                          headers={"X-Client-Id": client})
+            assert r.json()["variant"] == got[client], client
+        assert http.get("/assignment", params={"client_id": "user-7"}).json()["variant"] == got["user-7"]
+        r = http.get("/assignment")
+        assert r.status_code == 400 and "X-Client-Id" in r.json()["error"]
+        r = http.get("/assignment", params={"route": "nope"}, headers={"X-Client-Id": "a"})
+        assert r.status_code == 400 and "fashion" in r.json()["error"] and "imagenet" in r.json()["error"]
+
+
 def huge_header_png():
     from tests.test_service_units import huge_png
 
