@@ -400,6 +400,12 @@ class GatewayLogic:
         return {"request_id": rid, "route": a.route, "variant": a.variant, "model": self.cfg.variants[a.variant].model,
                 "assignment": a.how, "predictions": preds, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
+    def _refusal(self, rid: str, e: Exception) -> tuple[int, JSONResponse]:
+        """The status and error answer for a client's mistake (or a not-ready variant)."""
+        if isinstance(e, BodyTooLarge):
+            return 413, _error(rid, 413, f"request body is above the limit of {self.cfg.server.max_body_bytes:,} bytes")
+        return e.status, _error(rid, e.status, str(e), getattr(e, "headers", None))
+
     async def classify(self, request: Request) -> JSONResponse:
         t0, rid = time.perf_counter(), uuid.uuid4().hex
         route, variant = "none", "none"
@@ -422,11 +428,8 @@ class GatewayLogic:
             if a.shadow:
                 self.shadow(a, batch, [body["predictions"][0]["index"]])
             status, resp = 200, JSONResponse(body, headers={"X-Request-Id": rid})
-        except (ClientError, ImageError) as e:
-            status = e.status
-            resp = _error(rid, status, str(e), getattr(e, "headers", None))
-        except BodyTooLarge:
-            status, resp = 413, _error(rid, 413, f"request body is above the limit of {self.cfg.server.max_body_bytes:,} bytes")
+        except (ClientError, ImageError, BodyTooLarge) as e:
+            status, resp = self._refusal(rid, e)
         metrics.REQUESTS.labels("classify", route, variant, str(status)).inc()
         metrics.E2E_LATENCY.labels("classify", route, variant).observe(time.perf_counter() - t0)
         return resp
@@ -467,12 +470,9 @@ class GatewayLogic:
             body = {"request_id": rid, "route": a.route, "variant": a.variant, "assignment": a.how,
                     "results": results, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
             resp = JSONResponse(body, headers={"X-Request-Id": rid})
-        except (ClientError, ImageError) as e:
-            metrics.REQUESTS.labels("classify_batch", route, variant, str(e.status)).inc()
-            resp = _error(rid, e.status, str(e), getattr(e, "headers", None))
-        except BodyTooLarge:
-            metrics.REQUESTS.labels("classify_batch", route, variant, "413").inc()
-            resp = _error(rid, 413, f"request body is above the limit of {self.cfg.server.max_body_bytes:,} bytes")
+        except (ClientError, ImageError, BodyTooLarge) as e:
+            status, resp = self._refusal(rid, e)
+            metrics.REQUESTS.labels("classify_batch", route, variant, str(status)).inc()
         metrics.E2E_LATENCY.labels("classify_batch", route, variant).observe(time.perf_counter() - t0)
         return resp
 
