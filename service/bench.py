@@ -80,13 +80,16 @@ def prepare_store(home: Path) -> None:
             print("random-weight", make_checkpoint(home, name, variant, FASHION_CLASSES, 32, grayscale=True), file=sys.stderr)
 
 
-def offline(tag: str, threads: int, seconds: float = 4.0) -> dict:
-    """The worker's engine alone: batch-1 median latency and images/s per batch size."""
+def offline(tag: str, threads: int, engine_name: str = "torch", batch_sizes=(1, 8), seconds: float = 4.0) -> dict:
+    """The worker's engine alone: batch-1 median latency and images/s per batch size.
+
+    `engine_name` and `batch_sizes` as the worker's configuration has them, so `auto` makes the same
+    choice here as in the worker (main() checks that it did)."""
     import torch
 
     from engines import load_engine
 
-    engine, man = load_engine(tag, engine="torch", threads=threads)
+    engine, man = load_engine(tag, engine=engine_name, threads=threads, batch_sizes=batch_sizes)
     r = man.resolution
     result = {"engine": engine.describe(), "threads": threads, "batches": {}}
     for batch in (1, 4, 8, 16):
@@ -160,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
     cfg = load_config(args.config)
     threads = cpu_threads(cfg)
-    lite0 = cfg.variants["lite0"].model
+    v = cfg.variants["lite0"]
     results: dict = {"machine": machine_info(), "store": str(home), "config": cfg.source}
 
-    print(f"offline: {lite0}, engine torch, {threads} threads ...", file=sys.stderr)
-    results["offline_lite0"] = offline(lite0, threads)
+    print(f"offline: {v.model}, engine {v.engine}, {threads} threads ...", file=sys.stderr)
+    sizes = sorted({1, min(8, v.max_batch_size), v.max_batch_size})  # the worker's (service/workers.py)
+    results["offline_lite0"] = offline(v.model, threads, v.engine, sizes)
 
     config_path = Path(cfg.source)
+    import httpx
+
     with Server(home, config_path, log=home / "bench-server.log") as server:
         server.wait("/readyz")
         imagenet, fashion = photos(), fashion_images()
@@ -183,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             results["fashion_c32"] = await load(server.url, fashion, 32, args.seconds / 2, {})
 
         asyncio.run(run_all())
-        import httpx
 
+        served = {r["variant"]: r for r in httpx.get(server.url + "/variants").json()["variants"]}
+        results["served_lite0_engine"] = served["lite0"]["engine"]
+        results["same_engine_as_offline"] = served["lite0"]["engine"] == results["offline_lite0"]["engine"]["engine"]
         results["metrics_excerpt"] = [line for line in httpx.get(server.url + "/metrics").text.splitlines()
                                       if line.startswith(("effnet_batch_size_sum", "effnet_batch_size_count",
                                                           "effnet_inference_duration_seconds_sum",
