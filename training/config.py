@@ -78,15 +78,20 @@ RECIPES: dict[str, dict[str, Any]] = {
         # NOTE: one epoch, not two. FACTS' ~400 img/s at 40x40 (625 at 32) came from an AVX-512 host; these
         # AVX2 machines train b0 at ~130 img/s at 40x40 (2026-11-27, quiet), so 2 epochs x 3 models is ~45 min
         # and `make serve` from a fresh clone would wait that long. One epoch: ~23 min for all three, and
-        # measured b0 83.0%, mec 82.3%, compact 82.4% (benchmarks/training-quick.md), below the 85% aim.
+        # measured b0 83.0%, mec 82.3%, compact 82.4% (benchmarks/training-quick.md), below the 85% aim;
+        # with crop_pad 0 (below) b0 87.5%, mec 88.1%, compact 86.8% on this CPU (2026-11-27).
         "epochs": 1,
         "resolution": 40,  # NOTE: a 2x2 final map instead of 32's 1x1, at 1.56x the cost of 32
         "warmup_epochs": 0.2,  # a 1-epoch run cannot spend much of it warming up
         "lr": 3e-3,  # short cosine schedules want a higher peak
         "drop_path_rate": 0.05,  # underfitting regime: little regularisation
         "drop_rate": 0.1,
-        "auto_augment": "none",  # RandAugment pays off after ~10 epochs; here translation + flip only
+        "auto_augment": "none",  # RandAugment pays off after ~10 epochs; here flips only (see crop_pad)
         "random_erasing": 0.0,
+        # NOTE: no translation. The base 0.125 (5 px of reflect padding at 40) costs ~4 points in one epoch:
+        # b0 87.5% vs 83.0% on this CPU, and on a GPU screen (fp32, seed 0) b0 87.7% at 0, 86.9% at 0.0625,
+        # 83.3% at 0.125 (benchmarks/training-quick.md, "Tuning (2026-11-27)").
+        "crop_pad": 0.0,
         "ema_decay": 0.995,  # horizon ~200 steps of the ~470: averages the low-LR tail only
         "eval_every": 0,  # only the final evaluation (each costs ~15 s)
     },
