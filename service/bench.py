@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine_info(), "store": str(home), "config": cfg.source}
 
     print(f"offline: {v.model}, engine {v.engine}, {threads} threads ...", file=sys.stderr)
-    sizes = sorted({1, min(8, v.max_batch_size), v.max_batch_size})  # the worker's (service/workers.py)
-    results["offline_lite0"] = offline(v.model, threads, v.engine, sizes)
+    results["offline_lite0"] = offline(v.model, threads, v.engine, v.batch_sizes)  # as the worker loads it
 
     config_path = Path(cfg.source)
     import httpx

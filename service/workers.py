@@ -81,9 +81,8 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
             try:
                 from engines import load_engine
 
-                # Static-shape engines compile one graph per size and pad up to the next: the sizes
-                # this worker's batcher produces most (single requests, mid-size and full batches).
-                sizes = sorted({1, min(8, v.max_batch_size), v.max_batch_size})
+                # Static-shape engines compile one graph per size and pad a batch up to the next one.
+                sizes = v.batch_sizes
                 # Loading holds the CPU lock too: `engine: auto` times its candidates while loading,
                 # which means nothing if the other workers load (and compile) on the same cores.
                 with self.gate or contextlib.nullcontext():

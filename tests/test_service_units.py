@@ -306,3 +306,12 @@ def test_effnet_serve_refuses_a_route_whose_variants_disagree_on_classes(bentoml
     assert cmd_serve(argparse.Namespace(config=str(cfg), host="127.0.0.1", port=3999)) == 2
     err = capsys.readouterr().err
     assert "route 'pets': variant 'b' (compact-b:latest) has 2 classes" in err and "'a'" in err
+
+
+def test_worker_batch_sizes_are_powers_of_two_up_to_the_maximum():
+    """Static-shape engines pad each batch to the next size: powers of two waste at most half of it."""
+    from service.config import VariantConfig
+
+    assert VariantConfig("v", "m:latest", max_batch_size=8).batch_sizes == (1, 2, 4, 8)
+    assert VariantConfig("v", "m:latest", max_batch_size=12).batch_sizes == (1, 2, 4, 8, 12)
+    assert VariantConfig("v", "m:latest", max_batch_size=1).batch_sizes == (1,)
