@@ -188,10 +188,15 @@ def load_engine(
     timings: dict[str, float] = {}
     best: tuple[float, Engine] | None = None
     names = list(candidates or auto_candidates(device))
-    per = auto_seconds / max(1, len(names))
     for name in names:
         if name not in ENGINES:
             raise ValueError(f"unknown engine {name!r} among candidates")
+    key = _auto_key(ck, names, threads)
+    recorded = _recorded_choice(ck, key, label)
+    if recorded is not None:
+        return recorded, ck.manifest
+    per = auto_seconds / max(1, len(names))
+    for name in names:
         eng, result = _try(name, ck)
         if eng is None:
             refused[name] = _why(result)
@@ -208,6 +213,69 @@ def load_engine(
     eng.reason = (f"auto: fastest verified engine at batch {list(ck.ctx.batch_sizes)} "
                   f"(ms/image: {ranking}); {eng.reason}; verified: {_why(eng.verification)}")
     eng.refused, eng.timings_ms = refused, {n: round(t * 1e3, 3) for n, t in timings.items()}
+    _record_choice(ck, key, eng)
     log.info("%s: auto chose %s %s: %s", label, eng.name, eng.precision, eng.reason)
     return eng, ck.manifest
+
+
+# -- auto's choice, recorded -------------------------------------------------------------------
+# NOTE: a restart used to build, verify-from-record and time every candidate again: 90 s before the
+# default four workers were ready here (2026-11-27), against the serving issue's 60 s. The choice is
+# kept next to the artefacts, keyed by everything it depends on, and a restart builds only the winner
+# (still verified). `rm engines/<sha>/auto.json`, or any change in the key, makes auto time them again.
+AUTO_RECORD = "auto.json"
+
+
+def _auto_key(ck: _Checkpoint, names: list[str], threads: int) -> dict:
+    from .export import _version
+
+    try:
+        from .openvino_rt import cpu_capabilities
+
+        caps = cpu_capabilities()
+    except Exception:  # openvino missing: the CPU's capabilities only matter to its engines
+        caps = []
+    return {"candidates": names, "batch_sizes": list(ck.ctx.batch_sizes), "threads": threads, "device": ck.device,
+            "versions": {m: _version(m) for m in ("torch", "onnxruntime", "openvino")}, "cpu": caps}
+
+
+def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
+    import json
+
+    try:
+        rec = json.loads((ck.cache / AUTO_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("key") != key or rec.get("engine") not in ENGINES:
+        return None
+    eng, result = _try(rec["engine"], ck)
+    if eng is None:
+        log.warning("%s: auto's recorded choice %s is refused now (%s): timing every candidate again",
+                    label, rec["engine"], _why(result))
+        return None
+    eng.warmup(ck.ctx.batch_sizes, ck.manifest.resolution)
+    eng.verification = result
+    eng.timings_ms, eng.refused = rec.get("timings_ms", {}), rec.get("refused", {})
+    ranking = ", ".join(f"{n} {t:.2f}" for n, t in sorted(eng.timings_ms.items(), key=lambda kv: kv[1]))
+    eng.reason = (f"auto: recorded choice of {rec.get('date')}, fastest verified engine at batch "
+                  f"{list(ck.ctx.batch_sizes)} (ms/image: {ranking}); {eng.reason}; verified: {_why(result)}")
+    log.info("%s: auto reuses its recorded choice %s %s", label, eng.name, eng.precision)
+    return eng
+
+
+def _record_choice(ck: _Checkpoint, key: dict, eng: Engine) -> None:
+    import json
+    import os
+
+    from .export import _locked
+
+    rec = {"key": key, "engine": eng.name, "precision": eng.precision, "timings_ms": eng.timings_ms,
+           "refused": eng.refused, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        with _locked(ck.cache):
+            tmp = ck.cache / f"{AUTO_RECORD}.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, ck.cache / AUTO_RECORD)
+    except OSError as e:  # a read-only store still serves; it only times again next start
+        log.warning("could not record auto's choice in %s: %s", ck.cache, e)
 

@@ -298,3 +298,21 @@ def test_auto_considers_gpu_engines_on_a_gpu_and_cpu_engines_on_the_cpu():
         assert why is None or "onnxruntime" in why, (n, why)
     # Eager engines pad to static batch sizes on a GPU only (cuDNN's per-shape cost, see engines/base.py).
     assert gpu_buckets(torch.device("cpu"), (1, 8, 32)) == ()
+
+
+def test_auto_records_its_choice_and_a_restart_builds_only_the_winner(store, monkeypatch):
+    """A restart with nothing changed reuses auto's choice (still verified) instead of timing every
+    candidate; a changed key (other batch sizes) times them again."""
+    import engines.loader as loader
+
+    home, tag = store
+    first, _ = load_engine(tag, engine="auto", threads=1, home=str(home), batch_sizes=(1, 2), auto_seconds=0.3)
+    built = []
+    real_try = loader._try
+    monkeypatch.setattr(loader, "_try", lambda name, ck: (built.append(name), real_try(name, ck))[1])
+    monkeypatch.setattr(loader, "time_engine", lambda *a, **k: pytest.fail("a recorded choice must not be timed"))
+    again, _ = load_engine(tag, engine="auto", threads=1, home=str(home), batch_sizes=(1, 2), auto_seconds=0.3)
+    assert again.name == first.name and built == [first.name]
+    assert again.describe()["reason"].startswith("auto: recorded choice") and again.describe()["verification"]["ok"]
+    with pytest.raises(pytest.fail.Exception, match="must not be timed"):  # other batch sizes: another key
+        load_engine(tag, engine="auto", threads=1, home=str(home), batch_sizes=(1, 3), auto_seconds=0.3)
