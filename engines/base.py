@@ -72,7 +72,19 @@ class Engine:
         return d
 
 
-class TorchEngine(Engine):
+class _EagerEngine(Engine):
+    """Eager PyTorch engines: `_run` one batch; on a GPU pad to the fixed sizes in `buckets` first."""
+
+    buckets: tuple[int, ...] = ()
+
+    def _run(self, images: torch.Tensor, b: int = 0) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return run_in_buckets(images, self.buckets, self._run) if self.buckets else self._run(images)
+
+
+class TorchEngine(_EagerEngine):
     """PyTorch eager, channels_last, inference_mode: the reference every other engine is checked against."""
 
     name = "torch"
@@ -102,9 +114,6 @@ class TorchEngine(Engine):
             x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             return self.graph(x).float().cpu()
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return run_in_buckets(images, self.buckets, self._run) if self.buckets else self._run(images)
-
 
 def gpu_buckets(device: torch.device, batch_sizes: Sequence[int] | None) -> tuple[int, ...]:
     """The static batch sizes an eager engine pads to on a GPU (none on the CPU).
@@ -120,7 +129,7 @@ def gpu_buckets(device: torch.device, batch_sizes: Sequence[int] | None) -> tupl
     return tuple(sorted(set(batch_sizes)))
 
 
-class TorchFp16Engine(Engine):
+class TorchFp16Engine(_EagerEngine):
     """Eager PyTorch in half precision on a GPU: the network's weights and activations in fp16.
 
     The normaliser stays fp32 (uint8 -> float is exact there) and hands the network an fp16 tensor;
@@ -155,9 +164,6 @@ class TorchFp16Engine(Engine):
         with torch.inference_mode():
             x = self.normalize(images.to(self.device, non_blocking=True)).half()
             return self.net(x.contiguous(memory_format=torch.channels_last)).float().cpu()
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return run_in_buckets(images, self.buckets, self._run) if self.buckets else self._run(images)
 
 
 def run_in_buckets(images: torch.Tensor, buckets: Sequence[int], run) -> torch.Tensor:
