@@ -53,9 +53,8 @@ bench: setup
 QUICK_VARIANTS ?= b0 mec compact
 checkpoints: setup
 	$(EFFNET) import-pretrained lite0 --skip-existing
-	for v in $(QUICK_VARIANTS); do \
-	  $(EFFNET) train --variant $$v --data fashion-mnist --recipe quick --skip-existing --no-progress || exit 1; \
-	done
+	$(EFFNET) train-many --variants $(shell echo $(QUICK_VARIANTS) | tr ' ' ,) --data fashion-mnist --recipe quick \
+	  --skip-existing --no-progress
 	$(EFFNET) store
 
 # The full recipe (RandAugment, 40 epochs at 64x64): hours on a CPU, minutes per epoch on a GPU.

@@ -27,9 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.func(args) or 0)
+        return int((args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

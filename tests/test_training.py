@@ -167,6 +167,51 @@ def test_import_pretrained_lite0_classifies_coffee_as_espresso(bentoml_home, cap
     assert man.classes[int(p.argmax())] == "espresso" and float(p.max()) > 0.5
 
 
+def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tmp_path, bentoml_home):
+    # 2 steps per epoch (32 images / 16): 1.5 epochs is 3 steps, the last pass stopping after its first.
+    result = train_main(tiny_cfg(tmp_path, epochs=1.5, eval_every=0), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in log] == [(1, 2), (2, 3)]
+    assert result["metrics"]["epochs"] == 1.5
+    assert result["metrics"]["images_per_s"] is not None and "val_top1" in log[-1]  # evaluated after the last pass
+    with pytest.raises(ValueError, match="epochs must be above 0"):
+        tiny_cfg(tmp_path, epochs=0)
+
+
+def test_train_many_trains_side_by_side_and_reports_a_failure(tmp_path, bentoml_home):
+    # Two processes at once: one valid variant and one the registry does not know. The valid one is
+    # stored anyway, each line says which variant wrote it, and the exit status reports the failure.
+    env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
+    cmd = [sys.executable, "-m", "cli", "train-many", "--variants", "compact,no-such-net", "--epochs", "1",
+           "--eval-every", "0", *TINY]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from training.parallel import threads_per_process
+
+    assert f"2 processes x {threads_per_process(2)} thread(s)" in proc.stdout  # cores // processes, at least 1
+    assert any(line.startswith("[compact    ] saved compact-fake:") for line in proc.stdout.splitlines()), proc.stdout
+    assert any(line.startswith("[no-such-net]") and "no-such-net" in line[13:] for line in proc.stdout.splitlines())
+    assert "failed: no-such-net" in proc.stderr
+    assert [r["tag"].split(":")[0] for r in list_checkpoints(bentoml_home)] == ["compact-fake"]
+
+
+def test_train_many_splits_the_cores_between_its_processes():
+    from training.parallel import threads_per_process
+
+    assert threads_per_process(3, cores=2) == 1  # never 0: time-slicing single threads, not oversubscribed pools
+    assert threads_per_process(3, cores=8) == 2 and threads_per_process(1, cores=4) == 4
+
+
+def test_train_many_refuses_a_bad_option_before_starting_anything(bentoml_home):
+    with pytest.raises(SystemExit):
+        effnet(["train-many", "--variants", "compact", "--epocs", "2", *TINY])  # --epochs misspelt
+    with pytest.raises(SystemExit):
+        effnet(["train-many", "--variants", "compact", "--variant", "b0", *TINY])
+    with pytest.raises(SystemExit):
+        effnet(["store", "--no-such-option"])  # other commands still refuse unknown options
+    assert list_checkpoints(bentoml_home) == []
+
+
 def test_config_precedence_defaults_recipe_yaml_cli(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("recipe: quick\nepochs: 7\nbatch-size: 32\n")

@@ -42,6 +42,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_many(args: argparse.Namespace, extra: list[str]) -> int:
+    from .parallel import train_many
+    from .train import get_args_parser
+
+    # the options go to every child: refuse a typo here, once, rather than in each of them
+    get_args_parser().parse_args(["--variant", "b0", *extra])
+    if any(a == "--variant" or a.startswith("--variant=") for a in extra):
+        raise SystemExit("effnet train-many: give the variants with --variants, not --variant")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    return train_many(variants, extra, threads=args.threads)
+
+
 def cmd_train_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -80,6 +92,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "train-many", help="train several variants side by side, one process each (what `make checkpoints` runs)",
+        description="Train VARIANTS at once, each in its own `effnet train` process with CPU cores // processes "
+        "threads (at least 1): on small CPUs single-threaded steps side by side train faster than one "
+        "multi-threaded process after another (training/parallel.py has the figures). Every other option is "
+        "passed to each `effnet train` unchanged. Each line is prefixed with its variant; a summary closes the run.",
+        epilog="example:\n  effnet train-many --variants b0,mec,compact --data fashion-mnist --recipe quick --skip-existing",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--variant b0` must not pass for `--variants b0`: it is refused below
+    )
+    p.add_argument("--variants", required=True, help="comma-separated variants, e.g. b0,mec,compact")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: cores // processes)")
+    p.set_defaults(func=cmd_train_many, passthrough=True)
 
     p = sub.add_parser("train-bench", help="training throughput (images/s) per variant on this machine",
                        description="Time the real training step (channels_last, AdamW, EMA, clipping) per variant on "

@@ -21,7 +21,8 @@ class TrainConfig:
     name: str = ""  # store name; "" -> "{canonical variant}-{dataset}", what the service asks for
     teacher: str = ""  # store tag of a teacher checkpoint for knowledge distillation; "" -> none
     # schedule
-    epochs: int = 40  # Fashion-MNIST keeps improving to ~40 epochs with RandAugment; ImageNet users set 350
+    epochs: float = 40.0  # Fashion-MNIST keeps improving to ~40 epochs with RandAugment; ImageNet users set 350.
+    # A fraction is allowed (0.8: the cosine schedule over 80% of one epoch's steps), for budgets below one epoch.
     batch_size: int = 128  # per process; 128 is the fastest per image on this CPU (FACTS: 625 vs 587 img/s at 256)
     lr: float = 2e-3  # AdamW peak LR for a global batch of 128; scaled linearly with the global batch
     min_lr_ratio: float = 0.01  # cosine floor: the last epochs still move a little, as in timm
@@ -75,12 +76,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # input beats more epochs here (FACTS: 1 epoch at 64 > 2 epochs at 32), and at 2-3 epochs every
     # regulariser costs accuracy rather than buying it, so they are turned down.
     "quick": {
-        # NOTE: one epoch, not two. FACTS' ~400 img/s at 40x40 (625 at 32) came from an AVX-512 host; these
-        # AVX2 machines train b0 at ~130 img/s at 40x40 (2026-11-27, quiet), so 2 epochs x 3 models is ~45 min
-        # and `make serve` from a fresh clone would wait that long. One epoch: ~23 min for all three, and
-        # measured b0 83.0%, mec 82.3%, compact 82.4% (benchmarks/training-quick.md), below the 85% aim;
-        # with crop_pad 0 (below) b0 87.5%, mec 88.1%, compact 86.8% on this CPU (2026-11-27).
-        "epochs": 1,
+        # NOTE: 0.8 of an epoch, not 1 or 2. FACTS' ~400 img/s at 40x40 (625 at 32) came from an AVX-512 host;
+        # these AVX2 machines train b0 at ~130 img/s at 40x40 (2026-11-27, quiet). One epoch each, one model
+        # after another, took 27.1 min for the three (b0 87.5%, mec 88.1%, compact 86.8%); `make checkpoints`
+        # now trains them side by side (training/parallel.py, ~1.35x) and 0.8 epoch keeps it inside the
+        # 20 minutes that `make serve` from a fresh clone can afford (benchmarks/training-quick.md).
+        "epochs": 0.8,
         "resolution": 40,  # NOTE: a 2x2 final map instead of 32's 1x1, at 1.56x the cost of 32
         "warmup_epochs": 0.2,  # a 1-epoch run cannot spend much of it warming up
         "lr": 3e-3,  # short cosine schedules want a higher peak
@@ -126,6 +127,8 @@ def resolve_config(cli: dict[str, Any], config_file: str | None = None) -> Train
     cfg = TrainConfig(**values)
     if cfg.auto_augment not in ("randaugment", "autoaugment", "trivialaugment", "none"):
         raise ValueError(f"auto_augment must be randaugment, autoaugment, trivialaugment or none, got {cfg.auto_augment!r}")
+    if not cfg.epochs > 0:
+        raise ValueError(f"epochs must be above 0 (fractions allowed, e.g. 0.8), got {cfg.epochs!r}")
     if cfg.amp not in ("auto", "off", "bf16", "fp16"):
         raise ValueError(f"amp must be auto, off, bf16 or fp16, got {cfg.amp!r}")
     return cfg

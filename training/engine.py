@@ -73,12 +73,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 def train_one_epoch(
     model, ema, optimizer, scaler, loader, normalize, cfg, *, epoch, step, total_steps, warmup_steps, device,
-    peak_lr, amp_dtype=None, teacher=None, teacher_input=None, progress=True, pad=0, heartbeat=0,
+    peak_lr, amp_dtype=None, teacher=None, teacher_input=None, progress=True, pad=0, heartbeat=0, max_steps=None,
 ) -> tuple[dict, int]:
     """Train for one pass over `loader`; returns (metrics, global step after the epoch).
 
     `normalize` is the manifest's InputNormalizer (uint8 -> model input). With a teacher, the loss is
-    (1 - kd_alpha) * label-smoothed CE + kd_alpha * distillation.
+    (1 - kd_alpha) * label-smoothed CE + kd_alpha * distillation. `max_steps` ends the pass early (the
+    last pass of a fractional number of epochs).
     """
     from tqdm import tqdm
 
@@ -86,13 +87,16 @@ def train_one_epoch(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     total_loss, total_correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     t0 = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch",
+    n_steps = len(loader) if max_steps is None else max(0, min(len(loader), max_steps))
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{math.ceil(cfg.epochs)}", disable=not progress, unit="batch", total=n_steps,
                mininterval=1.0, dynamic_ncols=True, leave=True)
     # The steady rate leaves out the first steps: worker start-up, cuDNN's algorithm search and the
     # allocator's growth. NOTE: on an H100 the first 100 of 234 steps ran at 630 img/s and the next
     # 100 at 2,600 (benchmarks/gpu/README.md); planning epochs from the first figure was 4x off.
     warm_steps, t_warm, seen_warm = max(1, min(20, len(loader) // 5)), None, 0
     for i, (images, labels) in enumerate(bar):
+        if i == n_steps:
+            break
         if i == warm_steps:
             t_warm, seen_warm = time.perf_counter(), seen
         lr = get_lr(step, total_steps, warmup_steps, peak_lr, cfg.min_lr_ratio)
@@ -121,14 +125,14 @@ def train_one_epoch(
         seen += n
         total_loss += loss.detach() * n
         total_correct += (logits.detach().argmax(-1) == labels).sum()
-        if progress and (i % cfg.log_every == 0 or i == len(loader) - 1):
+        if progress and (i % cfg.log_every == 0 or i == n_steps - 1):
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", img_s=f"{seen / dt:.0f}", lr=f"{lr:.2e}", refresh=False)
         elif heartbeat and (i + 1) % heartbeat == 0:
             # Without a bar (logs, make): one line now and then, with the same figures.
             dt = time.perf_counter() - t0
-            eta = dt / (i + 1) * (len(loader) - i - 1)
-            print(f"  epoch {epoch + 1} step {i + 1}/{len(loader)} loss {float(total_loss) / seen:.3f} "
+            eta = dt / (i + 1) * (n_steps - i - 1)
+            print(f"  epoch {epoch + 1} step {i + 1}/{n_steps} loss {float(total_loss) / seen:.3f} "
                   f"{seen / dt:.0f} img/s lr {lr:.2e} eta {eta:.0f} s", flush=True)
     bar.close()
     t1 = time.perf_counter()

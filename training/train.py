@@ -8,6 +8,7 @@ with a DistributedSampler; rank 0 evaluates, logs and saves.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import sys
@@ -147,7 +148,10 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                         persistent_workers=cfg.workers > 0)  # no re-fork of the workers every epoch
     val_loader = DataLoader(data.val, batch_size=256, shuffle=False, num_workers=cfg.workers)
     steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
+    # A fractional `epochs` (the quick recipe's 0.8) ends the last pass early; the schedule spans exactly
+    # the steps that run.
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    n_passes = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = min(int(cfg.warmup_epochs * steps_per_epoch), max(0, total_steps - 1))
     pad = 0 if cfg.data.startswith("imagefolder:") else int(round(cfg.crop_pad * cfg.resolution))
 
@@ -170,23 +174,24 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             (run_dir / LOG_FILE).write_text("")
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"{variant} -> {name}: {count_params(net):,} params, {world} process(es) on {device}, global batch "
-        f"{global_batch}, peak lr {peak_lr:.2e}, amp {amp_dtype}, {cfg.epochs} epochs x {steps_per_epoch} steps")
+        f"{global_batch}, peak lr {peak_lr:.2e}, amp {amp_dtype}, {cfg.epochs:g} epoch(s): {total_steps} steps of {steps_per_epoch} per epoch")
 
     # 5) epochs
     t_train = time.perf_counter()
     images_seen = 0
     last = {}
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, n_passes):
         sampler.set_epoch(epoch)
+        steps_before = step
         stats, step = train_one_epoch(
             model, ema, optimizer, scaler, loader, normalize, cfg, epoch=epoch, step=step, total_steps=total_steps,
             warmup_steps=warmup_steps, device=device, peak_lr=peak_lr, amp_dtype=amp_dtype, teacher=teacher,
             teacher_input=teacher_input, progress=progress and main_proc, pad=pad,
-            heartbeat=100 if main_proc and not progress else 0,
+            heartbeat=100 if main_proc and not progress else 0, max_steps=total_steps - step,
         )
-        images_seen += steps_per_epoch * global_batch
+        images_seen += (step - steps_before) * global_batch
         record = {"epoch": epoch + 1, "step": step, **stats, "images_per_s_total": stats["images_per_s"] * world}
-        is_last = epoch + 1 == cfg.epochs
+        is_last = epoch + 1 == n_passes
         if main_proc and is_last and cfg.bn_recalibrate:
             for m in (net, ema.module):
                 recalibrate_bn(m, loader, normalize, cfg.bn_recalibrate, device, cfg.channels_last)
@@ -218,7 +223,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     if main_proc:
         if not last:  # resumed from the state of a finished run: re-export it (recalibrated if it was not)
             if cfg.bn_recalibrate and not recalibrated:
-                sampler.set_epoch(cfg.epochs - 1)
+                sampler.set_epoch(n_passes - 1)
                 for m in (net, ema.module):
                     recalibrate_bn(m, loader, normalize, cfg.bn_recalibrate, device, cfg.channels_last)
             last = {"model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last),
@@ -266,7 +271,7 @@ HELP = {
     "recipe": "quick: the 2-CPU-core budget (~6 min per model on Fashion-MNIST); full: RandAugment, longer schedule, more regularisation",
     "name": "store name (default: {variant}-{dataset}, e.g. b0-fashion-mnist, which the service serves)",
     "teacher": "store tag of a trained checkpoint to distil from (same classes), e.g. b0-fashion-mnist:latest",
-    "epochs": "epochs of the cosine schedule",
+    "epochs": "epochs of the cosine schedule; a fraction (e.g. 0.8) stops the last pass early",
     "batch_size": "images per process per step (the LR scales with the global batch / 128)",
     "lr": "peak AdamW learning rate for a global batch of 128",
     "min_lr_ratio": "cosine floor as a fraction of the peak LR",
