@@ -49,7 +49,7 @@ bench: setup
 	$(EFFNET) bench --record benchmarks/bench-$$(date -u +%Y%m%d-%H%M).json
 
 # The default store ($BENTOML_HOME, else ~/bentoml): the Lite0 ImageNet import, then b0, mec and compact
-# on Fashion-MNIST with the quick recipe (~25 min on these 2-core AVX2 machines). Skips what is stored.
+# on Fashion-MNIST with the quick recipe, side by side (~18 min on these 2-core AVX2 machines). Skips what is stored.
 QUICK_VARIANTS ?= b0 mec compact
 checkpoints: setup
 	$(EFFNET) import-pretrained lite0 --skip-existing
@@ -65,12 +65,12 @@ NPROC ?= 1
 train-full: setup
 	$(EFFNET) train --variant $(VARIANT) --data fashion-mnist --recipe full --nproc $(NPROC)
 
-# Exports and verifies the default checkpoints for the compiled engines that `engine: auto` picks from
-# (ONNX Runtime, OpenVINO, static int8), cached in each checkpoint's folder by the weights' sha256:
-# ahead of time, so the service starts in seconds instead of exporting on its first start.
-SERVED_MODELS ?= b0-fashion-mnist mec-out-e3-fashion-mnist compact-fashion-mnist lite0-imagenet
+# Exports, verifies and times the engines of every variant that service/config.yaml serves, exactly as
+# its worker will (`effnet serve --prepare`): the artefacts are cached in each checkpoint's folder by the
+# weights' sha256 and auto's choice is recorded beside them, so the first start only loads the winners.
+# `effnet export TAG --engine all` exports and verifies one checkpoint for every engine.
 engines: setup
-	for m in $(SERVED_MODELS); do $(EFFNET) export $$m:latest --engine auto --batch-sizes 1,8,32 || exit 1; done
+	$(EFFNET) serve --prepare
 
 # Fills the default store if empty (`checkpoints`), then serves on 127.0.0.1:3000 (prints example curls).
 serve: setup checkpoints engines

@@ -37,6 +37,51 @@ def example_curl(host: str, port: int) -> str:
             f"  curl -s http://{shown}:{port}/variants   # also /routes, /readyz, /metrics, /docs")
 
 
+def prepare_engines(cfg) -> int:
+    """Export, verify and choose every served variant's engine exactly as its worker will (same engine
+    setting, threads, device and batch sizes), so that auto's choice is recorded and the server's
+    first start only loads the winners. 1 if some variant has no engine (its reason is printed)."""
+    import time
+
+    import torch
+
+    from cli.parallel import run_side_by_side
+    from engines import load_engine
+
+    from .config import cpu_threads
+
+    def device_of(v) -> str:
+        return "cuda" if v.gpu > 0 and torch.cuda.is_available() else "cpu"
+
+    # 1) Export and verify, one single-threaded process per variant, as many at once as there are cores:
+    # exports are mostly single-threaded Python. NOTE: one after another this took 341 s for the default
+    # four here (2026-11-27). Verdicts are cached by the artefacts' sha256, not by threads, so step 2
+    # reuses them.
+    print("exporting and verifying the engines of " + ", ".join(cfg.variants) + " side by side", flush=True)
+    run_side_by_side({name: [sys.executable, "-m", "cli", "export", v.model, "--engine", v.engine, "--threads", "1",
+                             "--device", device_of(v), "--batch-sizes", ",".join(map(str, v.batch_sizes))]
+                      for name, v in cfg.variants.items()}, max_jobs=max(1, cpu_threads(cfg)))
+    # 2) One variant at a time, alone on the machine: auto's timing must not share the cores.
+    print("choosing each variant's engine as its worker will", flush=True)
+    failed = 0
+    for name, v in cfg.variants.items():
+        device = device_of(v)
+        threads = v.threads or cpu_threads(cfg)
+        t0 = time.perf_counter()
+        try:
+            eng, _ = load_engine(v.model, engine=v.engine, threads=threads, device=device, batch_sizes=v.batch_sizes)
+        except Exception as e:  # a missing checkpoint, or no engine at all
+            print(f"{name:<10} FAILED: {e}", flush=True)
+            failed += 1
+            continue
+        d = eng.describe()
+        print(f"{name:<10} {d.get('engine')} {d.get('precision')} on {device}, {threads} thread(s), batch sizes "
+              f"{list(v.batch_sizes)} ({time.perf_counter() - t0:.0f} s)\n           {d.get('reason')}", flush=True)
+        for refused, why in (d.get("refused") or {}).items():
+            print(f"           refused {refused}: {why}", flush=True)
+    return 1 if failed else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import CONFIG_ENV, ConfigError, config_path, load_config
 
@@ -47,6 +92,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"effnet serve: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "prepare", False):
+        if problems:
+            print("effnet serve --prepare: " + "; ".join(problems) + "\n  `make checkpoints` fills the default store",
+                  file=sys.stderr)
+            return 1
+        return prepare_engines(cfg)
     for p in problems:
         print(f"effnet serve: warning: {p}\n  the server will start but stay not ready (see /readyz); "
               "`make checkpoints` fills the default store", file=sys.stderr)
@@ -72,4 +123,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="serving configuration YAML (default: $EFFNET_SERVE_CONFIG, else service/config.yaml)")
     p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--prepare", action="store_true",
+                   help="do not serve: export, verify and choose each variant's engine as its worker will, record "
+                   "auto's choice next to the checkpoint, print the choices and exit (`make engines`; the first "
+                   "start then only loads the winners)")
     p.set_defaults(func=cmd_serve)

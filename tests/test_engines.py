@@ -300,6 +300,32 @@ def test_auto_considers_gpu_engines_on_a_gpu_and_cpu_engines_on_the_cpu():
     assert gpu_buckets(torch.device("cpu"), (1, 8, 32)) == ()
 
 
+def test_auto_times_the_candidates_interleaved_and_a_passing_disturbance_does_not_decide():
+    """A is the faster engine but is disturbed during the first slice it gets (another process waking
+    up); timed one after the other it would look slower than B. Interleaved rounds, each keeping its
+    fastest, still pick A. Sleeps stand in for inference: only their order and ratio matter."""
+    import time
+    from types import SimpleNamespace
+
+    from engines.loader import time_engines
+
+    calls = []
+
+    def engine(name, seconds):
+        def run(x):
+            disturbed = name == "A" and len(calls) >= 4 and "B" not in calls[4:]  # A's first timed slice
+            calls.append(name)
+            time.sleep((0.02 if disturbed else seconds) * len(x))
+        return run
+
+    t = time_engines({"A": engine("A", 0.002), "B": engine("B", 0.004)}, (1, 2), SimpleNamespace(resolution=4),
+                     seconds=0.3, rounds=3)
+    assert t["A"] < t["B"]
+    timed = calls[4:]  # after one warm-up call per engine and batch size
+    switches = sum(a != b for a, b in zip(timed, timed[1:]))
+    assert switches >= 3 * 2 * 2 - 1  # every (round, batch size) visits A then B
+
+
 def test_auto_records_its_choice_and_a_restart_builds_only_the_winner(store, monkeypatch):
     """A restart with nothing changed reuses auto's choice (still verified) instead of timing every
     candidate; a changed key (other batch sizes) times them again."""
@@ -310,7 +336,7 @@ def test_auto_records_its_choice_and_a_restart_builds_only_the_winner(store, mon
     built = []
     real_try = loader._try
     monkeypatch.setattr(loader, "_try", lambda name, ck: (built.append(name), real_try(name, ck))[1])
-    monkeypatch.setattr(loader, "time_engine", lambda *a, **k: pytest.fail("a recorded choice must not be timed"))
+    monkeypatch.setattr(loader, "time_engines", lambda *a, **k: pytest.fail("a recorded choice must not be timed"))
     again, _ = load_engine(tag, engine="auto", threads=1, home=str(home), batch_sizes=(1, 2), auto_seconds=0.3)
     assert again.name == first.name and built == [first.name]
     assert again.describe()["reason"].startswith("auto: recorded choice") and again.describe()["verification"]["ok"]

@@ -315,3 +315,32 @@ def test_worker_batch_sizes_are_powers_of_two_up_to_the_maximum():
     assert VariantConfig("v", "m:latest", max_batch_size=8).batch_sizes == (1, 2, 4, 8)
     assert VariantConfig("v", "m:latest", max_batch_size=12).batch_sizes == (1, 2, 4, 8, 12)
     assert VariantConfig("v", "m:latest", max_batch_size=1).batch_sizes == (1,)
+
+
+def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tmp_path, capsys):
+    """`make engines` (`effnet serve --prepare`) exports, verifies and times each variant as its worker
+    will, so the worker's own load finds auto's choice recorded and only builds the winner."""
+    import argparse
+
+    from engines import load_engine
+    from service.cli import cmd_serve
+    from service.testing import make_checkpoint, write_config
+
+    make_checkpoint(bentoml_home, "compact-a", "compact", ["cat", "dog"], 32)
+    cfg = write_config(tmp_path / "c.yaml", {
+        "server": {"cpu_threads": 1},
+        "variants": {"a": {"model": "compact-a:latest", "engine": "auto", "max_batch_size": 2}},
+        "routes": {"pets": {"split": ["a"]}},
+    })
+    args = argparse.Namespace(config=str(cfg), host="127.0.0.1", port=3999, prepare=True)
+    assert cmd_serve(args) == 0
+    out = capsys.readouterr().out
+    assert "[a] compact" in out  # step 1: the export's own report, prefixed with the variant
+    assert "auto: fastest verified engine at batch [1, 2]" in out
+    eng, _ = load_engine("compact-a:latest", engine="auto", threads=1, batch_sizes=(1, 2))
+    assert eng.describe()["reason"].startswith("auto: recorded choice")
+    # A variant whose checkpoint is missing: nothing to prepare, said plainly, exit status 1.
+    cfg = write_config(tmp_path / "missing.yaml", {"variants": {"a": {"model": "nowhere:latest"}},
+                                                   "routes": {"pets": {"split": ["a"]}}})
+    assert cmd_serve(argparse.Namespace(config=str(cfg), host="127.0.0.1", port=3999, prepare=True)) == 1
+    assert "nowhere" in capsys.readouterr().err

@@ -15,10 +15,7 @@ the exit status says whether all succeeded.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import threading
-import time
 
 
 def threads_per_process(jobs: int, cores: int | None = None) -> int:
@@ -27,48 +24,21 @@ def threads_per_process(jobs: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, jobs))
 
 
-def _pump(prefix: str, stream, lock: threading.Lock) -> None:
-    for line in iter(stream.readline, ""):
-        with lock:
-            sys.stdout.write(f"{prefix} {line}")
-            sys.stdout.flush()
-
-
 def train_many(variants: list[str], train_args: list[str], threads: int = 0) -> int:
     """Train each variant in its own process with `train_args` (effnet train options); 0 if all succeeded."""
+    from cli.parallel import run_side_by_side
+
     if not variants:
         raise ValueError("no variants given")
     threads = threads or threads_per_process(len(variants))
-    width = max(len(v) for v in variants)
-    lock = threading.Lock()
-    procs: dict[str, tuple[subprocess.Popen, float, threading.Thread]] = {}
     print(f"training {', '.join(variants)} side by side: {len(variants)} processes x {threads} thread(s)", flush=True)
-    try:
-        for v in variants:
-            cmd = [sys.executable, "-m", "training", "--variant", v, "--threads", str(threads), *train_args]
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-            t = threading.Thread(target=_pump, args=(f"[{v:<{width}}]", p.stdout, lock), daemon=True)
-            t.start()
-            procs[v] = (p, time.perf_counter(), t)
-        ended: dict[str, tuple[int, float]] = {}
-        while len(ended) < len(procs):
-            for v, (p, t0, t) in procs.items():
-                if v not in ended and p.poll() is not None:
-                    t.join(5)
-                    ended[v] = (p.returncode, time.perf_counter() - t0)
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        for p, _, _ in procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p, _, _ in procs.values():
-            p.wait()
-        raise
+    ended = run_side_by_side({v: [sys.executable, "-m", "training", "--variant", v, "--threads", str(threads),
+                                  *train_args] for v in variants})
+    width = max(len(v) for v in variants)
     print(f"\n{'variant':<{width}}  status  wall", flush=True)
-    for v in variants:
-        rc, seconds = ended[v]
+    for v, (rc, seconds) in ended.items():
         print(f"{v:<{width}}  {'ok' if rc == 0 else f'rc {rc}':<6}  {seconds:.0f} s")
-    failed = [v for v in variants if ended[v][0] != 0]
+    failed = [v for v, (rc, _) in ended.items() if rc != 0]
     if failed:
         print(f"failed: {', '.join(failed)} (their lines above say why)", file=sys.stderr)
     return 1 if failed else 0
