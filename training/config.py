@@ -76,12 +76,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     # input beats more epochs here (FACTS: 1 epoch at 64 > 2 epochs at 32), and at 2-3 epochs every
     # regulariser costs accuracy rather than buying it, so they are turned down.
     "quick": {
-        # NOTE: 0.8 of an epoch, not 1 or 2. FACTS' ~400 img/s at 40x40 (625 at 32) came from an AVX-512 host;
+        # NOTE: 0.75 of an epoch, not 1 or 2. FACTS' ~400 img/s at 40x40 (625 at 32) came from an AVX-512 host;
         # these AVX2 machines train b0 at ~130 img/s at 40x40 (2026-11-27, quiet). One epoch each, one model
         # after another, took 27.1 min for the three (b0 87.5%, mec 88.1%, compact 86.8%); `make checkpoints`
-        # now trains them side by side (training/parallel.py, ~1.35x) and 0.8 epoch keeps it inside the
-        # 20 minutes that `make serve` from a fresh clone can afford (benchmarks/training-quick.md).
-        "epochs": 0.8,
+        # now trains them side by side (training/parallel.py, ~1.35x). At 0.8 epoch it took 17.7 min (b0
+        # 87.4%, mec 86.7%, compact 86.4%), and `make serve` from a fresh clone 25.6 min against the serving
+        # issue's 25; 0.75 takes a minute off (benchmarks/training-quick.md).
+        "epochs": 0.75,
         "resolution": 40,  # NOTE: a 2x2 final map instead of 32's 1x1, at 1.56x the cost of 32
         "warmup_epochs": 0.2,  # a 1-epoch run cannot spend much of it warming up
         "lr": 3e-3,  # short cosine schedules want a higher peak
