@@ -231,10 +231,8 @@ def load_engine(
     if not built:
         raise RuntimeError(f"{label}: no engine could serve: {refused}")
     timings = time_engines(built, ck.ctx.batch_sizes, ck.manifest, auto_seconds)
-    winner = min(timings, key=timings.get)
-    best = (timings[winner], built.pop(winner))
+    eng = built.pop(min(timings, key=timings.get))
     built.clear()  # the losers' sessions and compiled models are freed here
-    eng = best[1]
     ranking = ", ".join(f"{n} {t * 1e3:.2f}" for n, t in sorted(timings.items(), key=lambda kv: kv[1]))
     eng.reason = (f"auto: fastest verified engine at batch {list(ck.ctx.batch_sizes)} "
                   f"(ms/image: {ranking}); {eng.reason}; verified: {_why(eng.verification)}")

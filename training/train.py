@@ -148,7 +148,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                         persistent_workers=cfg.workers > 0)  # no re-fork of the workers every epoch
     val_loader = DataLoader(data.val, batch_size=256, shuffle=False, num_workers=cfg.workers)
     steps_per_epoch = len(loader)
-    # A fractional `epochs` (the quick recipe's 0.8) ends the last pass early; the schedule spans exactly
+    # A fractional `epochs` (the quick recipe's 0.75) ends the last pass early; the schedule spans exactly
     # the steps that run.
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     n_passes = math.ceil(total_steps / steps_per_epoch)
@@ -268,7 +268,7 @@ HELP = {
     "variant": "registered variant or alias (`effnet models`), e.g. b0, mec (= mec-out-e3), compact",
     "data": "fashion-mnist (/usr/share/datasets/fashion-mnist, else torchvision's download), "
     "imagefolder:PATH (PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg, the ImageNet layout), or fake (tiny generated set for tests)",
-    "recipe": "quick: the 2-CPU-core budget (0.8 epoch at 40x40; ~16 min for b0, mec and compact side by side on Fashion-MNIST); full: RandAugment, longer schedule, more regularisation",
+    "recipe": "quick: the 2-CPU-core budget (0.75 epoch at 40x40; ~17 min for b0, mec and compact side by side on Fashion-MNIST); full: RandAugment, longer schedule, more regularisation",
     "name": "store name (default: {variant}-{dataset}, e.g. b0-fashion-mnist, which the service serves)",
     "teacher": "store tag of a trained checkpoint to distil from (same classes), e.g. b0-fashion-mnist:latest",
     "epochs": "epochs of the cosine schedule; a fraction (e.g. 0.8) stops the last pass early",
