@@ -13,7 +13,8 @@ DEBS := dataset-fashion-mnist prometheus
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
 	@echo "make test    set up, then run the test suite"
-	@echo "make checkpoints  fill the model store: Lite0 ImageNet + b0/mec/compact on Fashion-MNIST (quick recipe)"
+	@echo "make checkpoints  fill the model store: Lite0 ImageNet + b0/mec/compact on Fashion-MNIST (quick recipe, side by side, ~17 min)"
+	@echo "make engines      export, verify and choose each served variant's engine as its worker will (~5 min the first time)"
 	@echo "make train-full   the full recipe on Fashion-MNIST (VARIANT=b0 NPROC=1)"
 	@echo "make models  print the variant table (parameters, MACs, the slides' figures)"
 	@echo "make bench   time the main variants offline and record the figures in benchmarks/"
