@@ -159,11 +159,6 @@ def time_engines(engines: dict[str, Engine], batch_sizes: Sequence[int], manifes
     return {name: statistics.mean(best[name, b] for b in inputs) for name in engines}
 
 
-def time_engine(engine: Engine, batch_sizes: Sequence[int], manifest: Manifest, seconds: float) -> float:
-    """Seconds per image of one engine, averaged over the batch sizes (`time_engines` for one)."""
-    return time_engines({"engine": engine}, batch_sizes, manifest, seconds)["engine"]
-
-
 def load_engine(
     tag_or_path: str,
     engine: str = "torch",

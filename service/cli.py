@@ -48,10 +48,9 @@ def prepare_engines(cfg) -> int:
     from cli.parallel import run_side_by_side
     from engines import load_engine
 
-    from .config import cpu_threads
+    from .config import cpu_threads, variant_device, variant_threads
 
-    def device_of(v) -> str:
-        return "cuda" if v.gpu > 0 and torch.cuda.is_available() else "cpu"
+    cuda = torch.cuda.is_available()
 
     # 1) Export and verify, one single-threaded process per variant, as many at once as there are cores:
     # exports are mostly single-threaded Python. NOTE: one after another this took 341 s for the default
@@ -59,14 +58,13 @@ def prepare_engines(cfg) -> int:
     # reuses them.
     print("exporting and verifying the engines of " + ", ".join(cfg.variants) + " side by side", flush=True)
     run_side_by_side({name: [sys.executable, "-m", "cli", "export", v.model, "--engine", v.engine, "--threads", "1",
-                             "--device", device_of(v), "--batch-sizes", ",".join(map(str, v.batch_sizes))]
+                             "--device", variant_device(v, cuda), "--batch-sizes", ",".join(map(str, v.batch_sizes))]
                       for name, v in cfg.variants.items()}, max_jobs=max(1, cpu_threads(cfg)))
     # 2) One variant at a time, alone on the machine: auto's timing must not share the cores.
     print("choosing each variant's engine as its worker will", flush=True)
     failed = 0
     for name, v in cfg.variants.items():
-        device = device_of(v)
-        threads = v.threads or cpu_threads(cfg)
+        device, threads = variant_device(v, cuda), variant_threads(v, cfg)
         t0 = time.perf_counter()
         try:
             eng, _ = load_engine(v.model, engine=v.engine, threads=threads, device=device, batch_sizes=v.batch_sizes)

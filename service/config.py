@@ -103,15 +103,21 @@ class ServingConfig:
         return self.default_route if self.default_route in routes else routes[0]
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def cpu_threads(cfg: ServingConfig) -> int:
-    return cfg.server.cpu_threads or available_cpus()
+    from engines.threads import available_cores
+
+    return cfg.server.cpu_threads or available_cores()
+
+
+def variant_threads(v: VariantConfig, cfg: ServingConfig) -> int:
+    """A worker's inference threads: its own setting, else the server's budget. `effnet serve --prepare`
+    uses it too, so that auto's recorded choice carries the worker's key."""
+    return v.threads or cpu_threads(cfg)
+
+
+def variant_device(v: VariantConfig, cuda_available: bool) -> str:
+    """Where a worker runs: CUDA when the variant asks for GPUs and CUDA is present, else the CPU."""
+    return "cuda" if v.gpu > 0 and cuda_available else "cpu"
 
 
 def config_path(path: str | os.PathLike | None = None) -> Path:
@@ -220,7 +226,9 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     if unused:
         raise ConfigError(f"variants {unused} are in no route; add them to a route's split or shadow, or remove them")
 
-    budget = server.cpu_threads or available_cpus()
+    from engines.threads import available_cores
+
+    budget = server.cpu_threads or available_cores()
     for v in variants.values():
         if v.threads > budget:
             raise ConfigError(f"variants.{v.name}.threads: {v.threads} is more than the {budget} CPU threads available")

@@ -30,7 +30,7 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from . import metrics
-from .config import ServingConfig, VariantConfig, cpu_threads
+from .config import ServingConfig, VariantConfig, variant_device, variant_threads
 
 logger = logging.getLogger("effnet.worker")
 
@@ -63,7 +63,7 @@ def service_name(variant: str) -> str:
 def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
     """The BentoML service class that serves variant `v`."""
     use_gpu = v.gpu > 0 and gpu_present
-    threads = v.threads or cpu_threads(cfg)
+    threads = variant_threads(v, cfg)
     resources: dict[str, Any] = {"gpu": v.gpu} if use_gpu else {"cpu": str(threads)}
 
     class Worker:
@@ -73,7 +73,7 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
             self.error: str | None = None
             self.engine = None
             self.manifest = None
-            self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+            self.device = variant_device(v, use_gpu and torch.cuda.is_available())
             if v.gpu > 0 and self.device == "cpu":
                 logger.warning("variant %s asks for %s GPU(s) but CUDA is not present: serving it on the CPU",
                                v.name, v.gpu)

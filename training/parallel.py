@@ -14,14 +14,13 @@ the exit status says whether all succeeded.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 
 def threads_per_process(jobs: int, cores: int | None = None) -> int:
-    if not cores:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, jobs))
+    from engines.threads import available_cores
+
+    return max(1, (cores or available_cores()) // max(1, jobs))
 
 
 def train_many(variants: list[str], train_args: list[str], threads: int = 0) -> int:
