@@ -243,6 +243,7 @@ def load_engine(
 # kept next to the artefacts, keyed by everything it depends on, and a restart builds only the winner
 # (still verified). `rm engines/<sha>/auto.json`, or any change in the key, makes auto time them again.
 AUTO_RECORD = "auto.json"
+AUTO_RECORDS_KEPT = 8  # choices kept per checkpoint (thread counts x batch sizes x devices in use)
 
 
 def _auto_key(ck: _Checkpoint, names: list[str], threads: int) -> dict:
@@ -260,13 +261,8 @@ def _auto_key(ck: _Checkpoint, names: list[str], threads: int) -> dict:
 
 
 def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
-    import json
-
-    try:
-        rec = json.loads((ck.cache / AUTO_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    if rec.get("key") != key or rec.get("engine") not in ENGINES:
+    rec = next((r for r in _read_records(ck) if r.get("key") == key), None)
+    if rec is None or rec.get("engine") not in ENGINES:
         return None
     eng, result = _try(rec["engine"], ck)
     if eng is None:
@@ -283,6 +279,21 @@ def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
     return eng
 
 
+def _read_records(ck: _Checkpoint) -> list[dict]:
+    """auto's recorded choices for this checkpoint, newest first: one per key (threads, batch sizes...),
+    since a worker loads one engine per thread count its batches may get (service.cpu_slots)."""
+    import json
+
+    try:
+        data = json.loads((ck.cache / AUTO_RECORD).read_text())
+    except (OSError, ValueError):
+        return []
+    if isinstance(data, dict) and "key" in data:  # one record, as written before 2026-11-27 06:40
+        return [data]
+    recs = data.get("choices") if isinstance(data, dict) else None
+    return [r for r in recs if isinstance(r, dict)] if isinstance(recs, list) else []
+
+
 def _record_choice(ck: _Checkpoint, key: dict, eng: Engine) -> None:
     import json
     import os
@@ -293,8 +304,9 @@ def _record_choice(ck: _Checkpoint, key: dict, eng: Engine) -> None:
            "refused": eng.refused, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         with _locked(ck.cache):
+            keep = [rec] + [r for r in _read_records(ck) if r.get("key") != key][:AUTO_RECORDS_KEPT - 1]
             tmp = ck.cache / f"{AUTO_RECORD}.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+            tmp.write_text(json.dumps({"choices": keep}, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, ck.cache / AUTO_RECORD)
     except OSError as e:  # a read-only store still serves; it only times again next start
         log.warning("could not record auto's choice in %s: %s", ck.cache, e)

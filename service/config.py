@@ -30,7 +30,10 @@ class VariantConfig:
     model: str  # store tag, e.g. "b0-fashion-mnist:latest"
     engine: str = "torch"  # engines.load_engine name
     gpu: float = 0  # GPUs to request (a fraction shares one); 0 = CPU. Used only when CUDA is present.
-    threads: int = 0  # intra-op threads on the CPU; 0 = the server's cpu_threads
+    threads: int = 0  # most intra-op threads a CPU batch uses; 0 = the server's cpu_threads
+    # Processes serving this variant, each with its own batcher. On the CPU they share the server's
+    # core slots (service.cpu_slots): with 2, two single-thread batches run side by side when busy.
+    workers: int = 1
     max_batch_size: int = 8  # batch 32 is slower per image than 8 on these CPUs (FACTS.md)
     # BentoML's batcher answers 503 once a request's estimated wait passes this, so it is the
     # queueing budget under load, not a delay added to every request.
@@ -115,6 +118,13 @@ def variant_threads(v: VariantConfig, cfg: ServingConfig) -> int:
     return v.threads or cpu_threads(cfg)
 
 
+def variant_thread_counts(v: VariantConfig, cfg: ServingConfig, device: str) -> list[int]:
+    """The thread counts a worker's batches may run with, one engine each. On the CPU a batch gets the
+    variant's threads when every core slot is free and one when the machine is busy (service.cpu_slots)."""
+    threads = variant_threads(v, cfg)
+    return sorted({1, threads}) if device == "cpu" else [threads]
+
+
 def variant_device(v: VariantConfig, cuda_available: bool) -> str:
     """Where a worker runs: CUDA when the variant asks for GPUs and CUDA is present, else the CPU."""
     return "cuda" if v.gpu > 0 and cuda_available else "cpu"
@@ -171,7 +181,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         where = f"variants.{name}"
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: variant names are letters, digits, '-' and '_'")
-        v = _keys(where, v, {"model", "engine", "gpu", "threads", "max_batch_size", "max_latency_ms"}, {"model"})
+        v = _keys(where, v, {"model", "engine", "gpu", "threads", "workers", "max_batch_size",
+                                   "max_latency_ms"}, {"model"})
         if not isinstance(v["model"], str) or not v["model"]:
             raise ConfigError(f"{where}.model: expected a store tag such as 'b0-fashion-mnist:latest'")
         kw: dict[str, Any] = {"name": name, "model": v["model"]}
@@ -183,7 +194,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             kw["gpu"] = _number(f"{where}.gpu", v["gpu"])
         if "threads" in v:
             kw["threads"] = _number(f"{where}.threads", v["threads"], integer=True)
-        for key in ("max_batch_size", "max_latency_ms"):
+        for key in ("workers", "max_batch_size", "max_latency_ms"):
             if key in v:
                 kw[key] = _number(f"{where}.{key}", v[key], integer=True, positive=True)
         variants[name] = VariantConfig(**kw)
@@ -232,6 +243,9 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     for v in variants.values():
         if v.threads > budget:
             raise ConfigError(f"variants.{v.name}.threads: {v.threads} is more than the {budget} CPU threads available")
+        if v.workers > budget:
+            raise ConfigError(f"variants.{v.name}.workers: {v.workers} processes on {budget} CPU threads; each batch "
+                              f"needs at least one, so at most {budget} can run at once")
     return ServingConfig(variants=variants, routes=routes, default_route=default_route, server=server, source=source)
 
 

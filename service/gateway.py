@@ -262,6 +262,7 @@ class GatewayLogic:
                 reasons.append(self.problems[name])
             else:
                 self.status[name] = st
+                self.problems.pop(name, None)  # e.g. "1 of 2 worker processes loaded" while it started
         if reasons:
             raise HTTPException(status_code=503, detail="not ready: " + "; ".join(reasons))
         self.ready = True
@@ -488,7 +489,11 @@ class GatewayLogic:
                 "weights": {r: self.cfg.routes[r].split.get(name, 0.0) for r in routes},
                 "shadow_in": [r for r in routes if (s := self.cfg.routes[r].shadow) and s.variant == name],
                 "device": st.get("device"), "engine": (st.get("engine") or {}).get("engine", v.engine),
-                "threads": st.get("threads"), "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
+                # A CPU batch runs on `threads` when the machine is idle, else on one (service.cpu_slots),
+                # each with its own engine: {"1": ..., "2": ...}.
+                "engines_by_threads": st.get("engines_by_threads"),
+                "threads": st.get("threads"), "workers": v.workers,
+                "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
                 "architecture": m.variant if m else None, "dataset": m.dataset if m else None,
                 "resolution": m.resolution if m else None, "num_classes": m.num_classes if m else None,
                 "params": m.params if m else None, "macs": m.macs if m else None,

@@ -48,7 +48,7 @@ VARIANT_INFO = Gauge(
 )
 VARIANT_READY = Gauge(
     "effnet_variant_ready", "1 when the variant's worker has loaded and verified its checkpoint, else 0",
-    ["variant"], multiprocess_mode="max",
+    ["variant"], multiprocess_mode="min",  # min: 0 until every process of the variant has loaded
 )
 
 # workers
@@ -59,4 +59,9 @@ INFERENCE_LATENCY = Histogram(
 BATCH_SIZE = Histogram(
     "effnet_batch_size", "Images per batch that a worker ran (BentoML's adaptive batching)",
     ["variant"], buckets=BATCH_BUCKETS,
+)
+BATCH_THREADS = Counter(
+    "effnet_inference_batches", "Batches a CPU worker ran, by inference threads (all of the variant's "
+    "threads when the cores were free, one when they were busy: service.cpu_slots)",
+    ["variant", "threads"],
 )

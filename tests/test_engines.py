@@ -342,3 +342,17 @@ def test_auto_records_its_choice_and_a_restart_builds_only_the_winner(store, mon
     assert again.describe()["reason"].startswith("auto: recorded choice") and again.describe()["verification"]["ok"]
     with pytest.raises(pytest.fail.Exception, match="must not be timed"):  # other batch sizes: another key
         load_engine(tag, engine="auto", threads=1, home=str(home), batch_sizes=(1, 3), auto_seconds=0.3)
+
+
+def test_auto_keeps_one_choice_per_thread_count(store, monkeypatch):
+    """A CPU worker loads an engine for 1 thread and one for all (service.cpu_slots): both choices are
+    kept, so a restart times neither."""
+    import engines.loader as loader
+
+    home, tag = store
+    for threads in (1, 2):
+        load_engine(tag, engine="auto", threads=threads, home=str(home), batch_sizes=(1, 2), auto_seconds=0.3)
+    monkeypatch.setattr(loader, "time_engines", lambda *a, **k: pytest.fail("a recorded choice must not be timed"))
+    for threads in (1, 2):
+        again, _ = load_engine(tag, engine="auto", threads=threads, home=str(home), batch_sizes=(1, 2))
+        assert again.describe()["reason"].startswith("auto: recorded choice")

@@ -33,9 +33,10 @@ def server(tmp_path_factory):
         "lite0": make_checkpoint(home, "lite0-imagenet", "lite0", IMAGENET_CLASSES, 64, seed=4),
     }
     cfg = write_config(home.parent / "serve.yaml", {
-        "server": {"max_body_mb": 1, "max_pixels": 4_000_000, "max_batch_images": 8},
+        "server": {"max_body_mb": 1, "max_pixels": 4_000_000, "max_batch_images": 8, "cpu_threads": 2},
         "default_route": "fashion",
-        "variants": {v: {"model": t.split(":")[0] + ":latest", "max_batch_size": 16, "max_latency_ms": 5000}
+        "variants": {v: {"model": t.split(":")[0] + ":latest", "max_batch_size": 16, "max_latency_ms": 5000,
+                         **({"workers": 2} if v == "lite0" else {})}  # as in service/config.yaml
                      for v, t in tags.items()},
         "routes": {
             "fashion": {"split": {"b0": 0.5, "mec": 0.25, "compact": 0.25},
@@ -214,6 +215,12 @@ def test_variants_and_routes_describe_the_configuration(server):
     b0 = variants["b0"]
     assert b0["ready"] and b0["device"] == "cpu" and b0["weights"] == {"fashion": 0.5} and b0["params"] > 0
     assert variants["mec"]["shadow_in"] == ["fashion"] and variants["lite0"]["offline_top1"] == pytest.approx(0.14)
+    # Two lite0 processes, both loaded before /readyz said 200 (each marks itself loaded); CPU batches may
+    # run on one thread or on all of them, one engine each.
+    lite0 = variants["lite0"]
+    assert lite0["workers"] == 2 and lite0["ready"] and b0["workers"] == 1
+    assert lite0["threads"] == 2 and set(lite0["engines_by_threads"]) == {"1", "2"}
+    assert len(list((server.home / "run" / "ready" / "lite0").iterdir())) == 2
     routes = server.client.get("/routes").json()
     assert routes["default_route"] == "fashion" and routes["routes"]["fashion"]["shadow"]["variant"] == "mec"
     paths = server.client.get("/docs.json").json()["paths"]  # the OpenAPI document behind /docs

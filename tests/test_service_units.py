@@ -88,6 +88,8 @@ def test_default_config_serves_the_default_store():
     assert set(cfg.routes["fashion"].split) == {"b0", "mec", "compact"} and cfg.routes["fashion"].shadow
     assert cfg.variants["lite0"].model == "lite0-imagenet:latest"
     assert cfg.server.max_body_bytes == 10 * 1024 * 1024
+    # lite0 (224x224, inference-bound) runs two processes that share the cores; the rest one each.
+    assert cfg.variants["lite0"].workers == 2 and cfg.variants["b0"].workers == 1
 
 
 @pytest.mark.parametrize("patch, message", [
@@ -98,6 +100,9 @@ def test_default_config_serves_the_default_store():
     ({"routes": {"fashion": {"split": {"b0": 1}, "shadow": {"variant": "mec", "fraction": 2}}}}, "fraction"),
     ({"server": {"max_body_mb": -1}}, "server.max_body_mb"),
     ({"routes": {"fashion": {"split": {"b0": 0, "mec": 0}}}}, "sum to 0"),
+    ({"variants": {"b0": {"model": "x", "workers": 0}}}, "variants.b0.workers: expected an integer > 0"),
+    ({"server": {"cpu_threads": 2}, "variants": {"b0": {"model": "x", "workers": 3}}},
+     "variants.b0.workers: 3 processes on 2 CPU threads"),
 ])
 def test_invalid_configs_name_the_key(patch, message):
     data = {**CFG, **patch}
@@ -328,7 +333,7 @@ def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tm
 
     make_checkpoint(bentoml_home, "compact-a", "compact", ["cat", "dog"], 32)
     cfg = write_config(tmp_path / "c.yaml", {
-        "server": {"cpu_threads": 1},
+        "server": {"cpu_threads": 2},
         "variants": {"a": {"model": "compact-a:latest", "engine": "auto", "max_batch_size": 2}},
         "routes": {"pets": {"split": ["a"]}},
     })
@@ -337,8 +342,9 @@ def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tm
     out = capsys.readouterr().out
     assert "[a] compact" in out  # step 1: the export's own report, prefixed with the variant
     assert "auto: fastest verified engine at batch [1, 2]" in out
-    eng, _ = load_engine("compact-a:latest", engine="auto", threads=1, batch_sizes=(1, 2))
-    assert eng.describe()["reason"].startswith("auto: recorded choice")
+    for threads in (1, 2):  # a CPU batch runs on one thread or on all of them: both are prepared
+        eng, _ = load_engine("compact-a:latest", engine="auto", threads=threads, batch_sizes=(1, 2))
+        assert eng.describe()["reason"].startswith("auto: recorded choice")
     # A variant whose checkpoint is missing: nothing to prepare, said plainly, exit status 1.
     cfg = write_config(tmp_path / "missing.yaml", {"variants": {"a": {"model": "nowhere:latest"}},
                                                    "routes": {"pets": {"split": ["a"]}}})

@@ -1,0 +1,129 @@
+"""Core slots: the CPU thread budget shared by every worker process of one server.
+
+The server has `cpu_threads` slots (default: the cores available), one lock file each, shared by all
+worker processes through BENTOML_HOME (tests give each server its own). A CPU worker runs a batch only
+while it holds slots, one per inference thread, so inference threads never exceed the budget however
+many variants and processes are served: oversubscribing these 2 cores made eager PyTorch 13x slower
+(FACTS.md).
+
+Threads are elastic: a batch takes every slot when the machine is idle (the lowest latency for a lone
+request) and one slot when it is busy (single-thread batches side by side). On this CPU two
+single-thread OpenVINO streams carry about 40% more images/s than one two-thread stream (lite0,
+2026-11-27: 132-142 against 94-101 images/s), because a two-thread batch waits for its slower thread,
+and on a busy machine one of the two is always interrupted by HTTP work.
+
+"Idle" is every slot free now *and* none seen busy by this process in the last `CONTENDED_S`.
+NOTE: with "every slot free now" alone, under 16 clients the two lite0 processes took both slots in 55%
+of their batches (one catches the other between two batches) and the other then waited: 68 req/s,
+against 72 with one thread always, while one thread always put concurrency-1 latency at 29.7 ms
+against 19.7 (2026-11-27 06:35).
+
+flock locks belong to the open file, so they die with the process: a killed worker never leaves a
+slot taken. Only non-blocking tries are made while holding a slot, and a blocking wait is made only
+while holding none (or, for `hold_all`, in index order), so no two holders can deadlock.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+SLOTS_ENV = "EFFNET_CPU_SLOTS"
+CONTENDED_S = 0.2  # after seeing a busy slot, run single-threaded for this long (about 10 busy batches)
+
+
+def slots_dir() -> Path:
+    """Shared by every worker of one server: `$BENTOML_HOME/run/cpu-slots` unless $EFFNET_CPU_SLOTS says."""
+    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    return Path(os.environ.get(SLOTS_ENV) or home / "run" / "cpu-slots")
+
+
+class CoreSlots:
+    """`n` cross-process slots; `hold(most)` yields how many this batch got (1 or `most`)."""
+
+    def __init__(self, n: int, folder: Path | None = None, contended_s: float = CONTENDED_S) -> None:
+        if n < 1:
+            raise ValueError(f"need at least one CPU slot, got {n}")
+        folder = folder or slots_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.n = n
+        self.fds = [os.open(folder / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o600) for i in range(n)]
+        # flock is per open file: two threads of one process would both "get" the same slot.
+        self._local = threading.Lock()
+        self.contended_s = contended_s
+        self.contended_at = -1e9  # monotonic time this process last found a slot busy
+
+    def _try(self, i: int) -> bool:
+        try:
+            fcntl.flock(self.fds[i], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _release(self, held: list[int]) -> None:
+        for i in held:
+            fcntl.flock(self.fds[i], fcntl.LOCK_UN)
+
+    def _acquire(self, most: int) -> list[int]:
+        most = max(1, min(most, self.n))
+        if most > 1 and time.monotonic() - self.contended_at < self.contended_s:
+            most = 1  # busy lately: stay single-threaded rather than catch the others between batches
+        start = random.randrange(self.n)  # spread single-slot holders over the files
+        held: list[int] = []
+        busy = False
+        for k in range(self.n):
+            i = (start + k) % self.n
+            if len(held) == most:
+                # Probe the rest (lock and unlock at once) so a single-threaded process notices when
+                # the machine has gone quiet, and when it has not.
+                if self._try(i):
+                    fcntl.flock(self.fds[i], fcntl.LOCK_UN)
+                else:
+                    busy = True
+            elif self._try(i):
+                held.append(i)
+            else:
+                busy = True
+        if busy:
+            self.contended_at = time.monotonic()
+        if len(held) == most:
+            return held
+        if held:
+            # NOTE: `most` or one, never in between: a worker loads one engine per thread count it
+            # may use, and {1, most} is two engines (on 2 cores, the only two counts there are).
+            self._release(held[1:])
+            return held[:1]
+        i = start
+        fcntl.flock(self.fds[i], fcntl.LOCK_EX)  # none free: wait for one, holding nothing
+        return [i]
+
+    @contextmanager
+    def hold(self, most: int) -> Iterator[int]:
+        """Hold `most` slots if the machine is idle (see above), else one (waiting for it if need be)."""
+        with self._local:
+            held = self._acquire(most)
+            try:
+                yield len(held)
+            finally:
+                self._release(held)
+
+    @contextmanager
+    def hold_all(self) -> Iterator[int]:
+        """Every slot, waiting in index order (loading and `auto` timing need the whole machine)."""
+        with self._local:
+            for i in range(self.n):
+                fcntl.flock(self.fds[i], fcntl.LOCK_EX)
+            try:
+                yield self.n
+            finally:
+                self._release(list(range(self.n)))
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
