@@ -113,7 +113,8 @@ def offline(tag: str, threads: int, engine_name: str = "torch", batch_sizes=(1, 
     if threads > 1:
         # One engine per stream (an OpenVINO infer request is not shared between threads); the runtimes
         # release the GIL, so Python threads run them in parallel.
-        streams = [load_engine(tag, engine=engine_name, threads=1, batch_sizes=batch_sizes)[0] for _ in range(threads)]
+        # The same engine as above with one thread, as the worker runs its single-thread batches.
+        streams = [load_engine(tag, engine=engine.name, threads=1, batch_sizes=batch_sizes)[0] for _ in range(threads)]
         torch.set_num_threads(1)
         result["streams"] = {"streams": threads, "engine": streams[0].describe().get("engine"), "batches": {}}
         for batch in (1, 4, 8):

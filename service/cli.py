@@ -48,7 +48,7 @@ def prepare_engines(cfg) -> int:
     from cli.parallel import run_side_by_side
     from engines import load_engine
 
-    from .config import cpu_threads, variant_device, variant_thread_counts
+    from .config import cpu_threads, variant_device, variant_threads
 
     cuda = torch.cuda.is_available()
 
@@ -64,21 +64,21 @@ def prepare_engines(cfg) -> int:
     print("choosing each variant's engine as its worker will", flush=True)
     failed = 0
     for name, v in cfg.variants.items():
-        device = variant_device(v, cuda)
-        for threads in variant_thread_counts(v, cfg, device):  # one engine per count a batch may get
-            t0 = time.perf_counter()
-            try:
-                eng, _ = load_engine(v.model, engine=v.engine, threads=threads, device=device,
-                                     batch_sizes=v.batch_sizes)
-            except Exception as e:  # a missing checkpoint, or no engine at all
-                print(f"{name:<10} FAILED: {e}", flush=True)
-                failed += 1
-                break
-            d = eng.describe()
-            print(f"{name:<10} {d.get('engine')} {d.get('precision')} on {device}, {threads} thread(s), batch sizes "
-                  f"{list(v.batch_sizes)} ({time.perf_counter() - t0:.0f} s)\n           {d.get('reason')}", flush=True)
-            for refused, why in (d.get("refused") or {}).items():
-                print(f"           refused {refused}: {why}", flush=True)
+        # The worker's single-thread batches run the same engine with one thread (service/workers.py):
+        # only the full thread count is chosen and recorded.
+        device, threads = variant_device(v, cuda), variant_threads(v, cfg)
+        t0 = time.perf_counter()
+        try:
+            eng, _ = load_engine(v.model, engine=v.engine, threads=threads, device=device, batch_sizes=v.batch_sizes)
+        except Exception as e:  # a missing checkpoint, or no engine at all
+            print(f"{name:<10} FAILED: {e}", flush=True)
+            failed += 1
+            continue
+        d = eng.describe()
+        print(f"{name:<10} {d.get('engine')} {d.get('precision')} on {device}, {threads} thread(s), batch sizes "
+              f"{list(v.batch_sizes)} ({time.perf_counter() - t0:.0f} s)\n           {d.get('reason')}", flush=True)
+        for refused, why in (d.get("refused") or {}).items():
+            print(f"           refused {refused}: {why}", flush=True)
     return 1 if failed else 0
 
 

@@ -8,8 +8,8 @@ import time so that every variant gets its own `max_batch_size`/`max_latency_ms`
   by all worker processes of the server: at most `cpu_threads` inference threads run at any time, however
   many variants are served. A batch takes all of its `threads` when every slot is free (a lone request
   gets the whole machine) and one when the machine is busy, so `workers: 2` processes of one variant run
-  two single-thread batches side by side (about 40% more images/s than one two-thread batch here). The
-  worker therefore loads one engine per thread count it may use: 1 and `threads`.
+  two single-thread batches side by side. The worker therefore loads its engine once per thread count it
+  may use: 1 and `threads`.
 - A checkpoint that is missing, corrupted or mismatched does not crash the process (a crash would be
   restarted in a loop): the worker logs the checkpoint and the problem, reports them through
   `status`, stays not ready, and refuses `predict` with 503.
@@ -87,10 +87,15 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
                 sizes = v.batch_sizes
                 # Loading holds every slot: `engine: auto` times its candidates while loading, which
                 # means nothing if the other workers load (and compile) on the same cores.
+                # NOTE: the engine is chosen once, at the variant's full thread count (`auto` times
+                # there; `make engines` records it), and the single-thread batches run the same engine
+                # with one thread: no second timing at start-up, and one engine to compare offline.
                 with self.slots.hold_all() if self.slots else contextlib.nullcontext():
-                    for n in variant_thread_counts(v, cfg, self.device):
+                    name = v.engine
+                    for n in sorted(variant_thread_counts(v, cfg, self.device), reverse=True):
                         self.engines[n], self.manifest = load_engine(
-                            v.model, engine=v.engine, threads=n, device=self.device, batch_sizes=sizes)
+                            v.model, engine=name, threads=n, device=self.device, batch_sizes=sizes)
+                        name = self.engines[n].name
                         r = self.manifest.resolution
                         self._infer(np.zeros((1, 3, r, r), np.uint8), n)  # first-call allocations, off the request path
                 self.engine = self.engines[max(self.engines)]

@@ -342,9 +342,8 @@ def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tm
     out = capsys.readouterr().out
     assert "[a] compact" in out  # step 1: the export's own report, prefixed with the variant
     assert "auto: fastest verified engine at batch [1, 2]" in out
-    for threads in (1, 2):  # a CPU batch runs on one thread or on all of them: both are prepared
-        eng, _ = load_engine("compact-a:latest", engine="auto", threads=threads, batch_sizes=(1, 2))
-        assert eng.describe()["reason"].startswith("auto: recorded choice")
+    eng, _ = load_engine("compact-a:latest", engine="auto", threads=2, batch_sizes=(1, 2))
+    assert eng.describe()["reason"].startswith("auto: recorded choice")
     # A variant whose checkpoint is missing: nothing to prepare, said plainly, exit status 1.
     cfg = write_config(tmp_path / "missing.yaml", {"variants": {"a": {"model": "nowhere:latest"}},
                                                    "routes": {"pets": {"split": ["a"]}}})
