@@ -247,7 +247,7 @@ AUTO_RECORDS_KEPT = 8  # choices kept per checkpoint (thread counts x batch size
 
 
 def _auto_key(ck: _Checkpoint, names: list[str], threads: int) -> dict:
-    from .export import _version
+    from .export import INT8_RECIPE, _version
 
     try:
         from .openvino_rt import cpu_capabilities
@@ -257,6 +257,7 @@ def _auto_key(ck: _Checkpoint, names: list[str], threads: int) -> dict:
         caps = []
     return {"candidates": names, "batch_sizes": list(ck.ctx.batch_sizes), "threads": threads, "device": ck.device,
             "versions": {m: _version(m) for m in ("torch", "onnxruntime", "openvino")}, "cpu": caps,
+            "int8_recipe": INT8_RECIPE,  # a new recipe may verify where the old one was refused
             "timing": f"interleaved x{AUTO_ROUNDS}"}  # a choice made by the older, one-after-another timing is redone
 
 
