@@ -8,13 +8,16 @@ the gateway at start-up.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "EFFNET_SERVE_CONFIG"
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -243,9 +246,12 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     for v in variants.values():
         if v.threads > budget:
             raise ConfigError(f"variants.{v.name}.threads: {v.threads} is more than the {budget} CPU threads available")
+    for name, v in list(variants.items()):
         if v.workers > budget:
-            raise ConfigError(f"variants.{v.name}.workers: {v.workers} processes on {budget} CPU threads; each batch "
-                              f"needs at least one, so at most {budget} can run at once")
+            # Lowered rather than refused, so the default configuration (lite0: 2) also starts on 1 core.
+            log.warning("variants.%s.workers: %d processes on %d CPU threads; each batch needs one, so only %d "
+                        "can run at once: using %d", name, v.workers, budget, budget, budget)
+            variants[name] = replace(v, workers=budget)
     return ServingConfig(variants=variants, routes=routes, default_route=default_route, server=server, source=source)
 
 

@@ -101,8 +101,6 @@ def test_default_config_serves_the_default_store():
     ({"server": {"max_body_mb": -1}}, "server.max_body_mb"),
     ({"routes": {"fashion": {"split": {"b0": 0, "mec": 0}}}}, "sum to 0"),
     ({"variants": {"b0": {"model": "x", "workers": 0}}}, "variants.b0.workers: expected an integer > 0"),
-    ({"server": {"cpu_threads": 2}, "variants": {"b0": {"model": "x", "workers": 3}}},
-     "variants.b0.workers: 3 processes on 2 CPU threads"),
 ])
 def test_invalid_configs_name_the_key(patch, message):
     data = {**CFG, **patch}
@@ -112,6 +110,14 @@ def test_invalid_configs_name_the_key(patch, message):
         data["routes"] = {**CFG["routes"], **patch["routes"]}
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def test_more_worker_processes_than_cpu_threads_are_lowered(caplog):
+    """Each CPU batch holds a core slot, so processes beyond the thread budget could only wait."""
+    data = {**CFG, "server": {"cpu_threads": 2}, "variants": {**CFG["variants"], "b0": {"model": "x", "workers": 3}}}
+    with caplog.at_level("WARNING"):
+        cfg = parse_config(data)
+    assert cfg.variants["b0"].workers == 2 and "variants.b0.workers: 3 processes on 2 CPU threads" in caplog.text
 
 
 def test_a_variant_with_other_classes_than_its_route_is_named():
