@@ -79,7 +79,6 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
                                v.name, v.gpu)
             self.slots = CoreSlots(cpu_threads(cfg)) if self.device == "cpu" else None
             self.engines: dict[int, Any] = {}
-            self.batches_by_threads: dict[int, int] = {}
             try:
                 from engines import load_engine
 
@@ -141,7 +140,6 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
                 "threads": threads, "workers": v.workers, "workers_loaded": loaded,
                 "ready": self.error is None and loaded >= v.workers,
                 "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
-                "batches_by_threads": {str(n): c for n, c in sorted(self.batches_by_threads.items())},
             }
             if self.error is None and loaded < v.workers:
                 info["error"] = f"variant {v.name!r}: {loaded} of {v.workers} worker processes loaded"
@@ -156,7 +154,6 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
             if self.error is not None:
                 raise ServiceUnavailable(self.error)
             scores, seconds, n = self._run(images)
-            self.batches_by_threads[n] = self.batches_by_threads.get(n, 0) + 1
             metrics.INFERENCE_LATENCY.labels(v.name, self.device).observe(seconds)
             metrics.BATCH_THREADS.labels(v.name, str(n)).inc()
             metrics.BATCH_SIZE.labels(v.name).observe(len(images))
