@@ -122,10 +122,11 @@ def variant_threads(v: VariantConfig, cfg: ServingConfig) -> int:
 
 
 def variant_thread_counts(v: VariantConfig, cfg: ServingConfig, device: str) -> list[int]:
-    """The thread counts a worker's batches may run with, one engine each. On the CPU a batch gets the
-    variant's threads when every core slot is free and one when the machine is busy (service.cpu_slots)."""
+    """The thread counts a worker's batches may run with, one engine each, the full count first (where the
+    engine is chosen). On the CPU a batch gets the variant's threads when every core slot is free and one
+    when the machine is busy (service.cpu_slots)."""
     threads = variant_threads(v, cfg)
-    return sorted({1, threads}) if device == "cpu" else [threads]
+    return sorted({1, threads}, reverse=True) if device == "cpu" else [threads]
 
 
 def variant_device(v: VariantConfig, cuda_available: bool) -> str:
@@ -243,10 +244,9 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     from engines.threads import available_cores
 
     budget = server.cpu_threads or available_cores()
-    for v in variants.values():
-        if v.threads > budget:
-            raise ConfigError(f"variants.{v.name}.threads: {v.threads} is more than the {budget} CPU threads available")
     for name, v in list(variants.items()):
+        if v.threads > budget:
+            raise ConfigError(f"variants.{name}.threads: {v.threads} is more than the {budget} CPU threads available")
         if v.workers > budget:
             # Lowered rather than refused, so the default configuration (lite0: 2) also starts on 1 core.
             log.warning("variants.%s.workers: %d processes on %d CPU threads; each batch needs one, so only %d "

@@ -91,7 +91,7 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
                 # with one thread: no second timing at start-up, and one engine to compare offline.
                 with self.slots.hold_all() if self.slots else contextlib.nullcontext():
                     name = v.engine
-                    for n in sorted(variant_thread_counts(v, cfg, self.device), reverse=True):
+                    for n in variant_thread_counts(v, cfg, self.device):
                         self.engines[n], self.manifest = load_engine(
                             v.model, engine=name, threads=n, device=self.device, batch_sizes=sizes)
                         name = self.engines[n].name
