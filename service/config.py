@@ -27,6 +27,9 @@ class ConfigError(ValueError):
     """The serving configuration is invalid; the message names the key or variant."""
 
 
+EXACT_BATCH_SIZES = 8  # batches up to this size run unpadded (see VariantConfig.batch_sizes)
+
+
 @dataclass(frozen=True)
 class VariantConfig:
     name: str  # the name clients use (`variant=` field), e.g. "b0"
@@ -41,18 +44,28 @@ class VariantConfig:
     # BentoML's batcher answers 503 once a request's estimated wait passes this, so it is the
     # queueing budget under load, not a delay added to every request.
     max_latency_ms: int = 2000
+    # Gateway -> worker calls in flight; requests beyond them wait in the gateway and go together as
+    # one call (service.coalesce). 0 = two per worker process: one running, one queued behind it.
+    calls_in_flight: int = 0
 
+    @property
+    def gateway_calls(self) -> int:
+        return self.calls_in_flight or 2 * self.workers
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        """The batch sizes this worker's static-shape engines compile, and pad a batch up to: the
-        powers of two up to max_batch_size, and max_batch_size itself.
+        """The batch sizes this worker's static-shape engines compile, and pad a batch up to: every size
+        up to `EXACT_BATCH_SIZES`, then the powers of two up to max_batch_size, and max_batch_size itself.
 
         NOTE: with only {1, 8, max} (until 2026-11-27), lite0's batches of 2 under 4 clients ran as
         batches of 8, and the route carried 16 req/s at 4 users against 29 at 1 (load-test run
-        20261127-023926). Powers of two waste at most half of any batch.
+        20261127-023926). Powers of two alone still padded lite0's usual 3, 5 and 6 under 16 clients
+        to 4 and 8: OpenVINO costs 12-14 ms per image at any batch from 1 to 8 on one thread here, so
+        a batch of 3 run as 4 cost a third more per real image (2026-11-27). Compiling one more size
+        takes about 0.15 s for lite0.
         """
         sizes, b = {self.max_batch_size}, 1
+        sizes.update(range(1, min(EXACT_BATCH_SIZES, self.max_batch_size) + 1))
         while b < self.max_batch_size:
             sizes.add(b)
             b *= 2
@@ -186,7 +199,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: variant names are letters, digits, '-' and '_'")
         v = _keys(where, v, {"model", "engine", "gpu", "threads", "workers", "max_batch_size",
-                                   "max_latency_ms"}, {"model"})
+                                   "max_latency_ms", "calls_in_flight"}, {"model"})
         if not isinstance(v["model"], str) or not v["model"]:
             raise ConfigError(f"{where}.model: expected a store tag such as 'b0-fashion-mnist:latest'")
         kw: dict[str, Any] = {"name": name, "model": v["model"]}
@@ -198,7 +211,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             kw["gpu"] = _number(f"{where}.gpu", v["gpu"])
         if "threads" in v:
             kw["threads"] = _number(f"{where}.threads", v["threads"], integer=True)
-        for key in ("workers", "max_batch_size", "max_latency_ms"):
+        for key in ("workers", "max_batch_size", "max_latency_ms", "calls_in_flight"):
             if key in v:
                 kw[key] = _number(f"{where}.{key}", v[key], integer=True, positive=True)
         variants[name] = VariantConfig(**kw)

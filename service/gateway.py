@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import metrics
+from .coalesce import Coalescer
 from .config import ConfigError, ServingConfig, check_label_spaces
 from .images import ImageError, decode_image
 from .routing import Assignment, Router, RoutingError
@@ -219,7 +220,13 @@ class GatewayLogic:
     worker_attrs: dict[str, str]  # variant -> attribute holding its bentoml.depends proxy
 
     def __init__(self) -> None:
+        import torch
+
         from store import CheckpointError, read_manifest
+
+        # The gateway's torch work is resizing one decoded image at a time in a thread pool: intra-op
+        # threads would only add OpenMP helpers that spin on the cores the workers' slots hand out.
+        torch.set_num_threads(1)
 
         self.router = Router(self.cfg)
         self.manifests: dict[str, Any] = {}
@@ -228,6 +235,8 @@ class GatewayLogic:
         self.ready = False
         self.checked_at = 0.0  # last readiness check made on a request's behalf
         self.shadow_tasks: set[asyncio.Task] = set()
+        # variant -> its gateway-side batcher (service.coalesce), made on first use inside the event loop
+        self.coalescers: dict[str, Coalescer] = {}
         for name, v in self.cfg.variants.items():
             try:
                 self.manifests[name], _ = read_manifest(v.model)
@@ -278,13 +287,23 @@ class GatewayLogic:
     # inference --------------------------------------------------------------------------------------
 
     async def infer(self, variant: str, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        """Scores (N, K) for a uint8 batch, and the seconds the batch waited before running."""
+        """Scores (N, K) for a uint8 batch, and the seconds it waited before its inference started.
+
+        Requests that wait for the same variant together are sent as one call (service.coalesce)."""
+        c = self.coalescers.get(variant)
+        if c is None:
+            v = self.cfg.variants[variant]
+            c = self.coalescers[variant] = Coalescer(lambda b: self.call_worker(variant, b), v.max_batch_size,
+                                                      v.gateway_calls)
+        return await c(batch)
+
+    async def call_worker(self, variant: str, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """One call to the variant's worker: scores (N, K) and the seconds its inference took."""
         import httpx
         from bentoml.exceptions import BentoMLException
 
         proxy = self.worker(variant).to_async
         for attempt in range(WORKER_RETRIES + 1):
-            t0 = time.perf_counter()
             try:
                 out = await proxy.predict(batch)
                 break
@@ -303,9 +322,8 @@ class GatewayLogic:
                     raise ClientError(f"variant {variant!r} is at capacity; retry later", 503,
                                       {"Retry-After": str(self.cfg.server.retry_after_s)}) from None
                 raise ClientError(f"variant {variant!r}: worker failed ({status})", 502) from None
-        rtt = time.perf_counter() - t0
         out = np.asarray(out)
-        return out[:, :-1], max(0.0, rtt - float(out[0, -1]))
+        return out[:, :-1], float(out[0, -1])
 
     def prepare(self, data: bytes, variant: str) -> np.ndarray:
         """Bytes -> uint8 (1, 3, R, R) at the variant's resolution (runs in a thread)."""

@@ -277,6 +277,7 @@ def gateway_with(worker):
 
     gw = object.__new__(GatewayLogic)  # no server: only the call path is under test
     gw.cfg, gw.worker_attrs, gw.w_b0 = parse_config(CFG), {"b0": "w_b0"}, worker
+    gw.coalescers = {}
     return gw
 
 
@@ -284,6 +285,25 @@ def test_a_dropped_worker_connection_is_retried():
     worker = FlakyWorker(drops=2)
     scores, wait = asyncio.run(gateway_with(worker).infer("b0", np.zeros((2, 3, 8, 8), np.uint8)))
     assert worker.calls == 3 and scores.shape == (2, 3) and scores[0, 1] == 1.0 and wait >= 0
+
+
+def test_concurrent_requests_for_a_variant_share_worker_calls():
+    """Beyond the variant's calls in flight (2 for one worker process), waiting requests go as one call."""
+    class SlowWorker(FlakyWorker):
+        sizes: list = []
+
+        async def predict(self, batch):
+            self.sizes.append(len(batch))
+            await asyncio.sleep(0.05)
+            return await super().predict(batch)
+
+    async def go():
+        gw = gateway_with(SlowWorker(drops=0))
+        return gw, await asyncio.gather(*(gw.infer("b0", np.zeros((1, 3, 8, 8), np.uint8)) for _ in range(10)))
+
+    gw, results = asyncio.run(go())
+    assert SlowWorker.sizes == [1, 1, 8] and gw.w_b0.calls == 3
+    assert all(s.shape == (1, 3) and s[0, 1] == 1.0 and w >= 0 for s, w in results)
 
 
 def test_worker_errors_become_502_or_503_with_retry_after():
@@ -319,13 +339,32 @@ def test_effnet_serve_refuses_a_route_whose_variants_disagree_on_classes(bentoml
     assert "route 'pets': variant 'b' (compact-b:latest) has 2 classes" in err and "'a'" in err
 
 
-def test_worker_batch_sizes_are_powers_of_two_up_to_the_maximum():
-    """Static-shape engines pad each batch to the next size: powers of two waste at most half of it."""
+def test_worker_batch_sizes_are_exact_up_to_eight_then_powers_of_two():
+    """Static-shape engines pad each batch to the next size: small batches (the usual ones under load)
+    run unpadded, larger ones waste at most half."""
     from service.config import VariantConfig
 
-    assert VariantConfig("v", "m:latest", max_batch_size=8).batch_sizes == (1, 2, 4, 8)
-    assert VariantConfig("v", "m:latest", max_batch_size=12).batch_sizes == (1, 2, 4, 8, 12)
+    assert VariantConfig("v", "m:latest", max_batch_size=8).batch_sizes == (1, 2, 3, 4, 5, 6, 7, 8)
+    assert VariantConfig("v", "m:latest", max_batch_size=4).batch_sizes == (1, 2, 3, 4)
+    assert VariantConfig("v", "m:latest", max_batch_size=12).batch_sizes == (1, 2, 3, 4, 5, 6, 7, 8, 12)
+    assert VariantConfig("v", "m:latest", max_batch_size=32).batch_sizes == (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
     assert VariantConfig("v", "m:latest", max_batch_size=1).batch_sizes == (1,)
+
+
+def test_gateway_calls_in_flight_default_to_two_per_worker_process_and_can_be_set(tmp_path):
+    from service.config import ConfigError, VariantConfig, load_config
+
+    assert VariantConfig("v", "m:latest").gateway_calls == 2
+    assert VariantConfig("v", "m:latest", workers=2).gateway_calls == 4
+    assert VariantConfig("v", "m:latest", workers=2, calls_in_flight=1).gateway_calls == 1
+    cfg = tmp_path / "c.yaml"
+    body = "variants:\n  a: {model: 'a:latest', calls_in_flight: %s}\nroutes:\n  r: {split: [a]}\n"
+    cfg.write_text(body % "3")
+    assert load_config(cfg).variants["a"].gateway_calls == 3
+    for bad in ("0", "-1", "two"):
+        cfg.write_text(body % bad)
+        with pytest.raises(ConfigError, match="calls_in_flight"):
+            load_config(cfg)
 
 
 def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tmp_path, capsys):

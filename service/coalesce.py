@@ -1,0 +1,76 @@
+"""Gateway-side batching: requests for one variant that wait together go to its worker as one call.
+
+Why: each gateway -> worker call costs the same HTTP work whatever it carries (a request through
+uvicorn, BentoML's middleware, pickling, the batcher's queue and a thread hop in the worker; the
+client side in the gateway). NOTE: measured 2026-11-27 on the fashion route at 16 clients, the three
+32x32 workers spent 4-7 ms of CPU per call against 0.5-1.3 ms of inference, and the machine was
+saturated at 146 req/s. BentoML's adaptive batching merges calls only after each has paid that cost.
+
+How: at most `limit` calls per variant are in flight. A request that finds a free slot is sent at
+once, alone (no added latency at low load); the others queue, and each finished call sends what
+queued meanwhile as one batch of up to `max_batch` images (a single request above it goes alone).
+The worker's batcher still merges the calls that meet there. A failed call fails every request it
+carried with the same error, as each would have failed alone (bad images never get this far).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Awaitable, Callable
+
+import numpy as np
+
+# send(batch) -> (scores (N, K), seconds the batch's inference took)
+Send = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, float]]]
+
+
+class Coalescer:
+    def __init__(self, send: Send, max_batch: int, limit: int) -> None:
+        if max_batch < 1 or limit < 1:
+            raise ValueError("max_batch and limit must be at least 1")
+        self.send, self.max_batch, self.limit = send, max_batch, limit
+        self.queue: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
+        self.in_flight = 0
+        self.calls = 0  # calls made, for tests and /variants
+
+    async def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """Scores for `batch`, and the seconds it waited before its inference started (gateway
+        queue, transport and the worker's own queue)."""
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.append((batch, fut, time.perf_counter()))
+        self._pump()
+        return await fut
+
+    def _pump(self) -> None:
+        while self.queue and self.in_flight < self.limit:
+            items, n = [], 0
+            while self.queue and (not items or n + len(self.queue[0][0]) <= self.max_batch):
+                item = self.queue.popleft()
+                if not item[1].done():  # a request whose client went away is dropped, not sent
+                    items.append(item)
+                    n += len(item[0])
+            if not items:
+                continue
+            self.in_flight += 1
+            self.calls += 1
+            asyncio.get_running_loop().create_task(self._call(items))
+
+    async def _call(self, items: list[tuple[np.ndarray, asyncio.Future, float]]) -> None:
+        try:
+            batch = items[0][0] if len(items) == 1 else np.concatenate([b for b, _, _ in items])
+            scores, seconds = await self.send(batch)
+            done, start = time.perf_counter(), 0
+            for b, fut, queued in items:
+                if not fut.done():
+                    fut.set_result((scores[start:start + len(b)], max(0.0, done - queued - seconds)))
+                start += len(b)
+        except BaseException as e:  # noqa: BLE001 - handed to every waiting request, cancellation included
+            for _, fut, _ in items:
+                if not fut.done():
+                    fut.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self.in_flight -= 1
+            self._pump()

@@ -1,0 +1,115 @@
+"""Gateway-side batching (service.coalesce): requests that wait for one variant go as one call."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.coalesce import Coalescer
+
+
+class FakeWorker:
+    """Answers each image with its own first pixel as the score, after `delay` seconds; records calls."""
+
+    def __init__(self, delay: float = 0.05, fail: Exception | None = None) -> None:
+        self.delay, self.fail, self.calls = delay, fail, []
+
+    async def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        self.calls.append(len(batch))
+        await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        return batch[:, :1, 0, 0].astype(np.float32), 0.01
+
+
+def _img(i: int, n: int = 1) -> np.ndarray:
+    return np.full((n, 3, 2, 2), i, np.uint8)
+
+
+def test_a_lone_request_is_sent_at_once_and_alone():
+    async def go():
+        w = FakeWorker()
+        c = Coalescer(w, max_batch=8, limit=1)
+        scores, wait = await c(_img(7))
+        return w.calls, scores, wait
+
+    calls, scores, wait = asyncio.run(go())
+    assert calls == [1] and scores.tolist() == [[7.0]] and 0 <= wait < 0.2
+
+
+def test_requests_that_wait_go_together_and_each_gets_its_own_rows():
+    async def go():
+        w = FakeWorker()
+        c = Coalescer(w, max_batch=8, limit=1)
+        results = await asyncio.gather(*(c(_img(i, n=1 + i % 2)) for i in range(6)))
+        return w.calls, results
+
+    calls, results = asyncio.run(go())
+    # the first goes alone; the five that queued behind it (8 images) go as one call
+    assert calls == [1, 8]
+    for i, (scores, wait) in enumerate(results):
+        assert scores.tolist() == [[float(i)]] * (1 + i % 2)
+        assert wait >= 0
+    assert results[5][1] > results[0][1]  # the queued ones waited for the first call
+
+
+def test_a_call_never_exceeds_max_batch_and_a_large_request_goes_alone():
+    async def go():
+        w = FakeWorker()
+        c = Coalescer(w, max_batch=4, limit=1)
+        results = await asyncio.gather(c(_img(0)), *(c(_img(i)) for i in range(1, 7)), c(_img(9, n=6)))
+        return w.calls, results
+
+    calls, results = asyncio.run(go())
+    assert calls == [1, 4, 2, 6] and max(calls[:-1]) <= 4
+    assert results[-1][0].shape == (6, 1)
+
+
+def test_up_to_limit_calls_run_at_once():
+    async def go():
+        w = FakeWorker(delay=0.1)
+        c = Coalescer(w, max_batch=8, limit=3)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.gather(*(c(_img(i)) for i in range(3)))
+        return w.calls, loop.time() - t0
+
+    calls, took = asyncio.run(go())
+    assert calls == [1, 1, 1] and took < 0.25  # side by side, not one after another
+
+
+def test_a_failed_call_fails_every_request_it_carried_and_the_next_ones_still_go():
+    async def go():
+        w = FakeWorker(fail=RuntimeError("worker at capacity"))
+        c = Coalescer(w, max_batch=8, limit=1)
+        first = await asyncio.gather(*(c(_img(i)) for i in range(4)), return_exceptions=True)
+        w.fail = None
+        after = await c(_img(5))
+        return first, after, c.in_flight
+
+    first, after, in_flight = asyncio.run(go())
+    assert all(isinstance(e, RuntimeError) and "capacity" in str(e) for e in first)
+    assert after[0].tolist() == [[5.0]] and in_flight == 0
+
+
+def test_a_request_whose_client_went_away_is_not_sent():
+    async def go():
+        w = FakeWorker(delay=0.1)
+        c = Coalescer(w, max_batch=8, limit=1)
+        first = asyncio.ensure_future(c(_img(1)))
+        gone = asyncio.ensure_future(c(_img(2)))
+        kept = asyncio.ensure_future(c(_img(3)))
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        await asyncio.gather(first, kept)
+        return w.calls, kept.result()[0]
+
+    calls, kept = asyncio.run(go())
+    assert calls == [1, 1] and kept.tolist() == [[3.0]]
+
+
+@pytest.mark.parametrize("max_batch, limit", [(0, 1), (4, 0)])
+def test_limits_must_be_positive(max_batch, limit):
+    with pytest.raises(ValueError):
+        Coalescer(FakeWorker(), max_batch, limit)
