@@ -113,6 +113,35 @@ def test_export_cache_is_reused_on_restart(store, monkeypatch):
     assert {n for n, r in records.items() if r["ok"]} >= set(RUNNABLE)
 
 
+@pytest.mark.skipif("openvino-int8" not in RUNNABLE, reason="OpenVINO int8 does not run on this CPU")
+def test_openvino_int8_compiles_once_into_the_checkpoints_cache(store):
+    """The int8 graph compiles slowly: its compiled models are cached beside the artefacts and a restart
+    loads them instead of compiling again; the fp32 engine (fast to compile, big blobs) is not cached."""
+    from engines.openvino_rt import COMPILED_DIR
+
+    home, tag = store
+    man, folder = read_manifest(tag, home)
+    compiled = cache_dir(folder, man) / COMPILED_DIR
+    blobs = sorted(p.name for p in compiled.glob("*.blob"))
+    assert blobs, "the int8 engine cached nothing"
+    eng, _ = load_engine(tag, engine="openvino-int8", threads=2, home=str(home))
+    assert eng.name == "openvino-int8"
+    eng, _ = load_engine(tag, engine="openvino", threads=2, home=str(home))
+    assert eng.name == "openvino"
+    assert sorted(p.name for p in compiled.glob("*.blob")) == blobs  # reused, and fp32 added none
+
+
+def test_openvino_compiles_without_a_cache_where_the_store_cannot_take_one(tmp_path):
+    from engines.openvino_rt import _cache_lock
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with _cache_lock(blocker / "openvino-compiled") as cache:
+        assert cache is None
+    with _cache_lock(tmp_path / "ok") as cache:
+        assert cache == tmp_path / "ok" and (tmp_path / "ok" / ".lock").is_file()
+
+
 def _copy_store(home: Path, dest: Path) -> Path:
     shutil.copytree(home, dest / "bentoml")
     return dest / "bentoml"
