@@ -92,7 +92,8 @@ class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> "OnnxRuntimeInt8Engine":
-        if not ctx.calibration.real:
-            raise RuntimeError(f"int8 needs real calibration images; {ctx.calibration.source}")
+        problem = ctx.calibration.int8_problem()
+        if problem:
+            raise RuntimeError(problem)
         fp32 = onnx_path(ctx.model_fn, ctx.manifest, ctx.folder)
         return cls(int8_path(fp32, ctx.calibration, ctx.manifest, ctx.folder), ctx.threads, ctx.device)

@@ -135,8 +135,9 @@ class OpenVinoInt8Engine(OpenVinoEngine):
 
     @classmethod
     def build(cls, ctx: BuildContext) -> "OpenVinoInt8Engine":
-        if not ctx.calibration.real:
-            raise RuntimeError(f"int8 needs real calibration images; {ctx.calibration.source}")
+        problem = ctx.calibration.int8_problem()
+        if problem:
+            raise RuntimeError(problem)
         q = int8_path(onnx_path(ctx.model_fn, ctx.manifest, ctx.folder), ctx.calibration, ctx.manifest, ctx.folder)
         # OpenVINO reads the QDQ ONNX directly (its FakeQuantize ops become int8 kernels); no IR cached.
         return cls(q, ctx.threads, ctx.batch_sizes, ctx.manifest.resolution, _compiled_dir(ctx))

@@ -179,6 +179,17 @@ def test_int8_is_refused_without_calibration_data(store, tmp_path):
     assert "calibration" in eng.refused["onnxruntime-int8"]
 
 
+def test_int8_is_calibrated_only_on_the_checkpoints_own_data():
+    from engines.calibration import CalibrationSet
+
+    x = torch.zeros(4, 3, RES, RES, dtype=torch.uint8)
+    assert CalibrationSet(x, None, "checkpoint calibration set (calibration.safetensors, 4 images)").int8_problem() is None
+    assert CalibrationSet(x, None, "generated from the fashion-mnist train split").int8_problem() is None
+    assert "real calibration images" in CalibrationSet(x, None, "synthetic uint8 noise").int8_problem()
+    stand_in = CalibrationSet(x, None, "generated: 256 random crops of 14 scikit-image photos (dataset 'imagenet' ...)")
+    assert "own training data" in stand_in.int8_problem() and "save_calibration" in stand_in.int8_problem()
+
+
 def test_auto_chooses_a_verified_engine_and_says_why(store):
     home, tag = store
     eng, _ = load_engine(tag, engine="auto", threads=2, home=str(home), batch_sizes=(1, 4), auto_seconds=0.5)
@@ -275,6 +286,8 @@ def test_imagenet_checkpoints_without_calibration_get_photo_crops(tmp_path):
     assert calib.images.dtype == torch.uint8 and calib.images.shape == (256, 3, RES, RES)
     again = load_calibration(tmp_path, man, cache=tmp_path / "cache")  # a restart: same data, same words
     assert torch.equal(again.images, calib.images) and again.source == calib.source
+    # a stand-in, not the checkpoint's own data: enough for the fp32 checks, not to calibrate int8
+    assert again.stand_in and "own training data" in again.int8_problem()
 
 
 def test_other_datasets_without_calibration_fall_back_to_noise_and_say_so(tmp_path):
