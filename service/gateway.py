@@ -510,7 +510,7 @@ class GatewayLogic:
                 # A CPU batch runs on `threads` when the machine is idle, else on one (service.cpu_slots),
                 # each with its own engine: {"1": ..., "2": ...}.
                 "engines_by_threads": st.get("engines_by_threads"),
-                "threads": st.get("threads"), "workers": v.workers,
+                "threads": st.get("threads"), "workers": v.workers, "calls_in_flight": v.gateway_calls,
                 "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
                 "architecture": m.variant if m else None, "dataset": m.dataset if m else None,
                 "resolution": m.resolution if m else None, "num_classes": m.num_classes if m else None,

@@ -219,6 +219,7 @@ def test_variants_and_routes_describe_the_configuration(server):
     # run on one thread or on all of them, one engine each.
     lite0 = variants["lite0"]
     assert lite0["workers"] == 2 and lite0["ready"] and b0["workers"] == 1
+    assert lite0["calls_in_flight"] == 4 and b0["calls_in_flight"] == 2  # gateway batching: 2 per process
     assert lite0["threads"] == 2 and set(lite0["engines_by_threads"]) == {"1", "2"}
     assert len(list((server.home / "run" / "ready" / "lite0").iterdir())) == 2
     routes = server.client.get("/routes").json()
