@@ -27,7 +27,7 @@ class ConfigError(ValueError):
     """The serving configuration is invalid; the message names the key or variant."""
 
 
-EXACT_BATCH_SIZES = 8  # batches up to this size run unpadded (see VariantConfig.batch_sizes)
+EXACT_BATCH_SIZES = 8  # a variant batching at most this many compiles every size (see VariantConfig.batch_sizes)
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,22 @@ class VariantConfig:
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        """The batch sizes this worker's static-shape engines compile, and pad a batch up to: every size
-        up to `EXACT_BATCH_SIZES`, then the powers of two up to max_batch_size, and max_batch_size itself.
+        """The batch sizes this worker's static-shape engines compile, and pad a batch up to: the powers
+        of two up to max_batch_size and max_batch_size itself; every size when max_batch_size is at most
+        `EXACT_BATCH_SIZES` (the large-input variants, such as lite0 at 224x224).
 
         NOTE: with only {1, 8, max} (until 2026-11-27), lite0's batches of 2 under 4 clients ran as
         batches of 8, and the route carried 16 req/s at 4 users against 29 at 1 (load-test run
         20261127-023926). Powers of two alone still padded lite0's usual 3, 5 and 6 under 16 clients
         to 4 and 8: OpenVINO costs 12-14 ms per image at any batch from 1 to 8 on one thread here, so
-        a batch of 3 run as 4 cost a third more per real image (2026-11-27). Compiling one more size
-        takes about 0.15 s for lite0.
+        a batch of 3 run as 4 cost a third more per real image (2026-11-27). Every size up to 8 for the
+        fashion models too (max 32: ten sizes) made a restart 57-60 s, against the 60 s target, since
+        each size compiles twice per process (both thread counts); their route is bound by the gateway,
+        not by their padding, so they keep powers of two.
         """
+        if self.max_batch_size <= EXACT_BATCH_SIZES:
+            return tuple(range(1, self.max_batch_size + 1))
         sizes, b = {self.max_batch_size}, 1
-        sizes.update(range(1, min(EXACT_BATCH_SIZES, self.max_batch_size) + 1))
         while b < self.max_batch_size:
             sizes.add(b)
             b *= 2
