@@ -32,7 +32,6 @@ class Coalescer:
         self.send, self.max_batch, self.limit = send, max_batch, limit
         self.queue: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
         self.in_flight = 0
-        self.calls = 0  # calls made, for tests and /variants
 
     async def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """Scores for `batch`, and the seconds it waited before its inference started (gateway
@@ -53,7 +52,6 @@ class Coalescer:
             if not items:
                 continue
             self.in_flight += 1
-            self.calls += 1
             asyncio.get_running_loop().create_task(self._call(items))
 
     async def _call(self, items: list[tuple[np.ndarray, asyncio.Future, float]]) -> None:
