@@ -35,7 +35,7 @@ from starlette.routing import Route
 from . import metrics
 from .coalesce import Coalescer
 from .config import ConfigError, ServingConfig, check_label_spaces
-from .images import ImageError, decode_image
+from .images import ImageError, open_image, to_rgb_array
 from .routing import Assignment, Router, RoutingError
 
 logger = logging.getLogger("effnet.gateway")
@@ -46,6 +46,11 @@ BATCH_FIELDS = {"images", "image", "variant", "route", "top_k"}
 DEFAULT_TOP_K = 5
 WORKER_RETRIES = 2  # dropped connections between gateway and worker; inference is idempotent
 MAX_SHADOW_INFLIGHT = 16  # mirrored calls in flight; beyond that shadowing is skipped, never queued
+# Decoding a small image (a 28x28 PNG: ~0.1 ms) costs less than handing it to a thread, and the
+# thread's GIL hand-offs stalled the event loop: the fashion route with compact chosen at 32 clients
+# went from 219-255 to 253-298 req/s when decoded inline (benchmarks/serving.md, 2026-11-27 12:00).
+# 224x224 is the ImageNet input (~1 ms for a JPEG); anything larger goes to a thread.
+INLINE_DECODE_PIXELS = 256 * 256
 
 
 class BodyTooLarge(Exception):
@@ -325,14 +330,26 @@ class GatewayLogic:
         out = np.asarray(out)
         return out[:, :-1], float(out[0, -1])
 
-    def prepare(self, data: bytes, variant: str) -> np.ndarray:
-        """Bytes -> uint8 (1, 3, R, R) at the variant's resolution (runs in a thread)."""
+    async def prepare(self, data: bytes, variant: str) -> np.ndarray:
+        """Bytes -> uint8 (1, 3, R, R) at the variant's resolution.
+
+        The header is read on the event loop (cheap, and it enforces the pixel limit). Images of at
+        most INLINE_DECODE_PIXELS are decoded there too; larger ones in a thread, so a big photo
+        never stalls the loop.
+        """
+        img = open_image(data, max_pixels=self.cfg.server.max_pixels)
+        w, h = img.size
+        if w * h <= INLINE_DECODE_PIXELS:
+            return self._pixels(img, variant)
+        return await anyio.to_thread.run_sync(self._pixels, img, variant)
+
+    def _pixels(self, img, variant: str) -> np.ndarray:
         import torch
 
         from store import resize_crop
 
         m = self.manifests[variant]
-        rgb = decode_image(data, max_pixels=self.cfg.server.max_pixels, min_side=m.resize or m.resolution)
+        rgb = to_rgb_array(img, min_side=m.resize or m.resolution)
         return resize_crop(torch.from_numpy(rgb), m).numpy()
 
     def predictions(self, scores: np.ndarray, variant: str, top_k: int) -> list[dict]:
@@ -439,7 +456,7 @@ class GatewayLogic:
             if not isinstance(files[0], UploadFile):
                 raise ClientError("field 'image' must be a file (a multipart part with a filename), not a text value")
             data = await files[0].read()
-            batch = await anyio.to_thread.run_sync(self.prepare, data, a.variant)
+            batch = await self.prepare(data, a.variant)
             scores, wait = await self.infer(a.variant, batch)
             metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(wait)
             metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
@@ -471,7 +488,7 @@ class GatewayLogic:
                 try:
                     if not isinstance(f, UploadFile):
                         raise ImageError("this item is a text value, not a file")
-                    good.append((i, await anyio.to_thread.run_sync(self.prepare, await f.read(), a.variant)))
+                    good.append((i, await self.prepare(await f.read(), a.variant)))
                 except ImageError as e:
                     results[i] = {"index": i, "filename": name, "status": e.status, "error": str(e)}
                     metrics.REQUESTS.labels("classify_batch", route, variant, str(e.status)).inc()

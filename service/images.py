@@ -55,12 +55,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -> np.ndarray:
-    """Decode `data` to a contiguous uint8 array (3, H, W) in RGB.
+def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Read only the header: the format must be allowed and the declared size within `max_pixels`.
 
-    `min_side`: the smallest shorter side the caller needs; JPEGs are then decoded at a reduced
-    scale (DCT scaling, 1/2..1/8) that still covers it, which makes large photos cheap.
-    Raises ImageError (status 400, or 413 for too many pixels) with a message for the client.
+    Cheap at any declared size (no pixel is decoded), so the gateway can call it on its event loop
+    and then decide where the decoding runs. Raises ImageError (400, or 413 for too many pixels).
     """
     if not data:
         raise ImageError("the image file is empty (0 bytes)")
@@ -82,6 +81,16 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
         raise ImageError(f"the image declares an empty size {w}x{h}")
     if w * h > max_pixels:
         raise ImageError(f"the image declares {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}", status=413)
+    return img
+
+
+def to_rgb_array(img: Image.Image, *, min_side: int | None = None) -> np.ndarray:
+    """Decode an image from `open_image` to a contiguous uint8 array (3, H, W) in RGB.
+
+    `min_side`: the smallest shorter side the caller needs; JPEGs are then decoded at a reduced
+    scale (DCT scaling, 1/2..1/8) that still covers it, which makes large photos cheap.
+    Raises ImageError (400) for truncated or corrupt pixel data.
+    """
     try:
         if min_side and img.format == "JPEG":
             img.draft("RGB", (min_side, min_side))
@@ -98,3 +107,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
     except Exception as e:
         raise ImageError(f"the {img.format} image in mode {img.mode} cannot be converted to RGB: {e}") from None
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -> np.ndarray:
+    """`open_image` then `to_rgb_array`: untrusted bytes -> uint8 (3, H, W) RGB, or an ImageError."""
+    return to_rgb_array(open_image(data, max_pixels=max_pixels), min_side=min_side)

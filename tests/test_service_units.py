@@ -2,6 +2,7 @@
 import asyncio
 import io
 import random
+import types
 from collections import Counter
 
 import numpy as np
@@ -304,6 +305,33 @@ def test_concurrent_requests_for_a_variant_share_worker_calls():
     gw, results = asyncio.run(go())
     assert SlowWorker.sizes == [1, 1, 8] and gw.w_b0.calls == 3
     assert all(s.shape == (1, 3) and s[0, 1] == 1.0 and w >= 0 for s, w in results)
+
+
+def test_small_images_decode_on_the_event_loop_large_ones_in_a_thread():
+    """The pixel limit is checked from the header either way; only the decoding moves."""
+    import threading
+
+    from service.gateway import INLINE_DECODE_PIXELS
+
+    gw = gateway_with(FlakyWorker(drops=0))
+    gw.manifests = {"b0": types.SimpleNamespace(resolution=32, resize=None)}
+    threads = []
+    real = gw._pixels
+
+    def spy(img, variant):
+        threads.append(threading.get_ident())
+        return real(img, variant)
+
+    gw._pixels = spy
+    side = int(INLINE_DECODE_PIXELS ** 0.5)
+    small, large = encode(Image.new("RGB", (side, side)), "PNG"), encode(Image.new("RGB", (side + 1, side)), "PNG")
+    loop_thread = threading.get_ident()
+    assert asyncio.run(gw.prepare(small, "b0")).shape == (1, 3, 32, 32)
+    assert asyncio.run(gw.prepare(large, "b0")).shape == (1, 3, 32, 32)
+    assert threads[0] == loop_thread and threads[1] != loop_thread
+    with pytest.raises(ImageError, match="above the limit"):  # refused before any decoding
+        asyncio.run(gw.prepare(huge_png(), "b0"))
+    assert len(threads) == 2
 
 
 def test_worker_errors_become_502_or_503_with_retry_after():
