@@ -210,7 +210,7 @@ def load_engine(
     for name in names:
         if name not in ENGINES:
             raise ValueError(f"unknown engine {name!r} among candidates")
-    key = _auto_key(ck, names, threads)
+    key = _auto_key(ck.ctx.batch_sizes, ck.device, names, threads)
     recorded = _recorded_choice(ck, key, label)
     if recorded is not None:
         return recorded, ck.manifest
@@ -246,7 +246,7 @@ AUTO_RECORD = "auto.json"
 AUTO_RECORDS_KEPT = 8  # choices kept per checkpoint (thread counts x batch sizes x devices in use)
 
 
-def _auto_key(ck: _Checkpoint, names: list[str], threads: int) -> dict:
+def _auto_key(batch_sizes: Sequence[int], device: str, names: list[str], threads: int) -> dict:
     from .export import INT8_RECIPE, _version
 
     try:
@@ -255,14 +255,29 @@ def _auto_key(ck: _Checkpoint, names: list[str], threads: int) -> dict:
         caps = cpu_capabilities()
     except Exception:  # openvino missing: the CPU's capabilities only matter to its engines
         caps = []
-    return {"candidates": names, "batch_sizes": list(ck.ctx.batch_sizes), "threads": threads, "device": ck.device,
+    return {"candidates": names, "batch_sizes": list(batch_sizes), "threads": threads, "device": device,
             "versions": {m: _version(m) for m in ("torch", "onnxruntime", "openvino")}, "cpu": caps,
             "int8_recipe": INT8_RECIPE,  # a new recipe may verify where the old one was refused
             "timing": f"interleaved x{AUTO_ROUNDS}"}  # a choice made by the older, one-after-another timing is redone
 
 
+def recorded_choice(tag_or_path: str, threads: int | None = None, device: str = "cpu", home: str | None = None,
+                    batch_sizes: Sequence[int] = (1, 8), candidates: Sequence[str] | None = None) -> str | None:
+    """The engine `load_engine(engine="auto", ...)` with these arguments takes from its record without
+    timing anything, or None where it would time the candidates. Reads the manifest and the record only.
+
+    A worker loads in parallel with the others when nothing is timed, and alone when something is
+    (the timing means nothing while other workers compile on the same cores).
+    """
+    manifest, folder = read_manifest(tag_or_path, home)
+    names = list(candidates or auto_candidates(device))
+    key = _auto_key(sorted(set(batch_sizes)), device, names, threads or available_cores())
+    rec = next((r for r in _read_records(cache_dir(folder, manifest)) if r.get("key") == key), None)
+    return rec.get("engine") if rec is not None and rec.get("engine") in ENGINES else None
+
+
 def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
-    rec = next((r for r in _read_records(ck) if r.get("key") == key), None)
+    rec = next((r for r in _read_records(ck.cache) if r.get("key") == key), None)
     if rec is None or rec.get("engine") not in ENGINES:
         return None
     eng, result = _try(rec["engine"], ck)
@@ -280,13 +295,13 @@ def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
     return eng
 
 
-def _read_records(ck: _Checkpoint) -> list[dict]:
+def _read_records(cache) -> list[dict]:
     """auto's recorded choices for this checkpoint, newest first: one per key (threads, batch sizes...),
     since a worker loads one engine per thread count its batches may get (service.cpu_slots)."""
     import json
 
     try:
-        data = json.loads((ck.cache / AUTO_RECORD).read_text())
+        data = json.loads((cache / AUTO_RECORD).read_text())
     except (OSError, ValueError):
         return []
     if isinstance(data, dict) and "key" in data:  # one record, as written before 2026-11-27 06:40
@@ -305,7 +320,7 @@ def _record_choice(ck: _Checkpoint, key: dict, eng: Engine) -> None:
            "refused": eng.refused, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         with _locked(ck.cache):
-            keep = [rec] + [r for r in _read_records(ck) if r.get("key") != key][:AUTO_RECORDS_KEPT - 1]
+            keep = [rec] + [r for r in _read_records(ck.cache) if r.get("key") != key][:AUTO_RECORDS_KEPT - 1]
             tmp = ck.cache / f"{AUTO_RECORD}.tmp{os.getpid()}"
             tmp.write_text(json.dumps({"choices": keep}, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, ck.cache / AUTO_RECORD)

@@ -10,8 +10,9 @@
 2. A real `bentoml serve` with the configuration, then an aiohttp load generator in this process:
    imagenet route at concurrency 1 and at saturation with real photos (scikit-image's, re-encoded as
    224x224 JPEGs), the fashion route at saturation with 28x28 PNGs (Fashion-MNIST's when the Debian
-   package is installed), split between its variants and then sent to compact alone. The generator
-   shares the cores with the server: its CPU share is reported.
+   package is installed), split between its variants and then sent to compact alone; each loaded
+   phase at `--saturation` clients and then at 32. Saturation throughput is the better of the two
+   levels that had no errors. The generator shares the cores with the server: its CPU share is reported.
 Prints a summary and writes JSON (`--record`).
 """
 from __future__ import annotations
@@ -236,9 +237,15 @@ def main(argv: list[str] | None = None) -> int:
                                                           "effnet_inference_duration_seconds_count"))]
 
     off = results["offline_lite0"]
-    sat, c1 = results["imagenet_saturation"], results["imagenet_c1"]
+    c1 = results["imagenet_c1"]
+    # Saturation throughput: the best of the loaded levels (16 and 32 clients by default) that had no
+    # errors, the plateau a load test reads off; the level is recorded beside it.
+    levels = [results[k] for k in ("imagenet_saturation", "imagenet_c32")
+              if k in results and set(results[k]["statuses"]) == {"200"}]
+    sat = max(levels, key=lambda r: r["req_per_s"]) if levels else {"req_per_s": 0.0, "concurrency": None}
     best_any = max(off["best_images_per_s"], off.get("streams", {}).get("best_images_per_s", 0))
     results["ratios"] = {
+        "saturation_req_per_s": sat["req_per_s"], "saturation_clients": sat["concurrency"],
         "throughput_vs_offline_best": round(sat["req_per_s"] / off["best_images_per_s"], 3),
         # against the better of one multi-thread stream and single-thread streams side by side
         "throughput_vs_offline_best_any": round(sat["req_per_s"] / best_any, 3),

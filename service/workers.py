@@ -56,6 +56,25 @@ def live_markers(folder: Path) -> int:
     return n
 
 
+def loading_slots(slots: CoreSlots | None, v: VariantConfig, device: str, sizes, threads: int):
+    """The core slots a worker holds while it loads: every one where `auto` will time its candidates
+    (timing means nothing while other workers compile on the same cores), else one, so that workers
+    compile side by side, as many at once as there are slots.
+
+    NOTE: holding every slot for every load made the default five processes load one after another:
+    24 of a start's 61 s (2026-11-27 10:58), with one of the two cores idle. A load's warm-up runs its
+    multi-thread engine once per batch size while holding one slot; that is before the server is ready.
+    """
+    if slots is None:
+        return contextlib.nullcontext()
+    if v.engine == "auto":
+        from engines.loader import recorded_choice
+
+        if recorded_choice(v.model, threads=threads, device=device, batch_sizes=sizes) is None:
+            return slots.hold_all()
+    return slots.hold(1)
+
+
 def service_name(variant: str) -> str:
     return f"effnet-worker-{variant.lower().replace('_', '-')}"
 
@@ -84,14 +103,13 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
 
                 # Static-shape engines compile one graph per size and pad a batch up to the next one.
                 sizes = v.batch_sizes
-                # Loading holds every slot: `engine: auto` times its candidates while loading, which
-                # means nothing if the other workers load (and compile) on the same cores.
                 # NOTE: the engine is chosen once, at the variant's full thread count (`auto` times
                 # there; `make engines` records it), and the single-thread batches run the same engine
                 # with one thread: no second timing at start-up, and one engine to compare offline.
-                with self.slots.hold_all() if self.slots else contextlib.nullcontext():
+                counts = variant_thread_counts(v, cfg, self.device)
+                with loading_slots(self.slots, v, self.device, sizes, counts[0]):
                     name = v.engine
-                    for n in variant_thread_counts(v, cfg, self.device):
+                    for n in counts:
                         self.engines[n], self.manifest = load_engine(
                             v.model, engine=name, threads=n, device=self.device, batch_sizes=sizes)
                         name = self.engines[n].name

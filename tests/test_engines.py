@@ -373,8 +373,15 @@ def test_auto_records_its_choice_and_a_restart_builds_only_the_winner(store, mon
     candidate; a changed key (other batch sizes) times them again."""
     import engines.loader as loader
 
+    from engines.loader import recorded_choice
+
     home, tag = store
+    assert recorded_choice(tag, threads=1, home=str(home), batch_sizes=(1, 2)) is None
     first, _ = load_engine(tag, engine="auto", threads=1, home=str(home), batch_sizes=(1, 2), auto_seconds=0.3)
+    # What a worker asks before loading, to know whether it needs the machine to itself (no timing: no).
+    assert recorded_choice(tag, threads=1, home=str(home), batch_sizes=(2, 1)) == first.name
+    assert recorded_choice(tag, threads=2, home=str(home), batch_sizes=(1, 2)) is None
+    assert recorded_choice(tag, threads=1, home=str(home), batch_sizes=(1, 3)) is None
     built = []
     real_try = loader._try
     monkeypatch.setattr(loader, "_try", lambda name, ck: (built.append(name), real_try(name, ck))[1])

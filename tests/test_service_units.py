@@ -4,6 +4,7 @@ import io
 import random
 import types
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -332,6 +333,30 @@ def test_small_images_decode_on_the_event_loop_large_ones_in_a_thread():
     with pytest.raises(ImageError, match="above the limit"):  # refused before any decoding
         asyncio.run(gw.prepare(huge_png(), "b0"))
     assert len(threads) == 2
+
+
+def test_workers_load_side_by_side_unless_auto_must_time(monkeypatch):
+    """One core slot per load where nothing is timed; every slot where `auto` times its candidates."""
+    import contextlib
+
+    import engines.loader
+    from service.workers import loading_slots
+
+    class Slots:
+        def hold(self, most):
+            return f"hold({most})"
+
+        def hold_all(self):
+            return "hold_all"
+
+    cfg = parse_config(CFG)
+    recorded = {"b0": "openvino", "mec": None}
+    monkeypatch.setattr(engines.loader, "recorded_choice", lambda tag, **kw: recorded[tag.split(":")[0]])
+    auto = lambda name: replace(cfg.variants[name], engine="auto")  # noqa: E731
+    assert loading_slots(Slots(), auto("b0"), "cpu", (1, 8), 2) == "hold(1)"
+    assert loading_slots(Slots(), auto("mec"), "cpu", (1, 8), 2) == "hold_all"
+    assert loading_slots(Slots(), replace(auto("mec"), engine="onnxruntime"), "cpu", (1, 8), 2) == "hold(1)"
+    assert isinstance(loading_slots(None, auto("mec"), "cuda", (1, 8), 2), contextlib.nullcontext)
 
 
 def test_worker_errors_become_502_or_503_with_retry_after():
