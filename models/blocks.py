@@ -10,7 +10,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 from .layers import ConvBNAct, SqueezeExcite
 
@@ -35,6 +34,33 @@ class LayerCfg:
         return self.stride == 1 and self.in_ch == self.out_ch
 
 
+class StochasticDepth(nn.Module):
+    """torchvision.ops.StochasticDepth in "row" mode: the same arithmetic and the same random draws.
+
+    NOTE: ours rather than torchvision's: importing torchvision.ops imports torch._dynamo, about 2 s
+    of CPU in every worker process's start (six processes on 2 cores), for a few lines of arithmetic.
+    tests/test_models.py checks it against torchvision's.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        survival = 1.0 - self.p
+        noise = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(survival)
+        if survival > 0.0:
+            noise.div_(survival)
+        return x * noise
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, mode=row"
+
+
 Norm = Callable[[int], nn.Module]
 Act = Callable[..., nn.Module]
 
@@ -44,7 +70,7 @@ class _Residual(nn.Module):
 
     def _init_skip(self, cfg: LayerCfg) -> None:
         self.use_skip = cfg.has_skip
-        self.drop_path = StochasticDepth(cfg.drop_path, "row") if self.use_skip else nn.Identity()
+        self.drop_path = StochasticDepth(cfg.drop_path) if self.use_skip else nn.Identity()
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(y) if self.use_skip else y

@@ -229,9 +229,11 @@ class GatewayLogic:
 
         from store import CheckpointError, read_manifest
 
-        # The gateway's torch work is resizing one decoded image at a time in a thread pool: intra-op
-        # threads would only add OpenMP helpers that spin on the cores the workers' slots hand out.
+        # The gateway's torch work is resizing one decoded image at a time: intra-op threads would only
+        # add OpenMP helpers that spin on the cores the workers' slots hand out.
         torch.set_num_threads(1)
+        # store.resize_crop imports torchvision on first use (about 2 s): pay it here, not on a request.
+        import torchvision.transforms.v2.functional  # noqa: F401
 
         self.router = Router(self.cfg)
         self.manifests: dict[str, Any] = {}

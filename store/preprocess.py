@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.transforms.v2 import functional as F
 
 from .checkpoint import Manifest
 
@@ -30,6 +29,10 @@ def resize_crop(images: torch.Tensor, manifest: Manifest) -> torch.Tensor:
         raise ValueError(f"expected 1 or 3 channels, got {x.shape[1]}")
     r = manifest.resolution
     if x.shape[-2:] != (r, r):
+        # Imported here: `import torchvision` costs about 2 s (it imports torch._dynamo), and the workers,
+        # which import this module but never resize, should not pay it at every start.
+        from torchvision.transforms.v2 import functional as F
+
         x = F.resize(x, [manifest.resize or r], antialias=True)
         x = F.center_crop(x, [r, r])
     return x

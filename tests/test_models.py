@@ -144,3 +144,24 @@ def test_rows_are_validated(bad, match):
 def test_mismatched_rows_fail_loudly():
     with pytest.raises(ValueError, match="channels"):
         NetConfig(rows=(Row("mbconv", 3, 1, 32, 16), Row("mbconv", 3, 1, 24, 24)))
+
+
+def test_stochastic_depth_matches_torchvisions():
+    """Our StochasticDepth replaces torchvision.ops' (an import of torch._dynamo in every worker):
+    same output and same random draws in training, the identity in eval."""
+    from torchvision.ops import StochasticDepth as Reference
+
+    from models.blocks import StochasticDepth
+
+    x = torch.randn(64, 8, 4, 4)
+    for p in (0.0, 0.2, 1.0):
+        ours, ref = StochasticDepth(p), Reference(p, "row")
+        torch.manual_seed(3)
+        a = ours(x)
+        torch.manual_seed(3)
+        b = ref(x)
+        assert torch.equal(a, b)
+        assert torch.equal(ours.eval()(x), x)
+    assert 0 < (StochasticDepth(0.5)(x).flatten(1).abs().sum(1) == 0).sum() < 64  # rows dropped, not all
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        StochasticDepth(1.5)
