@@ -111,8 +111,7 @@ def fashion_mnist(split: str, manifest: Manifest, limit: int | None = None, seed
     # NOTE: 28x28 becomes RxR through `store.resize_crop`, the project's one image->input definition,
     # so the engines are checked on exactly what the service feeds them.
     """
-    prefix = "train" if split == "train" else "t10k"
-    img_path, lab_path = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    img_path, lab_path = _fashion_files(split)
     if not (img_path.is_file() and lab_path.is_file()):
         return None
     images, labels = _read_idx(img_path), _read_idx(lab_path)
@@ -198,6 +197,18 @@ def load_calibration(folder: Path, manifest: Manifest, cache: Path | None = None
     return CalibrationSet(synthetic_batch(manifest, CALIBRATION_SIZE), None,
                           f"synthetic uint8 noise (checkpoint has no {CALIBRATION_FILE} and dataset "
                           f"{manifest.dataset!r} is not available offline)")
+
+
+def _fashion_files(split: str) -> tuple[Path, Path]:
+    prefix = "train" if split == "train" else "t10k"
+    return FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+
+
+def test_set_source(manifest: Manifest) -> str | None:
+    """The `source` of `load_test_set(manifest)`, without reading an image (None where it would be None)."""
+    if manifest.dataset.lower().replace("_", "-") == "fashion-mnist" and all(p.is_file() for p in _fashion_files("test")):
+        return "fashion-mnist test split"
+    return None
 
 
 def load_test_set(manifest: Manifest) -> CalibrationSet | None:

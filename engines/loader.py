@@ -23,7 +23,7 @@ import torch
 from store import Manifest, load_checkpoint, read_manifest
 
 from .base import BuildContext, Engine, TorchEngine, TorchFp16Engine
-from .calibration import load_calibration, load_test_set
+from .calibration import load_calibration, load_test_set, test_set_source
 from .export import cache_dir
 from .onnxrt import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from .openvino_rt import OpenVinoBf16Engine, OpenVinoEngine, OpenVinoInt8Engine
@@ -92,7 +92,7 @@ class _Checkpoint:
     def reference(self) -> Reference:
         if self._ref is None:
             self._ref = Reference(TorchEngine(self.model, self.manifest, self.device), self.calibration,
-                                       load_test_set(self.manifest))
+                                  lambda: load_test_set(self.manifest), test_set_source(self.manifest))
         return self._ref
 
 

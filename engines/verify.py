@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,10 +45,26 @@ class Reference:
     """The eager reference's outputs, computed on first use (a restart whose records all hold never
     runs it) and shared by every candidate engine."""
 
-    def __init__(self, reference: Engine, calibration: CalibrationSet, test: CalibrationSet | None) -> None:
-        self.engine, self.calibration, self.test = reference, calibration, test
+    def __init__(self, reference: Engine, calibration: CalibrationSet,
+                 test: CalibrationSet | Callable[[], CalibrationSet | None] | None, test_source: str | None = None) -> None:
+        """`test`: the test set, or a function that loads it on first use, then with its `test_source`.
+        NOTE: lazily, because a restart's recorded verdicts need only the test set's name: loading
+        Fashion-MNIST's 10,000 test images (and torchvision, to resize them) cost every fashion worker
+        about 3 s of its start (2026-11-27)."""
+        self.engine, self.calibration = reference, calibration
+        if callable(test):
+            self._load_test, self._test, self.test_source = test, None, test_source
+        else:
+            self._load_test, self._test = None, test
+            self.test_source = test.source if test is not None else None
         self._calib_logits: torch.Tensor | None = None
         self._test_pred: torch.Tensor | None = None
+
+    @property
+    def test(self) -> CalibrationSet | None:
+        if self._load_test is not None:
+            self._test, self._load_test = self._load_test(), None
+        return self._test
 
     @property
     def calib_logits(self) -> torch.Tensor:
@@ -95,7 +111,7 @@ def record_key(engine: Engine, ref: Reference) -> dict[str, Any]:
         "artefacts_sha256": sha256_of(*engine.artefacts) if engine.artefacts else None,
         "versions": {m: _version(m) for m in ("torch", "onnxruntime", "openvino")},
         "calibration": ref.calibration.source,
-        "test_set": ref.test.source if ref.test is not None else None,
+        "test_set": ref.test_source,
     }
     if engine.runtime == "openvino":
         key["cpu"] = cpu_capabilities()

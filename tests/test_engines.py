@@ -405,3 +405,25 @@ def test_auto_keeps_one_choice_per_thread_count(store, monkeypatch):
     for threads in (1, 2):
         again, _ = load_engine(tag, engine="auto", threads=threads, home=str(home), batch_sizes=(1, 2))
         assert again.describe()["reason"].startswith("auto: recorded choice")
+
+
+def test_the_test_set_is_named_without_loading_it_and_loaded_only_when_needed(monkeypatch):
+    """A restart's recorded verdicts are keyed by the test set's name: naming it must not read 10,000
+    images, and the name must be the one the loaded set carries."""
+    import types
+
+    import engines.calibration as calibration
+    from engines.verify import Reference
+
+    fashion = types.SimpleNamespace(dataset="fashion-mnist", resolution=32, resize=None)
+    imagenet = types.SimpleNamespace(dataset="imagenet", resolution=32, resize=None)
+    assert calibration.test_set_source(imagenet) is None and calibration.load_test_set(imagenet) is None
+    if not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        assert calibration.test_set_source(fashion) is None
+        pytest.skip("Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
+    loaded = calibration.load_test_set(fashion)
+    assert calibration.test_set_source(fashion) == loaded.source and len(loaded.images) == 10_000
+    calls = []
+    ref = Reference(None, None, lambda: calls.append(1) or loaded, calibration.test_set_source(fashion))
+    assert ref.test_source == loaded.source and not calls
+    assert ref.test is loaded and ref.test is loaded and calls == [1]  # loaded once, on first use
