@@ -73,14 +73,18 @@ train-full: setup
 engines: setup
 	$(EFFNET) serve --prepare
 
-# Fills the default store if empty (`checkpoints`), then serves on 127.0.0.1:3000 (prints example curls).
-serve: setup checkpoints engines
+# Fills the default store if empty (`checkpoints`) and prepares the engines (`engines`), then serves on
+# 127.0.0.1:3000 (prints example curls). `effnet serve --check` (a few seconds) says whether both are
+# done already, so a later `make serve` skips their no-op runs (about 70 s of start-ups) and is ready sooner.
+serve: setup
+	@$(EFFNET) serve --check || $(MAKE) --no-print-directory checkpoints engines
 	$(EFFNET) serve
 
 # Fills the default store if empty, starts the service and a private Prometheus, steps Locust through
 # 1/4/16/32 users per variant and the split; LOADTEST_ARGS passes options (e.g. --url, --steps 1,8).
 LOADTEST_ARGS ?=
-loadtest: setup checkpoints engines
+loadtest: setup
+	@$(EFFNET) serve --check || $(MAKE) --no-print-directory checkpoints engines
 	$(EFFNET) loadtest $(LOADTEST_ARGS)
 
 clean:

@@ -435,8 +435,12 @@ def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tm
         "variants": {"a": {"model": "compact-a:latest", "engine": "auto", "max_batch_size": 2}},
         "routes": {"pets": {"split": ["a"]}},
     })
+    check = argparse.Namespace(config=str(cfg), host="127.0.0.1", port=3999, prepare=False, check=True)
+    assert cmd_serve(check) == 1  # `make serve` then runs `make checkpoints engines`
+    assert "variant 'a': engine auto has not chosen for cpu, 2 thread(s), batch sizes [1, 2]" in capsys.readouterr().err
     args = argparse.Namespace(config=str(cfg), host="127.0.0.1", port=3999, prepare=True)
     assert cmd_serve(args) == 0
+    assert cmd_serve(check) == 0  # prepared: `make serve` goes straight to serving
     out = capsys.readouterr().out
     assert "[a] compact" in out  # step 1: the export's own report, prefixed with the variant
     assert "auto: fastest verified engine at batch [1, 2]" in out
@@ -447,3 +451,6 @@ def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tm
                                                    "routes": {"pets": {"split": ["a"]}}})
     assert cmd_serve(argparse.Namespace(config=str(cfg), host="127.0.0.1", port=3999, prepare=True)) == 1
     assert "nowhere" in capsys.readouterr().err
+    assert cmd_serve(argparse.Namespace(config=str(cfg), host="127.0.0.1", port=3999, check=True)) == 1
+    err = capsys.readouterr().err
+    assert "variant 'a'" in err and "nowhere" in err
