@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -295,7 +296,7 @@ def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
     return eng
 
 
-def _read_records(cache) -> list[dict]:
+def _read_records(cache: Path) -> list[dict]:
     """auto's recorded choices for this checkpoint, newest first: one per key (threads, batch sizes...),
     since a worker loads one engine per thread count its batches may get (service.cpu_slots)."""
     import json

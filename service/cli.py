@@ -94,8 +94,8 @@ def unprepared(cfg) -> list[str]:
     """
     import torch
 
-    from engines.loader import AUTO, recorded_choice
     from engines.export import cache_dir
+    from engines.loader import AUTO, recorded_choice
     from engines.verify import read_records
     from store import CheckpointError, read_manifest
 
