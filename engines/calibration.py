@@ -119,7 +119,7 @@ def fashion_mnist(split: str, manifest: Manifest, limit: int | None = None, seed
         idx = np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))
         images, labels = images[idx], labels[idx]
     x = resize_crop(torch.from_numpy(images.copy()).unsqueeze(1), manifest)
-    return CalibrationSet(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), f"fashion-mnist {split} split")
+    return CalibrationSet(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), _fashion_source(split))
 
 
 STAND_IN = "scikit-image photos"  # in the source of a stand-in calibration set (see CalibrationSet.stand_in)
@@ -176,7 +176,7 @@ def load_calibration(folder: Path, manifest: Manifest, cache: Path | None = None
                 with safe_open(str(path), "pt") as f:
                     source = (f.metadata() or {}).get("source", "generated calibration set")
             return CalibrationSet(t["images"], t.get("labels"), source)
-    if manifest.dataset.lower().replace("_", "-") == "fashion-mnist":
+    if _is_fashion(manifest):
         calib = fashion_mnist("train", manifest, limit=CALIBRATION_SIZE)
         if calib is not None:
             log.info("%s: no %s; generated %d images from the %s", folder.name, CALIBRATION_FILE,
@@ -199,6 +199,14 @@ def load_calibration(folder: Path, manifest: Manifest, cache: Path | None = None
                           f"{manifest.dataset!r} is not available offline)")
 
 
+def _is_fashion(manifest: Manifest) -> bool:
+    return manifest.dataset.lower().replace("_", "-") == "fashion-mnist"
+
+
+def _fashion_source(split: str) -> str:
+    return f"fashion-mnist {split} split"
+
+
 def _fashion_files(split: str) -> tuple[Path, Path]:
     prefix = "train" if split == "train" else "t10k"
     return FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
@@ -206,13 +214,13 @@ def _fashion_files(split: str) -> tuple[Path, Path]:
 
 def test_set_source(manifest: Manifest) -> str | None:
     """The `source` of `load_test_set(manifest)`, without reading an image (None where it would be None)."""
-    if manifest.dataset.lower().replace("_", "-") == "fashion-mnist" and all(p.is_file() for p in _fashion_files("test")):
-        return "fashion-mnist test split"
+    if _is_fashion(manifest) and all(p.is_file() for p in _fashion_files("test")):
+        return _fashion_source("test")
     return None
 
 
 def load_test_set(manifest: Manifest) -> CalibrationSet | None:
     """The checkpoint's test set where it is available offline (Fashion-MNIST), else None."""
-    if manifest.dataset.lower().replace("_", "-") == "fashion-mnist":
+    if _is_fashion(manifest):
         return fashion_mnist("test", manifest)
     return None
