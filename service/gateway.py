@@ -48,7 +48,7 @@ WORKER_RETRIES = 2  # dropped connections between gateway and worker; inference 
 MAX_SHADOW_INFLIGHT = 16  # mirrored calls in flight; beyond that shadowing is skipped, never queued
 # Decoding a small image (a 28x28 PNG: ~0.1 ms) costs less than handing it to a thread, and the
 # thread's GIL hand-offs stalled the event loop: the fashion route with compact chosen at 32 clients
-# went from 219-255 to 253-298 req/s when decoded inline (benchmarks/serving.md, 2026-11-27 12:00).
+# went from 219-255 to 253-298 req/s when decoded inline (benchmarks/serving.md, section of 2026-11-27 11:45-12:50).
 # 224x224 is the ImageNet input (~1 ms for a JPEG); anything larger goes to a thread.
 INLINE_DECODE_PIXELS = 256 * 256
 
