@@ -138,8 +138,10 @@ def test_a_corrupted_training_state_is_refused(tmp_path, bentoml_home):
 @pytest.mark.slow
 def test_two_process_ddp_with_gloo_stays_in_sync(tmp_path, bentoml_home):
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
-    cmd = [sys.executable, "-m", "cli", "train", "--variant", "compact", "--nproc", "2", "--epochs", "1",
-           "--run-dir", str(tmp_path), *TINY, "--batch-size", "8"]
+    # 3 epochs asked within a budget nothing fits: both ranks must agree to stop after epoch 1 (a rank
+    # that went on alone would hang in its next all-reduce)
+    cmd = [sys.executable, "-m", "cli", "train", "--variant", "compact", "--nproc", "2", "--epochs", "3",
+           "--time-budget", "1e-6", "--run-dir", str(tmp_path), *TINY, "--batch-size", "8"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list_checkpoints(bentoml_home)
@@ -212,6 +214,23 @@ def test_train_many_refuses_a_bad_option_before_starting_anything(bentoml_home):
     assert list_checkpoints(bentoml_home) == []
 
 
+def test_a_time_budget_cuts_the_schedule_to_the_epochs_that_fit(tmp_path, bentoml_home, capsys):
+    # 3 epochs of 2 steps asked; a budget that nothing fits stops after the timed step of epoch 1 and the
+    # manifest and training state record the 1 epoch that ran, not the 3 asked for
+    out = train_main(tiny_cfg(tmp_path / "short", epochs=3, time_budget=1e-6), progress=False)
+    man, _ = read_manifest(out["tag"])
+    assert man.metrics["epochs"] == 1 and man.training["epochs"] == 1
+    assert "time budget 1e-06 s" in capsys.readouterr().out
+    assert json.loads((tmp_path / "short" / "state.json").read_text())["config"]["epochs"] == 1
+    # a generous budget leaves the asked epochs alone; the plan is revised after each epoch that ends
+    # in the warmup (4 steps here: once in epoch 1, after epoch 1, after epoch 2), never after it
+    out = train_main(tiny_cfg(tmp_path / "long", epochs=3, warmup_epochs=2, time_budget=3600), progress=False)
+    assert read_manifest(out["tag"])[0].metrics["epochs"] == 3
+    assert capsys.readouterr().out.count("time budget 3600 s") == 3
+    with pytest.raises(ValueError, match="time_budget"):
+        tiny_cfg(tmp_path, time_budget=-1)
+
+
 def test_config_precedence_defaults_recipe_yaml_cli(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("recipe: quick\nepochs: 7\nbatch-size: 32\n")
@@ -238,6 +257,71 @@ def test_batch_augment_keeps_uint8_images_and_shapes():
     y = batch_augment(x.clone(), pad=4, hflip=True, erase_p=0.5)
     assert y.dtype == torch.uint8 and y.shape == x.shape and not torch.equal(x, y)
     assert torch.equal(batch_augment(x.clone(), pad=0, hflip=False), x)
+
+
+def test_random_erasing_fills_one_rectangle_on_about_the_asked_fraction():
+    from training.data import batch_augment
+
+    torch.manual_seed(0)
+    x = torch.zeros(400, 1, 32, 32, dtype=torch.uint8)
+    y = batch_augment(x, pad=0, hflip=False, erase_p=0.25)
+    changed = (y != 0).flatten(1).any(1)
+    assert 0.15 < changed.float().mean() < 0.35
+    for img in y[changed][:20, 0]:
+        rows, cols = (img != 0).any(1).nonzero().flatten(), (img != 0).any(0).nonzero().flatten()
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert 0.02 * 1024 * 0.5 <= h * w <= 0.2 * 1024 * 1.5  # one rectangle of 2-20% of the area (rounding)
+
+
+def test_device_batches_shard_like_the_distributed_sampler_and_augment_per_chunk():
+    from torch.utils.data.distributed import DistributedSampler
+
+    from training.data import DeviceBatches, TensorImages
+
+    n = 100
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    data = TensorImages(images, torch.arange(n))
+    seen = []
+    for rank in range(2):
+        batches = DeviceBatches(data, batch_size=16, device="cpu", rank=rank, world=2, seed=3)
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3, drop_last=True)
+        batches.set_epoch(5)
+        sampler.set_epoch(5)
+        got = [(x, y) for x, y in batches]
+        assert len(got) == len(batches) == 50 // 16  # the DataLoader's count with drop_last
+        labels = torch.cat([y for _, y in got]).tolist()
+        assert labels == list(sampler)[: len(labels)]  # the same order as the DataLoader path
+        assert all(torch.equal(x[:, 0, 0, 0].long(), y) for x, y in got)  # images stay with their labels
+        seen += labels
+    assert len(set(seen)) == len(seen)  # disjoint shards
+
+    calls = []
+
+    def policy(part):
+        calls.append(len(part))
+        return part + 1
+
+    data = TensorImages(torch.zeros(40, 1, 4, 4, dtype=torch.uint8), torch.zeros(40, dtype=torch.long), policy)
+    x, _ = next(iter(DeviceBatches(data, batch_size=20, device="cpu", chunk=8)))
+    assert calls == [8, 8, 4] and bool((x == 1).all())
+
+
+def test_device_data_is_used_with_cuda_or_when_asked(tmp_path, bentoml_home, capsys):
+    from training.data import load_data
+    from training.train import use_device_data
+
+    cfg = tiny_cfg(tmp_path)
+    data = load_data(cfg)
+    assert not use_device_data(cfg, data, torch.device("cpu"))
+    assert use_device_data(cfg, data, torch.device("cuda"))
+    assert use_device_data(tiny_cfg(tmp_path, device_data="on"), data, torch.device("cpu"))
+    assert not use_device_data(tiny_cfg(tmp_path, device_data="off"), data, torch.device("cuda"))
+    with pytest.raises(ValueError, match="device_data"):
+        tiny_cfg(tmp_path, device_data="gpu")
+    # the whole path on this CPU: RandAugment per chunk, erasing, a checkpoint out
+    out = train_main(tiny_cfg(tmp_path, device_data="on", auto_augment="randaugment", random_erasing=0.5,
+                              augment_chunk=4, epochs=1), progress=False)
+    assert out["tag"] and "batches augmented on cpu" in capsys.readouterr().out
 
 
 def test_imagefolder_layout_trains_with_the_folder_name_as_dataset(tmp_path, bentoml_home):

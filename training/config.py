@@ -53,10 +53,18 @@ class TrainConfig:
     # FACTS: 321 vs 587 img/s), bf16 on CUDA that supports it, else fp16 with a GradScaler
     channels_last: bool = True  # FACTS: 4.8x faster training on this CPU (625 vs 130 img/s); also the GPU fast path
     workers: int = 0  # DataLoader workers; 0 on 2 cores (a worker competes with the 2 compute threads)
+    device_data: str = "auto"  # auto | on | off: keep an in-memory training set (fashion-mnist, fake) on the
+    # training device and augment it there (training/data.py DeviceBatches). auto: on with CUDA, where
+    # per-image augmentation in CPU workers fed an H100 at 2,600 img/s (benchmarks/gpu/README.md); off
+    # on a CPU, where the DataLoader path is the same work and keeps the policy drawn per image.
+    augment_chunk: int = 16  # with device_data: images that share one draw of the augmentation policy
     threads: int = 0  # torch threads per process; 0 -> cores / processes, never oversubscribed
     seed: int = 0  # seeds python, numpy, torch and the sampler: a rerun gives the same weights on the same machine
     deterministic: bool = False  # cudnn/algorithms deterministic on CUDA (slower); CPU kernels are already
     eval_every: int = 1  # evaluate model and EMA every N epochs (and always after the last)
+    time_budget: float = 0.0  # seconds for the epochs; 0 -> off. After ~50 timed steps the schedule is cut to the
+    # whole epochs that fit (`epochs` stays the upper bound): a time-boxed run still ends its cosine schedule,
+    # where stopping a 40-epoch schedule early would leave the LR high and the EMA behind.
     log_every: int = 20  # progress-bar refresh in steps
     # where
     run_dir: str = ""  # training state for --resume; "" -> $BENTOML_HOME/runs/{name}
@@ -128,8 +136,14 @@ def resolve_config(cli: dict[str, Any], config_file: str | None = None) -> Train
     cfg = TrainConfig(**values)
     if cfg.auto_augment not in ("randaugment", "autoaugment", "trivialaugment", "none"):
         raise ValueError(f"auto_augment must be randaugment, autoaugment, trivialaugment or none, got {cfg.auto_augment!r}")
+    if cfg.time_budget < 0:
+        raise ValueError(f"time_budget must be 0 (off) or a number of seconds, got {cfg.time_budget!r}")
     if not cfg.epochs > 0:
         raise ValueError(f"epochs must be above 0 (fractions allowed, e.g. 0.8), got {cfg.epochs!r}")
+    if cfg.device_data not in ("auto", "on", "off"):
+        raise ValueError(f"device_data must be auto, on or off, got {cfg.device_data!r}")
+    if cfg.augment_chunk < 1:
+        raise ValueError(f"augment_chunk must be at least 1, got {cfg.augment_chunk!r}")
     if cfg.amp not in ("auto", "off", "bf16", "fp16"):
         raise ValueError(f"amp must be auto, off, bf16 or fp16, got {cfg.amp!r}")
     return cfg

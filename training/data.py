@@ -199,25 +199,78 @@ def load_data(cfg) -> DataSpec:
 def batch_augment(x: torch.Tensor, pad: int, hflip: bool, erase_p: float = 0.0) -> torch.Tensor:
     """Batched random translation (reflect pad + random crop), horizontal flip and random erasing on uint8.
 
-    One gather per batch instead of a Python transform per image: free next to the network.
+    One gather per batch instead of a Python transform per image: free next to the network. Runs on
+    whatever device `x` is on (the CPU after a DataLoader, the GPU with `DeviceBatches`).
     """
     n, c, h, w = x.shape
+    dev = x.device
     if pad:
         padded = torch.nn.functional.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
-        oy = torch.randint(0, 2 * pad + 1, (n,))
-        ox = torch.randint(0, 2 * pad + 1, (n,))
-        iy = (oy[:, None] + torch.arange(h))[:, None, :, None]
-        ix = (ox[:, None] + torch.arange(w))[:, None, None, :]
-        x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], iy, ix]
+        oy = torch.randint(0, 2 * pad + 1, (n,), device=dev)
+        ox = torch.randint(0, 2 * pad + 1, (n,), device=dev)
+        iy = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        ix = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], iy, ix]
     if hflip:
-        flip = torch.rand(n) < 0.5
+        flip = torch.rand(n, device=dev) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if erase_p > 0:
-        # One rectangle of 2-20% of the area, filled with noise, on a fraction erase_p of the images.
-        for i in torch.nonzero(torch.rand(n) < erase_p).flatten().tolist():
-            area = h * w * float(torch.empty(1).uniform_(0.02, 0.2))
-            ratio = float(torch.empty(1).uniform_(0.3, 3.3))
-            eh, ew = min(h, max(1, int((area * ratio) ** 0.5))), min(w, max(1, int((area / ratio) ** 0.5)))
-            y0, x0 = int(torch.randint(0, h - eh + 1, ())), int(torch.randint(0, w - ew + 1, ()))
-            x[i, :, y0 : y0 + eh, x0 : x0 + ew] = torch.randint(0, 256, (c, eh, ew), dtype=x.dtype)
+        # One rectangle of 2-20% of the area (aspect 0.3-3.3), filled with noise, on a fraction erase_p of
+        # the images; drawn for the whole batch at once, so no per-image loop and no device sync.
+        erase = torch.rand(n, device=dev) < erase_p
+        area = h * w * torch.empty(n, device=dev).uniform_(0.02, 0.2)
+        ratio = torch.empty(n, device=dev).uniform_(0.3, 3.3)
+        eh = (area * ratio).sqrt().long().clamp(1, h)
+        ew = (area / ratio).sqrt().long().clamp(1, w)
+        y0 = (torch.rand(n, device=dev) * (h - eh + 1)).long()
+        x0 = (torch.rand(n, device=dev) * (w - ew + 1)).long()
+        ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        in_y = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])  # (n, h)
+        in_x = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # (n, w)
+        mask = (erase[:, None, None] & in_y[:, :, None] & in_x[:, None, :])[:, None]  # (n, 1, h, w)
+        x = torch.where(mask, torch.randint(0, 256, x.shape, dtype=x.dtype, device=dev), x)
     return x.contiguous()
+
+
+class DeviceBatches:
+    """The training split kept on the training device, shuffled and policy-augmented there, batch by batch.
+
+    The DataLoader path runs the augmentation policy per image in CPU worker processes. On an H100 that
+    fed 2,600 img/s per training process with 16 cores busy, and left the GPU mostly idle
+    (benchmarks/gpu/README.md, 2026-11-27). Small in-memory sets fit the device whole (Fashion-MNIST at
+    64x64: 60k x 1 x 64 x 64 uint8 = 246 MB), so each step only indexes a batch there.
+
+    The order is the DistributedSampler's (seed + epoch, the same permutation on every rank, rank r
+    takes every world-th index, the tail dropped), so DDP ranks see disjoint shards.
+
+    NOTE: the policy (RandAugment's two ops and their signs) is drawn once per chunk of `chunk` images,
+    not per image as on the DataLoader path: torchvision's v2 policies apply one draw to a whole batch
+    tensor, and one call per image costs ~1 ms of Python each (256 calls per step). Chunks of 16 keep
+    16 different draws per 256-image batch at 16 calls per step (~9 ms/batch at 32, 16 at 16, 37 at 8
+    on this CPU, most of it Python).
+    """
+
+    def __init__(self, data: "TensorImages", batch_size: int, device, *, rank: int = 0, world: int = 1,
+                 seed: int = 0, chunk: int = 16) -> None:
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+        self.augment, self.batch_size, self.chunk = data.transform, batch_size, max(1, chunk)
+        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+        self.per_rank = len(self.labels) // world
+        self.drop_last = self.per_rank >= batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank // self.batch_size if self.drop_last else -(-self.per_rank // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.labels), generator=g)[: self.per_rank * self.world][self.rank :: self.world]
+        order = order.to(self.images.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment is not None:
+                x = torch.cat([self.augment(part) for part in x.split(self.chunk)])
+            yield x, self.labels[idx]

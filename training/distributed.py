@@ -30,6 +30,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def agree(value: float, op: str, device) -> float:
+    """The max or min of `value` over all ranks (every rank gets the same answer); `value` alone otherwise."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return float(t)
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

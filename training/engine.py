@@ -13,6 +13,9 @@ from torch import nn
 from .data import batch_augment
 
 
+PLAN_STEPS = 50  # steps timed (after the warm-up steps) before a --time-budget run fixes its schedule
+
+
 def get_lr(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:
     """Linear warmup to `peak`, then cosine down to `peak * min_ratio` (a pure function of the step)."""
     # 1) warmup
@@ -74,12 +77,14 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 def train_one_epoch(
     model, ema, optimizer, scaler, loader, normalize, cfg, *, epoch, step, total_steps, warmup_steps, device,
     peak_lr, amp_dtype=None, teacher=None, teacher_input=None, progress=True, pad=0, heartbeat=0, max_steps=None,
+    replan=None,
 ) -> tuple[dict, int]:
     """Train for one pass over `loader`; returns (metrics, global step after the epoch).
 
     `normalize` is the manifest's InputNormalizer (uint8 -> model input). With a teacher, the loss is
     (1 - kd_alpha) * label-smoothed CE + kd_alpha * distillation. `max_steps` ends the pass early (the
-    last pass of a fractional number of epochs).
+    last pass of a fractional number of epochs). `replan(step, seconds_per_step)`, if given, is called once
+    after `PLAN_STEPS` timed steps (fewer in a short epoch) and returns the new total number of steps.
     """
     from tqdm import tqdm
 
@@ -94,8 +99,10 @@ def train_one_epoch(
     # allocator's growth. NOTE: on an H100 the first 100 of 234 steps ran at 630 img/s and the next
     # 100 at 2,600 (benchmarks/gpu/README.md); planning epochs from the first figure was 4x off.
     warm_steps, t_warm, seen_warm = max(1, min(20, len(loader) // 5)), None, 0
+    step0 = step
+    plan_at = min(warm_steps + PLAN_STEPS, n_steps)
     for i, (images, labels) in enumerate(bar):
-        if i == n_steps:
+        if i >= n_steps:
             break
         if i == warm_steps:
             t_warm, seen_warm = time.perf_counter(), seen
@@ -125,6 +132,10 @@ def train_one_epoch(
         seen += n
         total_loss += loss.detach() * n
         total_correct += (logits.detach().argmax(-1) == labels).sum()
+        if replan is not None and t_warm is not None and i + 1 == plan_at:
+            float(total_loss)  # waits for the device: the timed steps are done, not just queued
+            total_steps = replan(step, (time.perf_counter() - t_warm) / (i + 1 - warm_steps))
+            n_steps = min(n_steps, total_steps - step0)
         if progress and (i % cfg.log_every == 0 or i == n_steps - 1):
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{float(total_loss) / seen:.3f}", img_s=f"{seen / dt:.0f}", lr=f"{lr:.2e}", refresh=False)

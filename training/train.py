@@ -67,6 +67,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def use_device_data(cfg: TrainConfig, data, device: torch.device) -> bool:
+    """Whether the training split lives on `device` (DeviceBatches) rather than behind a DataLoader."""
+    from .data import TensorImages
+
+    if cfg.device_data == "off" or not isinstance(data.train, TensorImages):
+        return False  # imagefolder decodes files: that stays in DataLoader workers
+    return cfg.device_data == "on" or device.type == "cuda"
+
+
 def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Train `cfg.variant` on `cfg.data`; returns {"tag", "metrics", "run_dir", ...} on rank 0."""
     from torch.utils.data import DataLoader
@@ -76,7 +85,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     from store import InputNormalizer, Manifest, load_checkpoint, resize_crop, save_checkpoint
 
     from . import distributed as dist_utils
-    from .data import load_data
+    from .data import DeviceBatches, load_data
     from .engine import ModelEma, evaluate, recalibrate_bn, train_one_epoch
     from .report import CONFUSION_FILE, LOG_FILE, append_jsonl, plot_confusion
     from .state import load_state, save_state
@@ -142,10 +151,14 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
         log(f"distilling from {cfg.teacher} (top-1 {t_man.metrics.get('top1')}), alpha {cfg.kd_alpha}, T {cfg.kd_temperature}")
 
     # 3) loaders: the sampler's seed + epoch fixes the order on every rank, resumed or not
-    sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                        drop_last=len(data.train) // world >= cfg.batch_size, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.workers > 0)  # no re-fork of the workers every epoch
+    if use_device_data(cfg, data, device):
+        loader = sampler = DeviceBatches(data.train, cfg.batch_size, device, rank=rank, world=world, seed=cfg.seed,
+                                         chunk=cfg.augment_chunk)
+    else:
+        sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                            drop_last=len(data.train) // world >= cfg.batch_size, pin_memory=device.type == "cuda",
+                            persistent_workers=cfg.workers > 0)  # no re-fork of the workers every epoch
     val_loader = DataLoader(data.val, batch_size=256, shuffle=False, num_workers=cfg.workers)
     steps_per_epoch = len(loader)
     # A fractional `epochs` (the quick recipe's 0.75) ends the last pass early; the schedule spans exactly
@@ -166,6 +179,10 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
         recalibrated = bool(meta.get("bn_recalibrated"))
         if world > 1:
             seed_everything(cfg.seed + 1000 * (start_epoch) + rank)  # per-rank streams were not saved per rank
+        if meta["config"].get("time_budget"):  # the schedule that run fixed, not this run's --epochs
+            cfg.epochs = meta["config"]["epochs"]
+            total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+            n_passes = math.ceil(total_steps / steps_per_epoch)
         log(f"resumed from {resume} after epoch {start_epoch}, step {step}")
     else:
         seed_everything(cfg.seed + rank)
@@ -174,13 +191,38 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             (run_dir / LOG_FILE).write_text("")
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"{variant} -> {name}: {count_params(net):,} params, {world} process(es) on {device}, global batch "
-        f"{global_batch}, peak lr {peak_lr:.2e}, amp {amp_dtype}, {cfg.epochs:g} epoch(s): {total_steps} steps of {steps_per_epoch} per epoch")
+        f"{global_batch}, peak lr {peak_lr:.2e}, amp {amp_dtype}, {cfg.epochs:g} epoch(s): {total_steps} steps of {steps_per_epoch} per epoch, "
+        f"{'batches augmented on ' + device.type if isinstance(loader, DeviceBatches) else 'a DataLoader'}")
 
     # 5) epochs
     t_train = time.perf_counter()
     images_seen = 0
     last = {}
-    for epoch in range(start_epoch, n_passes):
+    planned = not cfg.time_budget or bool(resume)
+    asked_steps = total_steps
+
+    def replan(at_step: int, sec_per_step: float) -> int:
+        """--time-budget: fit the schedule to the whole epochs left in the budget, the same on every rank.
+
+        Called once in the first epoch, then after each epoch that ends inside the warmup: until the
+        warmup ends the LR does not depend on the total, so the plan can still follow the measured rate
+        (processes that share a GPU slow each other down as they start)."""
+        nonlocal total_steps, n_passes, planned
+        planned = True
+        sec = dist_utils.agree(sec_per_step, "max", device)
+        # each evaluation of model + EMA costs about 6% of an epoch (20k forward passes vs 60k training steps)
+        per_step = sec * (1.03 + (0.06 / cfg.eval_every if cfg.eval_every else 0.0))
+        fit = at_step + int((t_train + cfg.time_budget - time.perf_counter()) / per_step)
+        whole = fit // steps_per_epoch * steps_per_epoch
+        total = asked_steps if fit >= asked_steps else max(at_step, whole or fit)
+        total_steps = int(dist_utils.agree(total, "min", device))
+        n_passes = math.ceil(total_steps / steps_per_epoch)
+        cfg.epochs = total_steps / steps_per_epoch  # what the state, manifest and a resume see
+        log(f"time budget {cfg.time_budget:g} s at {1e3 * sec:.1f} ms/step: {cfg.epochs:g} epoch(s), {total_steps} steps")
+        return total_steps
+
+    epoch = start_epoch
+    while epoch < n_passes:
         sampler.set_epoch(epoch)
         steps_before = step
         stats, step = train_one_epoch(
@@ -188,8 +230,11 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             warmup_steps=warmup_steps, device=device, peak_lr=peak_lr, amp_dtype=amp_dtype, teacher=teacher,
             teacher_input=teacher_input, progress=progress and main_proc, pad=pad,
             heartbeat=100 if main_proc and not progress else 0, max_steps=total_steps - step,
+            replan=None if planned else replan,
         )
         images_seen += (step - steps_before) * global_batch
+        if cfg.time_budget and not resume and step <= warmup_steps and step < total_steps:
+            replan(step, cfg.batch_size / stats["images_per_s_steady"])
         record = {"epoch": epoch + 1, "step": step, **stats, "images_per_s_total": stats["images_per_s"] * world}
         is_last = epoch + 1 == n_passes
         if main_proc and is_last and cfg.bn_recalibrate:
@@ -214,6 +259,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             log(f"stopped after epoch {epoch + 1} (--stop-after-epoch); continue with --resume {run_dir}")
             dist_utils.cleanup()
             return {"tag": None, "run_dir": str(run_dir), "stopped_after_epoch": epoch + 1}
+        epoch += 1
     train_seconds = time.perf_counter() - t_train
 
     # 6) export the better of the model and its EMA, on rank 0
@@ -295,10 +341,15 @@ HELP = {
     "amp": "mixed precision: auto (off on CPU, where bf16 slows training; bf16 or fp16 on CUDA), off, bf16, fp16",
     "channels_last": "NHWC memory format (much faster on CPU and GPU)",
     "workers": "DataLoader worker processes",
+    "device_data": "keep an in-memory training set (fashion-mnist, fake) on the training device and augment it "
+    "there: auto (on with CUDA), on, off (a DataLoader; imagefolder always uses one)",
+    "augment_chunk": "with device data: images that share one draw of the augmentation policy",
     "threads": "torch threads per process (0: CPU cores / processes on this node)",
     "seed": "seed for weights, data order, augmentation, dropout",
     "deterministic": "deterministic CUDA algorithms (slower)",
     "eval_every": "evaluate model and EMA every N epochs (0: only after the last)",
+    "time_budget": "seconds for the epochs (0: off): after ~50 timed steps, --epochs is cut to the whole epochs "
+    "that fit, and the cosine schedule ends there",
     "log_every": "progress-bar refresh interval in steps",
     "run_dir": "folder for the resumable training state and epoch log (default: $BENTOML_HOME/runs/NAME)",
     "stop_after_epoch": "stop after this epoch with the state saved and no checkpoint (simulates an interruption)",
