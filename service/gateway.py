@@ -306,6 +306,7 @@ class GatewayLogic:
 
     async def call_worker(self, variant: str, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """One call to the variant's worker: scores (N, K) and the seconds its inference took."""
+        import aiohttp
         import httpx
         from bentoml.exceptions import BentoMLException
 
@@ -314,12 +315,14 @@ class GatewayLogic:
             try:
                 out = await proxy.predict(batch)
                 break
-            except httpx.TimeoutException:
+            except (httpx.TimeoutException, TimeoutError):  # before the next clause: aiohttp's are both
                 raise ClientError(f"variant {variant!r} did not answer in time; retry later", 503,
                                   {"Retry-After": str(self.cfg.server.retry_after_s)}) from None
-            except httpx.TransportError as e:
-                # NOTE: a dropped connection (bentoml 1.4.31-1.4.40 closes sessions under load, FACTS.md);
-                # inference has no side effects, so trying again is safe.
+            except (httpx.TransportError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                # NOTE: a dropped connection. bentoml 1.4.31-1.4.40 close sessions under load (FACTS.md);
+                # 1.4.30's client between services is aiohttp, and a worker that stalled past its
+                # keep-alive closed pooled connections under the gateway ("Can not write request body",
+                # H200, benchmarks/gpu/README.md). Inference has no side effects: trying again is safe.
                 if attempt == WORKER_RETRIES:
                     raise ClientError(f"variant {variant!r}: worker connection failed ({type(e).__name__})", 502) from None
                 logger.warning("variant %s: retrying after %s", variant, type(e).__name__)
@@ -444,6 +447,14 @@ class GatewayLogic:
             return 413, _error(rid, 413, f"request body is above the limit of {self.cfg.server.max_body_bytes:,} bytes")
         return e.status, _error(rid, e.status, str(e), getattr(e, "headers", None))
 
+    @staticmethod
+    def _fault(rid: str, e: Exception) -> tuple[int, JSONResponse]:
+        """A 500 answer for a fault of ours. Left to the ASGI server, the exception would also close the
+        client's keep-alive connection (the H200 session's load client saw "connection reset") and
+        skip the request metrics."""
+        logger.error("request %s failed", rid, exc_info=e)
+        return 500, _error(rid, 500, f"internal error ({type(e).__name__}); the server log names request {rid}")
+
     async def classify(self, request: Request) -> JSONResponse:
         t0, rid = time.perf_counter(), uuid.uuid4().hex
         route, variant = "none", "none"
@@ -468,6 +479,8 @@ class GatewayLogic:
             status, resp = 200, JSONResponse(body, headers={"X-Request-Id": rid})
         except (ClientError, ImageError, BodyTooLarge) as e:
             status, resp = self._refusal(rid, e)
+        except Exception as e:  # noqa: BLE001 - our fault: answer and count it; uvicorn would drop the connection
+            status, resp = self._fault(rid, e)
         metrics.REQUESTS.labels("classify", route, variant, str(status)).inc()
         metrics.E2E_LATENCY.labels("classify", route, variant).observe(time.perf_counter() - t0)
         return resp
@@ -510,6 +523,9 @@ class GatewayLogic:
             resp = JSONResponse(body, headers={"X-Request-Id": rid})
         except (ClientError, ImageError, BodyTooLarge) as e:
             status, resp = self._refusal(rid, e)
+            metrics.REQUESTS.labels("classify_batch", route, variant, str(status)).inc()
+        except Exception as e:  # noqa: BLE001 - as in classify
+            status, resp = self._fault(rid, e)
             metrics.REQUESTS.labels("classify_batch", route, variant, str(status)).inc()
         metrics.E2E_LATENCY.labels("classify_batch", route, variant).observe(time.perf_counter() - t0)
         return resp

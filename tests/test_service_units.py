@@ -254,21 +254,35 @@ def test_too_many_in_flight_requests_get_429_with_retry_after():
 
 # gateway -> worker calls (a stand-in worker: bentoml 1.4.30, which we pin, does not drop calls) ------
 
-class FlakyWorker:
-    """Drops the first `drops` calls as bentoml 1.4.31-1.4.40 do under load (FACTS.md)."""
+def dropped(kind="aiohttp"):
+    """What a dropped gateway -> worker connection raises. bentoml 1.4.30's client between services is
+    aiohttp: the H200 session's log showed ClientOSError("Can not write request body ...") when a stalled
+    worker had closed pooled connections. The httpx one is what its httpx-based client raises."""
+    import aiohttp
+    import httpx
 
-    def __init__(self, drops, error=None):
-        self.drops, self.calls, self.error = drops, 0, error
+    return {
+        "aiohttp": aiohttp.ClientOSError(None, "Can not write request body for http://127.0.0.1:3000/predict"),
+        "aiohttp-disconnected": aiohttp.ServerDisconnectedError(),
+        "aiohttp-reset": aiohttp.ClientConnectionResetError("Cannot write to closing transport"),
+        "httpx": httpx.RemoteProtocolError("Server disconnected without sending a response."),
+    }[kind]
+
+
+class FlakyWorker:
+    """Drops the first `drops` calls (as bentoml 1.4.31-1.4.40 do under load, FACTS.md, or as a stalled
+    worker's closed keep-alive connections do), or always raises `error`."""
+
+    def __init__(self, drops, error=None, drop="aiohttp"):
+        self.drops, self.calls, self.error, self.drop = drops, 0, error, drop
         self.to_async = self
 
     async def predict(self, batch):
-        import httpx
-
         self.calls += 1
         if self.error is not None:
             raise self.error
         if self.calls <= self.drops:
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            raise dropped(self.drop)
         out = np.zeros((len(batch), 4), np.float32)
         out[:, 1], out[:, -1] = 1.0, 0.001  # scores, then the batch's seconds
         return out
@@ -283,10 +297,42 @@ def gateway_with(worker):
     return gw
 
 
-def test_a_dropped_worker_connection_is_retried():
-    worker = FlakyWorker(drops=2)
+@pytest.mark.parametrize("drop", ["aiohttp", "aiohttp-disconnected", "aiohttp-reset", "httpx"])
+def test_a_dropped_worker_connection_is_retried(drop):
+    worker = FlakyWorker(drops=2, drop=drop)
     scores, wait = asyncio.run(gateway_with(worker).infer("b0", np.zeros((2, 3, 8, 8), np.uint8)))
     assert worker.calls == 3 and scores.shape == (2, 3) and scores[0, 1] == 1.0 and wait >= 0
+
+
+@pytest.mark.parametrize("endpoint", ["classify", "classify_batch"])
+def test_an_unexpected_fault_is_answered_500_with_the_request_id(endpoint):
+    """Not left to the ASGI server, which would drop the client's connection and skip the metrics."""
+    import io
+    import json as _json
+
+    from starlette.datastructures import FormData, UploadFile
+
+    from service import metrics
+
+    gw = gateway_with(FlakyWorker(0, RuntimeError("a bug of ours")))
+    a = types.SimpleNamespace(route="fashion", variant="b0", how="explicit", shadow=None)
+    field = "image" if endpoint == "classify" else "images"
+    form = FormData([(field, UploadFile(io.BytesIO(b"png"), filename="x.png"))])
+
+    async def parse(request, allowed):
+        return form, a, 5
+
+    async def prepare(data, variant):
+        return np.zeros((1, 3, 8, 8), np.uint8)
+
+    gw._parse, gw.prepare = parse, prepare
+    counted = metrics.REQUESTS.labels(endpoint, "fashion", "b0", "500")
+    before = counted._value.get()
+    resp = asyncio.run(getattr(gw, endpoint)(object()))
+    body = _json.loads(resp.body)
+    assert resp.status_code == 500 and "RuntimeError" in body["error"]
+    assert body["request_id"] == resp.headers["x-request-id"] and body["request_id"] in body["error"]
+    assert counted._value.get() == before + 1
 
 
 def test_concurrent_requests_for_a_variant_share_worker_calls():
@@ -373,6 +419,13 @@ def test_worker_errors_become_502_or_503_with_retry_after():
     with pytest.raises(ClientError) as e:
         asyncio.run(gateway_with(FlakyWorker(0, InternalServerError("boom"))).infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
     assert e.value.status == 502
+    # aiohttp's total timeout (bentoml 1.4.30's client) and its socket timeout: 503, not a 500
+    import aiohttp
+
+    for timeout in (asyncio.TimeoutError(), aiohttp.ServerTimeoutError("read timed out")):
+        with pytest.raises(ClientError) as e:
+            asyncio.run(gateway_with(FlakyWorker(0, timeout)).infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
+        assert e.value.status == 503 and e.value.headers["Retry-After"] == "1"
 
 
 def test_effnet_serve_refuses_a_route_whose_variants_disagree_on_classes(bentoml_home, tmp_path, capsys):
