@@ -259,6 +259,26 @@ def test_batch_augment_keeps_uint8_images_and_shapes():
     assert torch.equal(batch_augment(x.clone(), pad=0, hflip=False), x)
 
 
+def test_ema_follows_in_place_updates_of_weights_and_buffers():
+    from training.engine import ModelEma
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = ModelEma(net, decay=0.5, warmup=False)
+    expected = {k: v.clone().float() for k, v in net.state_dict().items()}
+    for _ in range(3):  # what training does: in-place optimizer steps and BN statistics
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net.train()(torch.randn(8, 3))
+        ema.update(net)
+        for k, v in net.state_dict().items():
+            expected[k] = v.float() if not v.dtype.is_floating_point else expected[k] + 0.5 * (v - expected[k])
+    for k, v in ema.module.state_dict().items():
+        assert torch.allclose(v.float(), expected[k]), k
+    assert int(ema.module[1].num_batches_tracked) == 3
+
+
 def test_random_erasing_fills_one_rectangle_on_about_the_asked_fraction():
     from training.data import batch_augment
 
