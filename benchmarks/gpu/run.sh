@@ -9,4 +9,4 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true
 nvidia-smi || true
-python3 benchmarks/gpu/session.py --out "$OUT" --budget "${BUDGET:-540}" 2>&1 | tee "$OUT/console.log"
+python3 benchmarks/gpu/session.py --out "$OUT" --budget "${BUDGET:-540}" "$@" 2>&1 | tee "$OUT/console.log"
