@@ -210,7 +210,8 @@ def batch_augment(x: torch.Tensor, pad: int, hflip: bool, erase_p: float = 0.0) 
         ox = torch.randint(0, 2 * pad + 1, (n,), device=dev)
         iy = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
         ix = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        x = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], iy, ix]
+        rows, chans = torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None]
+        x = padded[rows, chans, iy, ix]
     if hflip:
         flip = torch.rand(n, device=dev) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)

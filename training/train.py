@@ -190,9 +190,10 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / LOG_FILE).write_text("")
     run_dir.mkdir(parents=True, exist_ok=True)
+    feed = f"batches augmented on {device.type}" if isinstance(loader, DeviceBatches) else "a DataLoader"
     log(f"{variant} -> {name}: {count_params(net):,} params, {world} process(es) on {device}, global batch "
-        f"{global_batch}, peak lr {peak_lr:.2e}, amp {amp_dtype}, {cfg.epochs:g} epoch(s): {total_steps} steps of {steps_per_epoch} per epoch, "
-        f"{'batches augmented on ' + device.type if isinstance(loader, DeviceBatches) else 'a DataLoader'}")
+        f"{global_batch}, peak lr {peak_lr:.2e}, amp {amp_dtype}, {cfg.epochs:g} epoch(s): {total_steps} steps "
+        f"of {steps_per_epoch} per epoch, {feed}")
 
     # 5) epochs
     t_train = time.perf_counter()
