@@ -122,6 +122,8 @@ def gpu_buckets(device: torch.device, batch_sizes: Sequence[int] | None) -> tupl
     # batcher's every size from 1 to 32 stalled for 2-6 s at a time (p99 6.8 s at 16 clients), the cost
     # of cuDNN meeting each new shape; with a few fixed sizes that cost is paid once, at warm-up, and
     # cudnn.benchmark can pick each size's fastest kernels. On the CPU oneDNN has no such cost.
+    # On the H200 the stalls remained with these buckets: PyTorch caches cuDNN's plans per thread, so
+    # the warm-up must also run on the thread that serves (service.workers.DeviceThread).
     """
     if device.type != "cuda" or not batch_sizes:
         return ()

@@ -75,6 +75,28 @@ def loading_slots(slots: CoreSlots | None, v: VariantConfig, device: str, sizes,
     return slots.hold(1)
 
 
+class DeviceThread:
+    """Runs every engine call of a GPU worker (load, warm-up, inference) on one thread of its own.
+
+    NOTE: PyTorch keeps cuDNN's benchmarked execution plans in thread_local caches (Conv_v8.cpp: plans
+    are not thread-safe across engines), and torch.compile's CUDA graph trees are per thread as well.
+    BentoML runs a sync API in a pool of threads, so a warm-up in the loading thread warmed nothing
+    for them: each new (thread, batch size) pair benchmarked every convolution again. On the H200 that
+    was the multi-second stalls at 16 clients (3.2 s apart) and the 3.6 s first request that padding
+    to fixed batch sizes had not removed (benchmarks/gpu/README.md). On the CPU, calls run in place.
+    """
+
+    def __init__(self, device: str, name: str = "effnet-device") -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = None if device == "cpu" else ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def __call__(self, fn, *args, **kwargs):
+        if self.pool is None:
+            return fn(*args, **kwargs)
+        return self.pool.submit(fn, *args, **kwargs).result()
+
+
 def service_name(variant: str) -> str:
     return f"effnet-worker-{variant.lower().replace('_', '-')}"
 
@@ -97,6 +119,7 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
                 logger.warning("variant %s asks for %s GPU(s) but CUDA is not present: serving it on the CPU",
                                v.name, v.gpu)
             self.slots = CoreSlots(cpu_threads(cfg)) if self.device == "cpu" else None
+            self.on_device = DeviceThread(self.device, f"effnet-{v.name}-{self.device}")
             self.engines: dict[int, Any] = {}
             try:
                 from engines import load_engine
@@ -110,11 +133,12 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
                 with loading_slots(self.slots, v, self.device, sizes, counts[0]):
                     name = v.engine
                     for n in counts:
-                        self.engines[n], self.manifest = load_engine(
-                            v.model, engine=name, threads=n, device=self.device, batch_sizes=sizes)
+                        self.engines[n], self.manifest = self.on_device(
+                            load_engine, v.model, engine=name, threads=n, device=self.device, batch_sizes=sizes)
                         name = self.engines[n].name
                         r = self.manifest.resolution
-                        self._infer(np.zeros((1, 3, r, r), np.uint8), n)  # first-call allocations, off the request path
+                        # first-call allocations, off the request path
+                        self.on_device(self._infer, np.zeros((1, 3, r, r), np.uint8), n)
                 self.engine = self.engines[max(self.engines)]
                 logger.info("variant %s: loaded %s on %s (%s), %s threads per batch", v.name, v.model, self.device,
                             ", ".join(f"{n} thread(s): {e.describe().get('engine')}" for n, e in self.engines.items()),
@@ -140,10 +164,10 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
             return torch.softmax(self.engines[n](x).float(), dim=1).numpy()
 
         def _run(self, images: np.ndarray) -> tuple[np.ndarray, float, int]:
-            if self.slots is None:  # GPU: the device serialises its own work
+            if self.slots is None:  # GPU: the device serialises its own work, on the thread that warmed it
                 t0 = time.perf_counter()
                 n = max(self.engines)
-                return self._infer(images, n), time.perf_counter() - t0, n
+                return self.on_device(self._infer, images, n), time.perf_counter() - t0, n
             with self.slots.hold(max(self.engines)) as got:
                 n = max(k for k in self.engines if k <= got)
                 t0 = time.perf_counter()

@@ -405,6 +405,25 @@ def test_workers_load_side_by_side_unless_auto_must_time(monkeypatch):
     assert isinstance(loading_slots(None, auto("mec"), "cuda", (1, 8), 2), contextlib.nullcontext)
 
 
+def test_gpu_engine_calls_all_run_on_one_thread_cpu_calls_in_place():
+    """cuDNN's benchmarked plans are cached per thread in PyTorch: a GPU worker's warm-up only counts if
+    its requests run on the same thread (the H200 stalls). Called here from many threads, as BentoML does."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.workers import DeviceThread
+
+    on_gpu, on_cpu = DeviceThread("cuda"), DeviceThread("cpu")
+    with ThreadPoolExecutor(8) as callers:
+        gpu_threads = set(callers.map(lambda _: on_gpu(threading.get_ident), range(64)))
+        pairs = list(callers.map(lambda _: (threading.get_ident(), on_cpu(threading.get_ident)), range(64)))
+    assert len(gpu_threads) == 1 and threading.get_ident() not in gpu_threads
+    assert all(caller == ran for caller, ran in pairs)
+    assert on_gpu(lambda a, b=0: a + b, 2, b=3) == 5
+    with pytest.raises(ZeroDivisionError):  # an engine's error reaches the request, as before
+        on_gpu(lambda: 1 / 0)
+
+
 def test_worker_errors_become_502_or_503_with_retry_after():
     from bentoml.exceptions import InternalServerError, ServiceUnavailable
 
