@@ -126,6 +126,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny data on this CPU: checks the script, measures nothing")
     args = ap.parse_args()
     runs = [tuple(r.strip().split(":")) for r in args.runs.split(",") if r.strip()]
+    bad = [":".join(r) for r in runs if len(r) != 2 or r[1] not in ("ra", "none")]
+    if bad:
+        ap.error(f"--runs: {bad} are not VARIANT:ra or VARIANT:none")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="effnet-gpu-logs-"))  # tarred into OUT/logs.tgz after each stage
