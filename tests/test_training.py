@@ -104,8 +104,18 @@ def test_modified_weights_are_refused(trained, tmp_path):
         load_checkpoint(copy)
 
 
-def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_home):
+@pytest.mark.parametrize("adamw", ["default", "fused"])
+def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_home, monkeypatch, adamw):
     from safetensors.torch import load_file
+
+    if adamw == "fused":
+        # What the trainer uses on CUDA, forced here on the CPU: its kernels pair a parameter with its
+        # moments element by element in memory, so a resumed moment must keep the channels_last layout.
+        class FusedAdamW(torch.optim.AdamW):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, "fused": True})
+
+        monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
 
     # eval_every=0: only the final evaluation, the cheapest run that still crosses an epoch boundary.
     full = train_main(tiny_cfg(tmp_path / "full", eval_every=0), progress=False)
