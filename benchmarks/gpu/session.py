@@ -13,6 +13,8 @@ Stages, each with a deadline inside `--budget` seconds, results written to DIR a
 3. serve    a real `effnet serve` with the best b0 on a GPU worker (eager `torch`: padded batch sizes,
             warmed at load) and compact on the CPU: sequential and concurrent requests, /variants, the
             worker's metrics.
+`--runs` picks the trainings, `--serve-s 0` skips serving, and `--serve-during-training` runs stage 3
+on checkpoints copied in with `--store-from` while stage 2 trains (one lease call for both).
 The engine benches (torch-compile, fp16) were the first session's (benchmarks/gpu/README.md); they are
 not repeated. `--smoke` runs every stage on this CPU with tiny data, to check the script before a lease.
 Everything the device machine lacks travels with the call (see benchmarks/gpu/README.md).
@@ -124,6 +126,11 @@ def main() -> int:
     ap.add_argument("--runs", default=",".join(f"{v}:{a}" for v, a in RUNS),
                     help="trainings, VARIANT:ra (RandAugment, the recipe) or VARIANT:none (default: %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="tiny data on this CPU: checks the script, measures nothing")
+    ap.add_argument("--store-from", metavar="DIR", help="copy DIR/models (checkpoints of an earlier session) into the "
+                    "store first, e.g. to serve them while this session trains")
+    ap.add_argument("--serve-during-training", action="store_true",
+                    help="run the serving stage on the stored checkpoints while the trainings run (one lease call "
+                    "for both: a lone b0 training left the H200 80%% idle); --serve-s is then not reserved")
     args = ap.parse_args()
     runs = [tuple(r.strip().split(":")) for r in args.runs.split(",") if r.strip()]
     bad = [":".join(r) for r in runs if len(r) != 2 or r[1] not in ("ra", "none")]
@@ -136,6 +143,8 @@ def main() -> int:
     carried = ROOT / ".gpu" / "fashion-mnist"
     if carried.is_dir():  # the Debian package is not installed on the device machine
         os.environ["FASHION_MNIST_DIR"] = str(carried)
+    if args.store_from:
+        shutil.copytree(Path(args.store_from) / "models", home / "models", dirs_exist_ok=True)
     env = dict(os.environ)
     results: dict = {"budget_s": args.budget, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "smoke": args.smoke}
@@ -164,7 +173,7 @@ def main() -> int:
         return 1
 
     # 2) train: four processes at once, each with a time budget that ends its schedule in the stage ---
-    train_end = args.budget - args.serve_s - 15  # serve, then packing
+    train_end = args.budget - (0 if args.serve_during_training else args.serve_s) - 15  # serve, then packing
     # ~20 s from process start to the first step (imports, CUDA context, data to the GPU), ~25 s after the
     # last (PreciseBN, evaluation of model and EMA, confusion matrix, saving), 15 s to spare. A run still
     # going at train_end gets 20 s more from the serving stage before it is killed: a lost checkpoint
@@ -187,6 +196,9 @@ def main() -> int:
     procs = {run_name(v, aug): start(effnet("train", "--variant", v, *common, "--auto-augment",
                                             "randaugment" if aug == "ra" else "none", "--name", run_name(v, aug)),
                                      logs / f"train-{run_name(v, aug)}.log", env) for v, aug in runs}
+    if args.serve_during_training:
+        serve_stage(home, logs, env, results, deadline=train_end, smoke=args.smoke)
+        save(out, logs, results)
     rcs = finish(procs, train_end + 20)
     stop.set()
     trained = {}
@@ -197,28 +209,37 @@ def main() -> int:
     results["gpu_util"] = util
     results["store"] = store_rows(env)
     save(out, logs, results)
-    top1 = {r["tag"].split(":")[0]: r.get("top1") for r in results["store"]}
+    # each name's latest version: a --store-from checkpoint may carry the same name as a run of this session
+    latest = {n: (home / "models" / n / "latest").read_text().strip() for n in trained
+              if (home / "models" / n / "latest").is_file()}
+    top1 = {r["tag"].split(":")[0]: r.get("top1") for r in results["store"] if r["tag"].split(":")[-1] in latest.values()}
     say("trained", {n: (t["rc"], top1.get(n)) for n, t in trained.items()})
     b0 = max((run_name("b0", a) for a in ("ra", "none")), key=lambda n: top1.get(n) or 0)
-    pack_store(home, out, [b0, run_name("mec", "ra"), run_name("compact", "ra")])
+    names = list(trained) if len(trained) <= 3 else [b0, run_name("mec", "ra"), run_name("compact", "ra")]
+    pack_store(home, out, [n for n in names if n in latest])  # 3 checkpoints at most: OUT takes 64 MB
 
     # 3) serve: the best b0 on a GPU worker through a real bentoml serve ------------------------------
-    if not args.serve_s:
-        say("done (no serving stage)")
-        return 0
-    # any stored b0 and compact will do if the preferred ones did not finish
-    b0 = b0 if b0 in top1 else next((n for n in top1 if n.startswith("gpu-b0-")), None)
-    compact = next((n for n in (run_name("compact", "ra"), *top1) if n in top1 and "compact" in n), None)
-    try:
-        if not (b0 and compact):
-            raise RuntimeError(f"nothing to serve: the store holds {sorted(top1)}")
-        results["serve"] = serve_check(home, logs, env, deadline=args.budget - 10, b0=b0, compact=compact,
-                                       requests=80 if args.smoke else 800)
-    except Exception as e:  # noqa: BLE001 - recorded, the session still returns its files
-        results["serve"] = {"error": f"{type(e).__name__}: {e}"[:3000]}
-    save(out, logs, results)
+    if args.serve_s and not args.serve_during_training:
+        serve_stage(home, logs, env, results, deadline=args.budget - 10, smoke=args.smoke, prefer=b0)
+        save(out, logs, results)
     say("done")
     return 0
+
+
+def serve_stage(home: Path, logs: Path, env: dict, results: dict, deadline: float, smoke: bool,
+                prefer: str | None = None) -> None:
+    """results["serve"]: `prefer` (else any stored b0: gpu-b0-*, or the default store's b0-fashion-mnist) on
+    the GPU, a stored compact on the CPU if there is one."""
+    names = {r["tag"].split(":")[0] for r in store_rows(env)}
+    b0 = prefer if prefer in names else next((n for n in sorted(names) if n.startswith(("gpu-b0-", "b0-"))), None)
+    compact = next((n for n in sorted(names) if "compact" in n), None)
+    try:
+        if not b0:
+            raise RuntimeError(f"no b0 to serve: the store holds {sorted(names)}")
+        results["serve"] = serve_check(home, logs, env, deadline=deadline, b0=b0, compact=compact,
+                                       requests=80 if smoke else 800)
+    except Exception as e:  # noqa: BLE001 - recorded, the session still returns its files
+        results["serve"] = {"error": f"{type(e).__name__}: {e}"[:3000]}
 
 
 def pack_store(home: Path, out: Path, names: list[str]) -> None:
@@ -240,7 +261,7 @@ def pack_store(home: Path, out: Path, names: list[str]) -> None:
     say("packed", tgz.stat().st_size // 1_000_000, "MB of checkpoints")
 
 
-def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, compact: str, requests: int) -> dict:
+def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, compact: str | None, requests: int) -> dict:
     import httpx
     import yaml
 
@@ -255,11 +276,13 @@ def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, comp
             # eager engines now pad to powers of two and warm each at load. torch-compile (auto's first
             # choice on a GPU) would spend ~25 s per batch size compiling inside this stage.
             "b0": {"model": f"{b0}:latest", "engine": "torch", "gpu": 1, "max_batch_size": 32, "max_latency_ms": 5000},
-            # the CPU worker beside it: eager, so the start does not wait for its CPU exports and int8 checks
-            "compact": {"model": f"{compact}:latest", "engine": "torch", "max_batch_size": 32, "max_latency_ms": 5000},
         },
-        "routes": {"fashion": {"split": {"b0": 0.5, "compact": 0.5}, "shadow": {"variant": "compact", "fraction": 0.2}}},
+        "routes": {"fashion": {"split": {"b0": 1.0}}},
     }
+    if compact:  # the CPU worker beside it: eager, so the start does not wait for CPU exports and int8 checks
+        cfg["variants"]["compact"] = {"model": f"{compact}:latest", "engine": "torch", "max_batch_size": 32,
+                                      "max_latency_ms": 5000}
+        cfg["routes"]["fashion"] = {"split": {"b0": 0.5, "compact": 0.5}, "shadow": {"variant": "compact", "fraction": 0.2}}
     cfg_file = Path("/tmp/serve-gpu.yaml")
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     images = fashion_mnist(200, root=env.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -285,7 +308,7 @@ def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, comp
                 hit = r.status_code == 200 and r.json()["predictions"][0]["index"] in img.labels
                 return r.status_code, dt, hit
 
-            for v in ("b0", "compact"):
+            for v in cfg["variants"]:
                 seq = [one(img, v) for img in images[:100]]
                 lat = sorted(s[1] for s in seq)
                 res[f"{v}_sequential"] = {"requests": len(seq), "ok": sum(s[0] == 200 for s in seq),
@@ -301,8 +324,9 @@ def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, comp
                                       "p50_ms": round(1e3 * statistics.median(lat), 2),
                                       "p99_ms": round(1e3 * lat[int(len(lat) * 0.99)], 2)}
             metrics = c.get("/metrics").text
-            res["metrics_b0"] = [ln for ln in metrics.splitlines()
-                                 if ln.startswith("effnet_") and 'variant="b0"' in ln][:60]
+            # sums and counts: queue wait against inference time tells the batcher's delay from the engine's
+            res["metrics_b0"] = [ln for ln in metrics.splitlines() if ln.startswith("effnet_")
+                                 and 'variant="b0"' in ln and "_bucket" not in ln][:120]
     say("serve", {k: v for k, v in res.items() if k.endswith(("sequential", "concurrent16"))})
     return res
 
