@@ -104,11 +104,13 @@ def test_modified_weights_are_refused(trained, tmp_path):
         load_checkpoint(copy)
 
 
-@pytest.mark.parametrize("adamw", ["default", "fused"])
-def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_home, monkeypatch, adamw):
+@pytest.mark.parametrize("path", ["cpu", "fused-adamw", "device-data"])
+def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_home, monkeypatch, path):
     from safetensors.torch import load_file
 
-    if adamw == "fused":
+    # device-data: the GPU's data path (batches drawn and augmented by DeviceBatches), run on the CPU
+    kw = dict(device_data="on", auto_augment="randaugment", random_erasing=0.5, augment_chunk=4) if path == "device-data" else {}
+    if path == "fused-adamw":
         # What the trainer uses on CUDA, forced here on the CPU: its kernels pair a parameter with its
         # moments element by element in memory, so a resumed moment must keep the channels_last layout.
         class FusedAdamW(torch.optim.AdamW):
@@ -118,11 +120,11 @@ def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_hom
         monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
 
     # eval_every=0: only the final evaluation, the cheapest run that still crosses an epoch boundary.
-    full = train_main(tiny_cfg(tmp_path / "full", eval_every=0), progress=False)
-    stopped = train_main(tiny_cfg(tmp_path / "split", eval_every=0, stop_after_epoch=1), progress=False)
+    full = train_main(tiny_cfg(tmp_path / "full", eval_every=0, **kw), progress=False)
+    stopped = train_main(tiny_cfg(tmp_path / "split", eval_every=0, stop_after_epoch=1, **kw), progress=False)
     assert stopped["tag"] is None and stopped["stopped_after_epoch"] == 1
     assert json.loads((tmp_path / "split" / "state.json").read_text())["epoch"] == 0
-    resumed = train_main(tiny_cfg(tmp_path / "split", eval_every=0), resume=str(tmp_path / "split"), progress=False)
+    resumed = train_main(tiny_cfg(tmp_path / "split", eval_every=0, **kw), resume=str(tmp_path / "split"), progress=False)
     a = load_file(str(tmp_path / "full" / "state.safetensors"))
     b = load_file(str(tmp_path / "split" / "state.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
@@ -131,7 +133,7 @@ def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_hom
     assert resumed["metrics"]["top1"] == full["metrics"]["top1"]
     assert resumed["tag"] != full["tag"] and len(list_checkpoints()) == 2
     # Resuming a finished run re-exports it unchanged (e.g. after the store was wiped).
-    again = train_main(tiny_cfg(tmp_path / "full", eval_every=0), resume=str(tmp_path / "full"), progress=False)
+    again = train_main(tiny_cfg(tmp_path / "full", eval_every=0, **kw), resume=str(tmp_path / "full"), progress=False)
     assert again["metrics"]["top1"] == full["metrics"]["top1"] and len(list_checkpoints()) == 3
 
 
