@@ -36,7 +36,7 @@ from . import metrics
 from .coalesce import Coalescer
 from .config import ConfigError, ServingConfig, check_label_spaces
 from .images import ImageError, open_image, to_rgb_array
-from .routing import Assignment, Router, RoutingError
+from .routing import Assignment, Router, RoutingError, shown
 
 logger = logging.getLogger("effnet.gateway")
 
@@ -406,7 +406,7 @@ class GatewayLogic:
             raise ClientError(f"the body is not valid multipart/form-data: {getattr(e, 'detail', e)}") from None
         unknown = set(form.keys()) - allowed
         if unknown:
-            raise ClientError(f"unknown field(s) {sorted(unknown)}; fields: {', '.join(sorted(allowed))}")
+            raise ClientError(f"unknown field(s) {shown(sorted(unknown), 200)}; fields: {', '.join(sorted(allowed))}")
         variant, route = _text_field(form, "variant"), _text_field(form, "route")
         top_k_raw = _text_field(form, "top_k")
         try:
@@ -429,7 +429,7 @@ class GatewayLogic:
         try:
             top_k = int(top_k_raw)
         except ValueError:
-            raise ClientError(f"top_k must be an integer from 1 to {k_max}, got {top_k_raw!r}") from None
+            raise ClientError(f"top_k must be an integer from 1 to {k_max}, got {shown(top_k_raw)}") from None
         if not 1 <= top_k <= k_max:
             raise ClientError(f"top_k must be from 1 to {k_max} (variant {a.variant!r} has "
                               f"{self.manifests[a.variant].num_classes} classes), got {top_k}")

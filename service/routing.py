@@ -15,6 +15,15 @@ from dataclasses import dataclass
 from .config import RouteConfig, ServingConfig
 
 
+def shown(value: object, limit: int = 64) -> str:
+    """A client's value quoted in an error message, cut to `limit` characters: a 10 kB variant name
+    should not come back as a 10 kB error."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(str(value)):,} characters)"
+
+
 class RoutingError(ValueError):
     """A request names an unknown route or variant, or a variant outside its route (answered 400)."""
 
@@ -56,17 +65,17 @@ class Router:
         try:
             return self.cfg.routes[name]
         except KeyError:
-            raise RoutingError(f"unknown route {name!r}; routes: {', '.join(self.cfg.routes)}") from None
+            raise RoutingError(f"unknown route {shown(name)}; routes: {', '.join(self.cfg.routes)}") from None
 
     def assign(self, route: str | None = None, variant: str | None = None, client_id: str | None = None) -> Assignment:
         if variant is not None:
             if variant not in self.cfg.variants:
-                raise RoutingError(f"unknown variant {variant!r}; variants: {', '.join(self.cfg.variants)}")
+                raise RoutingError(f"unknown variant {shown(variant)}; variants: {', '.join(self.cfg.variants)}")
             if route is not None:
                 r = self._route(route)
                 if variant not in r.variants:
                     raise RoutingError(
-                        f"variant {variant!r} is not in route {route!r}; its variants: {', '.join(r.variants)}"
+                        f"variant {variant!r} is not in route {shown(route)}; its variants: {', '.join(r.variants)}"
                     )
             else:
                 r = self._route(self.cfg.route_of(variant))

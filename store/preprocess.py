@@ -19,6 +19,27 @@ from .checkpoint import Manifest
 # ITU-R 601-2 luma, as PIL's convert("L").
 LUMA = (0.299, 0.587, 0.114)
 
+# NOTE: the centre crop keeps at most `resolution / resize` (<= 1) of the shorter side's length along
+# the longer side, so beyond an aspect ratio of 4:1 the rest of the longer side is cut before
+# resizing. Without the cut, resizing scales the longer side with the shorter: a valid 20000x1 PNG
+# of 100 bytes became a 256 x 5,120,000 image, 10 GB and 44 s of CPU in the gateway (2026-11-27),
+# and 100000x1 (within any pixel limit) would exhaust the memory. Images up to 4:1, every ordinary
+# photo, are resized exactly as before.
+MAX_ASPECT = 4
+
+
+def trim_long_side(x: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) -> the central part of the longer side, at most MAX_ASPECT x the shorter side."""
+    h, w = x.shape[-2:]
+    keep = MAX_ASPECT * min(h, w)
+    if h > keep:
+        top = (h - keep) // 2
+        x = x[..., top:top + keep, :]
+    elif w > keep:
+        left = (w - keep) // 2
+        x = x[..., left:left + keep]
+    return x
+
 
 def resize_crop(images: torch.Tensor, manifest: Manifest) -> torch.Tensor:
     """uint8 (C,H,W) or (N,C,H,W), C in {1,3} -> uint8 (N,C,R,R) at the manifest's resolution."""
@@ -33,7 +54,7 @@ def resize_crop(images: torch.Tensor, manifest: Manifest) -> torch.Tensor:
         # which import this module but never resize, should not pay it at every start.
         from torchvision.transforms.v2 import functional as F
 
-        x = F.resize(x, [manifest.resize or r], antialias=True)
+        x = F.resize(trim_long_side(x), [manifest.resize or r], antialias=True)
         x = F.center_crop(x, [r, r])
     return x
 

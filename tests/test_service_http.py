@@ -195,6 +195,19 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_stays_ready(server, case, par
     assert server.client.get("/readyz").status_code == 200
 
 
+@pytest.mark.parametrize("size", [(60_000, 1), (2, 30_000)])
+def test_a_strip_of_pixels_is_answered_like_any_image(server, size):
+    # Valid, tiny in pixels and bytes, and decoded on the event loop: resized whole it took
+    # gigabytes and stalled every other request (store.preprocess.MAX_ASPECT).
+    data = png(size=size)
+    r = classify(server, data, variant="lite0", top_k="12")
+    assert r.status_code == 200, r.text
+    want, _ = offline_scores(server, "lite0", data)
+    got = {p["index"]: p["score"] for p in r.json()["predictions"]}
+    assert np.allclose([got[i] for i in range(12)], want, atol=1e-4)
+    assert server.client.get("/readyz").status_code == 200
+
+
 def test_classify_batch_fails_only_the_bad_item(server):
     files = [("images", ("a.png", png(seed=1), "image/png")), ("images", ("bad.jpg", b"garbage" * 20, "image/jpeg")),
              ("images", ("c.jpg", jpeg(seed=2), "image/jpeg")), ("images", ("empty.png", b"", "image/png"))]

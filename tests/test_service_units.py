@@ -62,6 +62,7 @@ def test_explicit_variant_wins_and_finds_its_route():
     ({"variant": "nope"}, "unknown variant 'nope'; variants: b0, mec, compact, lite0"),
     ({"route": "nope"}, "unknown route 'nope'; routes: fashion, imagenet"),
     ({"route": "imagenet", "variant": "b0"}, "variant 'b0' is not in route 'imagenet'; its variants: lite0"),
+    ({"variant": "x" * 10_000}, r"unknown variant 'x{63}\.\.\. .10,000 characters.; variants: b0, mec"),
 ])
 def test_routing_errors_list_the_valid_names(kwargs, message):
     with pytest.raises(RoutingError, match=message.replace("(", r"\(")):

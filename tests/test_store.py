@@ -39,3 +39,48 @@ def test_a_modified_weights_file_is_refused(bentoml_home):
 def test_missing_checkpoint_names_the_tag(bentoml_home):
     with pytest.raises(CheckpointError, match="nope"):
         load_checkpoint("nope:123")
+
+
+# resize_crop: the one preprocessing of the service, the trainer and the offline check ---------------
+
+PHOTO = Manifest(variant="", config={}, num_classes=2, classes=["a", "b"], dataset="", resolution=224, resize=256)
+
+
+def _stripes(h: int, w: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([128 + 100 * torch.sin(xx / 15.0) + 20 * torch.cos(yy / 3.0)] * 3).to(torch.uint8)
+
+
+@pytest.mark.parametrize("h, w", [(1, 100_000), (100_000, 1), (3, 50_000), (40, 170)])
+def test_extreme_aspect_ratios_are_cut_before_resizing(monkeypatch, h, w):
+    # A 100000x1 PNG is a valid 100-byte file within any pixel limit; resized whole it would be
+    # 256 x 25,600,000 (20 GB). The stand-in refuses such an input instead of allocating it.
+    from torchvision.transforms.v2 import functional as F
+
+    real, seen = F.resize, []
+
+    def resize(x, *args, **kwargs):
+        seen.append(tuple(x.shape[-2:]))
+        assert max(seen[-1]) <= 4 * min(seen[-1]), f"resize was given {seen[-1]}"
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "resize", resize)
+    from store import resize_crop
+
+    out = resize_crop(torch.full((3, h, w), 7, dtype=torch.uint8), PHOTO)
+    assert out.shape == (1, 3, 224, 224) and seen and int(out.min()) == int(out.max()) == 7
+
+
+@pytest.mark.parametrize("h, w, exact", [(60, 240, True), (240, 60, True), (7, 1000, False), (30, 200, False)])
+def test_the_cut_leaves_what_the_centre_crop_sees(h, w, exact):
+    from torchvision.transforms.v2 import functional as F
+
+    from store import resize_crop
+
+    x = _stripes(h, w)
+    ref = F.center_crop(F.resize(x, [256], antialias=True), [224, 224]).unsqueeze(0)
+    got = resize_crop(x, PHOTO)
+    if exact:  # up to 4:1 nothing is cut
+        assert torch.equal(got, ref)
+    else:  # the resampling grid may shift by a fraction of a pixel
+        assert (got.int() - ref.int()).abs().max() <= 2
