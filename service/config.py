@@ -101,6 +101,11 @@ class RouteConfig:
 class ServerConfig:
     max_body_bytes: int = 10 * 1024 * 1024  # whole request body; above -> 413
     max_pixels: int = 40_000_000  # per image, read from the header before decoding
+    # Declared pixels of all the images being decoded at once; more wait their turn. NOTE: 8 concurrent
+    # batches of 8 6000x6000 PNGs (120 kB each) took the gateway to 4.1 GB without a budget, and 64
+    # such requests in flight would have exhausted the memory. With this budget (2.7 such images)
+    # 8 and 16 concurrent batches both peaked at 1.5 GB (2026-11-27).
+    max_decoding_pixels: int = 100_000_000
     max_batch_images: int = 32  # images in one /classify_batch request
     max_top_k: int = 100  # top_k is also capped by the model's class count
     max_inflight: int = 64  # concurrent classify requests in the gateway; above -> 429
@@ -180,12 +185,12 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     top = _keys(source, data, {"server", "variants", "routes", "default_route"}, {"variants", "routes"})
 
     server_raw = _keys(f"{source}: server", top.get("server") or {}, {
-        "max_body_mb", "max_pixels", "max_batch_images", "max_top_k", "max_inflight", "timeout_s",
-        "cpu_threads", "retry_after_s"})
+        "max_body_mb", "max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight",
+        "timeout_s", "cpu_threads", "retry_after_s"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_bytes"] = int(_number("server.max_body_mb", server_raw["max_body_mb"], positive=True) * 1024 * 1024)
-    for key in ("max_pixels", "max_batch_images", "max_top_k", "max_inflight", "retry_after_s"):
+    for key in ("max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight", "retry_after_s"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], integer=True, positive=True)
     if "timeout_s" in server_raw:

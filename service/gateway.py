@@ -35,7 +35,7 @@ from starlette.routing import Route
 from . import metrics
 from .coalesce import Coalescer
 from .config import ConfigError, ServingConfig, check_label_spaces
-from .images import ImageError, open_image, to_rgb_array
+from .images import DecodeBudget, ImageError, open_image, to_rgb_array
 from .routing import Assignment, Router, RoutingError, shown
 
 logger = logging.getLogger("effnet.gateway")
@@ -242,6 +242,7 @@ class GatewayLogic:
         self.ready = False
         self.checked_at = 0.0  # last readiness check made on a request's behalf
         self.shadow_tasks: set[asyncio.Task] = set()
+        self.decoding = DecodeBudget(self.cfg.server.max_decoding_pixels)
         # variant -> its gateway-side batcher (service.coalesce), made on first use inside the event loop
         self.coalescers: dict[str, Coalescer] = {}
         for name, v in self.cfg.variants.items():
@@ -340,13 +341,15 @@ class GatewayLogic:
 
         The header is read on the event loop (cheap, and it enforces the pixel limit). Images of at
         most INLINE_DECODE_PIXELS are decoded there too; larger ones in a thread, so a big photo
-        never stalls the loop.
+        never stalls the loop, and only while the decoding budget (`server.max_decoding_pixels`) has
+        room for their declared pixels, so that many large images at once cannot exhaust the memory.
         """
         img = open_image(data, max_pixels=self.cfg.server.max_pixels)
         w, h = img.size
         if w * h <= INLINE_DECODE_PIXELS:
             return self._pixels(img, variant)
-        return await anyio.to_thread.run_sync(self._pixels, img, variant)
+        async with self.decoding.take(w * h):
+            return await anyio.to_thread.run_sync(self._pixels, img, variant)
 
     def _pixels(self, img, variant: str) -> np.ndarray:
         import torch

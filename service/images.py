@@ -15,15 +15,24 @@ The model-specific part (resize, crop, gray vs RGB) is `store.resize_crop` and t
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # PIL's format names; sniffed from the bytes by PIL's per-format `_accept` checks.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+ORIENTATION_TAG = 0x0112
+TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageError(ValueError):
@@ -88,27 +97,76 @@ def to_rgb_array(img: Image.Image, *, min_side: int | None = None) -> np.ndarray
     """Decode an image from `open_image` to a contiguous uint8 array (3, H, W) in RGB.
 
     `min_side`: the smallest shorter side the caller needs; JPEGs are then decoded at a reduced
-    scale (DCT scaling, 1/2..1/8) that still covers it, which makes large photos cheap.
+    scale (DCT scaling, 1/2..1/8) that still covers it, and RGB or gray images above twice that are
+    resized to it: the caller's resize then has nothing left to do, and large images are cheap.
     Raises ImageError (400) for truncated or corrupt pixel data.
     """
+    fmt = img.format
     try:
-        if min_side and img.format == "JPEG":
+        if min_side and fmt == "JPEG":
             img.draft("RGB", (min_side, min_side))
         img.seek(0)  # GIF/WebP animations: the first frame
         img.load()
     except Exception as e:  # truncated or corrupt pixel data; PIL raises OSError, SyntaxError, ValueError...
-        raise ImageError(f"the {img.format} image is truncated or corrupt: {e}") from None
+        raise ImageError(f"the {fmt} image is truncated or corrupt: {e}") from None
     try:
-        img = ImageOps.exif_transpose(img)
+        orientation = img.getexif().get(ORIENTATION_TAG)
     except Exception:
-        pass  # an unreadable EXIF block: keep the pixels as stored rather than refuse the image
+        orientation = None  # an unreadable EXIF block: keep the pixels as stored rather than refuse the image
+    if min_side and min(img.size) > 2 * min_side and img.mode in ("RGB", "L"):
+        # NOTE: large images are resized here, by PIL, to the size store.resize_crop would give them
+        # (shorter side min_side, longer side as torchvision computes it), which then has nothing to
+        # resize. PIL's antialiased bilinear and torchvision's agree within one grey level (a test
+        # checks it), and this skips three full-size copies: a 4000x3000 PNG took 150-180 ms after
+        # decoding, and box-averaging instead (Image.reduce) left the result 1-4 grey levels off on
+        # average (2026-11-27). Other modes (P, 1, RGBA...) would resize differently in PIL.
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        long = int(min_side * long / short)
+        img = img.resize((long, min_side) if w >= h else (min_side, long), Image.BILINEAR)
+    if orientation in TRANSPOSE_FOR_ORIENTATION:
+        img = img.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
     try:
         rgb = _to_rgb(img)
     except Exception as e:
-        raise ImageError(f"the {img.format} image in mode {img.mode} cannot be converted to RGB: {e}") from None
+        raise ImageError(f"the {fmt} image in mode {img.mode} cannot be converted to RGB: {e}") from None
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -> np.ndarray:
     """`open_image` then `to_rgb_array`: untrusted bytes -> uint8 (3, H, W) RGB, or an ImageError."""
     return to_rgb_array(open_image(data, max_pixels=max_pixels), min_side=min_side)
+
+
+class DecodeBudget:
+    """At most `pixels` declared pixels decoding at once, across all requests; the rest wait in order.
+
+    The pixel limit bounds one image, not how many are decoded side by side: the gateway accepts
+    `max_inflight` requests of up to `max_batch_images` each. An image above the whole budget is
+    decoded alone rather than refused (the per-image limit decides refusals).
+    """
+
+    def __init__(self, pixels: int) -> None:
+        self.capacity = pixels
+        self.used = 0
+        self.waiting = 0
+        self._cond: asyncio.Condition | None = None  # made inside the event loop that uses it
+
+    @contextlib.asynccontextmanager
+    async def take(self, pixels: int):
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        need = min(pixels, self.capacity)
+        async with self._cond:
+            self.waiting += 1
+            try:
+                await self._cond.wait_for(lambda: self.used + need <= self.capacity)
+            finally:
+                self.waiting -= 1
+            self.used += need
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.used -= need
+                self._cond.notify_all()

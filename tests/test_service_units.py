@@ -12,7 +12,7 @@ from PIL import Image
 
 from service.config import ConfigError, check_label_spaces, load_config, parse_config
 from service.gateway import LimitsMiddleware
-from service.images import ImageError, decode_image
+from service.images import DecodeBudget, ImageError, decode_image
 from service.routing import Router, RoutingError, pick_by_weight, stable_unit
 
 CFG = {
@@ -185,6 +185,30 @@ def test_jpeg_draft_decodes_large_photos_smaller_but_above_min_side():
     assert min(out.shape[1:]) >= 64 and out.shape[1] < 600
 
 
+@pytest.mark.parametrize("fmt, mode", [("PNG", "RGB"), ("PNG", "L"), ("JPEG", "RGB"), ("WEBP", "RGB")])
+def test_large_images_are_resized_while_decoding_as_the_service_would_resize_them(fmt, mode):
+    import torch
+
+    from store import Manifest, resize_crop
+
+    yy, xx = np.meshgrid(np.arange(1800), np.arange(2400), indexing="ij")
+    arr = (128 + 90 * np.sin(xx / 40.0) * np.cos(yy / 55.0)).astype(np.uint8)
+    img = Image.fromarray(np.stack([arr, arr[::-1], 255 - arr], -1)).convert(mode)
+    data = encode(img, fmt, **({"lossless": True} if fmt == "WEBP" else {"quality": 95} if fmt == "JPEG" else {}))
+    small = decode_image(data, max_pixels=10**7, min_side=64)
+    assert small.shape == (3, 64, 85)  # what torchvision's resize gives: int(64 * 2400 / 1800)
+    m = Manifest(variant="", config={}, num_classes=2, classes=["a", "b"], dataset="", resolution=56, resize=64)
+    whole = resize_crop(torch.from_numpy(decode_image(data, max_pixels=10**7)), m)
+    assert (resize_crop(torch.from_numpy(small), m).int() - whole.int()).abs().max() <= 1
+
+
+def test_exif_orientation_is_applied_to_resized_images_too():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = decode_image(encode(RGB.resize((600, 300)), "PNG", exif=exif), max_pixels=10**6, min_side=32)
+    assert out.shape == (3, 64, 32)  # upright (portrait) and resized
+
+
 def huge_png(w=12000, h=12000) -> bytes:
     """A small file whose header declares w x h pixels (the data is a valid IDAT-less stub)."""
     import struct
@@ -295,6 +319,7 @@ def gateway_with(worker):
     gw = object.__new__(GatewayLogic)  # no server: only the call path is under test
     gw.cfg, gw.worker_attrs, gw.w_b0 = parse_config(CFG), {"b0": "w_b0"}, worker
     gw.coalescers = {}
+    gw.decoding = DecodeBudget(gw.cfg.server.max_decoding_pixels)
     return gw
 
 
@@ -380,6 +405,58 @@ def test_small_images_decode_on_the_event_loop_large_ones_in_a_thread():
     with pytest.raises(ImageError, match="above the limit"):  # refused before any decoding
         asyncio.run(gw.prepare(huge_png(), "b0"))
     assert len(threads) == 2
+
+
+def test_large_decodes_wait_for_room_in_the_pixel_budget():
+    """Six large images at once with room for two: never more than two decode side by side."""
+    import threading
+    import time
+
+    from service.gateway import INLINE_DECODE_PIXELS
+
+    gw = gateway_with(FlakyWorker(drops=0))
+    gw.manifests = {"b0": types.SimpleNamespace(resolution=32, resize=None)}
+    side = int(INLINE_DECODE_PIXELS ** 0.5) + 1
+    gw.decoding = DecodeBudget(2 * side * side)
+    lock, now, most = threading.Lock(), [0], [0]
+    real = gw._pixels
+
+    def slow(img, variant):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+        return real(img, variant)
+
+    gw._pixels = slow
+    data = encode(Image.new("RGB", (side, side)), "PNG")
+
+    async def six():
+        return await asyncio.gather(*(gw.prepare(data, "b0") for _ in range(6)))
+
+    assert all(x.shape == (1, 3, 32, 32) for x in asyncio.run(six()))
+    assert most[0] == 2 and gw.decoding.used == 0
+
+
+def test_an_image_above_the_whole_budget_decodes_alone():
+    budget, order = DecodeBudget(100), []
+
+    async def take(name, pixels, hold):
+        async with budget.take(pixels):
+            order.append((name, "in", budget.used))
+            await asyncio.sleep(hold)
+        order.append((name, "out"))
+
+    async def run():
+        small = asyncio.create_task(take("small", 30, 0.05))
+        await asyncio.sleep(0.01)
+        await asyncio.gather(take("huge", 10_000, 0.01), small)
+
+    asyncio.run(run())
+    assert order == [("small", "in", 30), ("small", "out"), ("huge", "in", 100), ("huge", "out")]
+    assert budget.used == 0 and budget.waiting == 0
 
 
 def test_workers_load_side_by_side_unless_auto_must_time(monkeypatch):
