@@ -43,7 +43,8 @@ def build_gateway(cfg):
     )(bentoml.asgi_app(http_app, path="/")(cls))
     svc.add_asgi_middleware(OpenAPIPathsMiddleware)
     svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,
-                            max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s)
+                            max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s,
+                            body_timeout_s=cfg.server.body_timeout_s, max_uploads=cfg.server.max_uploads)
     return svc
 
 

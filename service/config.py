@@ -109,6 +109,10 @@ class ServerConfig:
     max_batch_images: int = 32  # images in one /classify_batch request
     max_top_k: int = 100  # top_k is also capped by the model's class count
     max_inflight: int = 64  # concurrent classify requests in the gateway; above -> 429
+    # Requests still receiving their bodies (they hold no in-flight slot); above -> 429. A body that
+    # has not fully arrived after body_timeout_s is answered 408.
+    max_uploads: int = 256
+    body_timeout_s: float = 30
     timeout_s: float = 60  # BentoML's per-request timeout (504), a backstop behind the two above
     cpu_threads: int = 0  # inference threads shared by all CPU workers; 0 = the cores available
     retry_after_s: int = 1  # what 429/503 answers tell clients to wait
@@ -186,18 +190,23 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
 
     server_raw = _keys(f"{source}: server", top.get("server") or {}, {
         "max_body_mb", "max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight",
-        "timeout_s", "cpu_threads", "retry_after_s"})
+        "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_bytes"] = int(_number("server.max_body_mb", server_raw["max_body_mb"], positive=True) * 1024 * 1024)
-    for key in ("max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight", "retry_after_s"):
+    for key in ("max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight", "max_uploads",
+                "retry_after_s"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], integer=True, positive=True)
-    if "timeout_s" in server_raw:
-        s["timeout_s"] = _number("server.timeout_s", server_raw["timeout_s"], positive=True)
+    for key in ("timeout_s", "body_timeout_s"):
+        if key in server_raw:
+            s[key] = _number(f"server.{key}", server_raw[key], positive=True)
     if "cpu_threads" in server_raw and server_raw["cpu_threads"] not in (None, "auto"):
         s["cpu_threads"] = _number("server.cpu_threads", server_raw["cpu_threads"], integer=True, positive=True)
     server = ServerConfig(**s)
+    if server.body_timeout_s >= server.timeout_s:
+        raise ConfigError(f"{source}: server.body_timeout_s ({server.body_timeout_s:g}) must be below server.timeout_s "
+                          f"({server.timeout_s:g}), or BentoML's 504 answers slow uploads before the 408 does")
 
     variants_raw = top["variants"]
     if not isinstance(variants_raw, dict) or not variants_raw:

@@ -6,10 +6,12 @@ The classify endpoints are Starlette routes mounted on the BentoML service rathe
 Here every failure has its status and message:
 - 413: the body is above `server.max_body_mb` (checked on Content-Length and while streaming), or an
   image declares more than `server.max_pixels`;
+- 408: the body did not arrive within `server.body_timeout_s`;
 - 400: not multipart, missing/empty/garbage/truncated image, a text field where a file goes or the
   reverse, unknown fields, unknown variant or route (the message lists the valid ones), top_k out of
   range;
-- 429 + Retry-After: more than `server.max_inflight` classify requests in the gateway at once;
+- 429 + Retry-After: more than `server.max_inflight` classify requests in the gateway at once, or
+  more than `server.max_uploads` still receiving their bodies;
 - 503 + Retry-After: the variant's worker is not ready, or its batcher refused the request because
   it could not meet `max_latency_ms` (BentoML's load shedding);
 - 502: the worker failed in another way (after retries of dropped connections).
@@ -53,10 +55,6 @@ MAX_SHADOW_INFLIGHT = 16  # mirrored calls in flight; beyond that shadowing is s
 INLINE_DECODE_PIXELS = 256 * 256
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class ClientError(Exception):
     """Answered with `status` and the message as {"error": ...}."""
 
@@ -67,17 +65,26 @@ class ClientError(Exception):
 
 
 class LimitsMiddleware:
-    """Body size and in-flight limits on the classify endpoints, before anything reads the body.
+    """Body size, upload time and in-flight limits on the classify endpoints, before the app runs.
 
-    Pure ASGI so it can refuse on Content-Length without reading, and count bytes of chunked bodies.
+    Pure ASGI, so it can refuse on Content-Length without reading, and count bytes of chunked bodies.
+    The whole body is received here before the request takes one of the `max_inflight` slots that
+    bound the gateway's work: a client that uploads slowly (or never finishes) holds only an upload
+    place, and is answered 408 when `body_timeout_s` has passed. NOTE: before, 70 connections that
+    sent headers and stopped held every slot until BentoML's 60 s timeout, and every other client got
+    429 meanwhile (2026-11-27).
     """
 
-    def __init__(self, app: Any, max_body_bytes: int, max_inflight: int, retry_after_s: int) -> None:
+    def __init__(self, app: Any, max_body_bytes: int, max_inflight: int, retry_after_s: int,
+                 body_timeout_s: float = 30.0, max_uploads: int = 256) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.max_inflight = max_inflight
         self.retry_after = str(retry_after_s)
+        self.body_timeout = body_timeout_s
+        self.max_uploads = max_uploads
         self.inflight = 0
+        self.uploading = 0
 
     async def _refuse(self, send: Any, status: int, message: str, endpoint: str, headers: dict | None = None) -> None:
         rid = uuid.uuid4().hex
@@ -85,6 +92,25 @@ class LimitsMiddleware:
         resp = JSONResponse({"error": message, "request_id": rid}, status_code=status,
                             headers={"X-Request-Id": rid, **(headers or {})})
         await resp({"type": "http"}, None, send)
+
+    async def _receive_body(self, receive: Any) -> tuple[list[dict] | None, str | None]:
+        """Every body message, or None and why not: "large", "slow", or "gone" (the client left)."""
+        messages: list[dict] = []
+        received = 0
+        deadline = time.monotonic() + self.body_timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return None, "slow"
+            if message["type"] != "http.request":
+                return None, "gone"
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                return None, "large"
+            messages.append(message)
+            if not message.get("more_body"):
+                return messages, None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] not in CLASSIFY_PATHS or scope["method"] != "POST":
@@ -94,32 +120,33 @@ class LimitsMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await self._refuse(send, 413, f"request body of {int(length):,} bytes is above the limit of "
                                       f"{self.max_body:,} bytes", endpoint)
-        if self.inflight >= self.max_inflight:
+        if self.inflight >= self.max_inflight or self.uploading >= self.max_uploads:
+            busy = (f"{self.inflight} requests in flight" if self.inflight >= self.max_inflight
+                    else f"{self.uploading} uploads in progress")
+            return await self._refuse(send, 429, f"overloaded: {busy}; retry later",
+                                      endpoint, {"Retry-After": self.retry_after})
+        self.uploading += 1
+        try:
+            body, problem = await self._receive_body(receive)
+        finally:
+            self.uploading -= 1
+        if problem == "large":
+            return await self._refuse(send, 413, f"request body is above the limit of {self.max_body:,} bytes", endpoint)
+        if problem == "slow":
+            return await self._refuse(send, 408, f"the request body did not arrive within {self.body_timeout:g} s; "
+                                      "send it at once, or a smaller image", endpoint)
+        if problem == "gone":
+            return None  # nobody to answer
+        if self.inflight >= self.max_inflight:  # the slots may have filled while this body arrived
             return await self._refuse(send, 429, f"overloaded: {self.inflight} requests in flight; retry later",
                                       endpoint, {"Retry-After": self.retry_after})
-        received = 0
-        started = False
 
-        async def limited_receive() -> Any:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLarge()
-            return message
-
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> Any:
+            return body.pop(0) if body else await receive()
 
         self.inflight += 1
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(send, 413, f"request body is above the limit of {self.max_body:,} bytes", endpoint)
+            await self.app(scope, replay, send)
         finally:
             self.inflight -= 1
 
@@ -403,8 +430,6 @@ class GatewayLogic:
                               f"(got content type {ctype or 'none'!r}), e.g. curl -F image=@photo.jpg")
         try:
             form = await request.form(max_files=self.cfg.server.max_batch_images + 1, max_fields=16)
-        except BodyTooLarge:
-            raise
         except Exception as e:
             raise ClientError(f"the body is not valid multipart/form-data: {getattr(e, 'detail', e)}") from None
         unknown = set(form.keys()) - allowed
@@ -446,8 +471,6 @@ class GatewayLogic:
 
     def _refusal(self, rid: str, e: Exception) -> tuple[int, JSONResponse]:
         """The status and error answer for a client's mistake (or a not-ready variant)."""
-        if isinstance(e, BodyTooLarge):
-            return 413, _error(rid, 413, f"request body is above the limit of {self.cfg.server.max_body_bytes:,} bytes")
         return e.status, _error(rid, e.status, str(e), getattr(e, "headers", None))
 
     @staticmethod
@@ -480,7 +503,7 @@ class GatewayLogic:
             if a.shadow:
                 self.shadow(a, batch, [body["predictions"][0]["index"]])
             status, resp = 200, JSONResponse(body, headers={"X-Request-Id": rid})
-        except (ClientError, ImageError, BodyTooLarge) as e:
+        except (ClientError, ImageError) as e:
             status, resp = self._refusal(rid, e)
         except Exception as e:  # noqa: BLE001 - our fault: answer and count it; uvicorn would drop the connection
             status, resp = self._fault(rid, e)
@@ -524,7 +547,7 @@ class GatewayLogic:
             body = {"request_id": rid, "route": a.route, "variant": a.variant, "assignment": a.how,
                     "results": results, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
             resp = JSONResponse(body, headers={"X-Request-Id": rid})
-        except (ClientError, ImageError, BodyTooLarge) as e:
+        except (ClientError, ImageError) as e:
             status, resp = self._refusal(rid, e)
             metrics.REQUESTS.labels("classify_batch", route, variant, str(status)).inc()
         except Exception as e:  # noqa: BLE001 - as in classify

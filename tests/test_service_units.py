@@ -277,6 +277,62 @@ def test_too_many_in_flight_requests_get_429_with_retry_after():
     assert run_asgi(mw, path="/variants")[0] == 200  # other paths are not limited
 
 
+def test_a_slow_upload_gets_408_and_holds_no_in_flight_slot():
+    """Two requests, one slot: the slow upload waits for its body outside the slot, so the quick one
+    is served meanwhile; the slow one is then answered 408 at its deadline."""
+    mw = LimitsMiddleware(reading_app, max_body_bytes=100, max_inflight=1, retry_after_s=1, body_timeout_s=0.3)
+    statuses = {}
+
+    async def request(name, receive):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await mw({"type": "http", "path": "/classify", "method": "POST", "headers": []}, receive, send)
+        statuses[name] = next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    async def stalled():
+        await asyncio.sleep(3600)
+
+    async def quick():
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    async def run():
+        slow = asyncio.create_task(request("slow", stalled))
+        await asyncio.sleep(0.05)
+        assert mw.uploading == 1 and mw.inflight == 0
+        await request("quick", quick)
+        assert "slow" not in statuses
+        await slow
+
+    asyncio.run(run())
+    assert statuses == {"quick": 200, "slow": 408} and mw.uploading == mw.inflight == 0
+
+
+def test_too_many_uploads_get_429_and_a_client_that_leaves_gets_nothing():
+    mw = LimitsMiddleware(reading_app, max_body_bytes=100, max_inflight=4, retry_after_s=2, max_uploads=1)
+    mw.uploading = 1
+    status, headers = run_asgi(mw)
+    assert status == 429 and headers[b"retry-after"] == b"2"
+    mw.uploading = 0
+    sent = []
+
+    async def gone():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(mw({"type": "http", "path": "/classify", "method": "POST", "headers": []}, gone, send))
+    assert sent == [] and mw.uploading == mw.inflight == 0
+
+
+def test_the_body_deadline_must_come_before_bentomls_timeout():
+    with pytest.raises(ConfigError, match="body_timeout_s .60. must be below server.timeout_s .60."):
+        parse_config({**CFG, "server": {"body_timeout_s": 60}})
+
+
 # gateway -> worker calls (a stand-in worker: bentoml 1.4.30, which we pin, does not drop calls) ------
 
 def dropped(kind="aiohttp"):
