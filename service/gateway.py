@@ -162,7 +162,7 @@ _PREDICTION = {"type": "object", "properties": {
 _FIELDS = {"variant": {"type": "string", "description": "explicit variant (GET /variants)"},
            "route": {"type": "string", "description": "route (GET /routes); default: the default route"},
            "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}}
-_ERRORS = {"400": _ERROR, "413": _ERROR, "429": _ERROR, "503": _ERROR}
+_ERRORS = {"400": _ERROR, "408": _ERROR, "413": _ERROR, "429": _ERROR, "503": _ERROR}
 _CLIENT_ID = [{"name": "X-Client-Id", "in": "header", "required": False, "schema": {"type": "string"},
                "description": "sticky split key: one client, one variant while the weights stay the same"}]
 OPENAPI_PATHS = {
