@@ -9,6 +9,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def server_env(home: Path | None = None) -> dict[str, str]:
+    """The environment of a `bentoml serve` on the store at `home` (default: $BENTOML_HOME or ~/bentoml).
+
+    TMPDIR is a folder of the store's, emptied at every start. NOTE: every BentoML client between
+    services makes a temporary directory that only its finalizer removes, and workers stopped by a
+    signal never run it: /tmp held 1,993 empty `bentoml-client-*` folders after a few days of tests
+    and starts (2026-11-27). A start means the previous server of this store is gone (bentoml serve
+    wipes its metrics folder too), so what is left there is litter.
+    """
+    import shutil
+
+    home = Path(home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    tmp = home / "run" / "tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "BENTOML_HOME": str(home), "TMPDIR": str(tmp)}
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no network here; skip usage analytics
+    return env
+
+
 def preflight(cfg) -> list[str]:
     """Problems with the stored checkpoints, one line each; raises ConfigError for a label-space mismatch.
 
@@ -148,8 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {path} on http://{args.host}:{args.port} (store: {os.environ.get('BENTOML_HOME', '~/bentoml')})\n"
           f"routes: {routes}; default route: {cfg.default_route}\ntry:\n{example_curl(args.host, args.port)}",
           flush=True)
-    env = {**os.environ, CONFIG_ENV: str(path)}
-    env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no network here; skip usage analytics
+    env = {**server_env(), CONFIG_ENV: str(path)}
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", args.host,
            "--port", str(args.port), "--working-dir", str(ROOT)]
     os.execvpe(cmd[0], cmd, env)  # bentoml's arbiter takes over this process: Ctrl-C stops everything

@@ -76,8 +76,9 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Server":
-        env = {**os.environ, "BENTOML_HOME": str(self.home), "EFFNET_SERVE_CONFIG": str(self.config),
-               "BENTOML_DO_NOT_TRACK": "true"}
+        from .cli import server_env
+
+        env = {**server_env(self.home), "EFFNET_SERVE_CONFIG": str(self.config)}
         self._logf = open(self.log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", "127.0.0.1",

@@ -303,3 +303,17 @@ def test_32_concurrent_clients_get_no_failures(server):
     failures = [s for s in statuses if s[0] != 200]
     assert len(statuses) == 320 and not failures, failures[:5]
     assert server.client.get("/readyz").status_code == 200
+
+
+def test_the_server_keeps_its_temporary_files_in_the_store(server):
+    """BentoML's clients between services leave a temporary folder each when stopped by a signal;
+    they go to the store's run/tmp, which the next start empties, instead of piling up in /tmp."""
+    from service.cli import server_env
+
+    tmp = server.home / "run" / "tmp"
+    assert any(tmp.glob("bentoml-client-*"))
+    other = server.home.parent / "other-store"
+    (other / "run" / "tmp" / "bentoml-client-stale").mkdir(parents=True)
+    env = server_env(other)
+    assert env["TMPDIR"] == str(other / "run" / "tmp") and env["BENTOML_HOME"] == str(other)
+    assert not any((other / "run" / "tmp").iterdir())
