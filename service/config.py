@@ -184,6 +184,41 @@ def _number(where: str, value: Any, *, integer: bool = False, minimum: float = 0
     return value
 
 
+def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None = None) -> RouteConfig:
+    """One route's settings ({"split": ..., "shadow": ...}) -> RouteConfig; raises ConfigError naming the key.
+    Used for the configuration file and for live changes (PATCH /routes/NAME)."""
+    where = where or f"routes.{name}"
+    r = _keys(where, r, {"split", "shadow"}, {"split"})
+    split = r["split"]
+    if isinstance(split, list):  # a plain list means equal weights
+        split = {v: 1 for v in split}
+    if not isinstance(split, dict) or not split:
+        raise ConfigError(f"{where}.split: expected a mapping of variant -> weight")
+    for v, w in split.items():
+        if v not in variants:
+            raise ConfigError(f"{where}.split: unknown variant {v!r}; variants: {sorted(variants)}")
+        _number(f"{where}.split.{v}", w)
+    total = sum(split.values())
+    if total <= 0:
+        raise ConfigError(f"{where}.split: the weights sum to 0")
+    split = {v: w / total for v, w in split.items()}
+    shadow = None
+    if r.get("shadow") is not None:
+        sh = _keys(f"{where}.shadow", r["shadow"], {"variant", "fraction"}, {"variant", "fraction"})
+        if sh["variant"] not in variants:
+            raise ConfigError(f"{where}.shadow.variant: unknown variant {sh['variant']!r}; variants: {sorted(variants)}")
+        frac = _number(f"{where}.shadow.fraction", sh["fraction"])
+        if frac > 1:
+            raise ConfigError(f"{where}.shadow.fraction: expected 0..1, got {frac}")
+        shadow = ShadowConfig(sh["variant"], float(frac))
+    return RouteConfig(name, split, shadow)
+
+
+def unrouted(variants: dict[str, Any], routes: dict[str, RouteConfig]) -> list[str]:
+    """Served variants that no route's split or shadow names."""
+    return [v for v in variants if not any(v in r.variants for r in routes.values())]
+
+
 def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     """Validate a loaded YAML document into a ServingConfig; raises ConfigError naming the problem."""
     top = _keys(source, data, {"server", "variants", "routes", "default_route"}, {"variants", "routes"})
@@ -237,38 +272,12 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     routes_raw = top["routes"]
     if not isinstance(routes_raw, dict) or not routes_raw:
         raise ConfigError(f"{source}: routes: expected a non-empty mapping of name -> settings")
-    routes = {}
-    for name, r in routes_raw.items():
-        where = f"routes.{name}"
-        r = _keys(where, r, {"split", "shadow"}, {"split"})
-        split = r["split"]
-        if isinstance(split, list):  # a plain list means equal weights
-            split = {v: 1 for v in split}
-        if not isinstance(split, dict) or not split:
-            raise ConfigError(f"{where}.split: expected a mapping of variant -> weight")
-        for v, w in split.items():
-            if v not in variants:
-                raise ConfigError(f"{where}.split: unknown variant {v!r}; variants: {sorted(variants)}")
-            _number(f"{where}.split.{v}", w)
-        total = sum(split.values())
-        if total <= 0:
-            raise ConfigError(f"{where}.split: the weights sum to 0")
-        split = {v: w / total for v, w in split.items()}
-        shadow = None
-        if r.get("shadow") is not None:
-            sh = _keys(f"{where}.shadow", r["shadow"], {"variant", "fraction"}, {"variant", "fraction"})
-            if sh["variant"] not in variants:
-                raise ConfigError(f"{where}.shadow.variant: unknown variant {sh['variant']!r}; variants: {sorted(variants)}")
-            frac = _number(f"{where}.shadow.fraction", sh["fraction"])
-            if frac > 1:
-                raise ConfigError(f"{where}.shadow.fraction: expected 0..1, got {frac}")
-            shadow = ShadowConfig(sh["variant"], float(frac))
-        routes[name] = RouteConfig(name, split, shadow)
+    routes = {name: parse_route(name, r, variants) for name, r in routes_raw.items()}
 
     default_route = top.get("default_route") or next(iter(routes))
     if default_route not in routes:
         raise ConfigError(f"default_route: unknown route {default_route!r}; routes: {sorted(routes)}")
-    unused = [v for v in variants if not any(v in r.variants for r in routes.values())]
+    unused = unrouted(variants, routes)
     if unused:
         raise ConfigError(f"variants {unused} are in no route; add them to a route's split or shadow, or remove them")
 

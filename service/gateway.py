@@ -20,9 +20,13 @@ BentoML still serves /livez, /readyz (`__is_ready__` below), /metrics and /docs.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import logging
+import os
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import anyio.to_thread
@@ -36,7 +40,7 @@ from starlette.routing import Route
 
 from . import metrics
 from .coalesce import Coalescer
-from .config import ConfigError, ServingConfig, check_label_spaces
+from .config import ConfigError, ServingConfig, check_label_spaces, parse_route, unrouted
 from .images import DecodeBudget, ImageError, open_image, to_rgb_array
 from .routing import Assignment, Router, RoutingError, shown
 
@@ -46,6 +50,8 @@ CLASSIFY_PATHS = ("/classify", "/classify_batch")
 CLASSIFY_FIELDS = {"image", "variant", "route", "top_k"}
 BATCH_FIELDS = {"images", "image", "variant", "route", "top_k"}
 DEFAULT_TOP_K = 5
+ADMIN_TOKEN_ENV = "EFFNET_ADMIN_TOKEN"  # when set, PATCH /routes/NAME needs "Authorization: Bearer <it>"
+LOOPBACK = ("127.0.0.1", "::1")
 WORKER_RETRIES = 2  # dropped connections between gateway and worker; inference is idempotent
 MAX_SHADOW_INFLIGHT = 16  # mirrored calls in flight; beyond that shadowing is skipped, never queued
 # Decoding a small image (a 28x28 PNG: ~0.1 ms) costs less than handing it to a thread, and the
@@ -187,6 +193,16 @@ OPENAPI_PATHS = {
                           "responses": {"200": {"description": "variants"}}}},
     "/routes": {"get": {"tags": ["Service APIs"], "summary": "Routes, split weights and shadows",
                         "responses": {"200": {"description": "routes"}}}},
+    "/routes/{name}": {"patch": {
+        "tags": ["Service APIs"], "summary": "Change a route's split weights and/or shadow while serving "
+        "(from this machine, or with $EFFNET_ADMIN_TOKEN as a Bearer token); a restart serves the file again",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "properties": {
+            "split": {"type": "object", "additionalProperties": {"type": "number"}},
+            "shadow": {"type": ["object", "null"], "properties": {
+                "variant": {"type": "string"}, "fraction": {"type": "number"}}}}}}}},
+        "responses": {"200": {"description": "the route as changed, and as it was"}, "400": _ERROR, "401": _ERROR,
+                      "403": _ERROR, "404": _ERROR}}},
 }
 
 
@@ -279,6 +295,7 @@ class GatewayLogic:
                 self.problems[name] = f"variant {name!r}, checkpoint {v.model!r}: {e}"
                 logger.error("effnet gateway: %s", self.problems[name])
         self.config_error = None
+        self._publish_splits(self.cfg.routes.values())
         try:
             check_label_spaces(self.cfg, {n: m.classes for n, m in self.manifests.items()})
         except ConfigError as e:
@@ -556,6 +573,51 @@ class GatewayLogic:
         metrics.E2E_LATENCY.labels("classify_batch", route, variant).observe(time.perf_counter() - t0)
         return resp
 
+    # live route changes -----------------------------------------------------------------------------
+
+    def _publish_splits(self, routes) -> None:
+        for r in routes:
+            for v in self.cfg.variants:
+                metrics.SPLIT_WEIGHT.labels(r.name, v).set(r.split.get(v, 0.0))
+
+    def change_route(self, name: str, change: Any) -> dict:
+        """Apply {"split": ..., "shadow": ...} (either or both; "shadow": null removes it) to route `name`.
+
+        Checked as the configuration file is, plus what only a running server knows: every variant
+        of the route must be loaded and share the route's classes, and no served variant may be left
+        in no route. Raises ClientError (404 for an unknown route, else 400) and changes nothing then.
+        The change lives in memory: a restart serves the configuration file again.
+        """
+        if name not in self.cfg.routes:
+            raise ClientError(f"unknown route {shown(name)}; routes: {', '.join(self.cfg.routes)}", 404)
+        if not isinstance(change, dict) or not change or set(change) - {"split", "shadow"}:
+            raise ClientError('send a JSON object with "split" (variant -> weight) and/or "shadow" '
+                              '({"variant": ..., "fraction": ...} or null), e.g. {"split": {"b0": 0.9, "mec": 0.1}}')
+        old = self.cfg.routes[name]
+        raw = {"split": change.get("split", old.split),
+               "shadow": change["shadow"] if "shadow" in change else (
+                   {"variant": old.shadow.variant, "fraction": old.shadow.fraction} if old.shadow else None)}
+        try:
+            route = parse_route(name, raw, self.cfg.variants, where=name)
+            routes = {**self.cfg.routes, name: route}
+            left = unrouted(self.cfg.variants, routes)
+            if left:
+                raise ConfigError(f"variant(s) {left} would be in no route; keep them in a split or a shadow")
+            new = replace(self.cfg, routes=routes)
+            check_label_spaces(new, {n: m.classes for n, m in self.manifests.items()})
+        except ConfigError as e:
+            raise ClientError(f"route not changed: {e}") from None
+        for v in route.variants:
+            if v in self.problems or v not in self.manifests:
+                raise ClientError(f"route not changed: variant {v!r} is not ready: {self.problems.get(v, 'loading')}")
+        self.cfg = self.router.cfg = new
+        self._publish_splits([route])
+        metrics.ROUTE_CHANGES.labels(name).inc()
+        logger.warning("route %s changed: split %s -> %s, shadow %s -> %s (until the next restart)", name,
+                       old.split, route.split, old.shadow, route.shadow)
+        return {"route": name, "previous": self.describe_routes_of([old])[name],
+                **self.describe_routes_of([route])[name]}
+
     # descriptions -----------------------------------------------------------------------------------
 
     def describe_variants(self) -> list[dict]:
@@ -581,16 +643,16 @@ class GatewayLogic:
             })
         return rows
 
-    def describe_routes(self) -> dict:
+    def describe_routes_of(self, routes) -> dict:
         return {
-            "default_route": self.cfg.default_route,
-            "routes": {
-                name: {"split": r.split, "variants": r.variants,
-                       "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None,
-                       "num_classes": self.manifests[r.variants[0]].num_classes if r.variants[0] in self.manifests else None}
-                for name, r in self.cfg.routes.items()
-            },
+            r.name: {"split": r.split, "variants": r.variants,
+                     "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None,
+                     "num_classes": self.manifests[r.variants[0]].num_classes if r.variants[0] in self.manifests else None}
+            for r in routes
         }
+
+    def describe_routes(self) -> dict:
+        return {"default_route": self.cfg.default_route, "routes": self.describe_routes_of(self.cfg.routes.values())}
 
 
 def _current() -> GatewayLogic:
@@ -635,10 +697,45 @@ async def _assignment(request: Request) -> JSONResponse:
                          "weights": gw.cfg.routes[a.route].split})
 
 
+def admin_refusal(client_host: str | None, authorization: str | None, token: str | None) -> tuple[int, str] | None:
+    """Who may change routes: with a token ($EFFNET_ADMIN_TOKEN), whoever sends it; without one, only
+    clients on this machine (the server binds 127.0.0.1 by default, and `--host 0.0.0.0` must not
+    open traffic control to the network)."""
+    if token:
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return 401, f"send the header 'Authorization: Bearer <token>' with the server's ${ADMIN_TOKEN_ENV}"
+        return None
+    if client_host not in LOOPBACK:
+        return 403, (f"routes can be changed from the server's own machine only; set ${ADMIN_TOKEN_ENV} on the "
+                     "server to allow others that send it")
+    return None
+
+
+async def _change_route(request: Request) -> JSONResponse:
+    gw, rid = _current(), uuid.uuid4().hex
+    refused = admin_refusal(request.client.host if request.client else None,
+                            request.headers.get("authorization"), os.environ.get(ADMIN_TOKEN_ENV))
+    if refused:
+        return _error(rid, *refused)
+    body = await request.body()
+    if len(body) > 64 * 1024:
+        return _error(rid, 413, "a route change is a small JSON object; this body is above 64 kB")
+    try:
+        change = json.loads(body or b"null")
+    except ValueError as e:
+        return _error(rid, 400, f"the body is not JSON: {e}")
+    try:
+        return JSONResponse(gw.change_route(request.path_params["name"], change), headers={"X-Request-Id": rid})
+    except ClientError as e:
+        return _error(rid, e.status, str(e))
+
+
 http_app = Starlette(routes=[
     Route("/classify", _classify, methods=["POST"]),
     Route("/classify_batch", _classify_batch, methods=["POST"]),
     Route("/variants", _variants, methods=["GET"]),
     Route("/routes", _routes, methods=["GET"]),
+    Route("/routes/{name}", _change_route, methods=["PATCH"]),
     Route("/assignment", _assignment, methods=["GET"]),
 ])

@@ -46,6 +46,13 @@ VARIANT_INFO = Gauge(
     ["variant", "route", "model", "params", "macs", "top1", "resolution", "device", "engine"],
     multiprocess_mode="max",
 )
+SPLIT_WEIGHT = Gauge(
+    "effnet_split_weight", "Each route's current split weight per variant (0 once removed from the split); "
+    "changes with PATCH /routes/NAME", ["route", "variant"], multiprocess_mode="mostrecent",
+)
+ROUTE_CHANGES = Counter(
+    "effnet_route_changes", "Accepted live changes of a route's split or shadow (PATCH /routes/NAME)", ["route"],
+)
 VARIANT_READY = Gauge(
     "effnet_variant_ready", "1 when the variant's worker has loaded and verified its checkpoint, else 0",
     ["variant"], multiprocess_mode="min",  # min: 0 until every process of the variant has loaded

@@ -317,3 +317,25 @@ def test_the_server_keeps_its_temporary_files_in_the_store(server):
     env = server_env(other)
     assert env["TMPDIR"] == str(other / "run" / "tmp") and env["BENTOML_HOME"] == str(other)
     assert not any((other / "run" / "tmp").iterdir())
+
+
+def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(server):
+    http, before = server.client, server.client.get("/routes").json()["routes"]["fashion"]
+    try:
+        r = http.patch("/routes/fashion", json={"split": {"compact": 1, "b0": 0}})
+        assert r.status_code == 200, r.text
+        assert r.json()["split"] == {"compact": 1.0, "b0": 0.0} and r.json()["previous"]["split"] == before["split"]
+        answers = [classify(server, png(seed=i)).json() for i in range(12)]
+        assert {(a["variant"], a["assignment"]) for a in answers} == {("compact", "default")}
+        assert http.get("/routes").json()["routes"]["fashion"]["split"] == {"compact": 1.0, "b0": 0.0}
+        assert http.get("/assignment", params={"client_id": "anyone"}).json()["variant"] == "compact"
+        text = http.get("/metrics").text
+        assert re.search(r'effnet_split_weight\{route="fashion",variant="compact"\} 1\.0', text)
+        assert re.search(r'effnet_split_weight\{route="fashion",variant="mec"\} 0\.0', text)
+        r = http.patch("/routes/fashion", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not JSON" in r.json()["error"]
+        r = http.patch("/routes/fashion", json={"split": {"lite0": 1, "b0": 1, "compact": 1}})
+        assert r.status_code == 400 and "lite0" in r.json()["error"] and "classes" in r.json()["error"]
+    finally:
+        r = http.patch("/routes/fashion", json={"split": before["split"], "shadow": before["shadow"]})
+        assert r.status_code == 200 and r.json()["split"] == before["split"]

@@ -515,6 +515,73 @@ def test_an_image_above_the_whole_budget_decodes_alone():
     assert budget.used == 0 and budget.waiting == 0
 
 
+# live route changes (PATCH /routes/NAME; the HTTP round trip is in test_service_http.py) --------------
+
+def gateway_for_routes(problems=None):
+    from service.gateway import GatewayLogic
+
+    gw = object.__new__(GatewayLogic)
+    gw.cfg = parse_config(CFG)
+    gw.router = Router(gw.cfg, rng=random.Random(0))
+    fashion = [f"f{i}" for i in range(10)]
+    gw.manifests = {v: types.SimpleNamespace(classes=fashion, num_classes=10) for v in ("b0", "mec", "compact")}
+    gw.manifests["lite0"] = types.SimpleNamespace(classes=[f"i{i}" for i in range(1000)], num_classes=1000)
+    gw.problems = problems or {}
+    return gw
+
+
+def test_a_route_change_moves_traffic_and_keeps_what_it_does_not_name():
+    gw = gateway_for_routes()
+    out = gw.change_route("fashion", {"split": {"b0": 3, "compact": 1}})
+    assert out["split"] == {"b0": 0.75, "compact": 0.25} and out["previous"]["split"]["mec"] == 0.25
+    assert out["shadow"] == {"variant": "mec", "fraction": 1.0}  # not named: kept
+    picks = Counter(gw.router.assign("fashion").variant for _ in range(4000))
+    assert set(picks) == {"b0", "compact"} and abs(picks["b0"] / 4000 - 0.75) < 0.03
+    assert gw.describe_routes()["routes"]["fashion"]["split"] == {"b0": 0.75, "compact": 0.25}
+    out = gw.change_route("fashion", {"shadow": None, "split": ["b0", "mec", "compact"]})
+    assert out["shadow"] is None and out["split"] == {v: 1 / 3 for v in ("b0", "mec", "compact")}
+    assert gw.router.assign("fashion", client_id="u1").shadow is None
+
+
+@pytest.mark.parametrize("name, change, status, message", [
+    ("cats", {"split": {"b0": 1}}, 404, "unknown route 'cats'; routes: fashion, imagenet"),
+    ("fashion", {"split": {"b7": 1}}, 400, "unknown variant 'b7'"),
+    ("fashion", {"split": {"b0": 0, "mec": 0, "compact": 0}}, 400, "the weights sum to 0"),
+    ("fashion", {"split": {"b0": -1, "mec": 1, "compact": 1}}, 400, "expected a number >= 0, got -1"),
+    ("fashion", {"split": {"b0": "half", "mec": 1, "compact": 1}}, 400, "expected a number"),
+    ("fashion", {"split": {"b0": 1, "mec": 1}, "shadow": None}, 400, r"\['compact'\] would be in no route"),
+    ("fashion", {"split": {"b0": 1, "lite0": 1, "mec": 1, "compact": 1}}, 400, "has 1000 classes"),
+    ("fashion", {"shadow": {"variant": "mec", "fraction": 2}}, 400, "expected 0..1"),
+    ("fashion", {"weights": {"b0": 1}}, 400, 'send a JSON object with "split"'),
+    ("fashion", [], 400, 'send a JSON object with "split"'),
+    ("fashion", {}, 400, 'send a JSON object with "split"'),
+])
+def test_a_bad_route_change_is_refused_and_changes_nothing(name, change, status, message):
+    gw = gateway_for_routes()
+    before = gw.cfg
+    with pytest.raises(Exception, match=message) as e:
+        gw.change_route(name, change)
+    assert e.value.status == status and gw.cfg is before and gw.router.cfg is before
+
+
+def test_a_route_change_to_a_variant_that_is_not_ready_is_refused():
+    gw = gateway_for_routes(problems={"compact": "variant 'compact': sha256 mismatch"})
+    with pytest.raises(Exception, match="variant 'compact' is not ready: .*sha256 mismatch"):
+        gw.change_route("fashion", {"split": {"compact": 1, "b0": 1}})
+
+
+@pytest.mark.parametrize("host, auth, token, status", [
+    ("127.0.0.1", None, None, None), ("::1", None, None, None), ("10.1.2.3", None, None, 403),
+    ("10.1.2.3", "Bearer s3cret", "s3cret", None), ("127.0.0.1", None, "s3cret", 401),
+    ("127.0.0.1", "Bearer wrong", "s3cret", 401), ("10.1.2.3", "s3cret", "s3cret", None),
+])
+def test_route_changes_need_this_machine_or_the_admin_token(host, auth, token, status):
+    from service.gateway import admin_refusal
+
+    refusal = admin_refusal(host, auth, token)
+    assert (refusal[0] if refusal else None) == status
+
+
 def test_workers_load_side_by_side_unless_auto_must_time(monkeypatch):
     """One core slot per load where nothing is timed; every slot where `auto` times its candidates."""
     import contextlib
