@@ -7,7 +7,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# What a user's mistake raises here: an unknown variant (KeyError), missing data or training state,
+# bad values (ValueError, service.config.ConfigError), a missing or corrupted checkpoint.
+USER_ERRORS = (KeyError, ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def is_user_error(e: BaseException) -> bool:
+    # store.CheckpointError is looked up, not imported: importing the store imports torch (2 s), and
+    # `effnet --help` should not wait for it. A CheckpointError was raised only if the store was loaded.
+    store = sys.modules.get("store.checkpoint")
+    return isinstance(e, USER_ERRORS) or (store is not None and isinstance(e, store.CheckpointError))
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = ["models.cli", "engines.cli", "training.cli", "service.cli", "loadtest.cli"]
@@ -36,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # A wrong name, path, value or checkpoint: the message says what to do; a traceback would bury it.
+        if os.environ.get("EFFNET_DEBUG") or not is_user_error(e):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"effnet {args.command}: error: {message}\n  (EFFNET_DEBUG=1 shows where it was raised)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

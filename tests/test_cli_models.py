@@ -34,3 +34,28 @@ def test_bench_json_rows_include_the_reference(capsys):
     for r in rows:
         assert r["latency_ms"] > 0 and r["images_per_s"] > 0
         assert abs(r["images_per_s"] - r["batch"] * 1000 / r["latency_ms"]) / r["images_per_s"] < 0.01
+
+
+def test_a_users_mistake_is_one_message_and_exit_2_not_a_traceback(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("EFFNET_DEBUG", raising=False)
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    assert main(["export", "nope:latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("effnet export: error: checkpoint 'nope:latest' not found") and "Traceback" not in err
+
+
+def test_our_own_faults_keep_their_traceback(monkeypatch):
+    import argparse
+
+    import pytest
+
+    import cli.main as cli_main
+
+    def broken(args):
+        raise RuntimeError("a bug of ours")
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=broken, command="x")
+    monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        cli_main.main([])
