@@ -174,6 +174,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.execvpe(cmd[0], cmd, env)  # bentoml's arbiter takes over this process: Ctrl-C stops everything
 
 
+def port_number(text: str) -> int:
+    """argparse type for a TCP port: bentoml serve took --port 99999 and never became ready."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is from 1 to 65535, got {port}")
+    return port
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -182,7 +193,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "/classify_batch and GET /variants, /routes, /livez, /readyz, /metrics.",
     )
     p.add_argument("--config", help="serving configuration YAML (default: $EFFNET_SERVE_CONFIG, else service/config.yaml)")
-    p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+    p.add_argument("--port", type=port_number, default=3000, help="port (default 3000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--prepare", action="store_true",
                    help="do not serve: export, verify and choose each variant's engine as its worker will, record "

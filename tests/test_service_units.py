@@ -727,3 +727,17 @@ def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tm
     assert cmd_serve(argparse.Namespace(config=str(cfg), host="127.0.0.1", port=3999, check=True)) == 1
     err = capsys.readouterr().err
     assert "variant 'a'" in err and "nowhere" in err
+
+
+@pytest.mark.parametrize("text, ok", [("3000", True), ("1", True), ("65535", True), ("0", False), ("99999", False),
+                                      ("http", False)])
+def test_serve_takes_only_real_port_numbers(text, ok):
+    import argparse
+
+    from service.cli import port_number
+
+    if ok:
+        assert port_number(text) == int(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            port_number(text)
