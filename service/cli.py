@@ -9,19 +9,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def server_tmp_dir(home: Path) -> Path:
+    """The temporary folder of the servers of the store at `home` (see server_env)."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"effnet-serve-{digest}"
+
+
 def server_env(home: Path | None = None) -> dict[str, str]:
     """The environment of a `bentoml serve` on the store at `home` (default: $BENTOML_HOME or ~/bentoml).
 
-    TMPDIR is a folder of the store's, emptied at every start. NOTE: every BentoML client between
-    services makes a temporary directory that only its finalizer removes, and workers stopped by a
-    signal never run it: /tmp held 1,993 empty `bentoml-client-*` folders after a few days of tests
-    and starts (2026-11-27). A start means the previous server of this store is gone (bentoml serve
-    wipes its metrics folder too), so what is left there is litter.
+    TMPDIR is a folder of its own per store, emptied at every start. NOTE: every BentoML client
+    between services makes a temporary directory that only its finalizer removes, and workers stopped
+    by a signal never run it: /tmp held 1,993 empty `bentoml-client-*` folders after a few days of
+    tests and starts (2026-11-27). A start means the previous server of this store is gone (bentoml
+    serve wipes its metrics folder too), so what is left there is litter. The folder is in the system's
+    temporary folder, named by a hash of the store, not inside the store: BentoML puts its Unix
+    sockets there, and a socket path must stay under 108 characters.
     """
     import shutil
 
-    home = Path(home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
-    tmp = home / "run" / "tmp"
+    home = Path(home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml").resolve()
+    tmp = server_tmp_dir(home)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "BENTOML_HOME": str(home), "TMPDIR": str(tmp)}

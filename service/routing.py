@@ -2,13 +2,15 @@
 
 1. An explicit `variant` wins; it must belong to the route when one is given.
 2. Otherwise the route's split decides: with a client id, by a stable hash of it (the same client
-   lands on the same variant while the weights stay the same); without one, at random by weight.
+   lands on the same variant while the weights stay the same, and a weight change moves only the
+   clients it must); without one, at random by weight.
 3. No route given: the variant's route (explicit variant), else the default route.
 Shadowing picks, independently of the primary choice, whether a request is mirrored.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 
@@ -36,10 +38,25 @@ class Assignment:
     shadow: str | None = None  # the variant to mirror this request to, if any
 
 
-def stable_unit(key: str) -> float:
-    """A client id -> [0, 1), the same in every process and Python version (not `hash()`, which is salted)."""
-    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+def sticky_pick(route: str, client_id: str, split: dict[str, float]) -> str:
+    """The variant a client id gets in a route: weighted rendezvous hashing, P(variant) = its weight.
+
+    Every variant draws a stable score from (route, client id, variant), scaled by its weight, and the
+    highest wins. NOTE: cumulative-weight intervals (pick_by_weight on one hash) moved clients between
+    variants whose weights had not changed: 50/25/25 -> 60/20/20 sent 5% of clients from compact to
+    mec, in the middle of an A/B test. Here a weight change moves only the clients that must move,
+    to or from the variants whose weights changed (PATCH /routes/NAME; tests/test_service_units.py).
+    """
+    best, best_score = None, -1.0
+    for variant, weight in split.items():
+        if weight <= 0:
+            continue
+        digest = hashlib.sha256(f"{route}\0{client_id}\0{variant}".encode("utf-8", "surrogatepass")).digest()
+        h = (int.from_bytes(digest[:8], "big") + 0.5) / 2**64  # in (0, 1): log(h) < 0
+        score = weight / -math.log(h)  # the minimum of exponential clocks with rates = weights
+        if score > best_score:
+            best, best_score = variant, score
+    return best
 
 
 def pick_by_weight(split: dict[str, float], u: float) -> str:
@@ -85,8 +102,8 @@ class Router:
         if len(live) == 1:
             chosen, how = next(iter(live)), "default"
         else:
-            u = stable_unit(f"{r.name}\0{client_id}") if client_id else self.rng.random()
-            chosen, how = pick_by_weight(live, u), "split"
+            chosen = sticky_pick(r.name, client_id, live) if client_id else pick_by_weight(live, self.rng.random())
+            how = "split"
         return Assignment(r.name, chosen, how, self._shadow(r, chosen))
 
     def _shadow(self, r: RouteConfig, primary: str) -> str | None:

@@ -7,6 +7,7 @@ import io
 import re
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -305,18 +306,19 @@ def test_32_concurrent_clients_get_no_failures(server):
     assert server.client.get("/readyz").status_code == 200
 
 
-def test_the_server_keeps_its_temporary_files_in_the_store(server):
+def test_the_server_keeps_its_temporary_files_in_a_folder_of_its_store(server):
     """BentoML's clients between services leave a temporary folder each when stopped by a signal;
-    they go to the store's run/tmp, which the next start empties, instead of piling up in /tmp."""
-    from service.cli import server_env
+    they go to one folder per store, which the next start empties, instead of piling up in /tmp."""
+    from service.cli import server_env, server_tmp_dir
 
-    tmp = server.home / "run" / "tmp"
-    assert any(tmp.glob("bentoml-client-*"))
+    assert any(server_tmp_dir(server.home).glob("bentoml-client-*"))
     other = server.home.parent / "other-store"
-    (other / "run" / "tmp" / "bentoml-client-stale").mkdir(parents=True)
+    first = Path(server_env(other)["TMPDIR"])
+    (first / "bentoml-client-stale").mkdir()
     env = server_env(other)
-    assert env["TMPDIR"] == str(other / "run" / "tmp") and env["BENTOML_HOME"] == str(other)
-    assert not any((other / "run" / "tmp").iterdir())
+    assert env["TMPDIR"] == str(first) and env["BENTOML_HOME"] == str(other.resolve())
+    assert first.name.startswith("effnet-serve-") and not any(first.iterdir())
+    first.rmdir()
 
 
 def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(server):

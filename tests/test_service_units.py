@@ -13,7 +13,7 @@ from PIL import Image
 from service.config import ConfigError, check_label_spaces, load_config, parse_config
 from service.gateway import LimitsMiddleware
 from service.images import DecodeBudget, ImageError, decode_image
-from service.routing import Router, RoutingError, pick_by_weight, stable_unit
+from service.routing import Router, RoutingError, pick_by_weight, sticky_pick
 
 CFG = {
     "default_route": "fashion",
@@ -80,7 +80,23 @@ def test_pick_by_weight_covers_the_unit_interval():
     split = {"a": 0.2, "b": 0.8}
     assert pick_by_weight(split, 0.0) == "a" and pick_by_weight(split, 0.19) == "a"
     assert pick_by_weight(split, 0.2) == "b" and pick_by_weight(split, 0.999999) == "b"
-    assert 0 <= stable_unit("anything") < 1
+
+
+@pytest.mark.parametrize("before, after", [
+    ({"b0": 0.5, "mec": 0.25, "compact": 0.25}, {"b0": 0.6, "mec": 0.2, "compact": 0.2}),
+    ({"b0": 0.95, "compact": 0.05}, {"b0": 0.75, "compact": 0.25}),  # a canary step
+])
+def test_a_weight_change_moves_only_the_clients_that_must_move(before, after):
+    ids = [f"user-{i}" for i in range(5000)]
+    a = {c: sticky_pick("fashion", c, before) for c in ids}
+    b = {c: sticky_pick("fashion", c, after) for c in ids}
+    moved = [(a[c], b[c]) for c in ids if a[c] != b[c]]
+    gained = {v for v in after if after[v] > before.get(v, 0)}
+    assert all(old not in gained and new in gained for old, new in moved), Counter(moved)
+    need = sum(max(0.0, after[v] - before.get(v, 0)) for v in after)
+    assert abs(len(moved) / len(ids) - need) < 0.02
+    for v, w in after.items():
+        assert abs(sum(x == v for x in b.values()) / len(ids) - w) < 0.02
 
 
 # configuration --------------------------------------------------------------------------------------
