@@ -103,20 +103,20 @@ class LimitsMiddleware:
         """Every body message, or None and why not: "large", "slow", or "gone" (the client left)."""
         messages: list[dict] = []
         received = 0
-        deadline = time.monotonic() + self.body_timeout
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                return None, "slow"
-            if message["type"] != "http.request":
-                return None, "gone"
-            received += len(message.get("body", b""))
-            if received > self.max_body:
-                return None, "large"
-            messages.append(message)
-            if not message.get("more_body"):
-                return messages, None
+        try:
+            async with asyncio.timeout(self.body_timeout):  # one deadline for the whole body, no task per chunk
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return None, "gone"
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:
+                        return None, "large"
+                    messages.append(message)
+                    if not message.get("more_body"):
+                        return messages, None
+        except TimeoutError:
+            return None, "slow"
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] not in CLASSIFY_PATHS or scope["method"] != "POST":
