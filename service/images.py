@@ -139,7 +139,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
 
 
 class DecodeBudget:
-    """At most `pixels` declared pixels decoding at once, across all requests; the rest wait in order.
+    """At most `pixels` declared pixels decoding at once, across all requests; the rest wait for room.
 
     The pixel limit bounds one image, not how many are decoded side by side: the gateway accepts
     `max_inflight` requests of up to `max_batch_images` each. An image above the whole budget is

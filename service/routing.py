@@ -52,7 +52,7 @@ def sticky_pick(route: str, client_id: str, split: dict[str, float]) -> str:
         if weight <= 0:
             continue
         digest = hashlib.sha256(f"{route}\0{client_id}\0{variant}".encode("utf-8", "surrogatepass")).digest()
-        h = (int.from_bytes(digest[:8], "big") + 0.5) / 2**64  # in (0, 1): log(h) < 0
+        h = ((int.from_bytes(digest[:8], "big") >> 11) + 0.5) / 2**53  # 53 bits: exactly in (0, 1), log(h) < 0
         score = weight / -math.log(h)  # the minimum of exponential clocks with rates = weights
         if score > best_score:
             best, best_score = variant, score
