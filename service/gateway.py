@@ -391,17 +391,17 @@ class GatewayLogic:
         img = open_image(data, max_pixels=self.cfg.server.max_pixels)
         w, h = img.size
         if w * h <= INLINE_DECODE_PIXELS:
-            return self._pixels(img, variant)
+            return self._pixels(img, variant, data)
         async with self.decoding.take(w * h):
-            return await anyio.to_thread.run_sync(self._pixels, img, variant)
+            return await anyio.to_thread.run_sync(self._pixels, img, variant, data)
 
-    def _pixels(self, img, variant: str) -> np.ndarray:
+    def _pixels(self, img, variant: str, data: bytes | None = None) -> np.ndarray:
         import torch
 
         from store import resize_crop
 
         m = self.manifests[variant]
-        rgb = to_rgb_array(img, min_side=m.resize or m.resolution)
+        rgb = to_rgb_array(img, min_side=m.resize or m.resolution, data=data)
         return resize_crop(torch.from_numpy(rgb), m).numpy()
 
     def predictions(self, scores: np.ndarray, variant: str, top_k: int) -> list[dict]:

@@ -225,6 +225,22 @@ def test_exif_orientation_is_applied_to_resized_images_too():
     assert out.shape == (3, 64, 32)  # upright (portrait) and resized
 
 
+def test_jpegs_go_to_torchvision_io_with_the_same_pixels_as_pil(monkeypatch):
+    import service.images as images
+    from service.bench import photos
+
+    for data in photos(224)[:3]:
+        by_pil = images.to_rgb_array(images.open_image(data, max_pixels=10**6), min_side=256)  # no bytes: PIL
+        assert np.array_equal(decode_image(data, max_pixels=10**6, min_side=256), by_pil)
+    calls = []
+    real = images._decode_jpeg_with_torchvision
+    monkeypatch.setattr(images, "_decode_jpeg_with_torchvision", lambda d: calls.append(len(d)) or real(d))
+    decode_image(photos(224)[0], max_pixels=10**6, min_side=256)  # small: torchvision
+    decode_image(encode(RGB.resize((900, 600)), "JPEG"), max_pixels=10**6, min_side=256)  # 2x: PIL's draft
+    decode_image(encode(RGB.convert("CMYK"), "JPEG"), max_pixels=10**6)  # CMYK: PIL
+    assert len(calls) == 1
+
+
 def huge_png(w=12000, h=12000) -> bytes:
     """A small file whose header declares w x h pixels (the data is a valid IDAT-less stub)."""
     import struct
@@ -463,9 +479,9 @@ def test_small_images_decode_on_the_event_loop_large_ones_in_a_thread():
     threads = []
     real = gw._pixels
 
-    def spy(img, variant):
+    def spy(img, variant, data=None):
         threads.append(threading.get_ident())
-        return real(img, variant)
+        return real(img, variant, data)
 
     gw._pixels = spy
     side = int(INLINE_DECODE_PIXELS ** 0.5)
@@ -493,14 +509,14 @@ def test_large_decodes_wait_for_room_in_the_pixel_budget():
     lock, now, most = threading.Lock(), [0], [0]
     real = gw._pixels
 
-    def slow(img, variant):
+    def slow(img, variant, data=None):
         with lock:
             now[0] += 1
             most[0] = max(most[0], now[0])
         time.sleep(0.05)
         with lock:
             now[0] -= 1
-        return real(img, variant)
+        return real(img, variant, data)
 
     gw._pixels = slow
     data = encode(Image.new("RGB", (side, side)), "PNG")
