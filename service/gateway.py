@@ -132,10 +132,12 @@ class LimitsMiddleware:
             return await self._refuse(send, 429, f"overloaded: {busy}; retry later",
                                       endpoint, {"Retry-After": self.retry_after})
         self.uploading += 1
+        metrics.IN_GATEWAY.labels("uploading").inc()
         try:
             body, problem = await self._receive_body(receive)
         finally:
             self.uploading -= 1
+            metrics.IN_GATEWAY.labels("uploading").dec()
         if problem == "large":
             return await self._refuse(send, 413, f"request body is above the limit of {self.max_body:,} bytes", endpoint)
         if problem == "slow":
@@ -151,10 +153,12 @@ class LimitsMiddleware:
             return body.pop(0) if body else await receive()
 
         self.inflight += 1
+        metrics.IN_GATEWAY.labels("processing").inc()
         try:
             await self.app(scope, replay, send)
         finally:
             self.inflight -= 1
+            metrics.IN_GATEWAY.labels("processing").dec()
 
 
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {

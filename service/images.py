@@ -25,6 +25,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from . import metrics
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # PIL's format names; sniffed from the bytes by PIL's per-format `_accept` checks.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
@@ -184,11 +186,14 @@ class DecodeBudget:
             self._cond = asyncio.Condition()
         need = min(pixels, self.capacity)
         async with self._cond:
-            self.waiting += 1
-            try:
-                await self._cond.wait_for(lambda: self.used + need <= self.capacity)
-            finally:
-                self.waiting -= 1
+            if self.used + need > self.capacity:
+                self.waiting += 1
+                metrics.IN_GATEWAY.labels("decode_waiting").inc()
+                try:
+                    await self._cond.wait_for(lambda: self.used + need <= self.capacity)
+                finally:
+                    self.waiting -= 1
+                    metrics.IN_GATEWAY.labels("decode_waiting").dec()
             self.used += need
         try:
             yield

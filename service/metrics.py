@@ -19,6 +19,11 @@ REQUESTS = Counter(
     "item counts alone); variant/route are 'none' when the request failed before routing",
     ["endpoint", "route", "variant", "status"],
 )
+IN_GATEWAY = Gauge(
+    "effnet_gateway_requests", "Classify requests in the gateway now: 'uploading' (body still arriving, no "
+    "in-flight slot yet), 'processing' (holding one of server.max_inflight), 'decode_waiting' (images waiting "
+    "for room in server.max_decoding_pixels)", ["state"], multiprocess_mode="livesum",
+)
 E2E_LATENCY = Histogram(
     "effnet_request_duration_seconds", "Gateway time per request, from the body received to the answer ready",
     ["endpoint", "route", "variant"], buckets=LATENCY_BUCKETS,

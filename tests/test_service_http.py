@@ -270,6 +270,8 @@ def test_shadow_agreement_is_counted(server):
 def test_metrics_are_labelled_per_variant(server):
     for v in ("b0", "mec", "compact", "lite0"):
         assert classify(server, png(seed=5), variant=v).status_code == 200
+    assert classify(server, png(seed=6)).json()["assignment"] == "split"  # so that this test runs alone too
+    assert classify(server, b"garbage" * 9).status_code == 400
     text = server.client.get("/metrics").text
     for v in ("b0", "mec", "compact", "lite0"):
         assert metric(text, "effnet_requests_total", variant=v, status="200") >= 1, v
@@ -281,7 +283,7 @@ def test_metrics_are_labelled_per_variant(server):
         assert metric(text, "effnet_variant_info", variant=v) == 1, v
         assert metric(text, "effnet_variant_ready", variant=v) == 1, v
     assert metric(text, "effnet_split_assignments_total", route="fashion", assignment="split") >= 1
-    assert metric(text, "effnet_requests_total", status="400") >= 1  # from the bad-input tests
+    assert metric(text, "effnet_requests_total", status="400") >= 1
     assert "bentoml_service_request_total" in text  # BentoML's own series are still there
 
 
@@ -341,3 +343,10 @@ def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(serve
     finally:
         r = http.patch("/routes/fashion", json={"split": before["split"], "shadow": before["shadow"]})
         assert r.status_code == 200 and r.json()["split"] == before["split"]
+
+
+def test_the_gateway_reports_requests_in_progress(server):
+    text = server.client.get("/metrics").text
+    for state in ("uploading", "processing", "decode_waiting"):
+        if state != "decode_waiting":  # appears once an image has waited for decoding room
+            assert re.search(rf'effnet_gateway_requests\{{state="{state}"\}} 0\.0', text), state
