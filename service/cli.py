@@ -29,13 +29,18 @@ def server_env(home: Path | None = None) -> dict[str, str]:
     temporary folder, named by a hash of the store, not inside the store: BentoML puts its Unix
     sockets there, and a socket path must stay under 108 characters.
     """
+    import getpass
     import shutil
+    import tempfile
 
     home = Path(home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml").resolve()
     tmp = server_tmp_dir(home)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "BENTOML_HOME": str(home), "TMPDIR": str(tmp)}
+    # torch.compile's cache lives under the temporary folder by default: keep it where it was, so that
+    # a GPU worker's compiled graphs survive restarts instead of being emptied with the litter.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no network here; skip usage analytics
     return env
 

@@ -114,6 +114,11 @@ class Server:
                 self.proc.wait(10)
         if getattr(self, "_logf", None):
             self._logf.close()
+        import shutil
+
+        from .cli import server_tmp_dir
+
+        shutil.rmtree(server_tmp_dir(self.home), ignore_errors=True)  # a test store is never served again
 
     def __enter__(self) -> "Server":
         return self.start()
