@@ -24,6 +24,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import replace
@@ -449,6 +450,15 @@ class GatewayLogic:
         if not ctype.startswith("multipart/form-data"):
             raise ClientError("send multipart/form-data with the image as a file field "
                               f"(got content type {ctype or 'none'!r}), e.g. curl -F image=@photo.jpg")
+        boundary = re.search(r'boundary="?([^";]+)"?', ctype)
+        if boundary:
+            # NOTE: the multipart parser drops a part that never ends, so a cut-off upload read as
+            # "missing file field 'image'". The body is already in memory (LimitsMiddleware); Starlette
+            # parses the form from this same copy.
+            body = await request.body()
+            if b"--" + boundary.group(1).encode() + b"--" not in body[-(len(boundary.group(1)) + 1024):]:
+                raise ClientError("the multipart body is incomplete: it does not end with its closing boundary "
+                                  f"({len(body):,} bytes arrived; was the upload interrupted?)")
         try:
             form = await request.form(max_files=self.cfg.server.max_batch_images + 1, max_fields=16)
         except Exception as e:

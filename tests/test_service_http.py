@@ -209,6 +209,18 @@ def test_a_strip_of_pixels_is_answered_like_any_image(server, size):
     assert server.client.get("/readyz").status_code == 200
 
 
+@pytest.mark.parametrize("keep", [0.5, 60, -8])  # half the body, its first 60 bytes, all but the last 8
+def test_an_interrupted_upload_is_named_as_such(server, keep):
+    """A multipart body without its closing boundary (a client that stopped sending, a proxy that cut it)."""
+    whole = (b"--zz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+             b"Content-Type: image/png\r\n\r\n" + png() + b"\r\n--zz--\r\n")
+    cut = whole[:int(len(whole) * keep)] if isinstance(keep, float) else whole[:keep]
+    r = server.client.post("/classify", content=cut, headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert r.status_code == 400 and "does not end with its closing boundary" in r.json()["error"], r.text
+    ok = server.client.post("/classify", content=whole, headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert ok.status_code == 200, ok.text
+
+
 def test_classify_batch_fails_only_the_bad_item(server):
     files = [("images", ("a.png", png(seed=1), "image/png")), ("images", ("bad.jpg", b"garbage" * 20, "image/jpeg")),
              ("images", ("c.jpg", jpeg(seed=2), "image/jpeg")), ("images", ("empty.png", b"", "image/png"))]
