@@ -385,3 +385,18 @@ def test_fashion_mnist_is_one_channel_resized_as_the_service_resizes():
     man = Manifest(variant="", config={}, num_classes=10, classes=[], dataset="", resolution=40, in_chans=1, resize=40)
     assert torch.equal(torch.stack([spec.val[i][0] for i in range(8)]), resize_crop(raw, man))
     assert len(spec.train) == 8 and spec.val[0][0].dtype == torch.uint8
+
+
+def test_an_undecodable_file_in_an_imagefolder_is_logged_and_replaced_by_the_next(tmp_path, caplog):
+    from PIL import Image
+
+    from training.data import ImageFiles
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.png").write_bytes((tmp_path / "1.png").read_bytes()[:30])  # truncated
+    ds = ImageFiles(tmp_path.parent, [tmp_path.name], transform=lambda x: x)
+    with caplog.at_level("WARNING", logger="effnet.data"):
+        got = [ds[i][0][0, 0, 0].item() for i in range(3)] + [ds[1][0][0, 0, 0].item()]
+    assert got == [0, 120, 120, 120]  # 1.png -> the next, 2.png, every time
+    assert sum("1.png: it cannot be decoded" in r.message for r in caplog.records) == 1

@@ -15,6 +15,7 @@ resizing cost nothing per epoch, and augmentation works on tensors.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import torch
 from torch.utils.data import Dataset
 
 from store import Manifest, resize_crop
+
+log = logging.getLogger("effnet.data")
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = [
@@ -76,16 +79,34 @@ class ImageFiles(Dataset):
         if not self.samples:
             raise FileNotFoundError(f"no images under {root}")
         self.transform = transform
+        self.bad: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    # A file that cannot be decoded is replaced by the next one that can, at most this many tries on.
+    MAX_SKIPS = 16
+
     def __getitem__(self, i: int):
         from torchvision.io import ImageReadMode, decode_image
 
-        path, label = self.samples[i]
-        x = decode_image(str(path), mode=ImageReadMode.RGB)
-        return self.transform(x), label
+        # NOTE: a corrupt or truncated file in a large ImageFolder (ImageNet has a few) would otherwise
+        # stop a run of hours in a DataLoader worker with an error that does not name the file. It is
+        # logged by path once per process and replaced by the next sample: the same one every epoch, so
+        # a seeded run stays reproducible.
+        for k in range(self.MAX_SKIPS + 1):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                x = decode_image(str(path), mode=ImageReadMode.RGB)
+            except Exception as e:
+                if path not in self.bad:
+                    self.bad.add(path)
+                    log.warning("skipping %s: it cannot be decoded (%s: %s); using the next image instead",
+                                path, type(e).__name__, str(e).splitlines()[0][:200])
+                continue
+            return self.transform(x), label
+        raise RuntimeError(f"{self.MAX_SKIPS + 1} images in a row from {self.samples[i][0]} on cannot be decoded: "
+                           "is this the right folder?")
 
 
 def _read_idx(path: Path) -> torch.Tensor:
