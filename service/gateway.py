@@ -711,16 +711,18 @@ async def _assignment(request: Request) -> JSONResponse:
                          "weights": gw.cfg.routes[a.route].split})
 
 
-def admin_refusal(client_host: str | None, authorization: str | None, token: str | None) -> tuple[int, str] | None:
+def admin_refusal(client_host: str | None, authorization: str | None, token: str | None,
+                  proxied: bool = False) -> tuple[int, str] | None:
     """Who may change routes: with a token ($EFFNET_ADMIN_TOKEN), whoever sends it; without one, only
     clients on this machine (the server binds 127.0.0.1 by default, and `--host 0.0.0.0` must not
-    open traffic control to the network)."""
+    open traffic control to the network). `proxied`: the request carries forwarding headers, so a
+    reverse proxy on this machine passed it on from elsewhere: not local, whatever its address."""
     if token:
         given = (authorization or "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
             return 401, f"send the header 'Authorization: Bearer <token>' with the server's ${ADMIN_TOKEN_ENV}"
         return None
-    if client_host not in LOOPBACK:
+    if client_host not in LOOPBACK or proxied:
         return 403, (f"routes can be changed from the server's own machine only; set ${ADMIN_TOKEN_ENV} on the "
                      "server to allow others that send it")
     return None
@@ -728,8 +730,9 @@ def admin_refusal(client_host: str | None, authorization: str | None, token: str
 
 async def _change_route(request: Request) -> JSONResponse:
     gw, rid = _current(), uuid.uuid4().hex
+    proxied = any(h in request.headers for h in ("forwarded", "x-forwarded-for", "x-real-ip"))
     refused = admin_refusal(request.client.host if request.client else None,
-                            request.headers.get("authorization"), os.environ.get(ADMIN_TOKEN_ENV))
+                            request.headers.get("authorization"), os.environ.get(ADMIN_TOKEN_ENV), proxied)
     if refused:
         return _error(rid, *refused)
     body = await request.body()

@@ -349,6 +349,8 @@ def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(serve
         text = http.get("/metrics").text
         assert re.search(r'effnet_split_weight\{route="fashion",variant="compact"\} 1\.0', text)
         assert re.search(r'effnet_split_weight\{route="fashion",variant="mec"\} 0\.0', text)
+        r = http.patch("/routes/fashion", json={"split": {"b0": 1}}, headers={"X-Forwarded-For": "203.0.113.9"})
+        assert r.status_code == 403 and "EFFNET_ADMIN_TOKEN" in r.json()["error"]
         r = http.patch("/routes/fashion", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and "not JSON" in r.json()["error"]
         r = http.patch("/routes/fashion", json={"split": {"lite0": 1, "b0": 1, "compact": 1}})

@@ -602,15 +602,16 @@ def test_a_route_change_to_a_variant_that_is_not_ready_is_refused():
         gw.change_route("fashion", {"split": {"compact": 1, "b0": 1}})
 
 
-@pytest.mark.parametrize("host, auth, token, status", [
-    ("127.0.0.1", None, None, None), ("::1", None, None, None), ("10.1.2.3", None, None, 403),
-    ("10.1.2.3", "Bearer s3cret", "s3cret", None), ("127.0.0.1", None, "s3cret", 401),
-    ("127.0.0.1", "Bearer wrong", "s3cret", 401), ("10.1.2.3", "s3cret", "s3cret", None),
+@pytest.mark.parametrize("host, auth, token, proxied, status", [
+    ("127.0.0.1", None, None, False, None), ("::1", None, None, False, None), ("10.1.2.3", None, None, False, 403),
+    ("127.0.0.1", None, None, True, 403),  # a reverse proxy on this machine passing on a remote client
+    ("10.1.2.3", "Bearer s3cret", "s3cret", False, None), ("127.0.0.1", None, "s3cret", False, 401),
+    ("127.0.0.1", "Bearer wrong", "s3cret", False, 401), ("10.1.2.3", "s3cret", "s3cret", True, None),
 ])
-def test_route_changes_need_this_machine_or_the_admin_token(host, auth, token, status):
+def test_route_changes_need_this_machine_or_the_admin_token(host, auth, token, proxied, status):
     from service.gateway import admin_refusal
 
-    refusal = admin_refusal(host, auth, token)
+    refusal = admin_refusal(host, auth, token, proxied)
     assert (refusal[0] if refusal else None) == status
 
 
