@@ -332,14 +332,23 @@ class GatewayLogic:
         if reasons:
             raise HTTPException(status_code=503, detail="not ready: " + "; ".join(reasons))
         self.ready = True
+        self._publish_info()
+        return True
+
+    def _publish_info(self) -> None:
+        """effnet_variant_info, one series at 1 per variant; a series whose labels changed (a route
+        change moved the variant into or out of a route) is set to 0."""
+        labels = getattr(self, "info_labels", {})
         for name, v in self.cfg.variants.items():
             m, st = self.manifests[name], self.status[name]
-            metrics.VARIANT_INFO.labels(
-                name, ",".join(self.cfg.routes_of(name)), v.model, str(m.params), str(m.macs),
-                str(m.metrics.get("top1", "")), str(m.resolution), st.get("device", ""),
-                (st.get("engine") or {}).get("engine", v.engine),
-            ).set(1)
-        return True
+            now = (name, ",".join(self.cfg.routes_of(name)), v.model, str(m.params), str(m.macs),
+                   str(m.metrics.get("top1", "")), str(m.resolution), st.get("device", ""),
+                   (st.get("engine") or {}).get("engine", v.engine))
+            if labels.get(name, now) != now:
+                metrics.VARIANT_INFO.labels(*labels[name]).set(0)
+            metrics.VARIANT_INFO.labels(*now).set(1)
+            labels[name] = now
+        self.info_labels = labels
 
     # inference --------------------------------------------------------------------------------------
 
@@ -626,6 +635,8 @@ class GatewayLogic:
                 raise ClientError(f"route not changed: variant {v!r} is not ready: {self.problems.get(v, 'loading')}")
         self.cfg = self.router.cfg = new
         self._publish_splits([route])
+        if self.ready:
+            self._publish_info()
         metrics.ROUTE_CHANGES.labels(name).inc()
         logger.warning("route %s changed: split %s -> %s, shadow %s -> %s (until the next restart)", name,
                        old.split, route.split, old.shadow, route.shadow)

@@ -559,6 +559,7 @@ def gateway_for_routes(problems=None):
     gw.manifests = {v: types.SimpleNamespace(classes=fashion, num_classes=10) for v in ("b0", "mec", "compact")}
     gw.manifests["lite0"] = types.SimpleNamespace(classes=[f"i{i}" for i in range(1000)], num_classes=1000)
     gw.problems = problems or {}
+    gw.ready = False
     return gw
 
 
@@ -573,6 +574,29 @@ def test_a_route_change_moves_traffic_and_keeps_what_it_does_not_name():
     out = gw.change_route("fashion", {"shadow": None, "split": ["b0", "mec", "compact"]})
     assert out["shadow"] is None and out["split"] == {v: 1 / 3 for v in ("b0", "mec", "compact")}
     assert gw.router.assign("fashion", client_id="u1").shadow is None
+
+
+def test_a_route_change_updates_the_variant_info_series():
+    from prometheus_client import REGISTRY
+
+    from service.gateway import GatewayLogic
+
+    gw = object.__new__(GatewayLogic)
+    gw.cfg = parse_config({**CFG, "routes": {**CFG["routes"], "fashion": {"split": {"b0": 1, "mec": 1}},
+                                             "fashion-canary": {"split": {"compact": 1}}}})
+    gw.router, gw.problems, gw.ready = Router(gw.cfg), {}, True
+    gw.manifests = {v: types.SimpleNamespace(classes=list("abcdefghij") if v != "lite0" else list(range(1000)),
+                                             num_classes=10, params=1, macs=2, metrics={"top1": 0.9}, resolution=32)
+                    for v in CFG["variants"]}
+    gw.status = {v: {"device": "cpu", "engine": {"engine": "openvino"}} for v in CFG["variants"]}
+    gw._publish_info()
+    gw.change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
+
+    def info(routes):
+        return REGISTRY.get_sample_value("effnet_variant_info", {
+            "variant": "compact", "route": routes, "model": "c:latest", "params": "1", "macs": "2", "top1": "0.9",
+            "resolution": "32", "device": "cpu", "engine": "openvino"})
+    assert info("fashion-canary") == 0 and info("fashion,fashion-canary") == 1
 
 
 @pytest.mark.parametrize("name, change, status, message", [
