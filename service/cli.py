@@ -176,6 +176,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return prepare_engines(cfg)
+    busy = port_in_use(args.host, args.port)
+    if busy:
+        print(f"effnet serve: cannot listen on {args.host}:{args.port}: {busy}. Another server may be running "
+              f"there (stop it), or choose another port with --port", file=sys.stderr)
+        return 2
     for p in problems:
         print(f"effnet serve: warning: {p}\n  the server will start but stay not ready (see /readyz); "
               "`make checkpoints` fills the default store", file=sys.stderr)
@@ -188,6 +193,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", args.host,
            "--port", str(args.port), "--working-dir", str(ROOT)]
     os.execvpe(cmd[0], cmd, env)  # bentoml's arbiter takes over this process: Ctrl-C stops everything
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on, or None. Checked before starting: BentoML's arbiter
+    answered a busy port with a traceback from circus, after the slow imports."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is not busy
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def port_number(text: str) -> int:

@@ -798,3 +798,16 @@ def test_serve_takes_only_real_port_numbers(text, ok):
     else:
         with pytest.raises(argparse.ArgumentTypeError):
             port_number(text)
+
+
+def test_serve_says_when_its_port_is_taken():
+    import socket
+
+    from service.cli import port_in_use
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert "in use" in port_in_use("127.0.0.1", port)
+    assert port_in_use("127.0.0.1", port) is None
