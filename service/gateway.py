@@ -341,9 +341,10 @@ class GatewayLogic:
         labels = getattr(self, "info_labels", {})
         for name, v in self.cfg.variants.items():
             m, st = self.manifests[name], self.status[name]
+            eng = st.get("engine") or {}
             now = (name, ",".join(self.cfg.routes_of(name)), v.model, str(m.params), str(m.macs),
                    str(m.metrics.get("top1", "")), str(m.resolution), st.get("device", ""),
-                   (st.get("engine") or {}).get("engine", v.engine))
+                   eng.get("engine", v.engine), str(eng.get("precision", "")))
             if labels.get(name, now) != now:
                 metrics.VARIANT_INFO.labels(*labels[name]).set(0)
             metrics.VARIANT_INFO.labels(*now).set(1)
@@ -655,6 +656,13 @@ class GatewayLogic:
                 "weights": {r: self.cfg.routes[r].split.get(name, 0.0) for r in routes},
                 "shadow_in": [r for r in routes if (s := self.cfg.routes[r].shadow) and s.variant == name],
                 "device": st.get("device"), "engine": (st.get("engine") or {}).get("engine", v.engine),
+                # which engine and precision serve and why: auto's timings, engines refused and their
+                # reasons, the verification figures against eager PyTorch (engines.Engine.describe)
+                "precision": (st.get("engine") or {}).get("precision"),
+                "engine_reason": (st.get("engine") or {}).get("reason"),
+                "engine_refused": (st.get("engine") or {}).get("refused"),
+                "engine_timings_ms": (st.get("engine") or {}).get("timings_ms"),
+                "engine_verification": (st.get("engine") or {}).get("verification"),
                 # A CPU batch runs on `threads` when the machine is idle, else on one (service.cpu_slots),
                 # each with its own engine: {"1": ..., "2": ...}.
                 "engines_by_threads": st.get("engines_by_threads"),

@@ -48,7 +48,7 @@ TOP1_SCORE = Histogram(
 )
 VARIANT_INFO = Gauge(
     "effnet_variant_info", "1 for every served variant, its description in the labels",
-    ["variant", "route", "model", "params", "macs", "top1", "resolution", "device", "engine"],
+    ["variant", "route", "model", "params", "macs", "top1", "resolution", "device", "engine", "precision"],
     multiprocess_mode="max",
 )
 SPLIT_WEIGHT = Gauge(

@@ -241,6 +241,10 @@ def test_variants_and_routes_describe_the_configuration(server):
     b0 = variants["b0"]
     assert b0["ready"] and b0["device"] == "cpu" and b0["weights"] == {"fashion": 0.5} and b0["params"] > 0
     assert variants["mec"]["shadow_in"] == ["fashion"] and variants["lite0"]["offline_top1"] == pytest.approx(0.14)
+    for v in variants.values():  # which engine and precision serve, and why (the engines issue)
+        assert v["precision"] in ("fp32", "bf16", "int8", "fp16") and v["engine_reason"], v
+    text = server.client.get("/metrics").text
+    assert metric(text, "effnet_variant_info", variant="b0", engine=b0["engine"], precision=b0["precision"]) == 1
     # Two lite0 processes, both loaded before /readyz said 200 (each marks itself loaded); CPU batches may
     # run on one thread or on all of them, one engine each.
     lite0 = variants["lite0"]

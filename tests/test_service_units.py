@@ -588,14 +588,14 @@ def test_a_route_change_updates_the_variant_info_series():
     gw.manifests = {v: types.SimpleNamespace(classes=list("abcdefghij") if v != "lite0" else list(range(1000)),
                                              num_classes=10, params=1, macs=2, metrics={"top1": 0.9}, resolution=32)
                     for v in CFG["variants"]}
-    gw.status = {v: {"device": "cpu", "engine": {"engine": "openvino"}} for v in CFG["variants"]}
+    gw.status = {v: {"device": "cpu", "engine": {"engine": "openvino", "precision": "fp32"}} for v in CFG["variants"]}
     gw._publish_info()
     gw.change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
 
     def info(routes):
         return REGISTRY.get_sample_value("effnet_variant_info", {
             "variant": "compact", "route": routes, "model": "c:latest", "params": "1", "macs": "2", "top1": "0.9",
-            "resolution": "32", "device": "cpu", "engine": "openvino"})
+            "resolution": "32", "device": "cpu", "engine": "openvino", "precision": "fp32"})
     assert info("fashion-canary") == 0 and info("fashion,fashion-canary") == 1
 
 
