@@ -36,6 +36,40 @@ from .cpu_slots import CoreSlots
 logger = logging.getLogger("effnet.worker")
 
 
+def dispatch_without_learned_wait() -> bool:
+    """Make BentoML's adaptive batcher send a batch as soon as the worker is free, never holding a
+    request back for batch-mates by the wait it learned. Returns whether the patch applied.
+
+    NOTE: the batcher (bentoml._internal.marshal.dispatcher, 1.4.30) learns `wait`, the mean time its
+    last 50 batches waited, and holds new requests back while `n * (age + 1 ms + per-item time)` is
+    below it. The wait it measures is the wait it imposes, so after a burst it kept holding lone
+    requests back: lite0 at concurrency 1 answered in 15.9 ms before 32 clients had loaded it for
+    12 s and in 116 ms right after (2026-11-27 17:13); it took minutes of low traffic to unlearn.
+    Batches still form here: requests that arrive while a batch runs go together in the next one,
+    and the gateway already sends what waited for it as one call (service/coalesce.py). The load
+    shedding (503 when max_latency_ms cannot be met) is unchanged.
+    """
+    try:
+        from bentoml._internal.marshal.dispatcher import Optimizer
+    except ImportError:  # another BentoML layout: keep its behaviour, say so
+        logger.warning("BentoML's batcher was not found where 1.4.30 keeps it: its learned wait stays on")
+        return False
+    if getattr(Optimizer.trigger_refresh, "_effnet_no_wait", False):
+        return True
+    learn = Optimizer.trigger_refresh
+
+    def trigger_refresh(self) -> None:
+        learn(self)  # keeps the per-item time estimates that the load shedding uses
+        self.wait = 0
+
+    trigger_refresh._effnet_no_wait = True
+    Optimizer.trigger_refresh = trigger_refresh
+    return True
+
+
+dispatch_without_learned_wait()
+
+
 def ready_dir(variant: str) -> Path:
     """One marker file per loaded process of a variant (`workers` > 1 means several processes)."""
     home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")

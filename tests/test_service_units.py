@@ -811,3 +811,20 @@ def test_serve_says_when_its_port_is_taken():
         port = s.getsockname()[1]
         assert "in use" in port_in_use("127.0.0.1", port)
     assert port_in_use("127.0.0.1", port) is None
+
+
+def test_the_workers_batcher_does_not_hold_requests_back_by_a_learned_wait():
+    """After a burst BentoML's batcher had learned to wait ~100 ms for batch-mates and kept doing so
+    for lone requests (service.workers.dispatch_without_learned_wait). Its per-item time estimates,
+    which the 503 load shedding uses, are still learned."""
+    from bentoml._internal.marshal.dispatcher import Optimizer
+
+    from service.workers import dispatch_without_learned_wait
+
+    assert dispatch_without_learned_wait()
+    opt = Optimizer(max_latency=10.0)
+    for n in (1, 2, 4, 8) * 5:
+        opt.log_outbound(n=n, wait=0.1, duration=0.01 * n + 0.002)  # a burst: every batch waited 100 ms
+    opt.trigger_refresh()
+    assert opt.wait == 0
+    assert opt.o_a == pytest.approx(0.01, rel=0.05) and opt.o_b == pytest.approx(0.002, abs=0.001)
