@@ -8,7 +8,7 @@
    (`engines.load_engine`, same threads), batch-1 median latency and the best images/s over batches;
    then single-thread streams side by side, one per core (what the workers do under load).
 2. A real `bentoml serve` with the configuration, then an aiohttp load generator in this process:
-   imagenet route at concurrency 1 and at saturation with real photos (scikit-image's, re-encoded as
+   imagenet route at concurrency 1, at saturation, and at concurrency 1 again right after, with real photos (scikit-image's, re-encoded as
    224x224 JPEGs), the fashion route at saturation with 28x28 PNGs (Fashion-MNIST's when the Debian
    package is installed), split between its variants and then sent to compact alone; each loaded
    phase at `--saturation` clients and then at 32. Saturation throughput is the better of the two
@@ -217,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             results["imagenet_saturation"] = await load(server.url, imagenet, args.saturation, args.seconds,
                                                         {"route": "imagenet"})
             results["imagenet_c32"] = await load(server.url, imagenet, 32, args.seconds / 2, {"route": "imagenet"})
+            # a lone client right after the burst: the batcher must not hold it back by what it learned
+            # under load (service.workers.dispatch_without_learned_wait: 116 ms here before, 19 ms after)
+            results["imagenet_c1_after_burst"] = await load(server.url, imagenet, 1, args.seconds / 2,
+                                                            {"route": "imagenet"})
             await load(server.url, fashion, 4, 5, {})
             results["fashion_c1"] = await load(server.url, fashion, 1, args.seconds / 2, {})
             results["fashion_saturation"] = await load(server.url, fashion, args.saturation, args.seconds, {})
