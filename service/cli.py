@@ -165,6 +165,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"effnet serve: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "reset_routes", False):
+        from .route_state import forget
+
+        gone = forget(str(path))
+        print(f"effnet serve: forgot the route changes saved in {gone}; serving the routes of {path}" if gone
+              else f"effnet serve: no saved route changes for {path}", flush=True)
     if getattr(args, "check", False):
         todo = unprepared(cfg)
         for line in todo:
@@ -189,6 +195,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {path} on http://{args.host}:{args.port} (store: {os.environ.get('BENTOML_HOME', '~/bentoml')})\n"
           f"routes: {routes}; default route: {cfg.default_route}\ntry:\n{example_curl(args.host, args.port)}",
           flush=True)
+    if cfg.server.route_changes == "persist":
+        from .route_state import load, state_path
+
+        saved = load(state_path(str(path)))
+        if saved:
+            print(f"saved route changes for {', '.join(saved)} (PATCH /routes, {state_path(str(path))}) are served "
+                  "instead of the file's where the file has not changed since; --reset-routes drops them", flush=True)
     env = {**server_env(), CONFIG_ENV: str(path)}
     cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", args.host,
            "--port", str(args.port), "--working-dir", str(ROOT)]
@@ -231,6 +244,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="serving configuration YAML (default: $EFFNET_SERVE_CONFIG, else service/config.yaml)")
     p.add_argument("--port", type=port_number, default=3000, help="port (default 3000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--reset-routes", action="store_true",
+                   help="forget the route changes made with PATCH /routes and saved for this configuration "
+                   "(server.route_changes: persist), and serve the file's routes")
     p.add_argument("--prepare", action="store_true",
                    help="do not serve: export, verify and choose each variant's engine as its worker will, record "
                    "auto's choice next to the checkpoint, print the choices and exit (`make engines`; the first "

@@ -116,6 +116,9 @@ class ServerConfig:
     timeout_s: float = 60  # BentoML's per-request timeout (504), a backstop behind the two above
     cpu_threads: int = 0  # inference threads shared by all CPU workers; 0 = the cores available
     retry_after_s: int = 1  # what 429/503 answers tell clients to wait
+    # PATCH /routes changes: "persist" (saved, served again after a restart; service/route_state.py)
+    # or "memory" (a restart serves the file's routes).
+    route_changes: str = "persist"
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
 
     server_raw = _keys(f"{source}: server", top.get("server") or {}, {
         "max_body_mb", "max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight",
-        "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s"})
+        "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_bytes"] = int(_number("server.max_body_mb", server_raw["max_body_mb"], positive=True) * 1024 * 1024)
@@ -238,6 +241,11 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             s[key] = _number(f"server.{key}", server_raw[key], positive=True)
     if "cpu_threads" in server_raw and server_raw["cpu_threads"] not in (None, "auto"):
         s["cpu_threads"] = _number("server.cpu_threads", server_raw["cpu_threads"], integer=True, positive=True)
+    if "route_changes" in server_raw:
+        if server_raw["route_changes"] not in ("persist", "memory"):
+            raise ConfigError(f"{source}: server.route_changes: expected persist or memory, got "
+                              f"{server_raw['route_changes']!r}")
+        s["route_changes"] = server_raw["route_changes"]
     server = ServerConfig(**s)
     if server.body_timeout_s >= server.timeout_s:
         raise ConfigError(f"{source}: server.body_timeout_s ({server.body_timeout_s:g}) must be below server.timeout_s "

@@ -39,9 +39,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import metrics
+from . import metrics, route_state
 from .coalesce import Coalescer
-from .config import ConfigError, ServingConfig, check_label_spaces, parse_route, unrouted
+from .config import ConfigError, RouteConfig, ServingConfig, check_label_spaces, parse_route, unrouted
 from .images import DecodeBudget, ImageError, open_image, to_rgb_array
 from .routing import Assignment, Router, RoutingError, shown
 
@@ -300,6 +300,7 @@ class GatewayLogic:
                 self.problems[name] = f"variant {name!r}, checkpoint {v.model!r}: {e}"
                 logger.error("effnet gateway: %s", self.problems[name])
         self.config_error = None
+        self._init_route_changes()
         self._publish_splits(self.cfg.routes.values())
         try:
             check_label_spaces(self.cfg, {n: m.classes for n, m in self.manifests.items()})
@@ -495,10 +496,10 @@ class GatewayLogic:
         k_max = min(self.cfg.server.max_top_k, self.manifests[a.variant].num_classes)
         if top_k_raw is None:
             return form, a, min(DEFAULT_TOP_K, k_max)
-        try:
-            top_k = int(top_k_raw)
-        except ValueError:
-            raise ClientError(f"top_k must be an integer from 1 to {k_max}, got {shown(top_k_raw)}") from None
+        # ASCII digits only: int() would also take "1_0" and other scripts' digits, which no client means.
+        if not re.fullmatch(r"\s*\+?[0-9]{1,30}\s*", top_k_raw, flags=re.ASCII):
+            raise ClientError(f"top_k must be an integer from 1 to {k_max}, got {shown(top_k_raw)}")
+        top_k = int(top_k_raw)
         if not 1 <= top_k <= k_max:
             raise ClientError(f"top_k must be from 1 to {k_max} (variant {a.variant!r} has "
                               f"{self.manifests[a.variant].num_classes} classes), got {top_k}")
@@ -604,13 +605,80 @@ class GatewayLogic:
             for v in self.cfg.variants:
                 metrics.SPLIT_WEIGHT.labels(r.name, v).set(r.split.get(v, 0.0))
 
+    def _with_route(self, name: str, raw: Any) -> tuple[RouteConfig, ServingConfig]:
+        """The configuration with route `name` replaced by `raw` ({"split", "shadow"}), checked as the
+        configuration file is; raises ConfigError."""
+        route = parse_route(name, raw, self.cfg.variants, where=name)
+        routes = {**self.cfg.routes, name: route}
+        left = unrouted(self.cfg.variants, routes)
+        if left:
+            raise ConfigError(f"variant(s) {left} would be in no route; keep them in a split or a shadow")
+        new = replace(self.cfg, routes=routes)
+        check_label_spaces(new, {n: m.classes for n, m in self.manifests.items()})
+        return route, new
+
+    def _init_route_changes(self) -> None:
+        """Serve the live changes saved before the last restart, where the file has not been edited since."""
+        self.file_routes: dict[str, RouteConfig] = dict(self.cfg.routes)  # as the configuration file has them
+        self.changed_at: dict[str, str] = {}  # route -> when a live change made it differ from the file
+        self.saved_routes: dict[str, dict] = {}
+        persist = self.cfg.server.route_changes == "persist" and os.path.isfile(self.cfg.source)
+        self.route_changes_file = route_state.state_path(self.cfg.source) if persist else None
+        if not self.route_changes_file:
+            return
+        saved = route_state.load(self.route_changes_file)
+        kept = {}
+        for name, entry in saved.items():
+            when = entry.get("changed_at", "?")
+            if name not in self.file_routes:
+                logger.warning("route %s: the change saved at %s is dropped: the configuration has no such route "
+                               "any more", name, when)
+                continue
+            if not route_state.same_route(entry["base"], route_state.route_dict(self.file_routes[name])):
+                logger.warning("route %s: the change saved at %s is dropped: the route has been edited in %s since, "
+                               "and the file wins", name, when, self.cfg.source)
+                continue
+            try:
+                route, self.cfg = self._with_route(name, entry["route"])
+            except (ConfigError, TypeError, ValueError, AttributeError) as e:  # also a hand-edited file
+                logger.warning("route %s: the change saved at %s is dropped: %s", name, when, e)
+                continue
+            self.router.cfg = self.cfg
+            kept[name], self.changed_at[name] = entry, when
+            logger.warning("route %s: serving the change made at %s (split %s, shadow %s), saved in %s, instead of "
+                           "the file's; `effnet serve --reset-routes` serves the file's", name, when, route.split,
+                           route.shadow, self.route_changes_file)
+        if kept != saved:
+            try:
+                route_state.save(self.route_changes_file, kept, self.cfg.source)
+            except OSError as e:
+                logger.error("cannot rewrite %s: %s", self.route_changes_file, e)
+        self.saved_routes = kept
+
+    def _save_route_change(self, name: str, route: RouteConfig, when: str) -> None:
+        """Record the change before it takes effect; a change that restores the file's route is forgotten."""
+        if not self.route_changes_file:
+            return
+        entries, base = dict(self.saved_routes), route_state.route_dict(self.file_routes[name])
+        if route_state.same_route(route_state.route_dict(route), base):
+            entries.pop(name, None)
+        else:
+            entries[name] = {"base": base, "route": route_state.route_dict(route), "changed_at": when}
+        try:
+            route_state.save(self.route_changes_file, entries, self.cfg.source)
+        except OSError as e:
+            raise ClientError(f"route not changed: the change could not be saved to {self.route_changes_file} ({e}); "
+                              "fix that, or set server.route_changes: memory", 500) from None
+        self.saved_routes = entries
+
     def change_route(self, name: str, change: Any) -> dict:
         """Apply {"split": ..., "shadow": ...} (either or both; "shadow": null removes it) to route `name`.
 
         Checked as the configuration file is, plus what only a running server knows: every variant
         of the route must be loaded and share the route's classes, and no served variant may be left
         in no route. Raises ClientError (404 for an unknown route, else 400) and changes nothing then.
-        The change lives in memory: a restart serves the configuration file again.
+        With server.route_changes: persist (the default) the change is saved first (service/route_state.py)
+        and a restart serves it again; with memory, a restart serves the configuration file's routes.
         """
         if name not in self.cfg.routes:
             raise ClientError(f"unknown route {shown(name)}; routes: {', '.join(self.cfg.routes)}", 404)
@@ -622,27 +690,29 @@ class GatewayLogic:
                "shadow": change["shadow"] if "shadow" in change else (
                    {"variant": old.shadow.variant, "fraction": old.shadow.fraction} if old.shadow else None)}
         try:
-            route = parse_route(name, raw, self.cfg.variants, where=name)
-            routes = {**self.cfg.routes, name: route}
-            left = unrouted(self.cfg.variants, routes)
-            if left:
-                raise ConfigError(f"variant(s) {left} would be in no route; keep them in a split or a shadow")
-            new = replace(self.cfg, routes=routes)
-            check_label_spaces(new, {n: m.classes for n, m in self.manifests.items()})
+            route, new = self._with_route(name, raw)
         except ConfigError as e:
             raise ClientError(f"route not changed: {e}") from None
         for v in route.variants:
             if v in self.problems or v not in self.manifests:
                 raise ClientError(f"route not changed: variant {v!r} is not ready: {self.problems.get(v, 'loading')}")
+        previous = self.describe_routes_of([old])[name]
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._save_route_change(name, route, when)
         self.cfg = self.router.cfg = new
+        if route_state.same_route(route_state.route_dict(route), route_state.route_dict(self.file_routes[name])):
+            self.changed_at.pop(name, None)
+        else:
+            self.changed_at[name] = when
         self._publish_splits([route])
         if self.ready:
             self._publish_info()
         metrics.ROUTE_CHANGES.labels(name).inc()
-        logger.warning("route %s changed: split %s -> %s, shadow %s -> %s (until the next restart)", name,
-                       old.split, route.split, old.shadow, route.shadow)
-        return {"route": name, "previous": self.describe_routes_of([old])[name],
-                **self.describe_routes_of([route])[name]}
+        logger.warning("route %s changed: split %s -> %s, shadow %s -> %s (%s)", name, old.split, route.split,
+                       old.shadow, route.shadow, f"saved in {self.route_changes_file}" if self.route_changes_file
+                       else "until the next restart: server.route_changes is memory")
+        saved_in = str(self.route_changes_file) if self.route_changes_file else None
+        return {"route": name, "previous": previous, **self.describe_routes_of([route])[name], "saved_in": saved_in}
 
     # descriptions -----------------------------------------------------------------------------------
 
@@ -680,12 +750,16 @@ class GatewayLogic:
         return {
             r.name: {"split": r.split, "variants": r.variants,
                      "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None,
-                     "num_classes": self.manifests[r.variants[0]].num_classes if r.variants[0] in self.manifests else None}
+                     "num_classes": self.manifests[r.variants[0]].num_classes if r.variants[0] in self.manifests else None,
+                     # when a live change made the route differ from the configuration file (null: as the file)
+                     "changed_at": self.changed_at.get(r.name)}
             for r in routes
         }
 
     def describe_routes(self) -> dict:
-        return {"default_route": self.cfg.default_route, "routes": self.describe_routes_of(self.cfg.routes.values())}
+        return {"default_route": self.cfg.default_route, "routes": self.describe_routes_of(self.cfg.routes.values()),
+                "config": self.cfg.source, "route_changes": self.cfg.server.route_changes,
+                "route_changes_file": str(self.route_changes_file) if self.route_changes_file else None}
 
 
 def _current() -> GatewayLogic:

@@ -39,6 +39,57 @@ TRANSPOSE_FOR_ORIENTATION = {
 }
 
 
+# Signatures of formats clients send by mistake, so a refusal can say what the file is. The allowed
+# ones are here too: PIL answers "cannot identify" for a PNG with a broken header as for random bytes.
+SIGNATURES = (
+    (0, b"\xff\xd8\xff", "JPEG"), (0, b"\x89PNG\r\n\x1a\n", "PNG"), (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"), (8, b"WEBP", "WEBP"), (0, b"BM", "BMP"),
+    (0, b"II*\x00", "TIFF"), (0, b"MM\x00*", "TIFF"), (0, b"%PDF", "PDF"), (0, b"8BPS", "PSD"),
+    (0, b"\x00\x00\x01\x00", "ICO"), (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
+    (0, b"\xffO\xffQ", "JPEG 2000"), (0, b"\xff\x0a", "JPEG XL"), (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+)
+# ISO base media files (box "ftyp" at byte 4) by their major brand.
+FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"mif1": "HEIF", b"msf1": "HEIF", b"heic": "HEIC",
+               b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"hevm": "HEIC", b"hevs": "HEIC"}
+
+
+def sniff_format(data: bytes) -> str | None:
+    """What the bytes look like, for error messages only ("TIFF", "HEIC", "SVG", "base64 text"...)."""
+    for offset, magic, name in SIGNATURES:
+        if data[offset:offset + len(magic)] == magic and (name != "WEBP" or data[:4] == b"RIFF"):
+            return name
+    if data[4:8] == b"ftyp":
+        return FTYP_BRANDS.get(data[8:12], "an ISO media file (MP4/MOV/HEIF family)")
+    head = data[:1024].lstrip().lower()
+    if head.startswith(b"data:"):
+        return "a data: URL"
+    if head.startswith((b"<?xml", b"<svg")) and b"<svg" in head:
+        return "SVG"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "HTML"
+    try:  # base64 of an image: a client that encoded the file instead of uploading its bytes
+        import base64
+        inner = base64.b64decode(data[:64].strip(), validate=True)
+    except ValueError:
+        return None
+    return "base64 text" if any(inner[o:o + len(m)] == m for o, m, _ in SIGNATURES) else None
+
+
+def _unreadable(data: bytes) -> str:
+    """The message for bytes PIL cannot open: corrupt allowed format, other format, or unknown."""
+    kind = sniff_format(data)
+    if kind in ALLOWED_FORMATS:
+        return f"the {kind} image is truncated or corrupt: its header cannot be read"
+    allowed = f"{', '.join(ALLOWED_FORMATS[:-1])} or {ALLOWED_FORMATS[-1]}"
+    if kind in ("base64 text", "a data: URL"):
+        return (f"the file is {kind}, not image bytes: upload the image file itself "
+                f"(curl -F image=@photo.jpg), not its base64 encoding")
+    if kind:
+        return f"{kind} is not a supported image format: send {allowed} (convert it first)"
+    return (f"not a supported image: the bytes are not {allowed} "
+            f"(the format is read from the file's content, not its name or content type)")
+
+
 class ImageError(ValueError):
     """An image the service refuses; `status` is the HTTP status to answer with (400 or 413)."""
 
@@ -81,14 +132,13 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides below
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise ImageError(
-            f"not a supported image: the bytes are not {', '.join(ALLOWED_FORMATS[:-1])} or {ALLOWED_FORMATS[-1]} "
-            f"(the format is read from the file's content, not its name or content type)"
-        ) from None
+        raise ImageError(_unreadable(data)) from None
     except Image.DecompressionBombError as e:  # above twice PIL's own limit: refused while opening
         raise ImageError(f"the image declares too many pixels (limit {max_pixels:,}): {e}", status=413) from None
     except Exception as e:  # a header PIL cannot parse
-        raise ImageError(f"the image is truncated or corrupt: its header cannot be read ({e})") from None
+        kind = sniff_format(data)
+        raise ImageError(f"the {kind + ' ' if kind in ALLOWED_FORMATS else ''}image is truncated or corrupt: "
+                         f"its header cannot be read ({e})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageError(f"the image declares an empty size {w}x{h}")

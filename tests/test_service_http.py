@@ -4,6 +4,7 @@ Checkpoints are tiny and random (`service.testing.make_checkpoint`): correctness
 the same checkpoint run offline, not against labels.
 """
 import io
+import json
 import re
 import threading
 import time
@@ -175,6 +176,8 @@ BAD = [
     ("top_k zero", [img(png()), text("top_k", "0")], 400, "top_k must be from 1 to 10"),
     ("top_k too big", [img(png()), text("variant", "lite0"), text("top_k", "13")], 400, "top_k must be from 1 to 12"),
     ("top_k not a number", [img(png()), text("top_k", "five")], 400, "top_k must be an integer"),
+    ("top_k with a digit separator", [img(png()), text("top_k", "1_0")], 400, "top_k must be an integer"),
+    ("top_k in other digits", [img(png()), text("top_k", "\uff13")], 400, "top_k must be an integer"),
     ("unknown field", [img(png()), text("varient", "b0")], 400, r"unknown field\(s\) \['varient'\]"),
     ("two images to /classify", [img(png()), img(png())], 400, "use /classify_batch"),
     ("too many pixels", [img(huge_header_png())], 413, "5000x5000 = 25,000,000 pixels"),
@@ -346,6 +349,10 @@ def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(serve
         r = http.patch("/routes/fashion", json={"split": {"compact": 1, "b0": 0}})
         assert r.status_code == 200, r.text
         assert r.json()["split"] == {"compact": 1.0, "b0": 0.0} and r.json()["previous"]["split"] == before["split"]
+        saved = Path(r.json()["saved_in"])  # kept for the next start (restarts: test_service_units.py)
+        assert saved.is_file() and saved.is_relative_to(server.home.resolve())
+        assert http.get("/routes").json()["routes"]["fashion"]["changed_at"] == json.loads(saved.read_text())[
+            "routes"]["fashion"]["changed_at"]
         answers = [classify(server, png(seed=i)).json() for i in range(12)]
         assert {(a["variant"], a["assignment"]) for a in answers} == {("compact", "default")}
         assert http.get("/routes").json()["routes"]["fashion"]["split"] == {"compact": 1.0, "b0": 0.0}
@@ -362,6 +369,7 @@ def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(serve
     finally:
         r = http.patch("/routes/fashion", json={"split": before["split"], "shadow": before["shadow"]})
         assert r.status_code == 200 and r.json()["split"] == before["split"]
+        assert r.json()["changed_at"] is None and not Path(r.json()["saved_in"]).exists()  # as the file: forgotten
 
 
 def test_the_gateway_reports_requests_in_progress(server):

@@ -1,6 +1,9 @@
 """Serving without a server: router, configuration, image decoding, request limits."""
 import asyncio
+import base64
 import io
+import json
+import os
 import random
 import types
 from collections import Counter
@@ -256,8 +259,15 @@ def huge_png(w=12000, h=12000) -> bytes:
     (b"hello world, not an image" * 4, 400, "not a supported image"),
     (encode(RGB, "JPEG")[:200], 400, "truncated or corrupt"),
     (encode(RGB, "PNG")[:100], 400, "truncated or corrupt"),
-    (encode(RGB, "TIFF"), 400, "not a supported image"),  # a real image, but not on the allowlist
-    (b"%PDF-1.4\n", 400, "not a supported image"),
+    (encode(RGB, "TIFF"), 400, "TIFF is not a supported image format"),  # a real image, not on the allowlist
+    (b"%PDF-1.4\n", 400, "PDF is not a supported image format"),
+    (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(40), 400, "HEIC is not a supported image format"),  # iPhone
+    (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', 400, "SVG is not a supported"),
+    (base64.b64encode(encode(RGB, "JPEG")), 400, "base64 text, not image bytes"),
+    (b"data:image/png;base64," + base64.b64encode(encode(RGB, "PNG")), 400, "data: URL, not image bytes"),
+    (encode(RGB, "PNG")[:33], 400, "the PNG image is truncated or corrupt"),  # PIL: "cannot identify"
+    (encode(RGB, "BMP")[:20], 400, "the BMP image is truncated or corrupt"),
+    (encode(RGB, "GIF")[:10], 400, "the GIF image is truncated or corrupt"),
     (huge_png(), 413, "12000x12000"),
     (huge_png(20000, 20000), 413, "too many pixels"),  # above twice PIL's own limit: refused while opening
     (huge_png(7000, 7000), 413, "7000x7000 = 49,000,000 pixels, above the limit of 40,000,000"),
@@ -560,6 +570,7 @@ def gateway_for_routes(problems=None):
     gw.manifests["lite0"] = types.SimpleNamespace(classes=[f"i{i}" for i in range(1000)], num_classes=1000)
     gw.problems = problems or {}
     gw.ready = False
+    gw._init_route_changes()  # the configuration is no file here: changes stay in memory
     return gw
 
 
@@ -589,6 +600,7 @@ def test_a_route_change_updates_the_variant_info_series():
                                              num_classes=10, params=1, macs=2, metrics={"top1": 0.9}, resolution=32)
                     for v in CFG["variants"]}
     gw.status = {v: {"device": "cpu", "engine": {"engine": "openvino", "precision": "fp32"}} for v in CFG["variants"]}
+    gw._init_route_changes()
     gw._publish_info()
     gw.change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
 
@@ -624,6 +636,112 @@ def test_a_route_change_to_a_variant_that_is_not_ready_is_refused():
     gw = gateway_for_routes(problems={"compact": "variant 'compact': sha256 mismatch"})
     with pytest.raises(Exception, match="variant 'compact' is not ready: .*sha256 mismatch"):
         gw.change_route("fashion", {"split": {"compact": 1, "b0": 1}})
+
+
+def gateway_on_file(path, problems=None):
+    """A gateway whose configuration comes from a file, as `effnet serve` starts it (route changes saved)."""
+    from service.config import load_config
+
+    gw = gateway_for_routes(problems)
+    gw.cfg = load_config(path)
+    gw.router = Router(gw.cfg, rng=random.Random(0))
+    gw._init_route_changes()
+    return gw
+
+
+def test_a_route_change_is_saved_and_served_again_after_a_restart(bentoml_home, tmp_path):
+    from service.testing import write_config
+
+    path = write_config(tmp_path / "serving.yaml", CFG)
+    gw = gateway_on_file(path)
+    out = gw.change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 2}})
+    saved = out["saved_in"]
+    assert saved and saved.startswith(str(bentoml_home))
+    again = gateway_on_file(path)  # a restart: a new gateway on the same file and store
+    assert again.cfg.routes["fashion"].split == {"b0": 0.25, "mec": 0.25, "compact": 0.5}
+    assert again.cfg.routes["fashion"].shadow.variant == "mec"  # not named by the change: the file's
+    assert again.describe_routes()["routes"]["fashion"]["changed_at"] == gw.changed_at["fashion"]
+    assert again.describe_routes()["routes"]["imagenet"]["changed_at"] is None
+    picks = Counter(again.router.assign("fashion").variant for _ in range(4000))
+    assert abs(picks["compact"] / 4000 - 0.5) < 0.03
+    # changing it back to the file's route forgets the change: nothing left to restore
+    again.change_route("fashion", {"split": {"b0": 0.5, "mec": 0.25, "compact": 0.25}})
+    assert not os.path.exists(saved) and again.describe_routes()["routes"]["fashion"]["changed_at"] is None
+    assert gateway_on_file(path).cfg.routes == parse_config(CFG).routes
+
+
+def test_an_edited_route_in_the_file_wins_over_a_saved_change(bentoml_home, tmp_path, caplog):
+    from service.testing import write_config
+
+    path = write_config(tmp_path / "serving.yaml", CFG)
+    gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "compact": 1}, "shadow": {"variant": "mec", "fraction": 0.1}})
+    gateway_on_file(path).change_route("imagenet", {"shadow": {"variant": "lite0", "fraction": 0.5}})
+    edited = {**CFG, "routes": {**CFG["routes"], "fashion": {"split": {"b0": 0.2, "mec": 0.4, "compact": 0.4},
+                                                             "shadow": {"variant": "mec", "fraction": 1.0}}}}
+    write_config(path, edited)
+    with caplog.at_level("WARNING"):
+        gw = gateway_on_file(path)
+    assert gw.cfg.routes["fashion"].split == {"b0": 0.2, "mec": 0.4, "compact": 0.4}  # the file's edit
+    assert gw.cfg.routes["imagenet"].shadow.fraction == 0.5  # the other route's change stays
+    assert "the route has been edited in" in caplog.text
+    assert set(json.loads(gw.route_changes_file.read_text())["routes"]) == {"imagenet"}  # dropped for good
+
+
+def test_an_unreadable_route_changes_file_leaves_the_files_routes(bentoml_home, tmp_path, caplog):
+    from service.route_state import state_path
+    from service.testing import write_config
+
+    path = write_config(tmp_path / "serving.yaml", CFG)
+    state = state_path(str(path))
+    state.parent.mkdir(parents=True)
+    base = json.dumps({"split": {"b0": 0.5, "mec": 0.25, "compact": 0.25}, "shadow": {"variant": "mec", "fraction": 1.0}})
+    for junk in ("{not json", '{"version": 1, "routes": []}', '{"version": 1, "routes": {"fashion": {"base": {},'
+                 ' "route": {"split": {"nope": 1}}}}}', '{"version": 1, "routes": {"fashion": {"base": {"split": [1]},'
+                 ' "route": {}}}}', '{"version": 1, "routes": {"fashion": {"base": %s, "route": {"split": "b0"}}}}' % base,
+                 '{"version": 1, "routes": {"fashion": {"base": %s, "route": {"split": {"nope": 1}}}}}' % base):
+        state.write_text(junk)
+        with caplog.at_level("WARNING"):
+            assert gateway_on_file(path).cfg.routes == parse_config(CFG).routes
+    assert "cannot be read" in caplog.text and "not in the expected form" in caplog.text
+    assert "unknown variant 'nope'" in caplog.text  # a saved change the configuration no longer allows
+
+
+def test_a_route_change_that_cannot_be_saved_is_refused_and_changes_nothing(bentoml_home, tmp_path):
+    from service.testing import write_config
+
+    path = write_config(tmp_path / "serving.yaml", CFG)
+    gw = gateway_on_file(path)
+    gw.route_changes_file.parent.parent.mkdir(parents=True)
+    gw.route_changes_file.parent.write_text("a file where the folder should be")
+    before = gw.cfg
+    with pytest.raises(Exception, match="could not be saved") as e:
+        gw.change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
+    assert e.value.status == 500 and gw.cfg is before and gw.router.cfg is before
+
+
+def test_route_changes_in_memory_are_not_saved(bentoml_home, tmp_path):
+    from service.testing import write_config
+
+    path = write_config(tmp_path / "serving.yaml", {**CFG, "server": {"route_changes": "memory"}})
+    out = gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
+    assert out["saved_in"] is None and not (bentoml_home / "effnet").exists()
+    assert gateway_on_file(path).cfg.routes["fashion"].split["b0"] == 0.5
+    with pytest.raises(ConfigError, match="route_changes: expected persist or memory"):
+        parse_config({**CFG, "server": {"route_changes": "disk"}})
+
+
+def test_effnet_serve_reset_routes_forgets_saved_changes(bentoml_home, tmp_path, capsys):
+    import argparse
+
+    from service.cli import cmd_serve
+    from service.testing import write_config
+
+    path = write_config(tmp_path / "serving.yaml", CFG)
+    saved = gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})["saved_in"]
+    args = argparse.Namespace(config=str(path), host="127.0.0.1", port=3999, check=True, reset_routes=True)
+    cmd_serve(args)  # --check: exits after the reset (1 here: no checkpoints in this store)
+    assert not os.path.exists(saved) and "forgot the route changes saved in" in capsys.readouterr().out
+    assert gateway_on_file(path).cfg.routes == parse_config(CFG).routes
 
 
 @pytest.mark.parametrize("host, auth, token, proxied, status", [
