@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -15,6 +16,28 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _bounded(kind, lo, hi, unit=""):
+    """argparse type: a number of `kind` within [lo, hi], refused before anything starts."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected {lo:g}..{hi:g}{unit}, got {text}")
+        return value
+    return parse
+
+
+def _run_name(text: str) -> str:
+    """argparse type: the run's folder under --reports-dir, so one plain name (`--name ../../etc` wrote
+    the report outside the repository)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
+        raise argparse.ArgumentTypeError(f"a run name is letters, digits, '.', '_' and '-' (a folder under "
+                                         f"--reports-dir), got {text[:64]!r}")
+    return text
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from .run import RunConfig, execute
 
@@ -24,12 +47,14 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         bad_share=args.bad_share, fashion_images=args.fashion_images, scrape_interval_s=args.scrape_interval,
         max_total_s=args.max_seconds, reports_dir=args.reports_dir, name=args.name, seed=args.seed,
     )
-    if not 1 <= cfg.step_s <= 600:
-        print("--step-seconds must be 1..600", file=sys.stderr)
+    if cfg.max_total_s < cfg.step_s + 10:
+        print(f"effnet loadtest: error: --max-seconds {cfg.max_total_s:g} leaves no time for one step of "
+              f"--step-seconds {cfg.step_s:g} (give at least {cfg.step_s + 10:g})", file=sys.stderr)
         return 2
-    if not 0 <= cfg.bad_share <= 0.5:
-        print("--bad-share must be 0..0.5", file=sys.stderr)
-        return 2
+    if cfg.url and (args.config or args.store):
+        print("effnet loadtest: note: --config and --store describe the service that a run starts itself; with --url "
+              "the running service's own are used" + (" (--store still locates the checkpoints for the offline "
+                                                      "evaluation)" if args.store else ""), file=sys.stderr)
     out = execute(cfg, log=lambda msg: print(msg, flush=True))
     print(f"\nreport: {out / 'report.md'}\nplot:   {out / 'tradeoff.png'}\ndata:   {out / 'results.json'}")
     summary_path = out / "report.md"
@@ -71,16 +96,16 @@ def add_commands(sub) -> None:
     p.add_argument("--config", help="serving configuration for the started service (default: service/config.yaml)")
     p.add_argument("--store", help="BENTOML_HOME holding the models (default: $BENTOML_HOME or ~/bentoml)")
     p.add_argument("--steps", type=_int_list, default=[1, 4, 16, 32], help="concurrent users per step (default 1,4,16,32)")
-    p.add_argument("--step-seconds", type=float, default=15.0, help="load time per step (default 15)")
+    p.add_argument("--step-seconds", type=_bounded(float, 1, 600, " s"), default=15.0, help="load time per step (default 15)")
     p.add_argument("--variants", help="comma-separated variants to load explicitly (default: all served)")
     p.add_argument("--no-split", action="store_true", help="skip the split phases")
-    p.add_argument("--slo-ms", type=float, default=250.0, help="p99 objective for the best throughput (default 250)")
-    p.add_argument("--bad-share", type=float, default=0.02, help="share of broken uploads (default 0.02)")
-    p.add_argument("--fashion-images", type=int, default=200, help="Fashion-MNIST test images sent (default 200)")
-    p.add_argument("--scrape-interval", type=float, default=1.0, help="Prometheus scrape interval, s (default 1)")
-    p.add_argument("--max-seconds", type=float, default=570.0, help="hard bound on the whole run; steps that do not fit are skipped and noted (default 570)")
+    p.add_argument("--slo-ms", type=_bounded(float, 1, 60000, " ms"), default=250.0, help="p99 objective for the best throughput (default 250)")
+    p.add_argument("--bad-share", type=_bounded(float, 0, 0.5), default=0.02, help="share of broken uploads (default 0.02)")
+    p.add_argument("--fashion-images", type=_bounded(int, 1, 10000), default=200, help="Fashion-MNIST test images sent (default 200)")
+    p.add_argument("--scrape-interval", type=_bounded(float, 0.1, 60, " s"), default=1.0, help="Prometheus scrape interval, s (default 1)")
+    p.add_argument("--max-seconds", type=_bounded(float, 11, 3600, " s"), default=570.0, help="hard bound on the whole run; steps that do not fit are skipped and noted (default 570)")
     p.add_argument("--reports-dir", default="reports")
-    p.add_argument("--name", help="run name (default: UTC date-time)")
+    p.add_argument("--name", type=_run_name, help="run name, a folder under --reports-dir (default: UTC date-time)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_loadtest)
 

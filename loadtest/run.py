@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from . import offline, promql
 from .images import dataset_for, image_set
 from .processes import ROOT, ServiceProcess, stop_process
 from .prometheus import PrometheusServer, loopback_target
-from .service_api import catalog
+from .service_api import catalog, wait_ready
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -278,6 +278,15 @@ def execute(cfg: RunConfig, log=print) -> Path:
     deadline = time.monotonic() + cfg.max_total_s
     started_at = datetime.now(timezone.utc)
     name = cfg.name or started_at.strftime("%Y%m%d-%H%M%S")
+    if cfg.url and "://" not in cfg.url:  # `--url 127.0.0.1:3000`
+        cfg = replace(cfg, url=f"http://{cfg.url}")
+    if cfg.url:  # before anything is written or started
+        loopback_target(cfg.url)
+        try:  # a clear refusal instead of urllib's traceback from the first catalog call
+            wait_ready(cfg.url.rstrip("/"), timeout=min(10.0, cfg.ready_timeout_s))
+        except (TimeoutError, OSError) as e:
+            raise ValueError(f"no ready service: {e}; start one (`make serve`), or leave out --url and the load "
+                             "test starts its own") from None
     out = Path(cfg.reports_dir) / name
     raw = out / "locust"
     raw.mkdir(parents=True, exist_ok=True)
@@ -298,7 +307,6 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
     with ExitStack() as stack:
         if cfg.url:
             url = cfg.url.rstrip("/")
-            loopback_target(url)
             service = None
             log(f"target: {url} (already running)")
         else:

@@ -134,3 +134,40 @@ def test_summary_counts_accuracy_against_offline_and_compare_shows_the_change(tm
     assert "| **b0** |" in markdown(a)
     text = compare(tmp_path / "a", tmp_path / "b")
     assert "| b0 | p50 ms @4 | 10.0 | 20.0 | +100.0% |" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--name", "../../etc"], "a run name is letters"),  # wrote the report outside the repository
+    (["--name", ""], "a run name is letters"),
+    (["--step-seconds", "0"], "expected 1..600 s, got 0"),
+    (["--slo-ms", "-5"], "expected 1..60000 ms"),
+    (["--fashion-images", "0"], "expected 1..10000"),
+    (["--bad-share", "0.9"], "expected 0..0.5"),
+    (["--scrape-interval", "nan"], "expected 0.1..60 s"),
+    (["--max-seconds", "0"], "expected 11..3600 s"),
+    (["--steps", "4,0"], "1..256 concurrent users"),
+])
+def test_loadtest_options_out_of_range_are_refused_before_anything_starts(argv, message, capsys):
+    import argparse
+
+    from loadtest.cli import add_commands
+
+    parser = argparse.ArgumentParser(prog="effnet")
+    add_commands(parser.add_subparsers())
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["loadtest", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_loadtest_against_a_url_where_nothing_listens_says_so_and_writes_nothing(tmp_path):
+    import socket
+
+    from loadtest.run import RunConfig, execute
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = RunConfig(url=f"127.0.0.1:{port}", reports_dir=str(tmp_path / "reports"), ready_timeout_s=1.0)
+    with pytest.raises(ValueError, match=f"no ready service: http://127.0.0.1:{port} not ready"):
+        execute(cfg, log=lambda m: None)
+    assert not (tmp_path / "reports").exists()
