@@ -226,6 +226,20 @@ def test_train_many_refuses_a_bad_option_before_starting_anything(bentoml_home):
     assert list_checkpoints(bentoml_home) == []
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--variant", "compact", *TINY, "--name", "My Model"], "cannot store a checkpoint named 'my model'"),
+    (["train", "--variant", "compact", *TINY, "--name", "../x"], "choose one with --name"),
+    (["train", "--variant", "compact", *TINY, "--resolution", "0"], "resolution must be 16..1024"),
+    (["train", "--variant", "compact", *TINY, "--nproc", "0"], "--nproc must be at least 1"),
+    (["train-many", "--variants", "compact,b9", *TINY], "unknown variant 'b9'"),
+])
+def test_training_refuses_what_would_fail_late_before_it_starts(argv, message, bentoml_home, capsys):
+    # a name the store refuses used to fail after the whole training, at save time
+    assert effnet(argv) == 2
+    assert message in capsys.readouterr().err and list_checkpoints(bentoml_home) == []
+    assert not (bentoml_home / "runs").exists()
+
+
 def test_a_time_budget_cuts_the_schedule_to_the_epochs_that_fit(tmp_path, bentoml_home, capsys):
     # 3 epochs of 2 steps asked; a budget that nothing fits stops after the timed step of epoch 1 and the
     # manifest and training state record the 1 epoch that ran, not the 3 asked for

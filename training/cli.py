@@ -51,6 +51,12 @@ def cmd_train_many(args: argparse.Namespace, extra: list[str]) -> int:
     if any(a == "--variant" or a.startswith("--variant=") for a in extra):
         raise SystemExit("effnet train-many: give the variants with --variants, not --variant")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants:
+        raise ValueError("give at least one variant with --variants, e.g. --variants b0,mec,compact")
+    from models import get_variant
+
+    for v in variants:  # an unknown one failed in its child process, with a traceback, after the others started
+        get_variant(v)
     return train_many(variants, extra, threads=args.threads)
 
 

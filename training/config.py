@@ -144,6 +144,10 @@ def resolve_config(cli: dict[str, Any], config_file: str | None = None) -> Train
         raise ValueError(f"device_data must be auto, on or off, got {cfg.device_data!r}")
     if cfg.augment_chunk < 1:
         raise ValueError(f"augment_chunk must be at least 1, got {cfg.augment_chunk!r}")
+    # NOTE: below 16 pixels the five stride-2 stages leave less than one pixel (--resolution 0 failed
+    # in the data pipeline after start-up, 5 trained "fine"); above 1024 is no longer this recipe.
+    if not 16 <= cfg.resolution <= 1024:
+        raise ValueError(f"resolution must be 16..1024 pixels, got {cfg.resolution!r}")
     if cfg.amp not in ("auto", "off", "bf16", "fp16"):
         raise ValueError(f"amp must be auto, off, bf16 or fp16, got {cfg.amp!r}")
     return cfg

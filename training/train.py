@@ -37,6 +37,18 @@ def checkpoint_name(variant: str, data: str, name: str = "") -> str:
     return (name or f"{get_variant(variant).name}-{dataset_name(data)}").lower()
 
 
+def check_store_name(name: str) -> str:
+    """Refuse, before training, a name the store would refuse after it (BentoML's own tag rules)."""
+    from bentoml._internal.tag import Tag
+
+    try:
+        Tag(name)
+    except ValueError as e:
+        raise ValueError(f"cannot store a checkpoint named {name!r}: {str(e).split(': ', 1)[-1]}; choose one "
+                         "with --name") from None
+    return name
+
+
 def default_run_dir(name: str) -> Path:
     home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
     return home / "runs" / name
@@ -436,10 +448,12 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of `effnet train` and `python -m training`."""
     cfg = config_from_args(args)
     progress = not args.no_progress
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    name = check_store_name(checkpoint_name(cfg.variant, cfg.data, cfg.name))
     if args.skip_existing:
         from store import has_checkpoint
 
-        name = checkpoint_name(cfg.variant, cfg.data, cfg.name)
         if has_checkpoint(f"{name}:latest"):
             print(f"{name}:latest is already in the store; skipped")
             return 0
