@@ -184,8 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return prepare_engines(cfg)
     busy = port_in_use(args.host, args.port)
     if busy:
-        print(f"effnet serve: cannot listen on {args.host}:{args.port}: {busy}. Another server may be running "
-              f"there (stop it), or choose another port with --port", file=sys.stderr)
+        hint = ("Another server may be running there (stop it), or choose another port with --port"
+                if "in use" in busy.lower() else
+                "--host must be an address of this machine (127.0.0.1, the default; 0.0.0.0 for every interface)")
+        print(f"effnet serve: cannot listen on {args.host}:{args.port}: {busy}. {hint}", file=sys.stderr)
         return 2
     for p in problems:
         print(f"effnet serve: warning: {p}\n  the server will start but stay not ready (see /readyz); "

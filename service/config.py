@@ -309,6 +309,10 @@ def load_config(path: str | os.PathLike | None = None) -> ServingConfig:
         data = yaml.safe_load(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"serving configuration {p} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"serving configuration {p} is a folder; give the YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, or not text
+        raise ConfigError(f"serving configuration {p} cannot be read as text: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"serving configuration {p} is not valid YAML: {e}") from None
     return parse_config(data, source=str(p))

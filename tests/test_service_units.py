@@ -134,6 +134,15 @@ def test_invalid_configs_name_the_key(patch, message):
         parse_config(data)
 
 
+def test_a_config_path_that_is_no_yaml_file_is_a_config_error(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    for path, message in [(tmp_path, "is a folder"), (tmp_path / "none.yaml", "does not exist"),
+                          (tmp_path / "binary.yaml", "cannot be read as text"), (tmp_path / "list.yaml", "expected a mapping")]:
+        with pytest.raises(ConfigError, match=message):  # a traceback before (IsADirectoryError, UnicodeDecodeError)
+            load_config(path)
+
+
 def test_more_worker_processes_than_cpu_threads_are_lowered(caplog):
     """Each CPU batch holds a core slot, so processes beyond the thread budget could only wait."""
     data = {**CFG, "server": {"cpu_threads": 2}, "variants": {**CFG["variants"], "b0": {"model": "x", "workers": 3}}}
