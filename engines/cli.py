@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from cli.argtypes import bounded, int_list
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import cache_dir
@@ -28,7 +30,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"unknown engine {n!r}; available: all, auto, {', '.join(ENGINES)}", file=sys.stderr)
             return 2
     threads = set_threads(args.threads or None)
-    ck = _Checkpoint(args.tag, args.home, args.device, threads, sorted({int(b) for b in args.batch_sizes.split(",")}))
+    ck = _Checkpoint(args.tag, args.home, args.device, threads, sorted(set(args.batch_sizes)))
     rows, failed = [], 0
     for n in names:
         eng, result = _try(n, ck)
@@ -67,8 +69,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default="auto",
                    help="comma-separated engines, 'auto' (what engine: auto considers; default) or 'all' "
                         "(also torch-compile, which compiles for about 45 s per batch size)")
-    p.add_argument("--batch-sizes", default="1,8", help="batch sizes the workers will run (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="inference threads (default: all cores)")
+    p.add_argument("--batch-sizes", type=int_list(1, 1024, "batch size"), default=[1, 8],
+                   help="comma-separated batch sizes the workers will run (default: 1,8)")
+    p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="inference threads (default 0: all cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="verify for this device: cuda checks the GPU engines (default: %(default)s)")
     p.add_argument("--home", help="BENTOML_HOME of the store (default: $BENTOML_HOME)")

@@ -5,28 +5,7 @@ import argparse
 import re
 import sys
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 or v > 256 for v in values):
-        raise argparse.ArgumentTypeError("each step is 1..256 concurrent users")
-    return values
-
-
-def _bounded(kind, lo, hi, unit=""):
-    """argparse type: a number of `kind` within [lo, hi], refused before anything starts."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"expected {lo:g}..{hi:g}{unit}, got {text}")
-        return value
-    return parse
+from cli.argtypes import bounded, int_list
 
 
 def _run_name(text: str) -> str:
@@ -95,15 +74,15 @@ def add_commands(sub) -> None:
     p.add_argument("--url", help="a running service on 127.0.0.1 (default: start `effnet serve`)")
     p.add_argument("--config", help="serving configuration for the started service (default: service/config.yaml)")
     p.add_argument("--store", help="BENTOML_HOME holding the models (default: $BENTOML_HOME or ~/bentoml)")
-    p.add_argument("--steps", type=_int_list, default=[1, 4, 16, 32], help="concurrent users per step (default 1,4,16,32)")
-    p.add_argument("--step-seconds", type=_bounded(float, 1, 600, " s"), default=15.0, help="load time per step (default 15)")
+    p.add_argument("--steps", type=int_list(1, 256, "step (concurrent users)"), default=[1, 4, 16, 32], help="concurrent users per step (default 1,4,16,32)")
+    p.add_argument("--step-seconds", type=bounded(float, 1, 600, " s"), default=15.0, help="load time per step (default 15)")
     p.add_argument("--variants", help="comma-separated variants to load explicitly (default: all served)")
     p.add_argument("--no-split", action="store_true", help="skip the split phases")
-    p.add_argument("--slo-ms", type=_bounded(float, 1, 60000, " ms"), default=250.0, help="p99 objective for the best throughput (default 250)")
-    p.add_argument("--bad-share", type=_bounded(float, 0, 0.5), default=0.02, help="share of broken uploads (default 0.02)")
-    p.add_argument("--fashion-images", type=_bounded(int, 1, 10000), default=200, help="Fashion-MNIST test images sent (default 200)")
-    p.add_argument("--scrape-interval", type=_bounded(float, 0.1, 60, " s"), default=1.0, help="Prometheus scrape interval, s (default 1)")
-    p.add_argument("--max-seconds", type=_bounded(float, 11, 3600, " s"), default=570.0, help="hard bound on the whole run; steps that do not fit are skipped and noted (default 570)")
+    p.add_argument("--slo-ms", type=bounded(float, 1, 60000, " ms"), default=250.0, help="p99 objective for the best throughput (default 250)")
+    p.add_argument("--bad-share", type=bounded(float, 0, 0.5), default=0.02, help="share of broken uploads (default 0.02)")
+    p.add_argument("--fashion-images", type=bounded(int, 1, 10000), default=200, help="Fashion-MNIST test images sent (default 200)")
+    p.add_argument("--scrape-interval", type=bounded(float, 0.1, 60, " s"), default=1.0, help="Prometheus scrape interval, s (default 1)")
+    p.add_argument("--max-seconds", type=bounded(float, 11, 3600, " s"), default=570.0, help="hard bound on the whole run; steps that do not fit are skipped and noted (default 570)")
     p.add_argument("--reports-dir", default="reports")
     p.add_argument("--name", type=_run_name, help="run name, a folder under --reports-dir (default: UTC date-time)")
     p.add_argument("--seed", type=int, default=0)

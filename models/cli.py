@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from cli.argtypes import bounded, int_list
+
 
 def _variant_rows(resolution: int, num_classes: int, family: str | None) -> list[dict]:
     from models import count_macs, count_params, create_model, get_variant, list_aliases, list_models
@@ -71,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for n in names:
         if n != REFERENCE:
             get_variant(n)  # fail fast with the list of known names
-    batches = [int(b) for b in (args.batches or ("1,8" if args.engines else "1,8,32")).split(",")]
+    batches = args.batches or ([1, 8] if args.engines else [1, 8, 32])
     progress = None if args.json or args.quiet else (lambda s: print(f"\r{s:<60}", end="", file=sys.stderr, flush=True))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -115,8 +117,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Print every registered variant: family, parameters, MACs at a chosen resolution, "
         "the slides' parameter figure where they give one, and the relative difference.",
     )
-    p.add_argument("--resolution", type=int, default=224, help="input side for the MAC count (default 224)")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier size (default 1000, as the slides)")
+    p.add_argument("--resolution", type=bounded(int, 32, 4096), default=224, help="input side for the MAC count (default 224)")
+    p.add_argument("--num-classes", type=bounded(int, 1, 100_000), default=1000, help="classifier size (default 1000, as the slides)")
     p.add_argument("--family", choices=["b0-se", "compact", "mec"], help="only this family")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=cmd_models)
@@ -130,16 +132,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--models", default="b0,lite0,compact,mec,torchvision-b0",
                    help="comma-separated variant names; 'torchvision-b0' is the reference (default: %(default)s)")
-    p.add_argument("--batches", help="comma-separated batch sizes (default: 1,8,32; 1,8 with --engines)")
+    p.add_argument("--batches", type=int_list(1, 1024, "batch size"),
+                   help="comma-separated batch sizes (default: 1,8,32; 1,8 with --engines)")
     p.add_argument("--engines", metavar="LIST",
                    help="time these inference engines too: 'all' (every engine that runs here) or a "
                         "comma-separated list (torch, torch-fp16 [GPU], torch-compile, onnxruntime, onnxruntime-int8, "
                         "openvino, openvino-bf16, openvino-int8); rows gain engine and precision")
-    p.add_argument("--resolution", type=int, default=224, help="input side (default 224)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--seconds", type=float, default=0.6,
+    p.add_argument("--resolution", type=bounded(int, 32, 4096), default=224, help="input side (default 224)")
+    p.add_argument("--rounds", type=bounded(int, 1, 1000), default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--seconds", type=bounded(float, 0.001, 3600, " s"), default=0.6,
                    help="time per model and batch in each round (default 0.6)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run: auto = the GPU when PyTorch sees one, else the CPU (default: %(default)s)")
     p.add_argument("--record", metavar="FILE", help="also write machine info and rows as JSON to FILE")

@@ -1,6 +1,8 @@
 """`effnet models` and `effnet bench` as a user runs them."""
 import json
 
+import pytest
+
 from cli.main import main
 
 
@@ -59,3 +61,18 @@ def test_our_own_faults_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(cli_main, "build_parser", lambda: parser)
     with pytest.raises(RuntimeError, match="a bug of ours"):
         cli_main.main([])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["models", "--num-classes", "0"], "argument --num-classes: expected 1..100000, got 0"),  # ZeroDivisionError before
+    (["models", "--resolution", "0"], "argument --resolution: expected 32..4096"),  # a traceback from conv2d before
+    (["bench", "--batches", "8,0"], "each batch size is 1..1024"),  # measured and printed batch 0 before
+    (["bench", "--seconds", "nan"], "argument --seconds: expected 0.001..3600 s"),
+    (["bench", "--threads", "-1"], "argument --threads: expected 0..1024"),
+    (["export", "x:latest", "--batch-sizes", "1,x"], "expected comma-separated integers"),
+    (["train-bench", "--rounds", "0"], "argument --rounds: expected 1..1000"),
+])
+def test_out_of_range_options_are_refused_while_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

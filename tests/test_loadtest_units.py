@@ -145,7 +145,7 @@ def test_summary_counts_accuracy_against_offline_and_compare_shows_the_change(tm
     (["--bad-share", "0.9"], "expected 0..0.5"),
     (["--scrape-interval", "nan"], "expected 0.1..60 s"),
     (["--max-seconds", "0"], "expected 11..3600 s"),
-    (["--steps", "4,0"], "1..256 concurrent users"),
+    (["--steps", "4,0"], "each step (concurrent users) is 1..256"),
 ])
 def test_loadtest_options_out_of_range_are_refused_before_anything_starts(argv, message, capsys):
     import argparse

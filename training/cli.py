@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from cli.argtypes import bounded
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import run
@@ -110,7 +112,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         allow_abbrev=False,  # `--variant b0` must not pass for `--variants b0`: it is refused below
     )
     p.add_argument("--variants", required=True, help="comma-separated variants, e.g. b0,mec,compact")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: cores // processes)")
+    p.add_argument("--threads", type=bounded(int, 0, 1024), default=0,
+                   help="torch threads per process (default 0: cores // processes)")
     p.set_defaults(func=cmd_train_many, passthrough=True)
 
     p = sub.add_parser("train-bench", help="training throughput (images/s) per variant on this machine",
@@ -118,11 +121,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "random 1-channel batches, interleaved. Prints wall images/s and images per CPU-second x threads "
                        "(close to the idle-machine figure when other jobs share the cores).")
     p.add_argument("--variants", default="b0,mec,compact", help="comma-separated variants (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=32, help="input side (default 32)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch (default 128, the quick recipe's)")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per variant per round (default 6)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--resolution", type=bounded(int, 16, 1024), default=32, help="input side (default 32)")
+    p.add_argument("--batch-size", type=bounded(int, 1, 4096), default=128, help="batch (default 128, the quick recipe's)")
+    p.add_argument("--steps", type=bounded(int, 1, 10_000), default=6, help="timed steps per variant per round (default 6)")
+    p.add_argument("--rounds", type=bounded(int, 1, 1000), default=2, help="interleaved rounds (default 2)")
+    p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--record", metavar="FILE.json", help="also write machine info and rows to FILE.json")
     p.set_defaults(func=cmd_train_bench)
 
