@@ -5,6 +5,7 @@ Every run is tiny (fake data, 32x32, a few steps): behaviour, not accuracy or sp
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,9 +196,12 @@ def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tmp_path, bentoml_home)
 def test_train_many_trains_side_by_side_and_reports_a_failure(tmp_path, bentoml_home):
     # Two processes at once: one valid variant and one the registry does not know. The valid one is
     # stored anyway, each line says which variant wrote it, and the exit status reports the failure.
+    # (`effnet train-many` refuses an unknown name before starting anything, so the failure is provoked
+    # through training.parallel.train_many, which it calls.)
     env = {**os.environ, "BENTOML_HOME": str(bentoml_home)}
-    cmd = [sys.executable, "-m", "cli", "train-many", "--variants", "compact,no-such-net", "--epochs", "1",
-           "--eval-every", "0", *TINY]
+    extra = ["--epochs", "1", "--eval-every", "0", *TINY]
+    cmd = [sys.executable, "-c", "import sys; from training.parallel import train_many; "
+           f"sys.exit(train_many(['compact', 'no-such-net'], {extra!r}, threads=0))"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     from training.parallel import threads_per_process
@@ -229,7 +233,7 @@ def test_train_many_refuses_a_bad_option_before_starting_anything(bentoml_home):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--variant", "compact", *TINY, "--name", "My Model"], "cannot store a checkpoint named 'my model'"),
     (["train", "--variant", "compact", *TINY, "--name", "../x"], "choose one with --name"),
-    (["train", "--variant", "compact", *TINY, "--resolution", "0"], "resolution must be 16..1024"),
+    (["train", "--variant", "compact", *TINY, "--resolution", "0"], "--resolution must be in [16, 1024]"),
     (["train", "--variant", "compact", *TINY, "--nproc", "0"], "--nproc must be at least 1"),
     (["train-many", "--variants", "compact,b9", *TINY], "unknown variant 'b9'"),
 ])
@@ -238,6 +242,24 @@ def test_training_refuses_what_would_fail_late_before_it_starts(argv, message, b
     assert effnet(argv) == 2
     assert message in capsys.readouterr().err and list_checkpoints(bentoml_home) == []
     assert not (bentoml_home / "runs").exists()
+
+
+@pytest.mark.parametrize("option, value, interval", [
+    ("label_smoothing", 2.0, "[0, 1)"), ("ema_decay", 1.0, "[0, 1)"), ("weight_decay", -0.1, "[0, 10]"),
+    ("lr", 0.0, "(0, 10]"), ("log_every", 0, "[1, 1e6]"), ("crop_pad", 5.0, "[0, 0.5]"),
+    ("randaugment_magnitude", 31, "[0, 30]"), ("kd_temperature", 0.0, "(0, 100]"), ("lr", "fast", "(0, 10]"),
+])
+def test_training_options_outside_their_interval_are_refused(option, value, interval, tmp_path):
+    from training.config import RECIPES, resolve_config
+
+    with pytest.raises(ValueError, match=re.escape(f"--{option.replace('_', '-')} must be")) as e:
+        resolve_config({option: value})
+    assert interval in str(e.value)
+    (tmp_path / "c.yaml").write_text(f"{option}: {value!r}\n")  # the same from a -c file
+    with pytest.raises(ValueError, match=re.escape(interval)):
+        resolve_config({}, str(tmp_path / "c.yaml"))
+    for recipe in RECIPES:  # and every recipe's own values are inside
+        resolve_config({"recipe": recipe})
 
 
 def test_a_time_budget_cuts_the_schedule_to_the_epochs_that_fit(tmp_path, bentoml_home, capsys):
@@ -253,7 +275,7 @@ def test_a_time_budget_cuts_the_schedule_to_the_epochs_that_fit(tmp_path, bentom
     out = train_main(tiny_cfg(tmp_path / "long", epochs=3, warmup_epochs=2, time_budget=3600), progress=False)
     assert read_manifest(out["tag"])[0].metrics["epochs"] == 3
     assert capsys.readouterr().out.count("time budget 3600 s") == 3
-    with pytest.raises(ValueError, match="time_budget"):
+    with pytest.raises(ValueError, match=r"--time-budget must be in \[0, 1e9\]"):
         tiny_cfg(tmp_path, time_budget=-1)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import RECIPES, TrainConfig, config_fields, resolve_config
+from .config import BOUNDS, RECIPES, TrainConfig, config_fields, resolve_config
 
 
 def dataset_name(data: str) -> str:
@@ -395,7 +395,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     for f in config_fields().values():
         opt = "--" + f.name.replace("_", "-")
         default = getattr(base, f.name)
-        shown = f"full: {default!r}" + (f", quick: {quick[f.name]!r}" if f.name in quick else "")
+        shown = f"full: {default!r}" + (f", quick: {quick[f.name]!r}" if f.name in quick else "") + (
+            f"; in {BOUNDS[f.name]}" if f.name in BOUNDS else "")
         if f.name in ("variant", "data"):
             p.add_argument(opt, default=None, required=False, help=f"{HELP[f.name]} (default {default!r})")
             continue
