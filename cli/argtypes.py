@@ -36,3 +36,15 @@ def int_list(lo: int, hi: int, what: str = "value"):
             raise argparse.ArgumentTypeError(f"each {what} is {lo}..{hi}, got {text!r}")
         return values
     return parse
+
+
+def existing_dir(what: str):
+    """A folder that must already exist: a store given by path is read, and reading it must not create
+    it (BentoML's model store makes its folder on first use, so a typo left an empty store behind)."""
+    def parse(text: str) -> str:
+        from pathlib import Path
+
+        if not Path(text).expanduser().is_dir():
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a folder")
+        return str(Path(text).expanduser())
+    return parse

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from cli.argtypes import bounded, int_list
+from cli.argtypes import bounded, existing_dir, int_list
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -74,7 +74,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=bounded(int, 0, 1024), default=0, help="inference threads (default 0: all cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="verify for this device: cuda checks the GPU engines (default: %(default)s)")
-    p.add_argument("--home", help="BENTOML_HOME of the store (default: $BENTOML_HOME)")
+    p.add_argument("--home", type=existing_dir("store"), help="BENTOML_HOME of the store (default: $BENTOML_HOME)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="log each export step")
     p.set_defaults(func=cmd_export)

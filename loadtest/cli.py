@@ -5,7 +5,7 @@ import argparse
 import re
 import sys
 
-from cli.argtypes import bounded, int_list
+from cli.argtypes import bounded, existing_dir, int_list
 
 
 def _run_name(text: str) -> str:
@@ -73,7 +73,7 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--url", help="a running service on 127.0.0.1 (default: start `effnet serve`)")
     p.add_argument("--config", help="serving configuration for the started service (default: service/config.yaml)")
-    p.add_argument("--store", help="BENTOML_HOME holding the models (default: $BENTOML_HOME or ~/bentoml)")
+    p.add_argument("--store", type=existing_dir("store"), help="BENTOML_HOME holding the models (default: $BENTOML_HOME or ~/bentoml)")
     p.add_argument("--steps", type=int_list(1, 256, "step (concurrent users)"), default=[1, 4, 16, 32], help="concurrent users per step (default 1,4,16,32)")
     p.add_argument("--step-seconds", type=bounded(float, 1, 600, " s"), default=15.0, help="load time per step (default 15)")
     p.add_argument("--variants", help="comma-separated variants to load explicitly (default: all served)")

@@ -1,5 +1,6 @@
 """`effnet models` and `effnet bench` as a user runs them."""
 import json
+import os
 
 import pytest
 
@@ -71,8 +72,11 @@ def test_our_own_faults_keep_their_traceback(monkeypatch):
     (["bench", "--threads", "-1"], "argument --threads: expected 0..1024"),
     (["export", "x:latest", "--batch-sizes", "1,x"], "expected comma-separated integers"),
     (["train-bench", "--rounds", "0"], "argument --rounds: expected 1..1000"),
+    (["export", "x:latest", "--home", "/no/such/store"], "store '/no/such/store' is not a folder"),  # made it
+    (["loadtest", "--store", "/no/such/store"], "store '/no/such/store' is not a folder"),
 ])
 def test_out_of_range_options_are_refused_while_parsing(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists("/no/such/store")
