@@ -461,6 +461,10 @@ class GatewayLogic:
         if not ctype.startswith("multipart/form-data"):
             raise ClientError("send multipart/form-data with the image as a file field "
                               f"(got content type {ctype or 'none'!r}), e.g. curl -F image=@photo.jpg")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ClientError(f"request bodies are not decompressed here (Content-Encoding: {shown(encoding)}); "
+                              "send the multipart body as it is: images are compressed already", 415)
         boundary = re.search(r'boundary="?([^";]+)"?', ctype)
         if boundary:
             # NOTE: the multipart parser drops a part that never ends, so a cut-off upload read as
@@ -473,7 +477,11 @@ class GatewayLogic:
         try:
             form = await request.form(max_files=self.cfg.server.max_batch_images + 1, max_fields=16)
         except Exception as e:
-            raise ClientError(f"the body is not valid multipart/form-data: {getattr(e, 'detail', e)}") from None
+            detail = str(getattr(e, "detail", e))
+            if detail.startswith("Too many files"):  # Starlette counts the +1 above, which only confuses
+                detail = (f"too many files: at most one for /classify and {self.cfg.server.max_batch_images} "
+                          "for /classify_batch (server.max_batch_images)")
+            raise ClientError(f"the body is not valid multipart/form-data: {detail}") from None
         unknown = set(form.keys()) - allowed
         if unknown:
             raise ClientError(f"unknown field(s) {shown(sorted(unknown), 200)}; fields: {', '.join(sorted(allowed))}")

@@ -186,6 +186,19 @@ BAD = [
 ]
 
 
+def test_a_compressed_body_and_too_many_files_are_refused_by_name(server):
+    import gzip
+
+    files = {"image": ("a.png", png(), "image/png")}
+    req = server.client.build_request("POST", "/classify", files=files)
+    r = server.client.post("/classify", content=gzip.compress(req.read()),
+                           headers={"content-type": req.headers["content-type"], "content-encoding": "gzip"})
+    assert r.status_code == 415 and "not decompressed" in r.json()["error"]
+    r = server.client.post("/classify_batch", files=[("images", ("a.png", png(), "image/png"))] * 40)
+    assert r.status_code == 400 and "at most one for /classify and 8 for /classify_batch" in r.json()["error"]
+    assert server.client.get("/readyz").status_code == 200
+
+
 @pytest.mark.parametrize("case, parts, status, message", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_a_clear_4xx_and_the_server_stays_ready(server, case, parts, status, message):
     if parts is None:
