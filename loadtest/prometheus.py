@@ -33,10 +33,14 @@ def loopback_target(url: str) -> str:
     return f"127.0.0.1:{parts.port or 80}"
 
 
-def scrape_config(targets: dict[str, str], interval_s: float) -> str:
-    """Prometheus YAML: one job per target (job name -> host:port), all at `interval_s`."""
+def scrape_config(targets: dict[str, str], interval_s: float, rule_files: list[str] = ()) -> str:
+    """Prometheus YAML: one job per target (job name -> host:port), all at `interval_s`; rules evaluated
+    as often."""
     iv = f"{int(interval_s * 1000)}ms"
-    lines = ["global:", f"  scrape_interval: {iv}", f"  evaluation_interval: {iv}", "scrape_configs:"]
+    lines = ["global:", f"  scrape_interval: {iv}", f"  evaluation_interval: {iv}"]
+    if rule_files:
+        lines += ["rule_files:"] + [f"  - {json.dumps(str(f))}" for f in rule_files]
+    lines += ["scrape_configs:"]
     for job, target in targets.items():
         lines += [f"  - job_name: {json.dumps(job)}", f"    scrape_interval: {iv}", f"    scrape_timeout: {iv}",
                   "    metrics_path: /metrics", "    static_configs:", f"      - targets: [{json.dumps(target)}]"]
@@ -51,7 +55,7 @@ class PrometheusServer:
     """`with PrometheusServer({"effnet": "127.0.0.1:3000"}) as prom: prom.query("up")`."""
 
     def __init__(self, targets: dict[str, str], interval_s: float = 1.0, binary: str = PROMETHEUS_BIN,
-                 port: int | None = None, keep_dir: Path | None = None) -> None:
+                 port: int | None = None, keep_dir: Path | None = None, rule_files: list[Path] = ()) -> None:
         if not 0.1 <= interval_s <= 60:
             raise ValueError("scrape interval must be between 0.1 and 60 s")
         self.targets = {job: loopback_target(t) for job, t in targets.items()}
@@ -60,6 +64,7 @@ class PrometheusServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.keep_dir = keep_dir  # where to copy the config for the report
+        self.rule_files = [Path(f) for f in rule_files]  # recording and alerting rules to evaluate
         self.proc: subprocess.Popen | None = None
         self.tmp: Path | None = None
 
@@ -73,10 +78,15 @@ class PrometheusServer:
             raise PrometheusError(f"{self.binary} not found: install the Debian package `prometheus` (make setup)")
         self.tmp = Path(tempfile.mkdtemp(prefix="effnet-prom-"))
         config = self.tmp / "prometheus.yml"
-        config.write_text(scrape_config(self.targets, self.interval_s))
+        rules = []
+        for f in self.rule_files:  # copied beside the config: the report folder keeps what was evaluated
+            rules.append(self.tmp / f.name)
+            shutil.copy(f, rules[-1])
+        config.write_text(scrape_config(self.targets, self.interval_s, [r.name for r in rules]))
         if self.keep_dir:
             self.keep_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(config, self.keep_dir / "prometheus.yml")
+            for f in [config, *rules]:
+                shutil.copy(f, self.keep_dir / f.name)
         self.log = open(self.tmp / "prometheus.log", "wb")
         self.proc = subprocess.Popen(
             [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.tmp / 'data'}",
@@ -171,6 +181,24 @@ class PrometheusServer:
         rows = [r["value"] for r in self.query(promql, at)]
         rows = [v for v in rows if v == v]  # NaN: e.g. a quantile of an empty histogram
         return sum(rows) if rows else default
+
+    def alerts_during(self, start: float, end: float) -> list[dict]:
+        """Every alert that was pending or firing at some point in [start, end]: its labels, the worst
+        state it reached and when it first appeared (from the ALERTS series the rules write)."""
+        data = self.api("query_range", {"query": "ALERTS", "start": f"{start:.3f}", "end": f"{end:.3f}",
+                                        "step": f"{max(self.interval_s, (end - start) / 10000):.3f}"})
+        seen: dict[tuple, dict] = {}
+        # plus an instant query at `end`: the range's last step may fall just before it
+        at_end = [{"metric": r["metric"], "values": [(end, r["value"])]} for r in self.query("ALERTS", at=end)]
+        for r in data.get("result", []) + at_end:
+            labels = {k: v for k, v in r["metric"].items() if k not in ("__name__", "alertstate", "job", "instance")}
+            key = tuple(sorted(labels.items()))
+            first = min(float(t) for t, _ in r["values"]) if r["values"] else start
+            row = seen.setdefault(key, {**labels, "state": "pending", "first_seen_s": round(first - start, 1)})
+            row["first_seen_s"] = min(row["first_seen_s"], round(first - start, 1))
+            if r["metric"].get("alertstate") == "firing":
+                row["state"] = "firing"
+        return sorted(seen.values(), key=lambda a: (a["state"] != "firing", a.get("alertname", ""), a["first_seen_s"]))
 
     def series_names(self, prefix: str = "") -> list[str]:
         names = self.api("label/__name__/values")

@@ -134,6 +134,16 @@ def markdown(results: dict, plot: str | None = None) -> str:
     if s["bad_inputs"]:
         L += ["", "Broken uploads (must get a 4xx): " + "; ".join(
             f"{k}: " + ", ".join(f"{a} {n}" for a, n in sorted(c.items())) for k, c in s["bad_inputs"].items())]
+    if "alerts" in results:
+        L += ["", "## Alerts during the run", "",
+              "The private Prometheus evaluated `service/prometheus-rules.yml`. Pending: the condition held, not yet "
+              "for the rule's `for:` duration, so it would fire if it lasted.", ""]
+        if results["alerts"]:
+            L += ["| alert | state | route | variant | first seen (s into the run) |", "|---|---|---|---|---|"]
+            L += [f"| {a.get('alertname')} | {a['state']} | {a.get('route', '-')} | {a.get('variant', '-')} | "
+                  f"{a['first_seen_s']} |" for a in results["alerts"]]
+        else:
+            L.append("None went pending or fired.")
     L += ["", "## Cross-checks", ""]
     agree = sum(c["agree"] for c in s["cross_checks"])
     L.append(f"Request counts per step, Locust (client) against Prometheus (`effnet_requests_total`): "

@@ -33,6 +33,8 @@ from .prometheus import PrometheusServer, loopback_target
 from .service_api import catalog, wait_ready
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+# The service's own alerting rules: the private Prometheus evaluates them during the run (README, "Alerts").
+ALERT_RULES = Path(__file__).resolve().parents[1] / "service" / "prometheus-rules.yml"
 
 
 @dataclass
@@ -326,7 +328,7 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
         results["offline_top1"] = offline_top1({v: variants[v] for v in variants}, store_home, cfg.fashion_images)
 
         prom = stack.enter_context(PrometheusServer({"effnet": url}, interval_s=cfg.scrape_interval_s,
-                                                    keep_dir=out))
+                                                    keep_dir=out, rule_files=[ALERT_RULES]))
         results["prometheus"] = {"url": prom.url, "scrape_interval_s": cfg.scrape_interval_s}
         results["versions"] = _versions(prom)
         log(f"prometheus at {prom.url}, scraping {url} every {cfg.scrape_interval_s} s")
@@ -366,6 +368,8 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
             break
 
         log("querying prometheus ...")
+        if results["steps"]:  # what the service's alerting rules made of the run
+            results["alerts"] = prom.alerts_during(results["steps"][0]["t0"], results["steps"][-1]["t1"])
         names = promql.MetricNames.discover(prom)
         if not any(r.get("shadow") for r in routes.values()):  # nothing was mirrored: no series to find
             names.notes = [n for n in names.notes if "shadow" not in n]

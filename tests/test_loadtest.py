@@ -49,6 +49,9 @@ def test_smoke_run_reports_every_variant_with_offline_accuracy_and_matching_coun
 
     split = results["summary"]["splits"]["fashion"]
     assert set(split["answers"]) <= {"compact", "mec"} and split["sticky_violations"] == 0
+    # The service's alerting rules ran in the private Prometheus; what they made of the run is reported.
+    assert isinstance(results["alerts"], list) and "## Alerts during the run" in report
+    assert (out / "prometheus-rules.yml").exists() and "rule_files" in (out / "prometheus.yml").read_text()
     bad = results["summary"]["bad_inputs"]
     assert bad and all(set(counts) == {"4xx"} for counts in bad.values()), bad
     # Everything the run started is gone: no Prometheus left on its port.
