@@ -262,6 +262,49 @@ def test_training_options_outside_their_interval_are_refused(option, value, inte
         resolve_config({"recipe": recipe})
 
 
+def test_init_from_a_checkpoint_keeps_its_layers_and_rebuilds_what_does_not_fit(bentoml_home):
+    from models import create_model
+    from service.testing import make_checkpoint
+    from store import load_checkpoint
+    from training.finetune import init_from_checkpoint
+
+    tag = make_checkpoint(bentoml_home, "compact-rgb", "compact", ["a", "b", "c", "d"], 32)
+    source = load_checkpoint(tag)[0].state_dict()
+    torch.manual_seed(1)
+    gray = create_model("compact", num_classes=3, in_chans=1)  # other classes, one input channel
+    fresh = {k: v.clone() for k, v in gray.state_dict().items()}
+    out = init_from_checkpoint(gray, tag, "compact", ["x", "y", "z"])
+    w = gray.state_dict()
+    # an RGB stem seeing R = G = B computes the sum of its three channels' weights
+    assert out["adapted"] == ["stem.conv.weight"]
+    assert torch.allclose(w["stem.conv.weight"], source["stem.conv.weight"].sum(1, keepdim=True))
+    assert set(out["reset"]) == {"classifier.weight", "classifier.bias"}  # other classes: a new head
+    assert torch.equal(w["classifier.weight"], fresh["classifier.weight"])
+    inner = [k for k in w if k.startswith("blocks.") and w[k].is_floating_point()]
+    assert inner and all(torch.equal(w[k], source[k]) for k in inner)  # BN statistics included
+    assert out["loaded"] == len(w) - 3
+    # the same classes keep the head; another variant is refused
+    same = create_model("compact", num_classes=4)
+    assert init_from_checkpoint(same, tag, "compact", ["a", "b", "c", "d"])["reset"] == []
+    assert torch.equal(same.state_dict()["classifier.weight"], source["classifier.weight"])
+    with pytest.raises(ValueError, match="holds a 'compact' network, this run trains 'b0'"):
+        init_from_checkpoint(create_model("b0", num_classes=4), tag, "b0", ["a", "b", "c", "d"])
+
+
+def test_effnet_train_init_fine_tunes_a_stored_checkpoint_and_records_it(tmp_path, bentoml_home, capsys):
+    from service.testing import make_checkpoint
+
+    tag = make_checkpoint(bentoml_home, "compact-start", "compact", ["p", "q"], 32)
+    assert effnet(["train", "--variant", "compact", *TINY, "--epochs", "1", "--init", tag]) == 0
+    out = capsys.readouterr().out
+    assert f"initialised from {tag}" in out and "initialised afresh (classifier.weight, classifier.bias)" in out
+    stored = [r for r in list_checkpoints(bentoml_home) if r["tag"].startswith("compact-fake:")]
+    assert read_manifest(stored[0]["tag"])[0].training["init"] == tag  # the manifest says where it started
+    assert effnet(["train", "--variant", "b0", *TINY, "--init", tag]) == 2  # refused before the data loads
+    assert "holds a 'compact' network, this run trains 'b0'" in capsys.readouterr().err
+    assert effnet(["train", "--variant", "compact", *TINY, "--init", "nothing-here:latest"]) == 2
+
+
 def test_a_time_budget_cuts_the_schedule_to_the_epochs_that_fit(tmp_path, bentoml_home, capsys):
     # 3 epochs of 2 steps asked; a budget that nothing fits stops after the timed step of epoch 1 and the
     # manifest and training state record the 1 epoch that ran, not the 3 asked for

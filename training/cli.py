@@ -95,7 +95,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="examples:\n  effnet train --variant b0 --data fashion-mnist --recipe quick\n"
         "  effnet train --variant compact --data fashion-mnist --recipe quick --teacher b0-fashion-mnist:latest\n"
-        "  effnet train --variant b0 --data imagefolder:/data/imagenet --resolution 224 --epochs 350 --nproc 8",
+        "  effnet train --variant b0 --data imagefolder:/data/imagenet --resolution 224 --epochs 350 --nproc 8\n"
+        "  effnet train --variant lite0 --data imagefolder:/data/flowers --init lite0-imagenet:latest --resolution 224 "
+        "--epochs 10 --lr 5e-4",
     )
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_train_arguments(p)

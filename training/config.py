@@ -20,6 +20,7 @@ class TrainConfig:
     recipe: str = "full"
     name: str = ""  # store name; "" -> "{canonical variant}-{dataset}", what the service asks for
     teacher: str = ""  # store tag of a teacher checkpoint for knowledge distillation; "" -> none
+    init: str = ""  # store tag whose weights start the run (fine-tuning, training/finetune.py); "" -> random
     # schedule
     epochs: float = 40.0  # Fashion-MNIST keeps improving to ~40 epochs with RandAugment; ImageNet users set 350.
     # A fraction is allowed (0.8: the cosine schedule over 80% of one epoch's steps), for budgets below one epoch.

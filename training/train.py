@@ -135,6 +135,16 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = create_model(variant, num_classes=manifest.num_classes, in_chans=manifest.in_chans,
                          drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    if cfg.init and not resume:  # before the EMA copies the weights; a resumed run has its own
+        from .finetune import init_from_checkpoint
+
+        start = init_from_checkpoint(model, cfg.init, variant, manifest.classes)
+        known = f", top-1 {start['top1']:.2%}" if isinstance(start["top1"], (int, float)) else ""
+        log(f"initialised from {cfg.init} ({start['dataset']}{known}): {start['loaded']} tensors "
+            f"as stored" + (f", {', '.join(start['adapted'])} adapted to {manifest.in_chans} input channel(s)"
+                             if start["adapted"] else "")
+            + (f", {len(start['reset'])} initialised afresh ({', '.join(start['reset'][:4])}"
+               f"{'...' if len(start['reset']) > 4 else ''})" if start["reset"] else ""))
     model = model.to(device, memory_format=memory_format)
     ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup)
     global_batch = cfg.batch_size * world
@@ -334,6 +344,9 @@ HELP = {
     "recipe": "quick: the 2-CPU-core budget (0.75 epoch at 40x40; ~17 min for b0, mec and compact side by side on Fashion-MNIST); full: RandAugment, longer schedule, more regularisation",
     "name": "store name (default: {variant}-{dataset}, e.g. b0-fashion-mnist, which the service serves)",
     "teacher": "store tag of a trained checkpoint to distil from (same classes), e.g. b0-fashion-mnist:latest",
+    "init": "store tag of a checkpoint of the same variant whose weights start the run (fine-tuning), e.g. "
+            "lite0-imagenet:latest; the classifier starts afresh when the classes differ, an RGB stem is summed "
+            "for gray data",
     "epochs": "epochs of the cosine schedule; a fraction (e.g. 0.8) stops the last pass early",
     "batch_size": "images per process per step (the LR scales with the global batch / 128)",
     "lr": "peak AdamW learning rate for a global batch of 128",
@@ -452,6 +465,14 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     name = check_store_name(checkpoint_name(cfg.variant, cfg.data, cfg.name))
+    if cfg.init:  # a missing or other-variant --init fails now, not after the data has loaded
+        from models import get_variant
+        from store import read_manifest
+
+        init_variant = read_manifest(cfg.init)[0].variant
+        if init_variant != get_variant(cfg.variant).name:
+            raise ValueError(f"--init {cfg.init} holds a {init_variant!r} network, this run trains "
+                             f"{get_variant(cfg.variant).name!r} (fine-tune a checkpoint of the same variant)")
     if args.skip_existing:
         from store import has_checkpoint
 
