@@ -48,6 +48,8 @@ SIGNATURES = (
     (0, b"\x00\x00\x01\x00", "ICO"), (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),
     (0, b"\xffO\xffQ", "JPEG 2000"), (0, b"\xff\x0a", "JPEG XL"), (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
 )
+# "BM" alone starts plenty of text: a BMP also has one of the known DIB header sizes at byte 14.
+BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
 # ISO base media files (box "ftyp" at byte 4) by their major brand.
 FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"mif1": "HEIF", b"msf1": "HEIF", b"heic": "HEIC",
                b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"hevm": "HEIC", b"hevs": "HEIC"}
@@ -56,7 +58,8 @@ FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"mif1": "HEIF", b"msf1": "HEIF
 def sniff_format(data: bytes) -> str | None:
     """What the bytes look like, for error messages only ("TIFF", "HEIC", "SVG", "base64 text"...)."""
     for offset, magic, name in SIGNATURES:
-        if data[offset:offset + len(magic)] == magic and (name != "WEBP" or data[:4] == b"RIFF"):
+        if data[offset:offset + len(magic)] == magic and (name != "WEBP" or data[:4] == b"RIFF") and (
+                name != "BMP" or int.from_bytes(data[14:18], "little") in BMP_HEADER_SIZES):
             return name
     if data[4:8] == b"ftyp":
         return FTYP_BRANDS.get(data[8:12], "an ISO media file (MP4/MOV/HEIF family)")
@@ -137,8 +140,9 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise ImageError(f"the image declares too many pixels (limit {max_pixels:,}): {e}", status=413) from None
     except Exception as e:  # a header PIL cannot parse
         kind = sniff_format(data)
-        raise ImageError(f"the {kind + ' ' if kind in ALLOWED_FORMATS else ''}image is truncated or corrupt: "
-                         f"its header cannot be read ({e})") from None
+        if kind not in ALLOWED_FORMATS:  # e.g. text that starts with "BM": PIL's BMP reader tried it
+            raise ImageError(_unreadable(data)) from None
+        raise ImageError(f"the {kind} image is truncated or corrupt: its header cannot be read ({e})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ImageError(f"the image declares an empty size {w}x{h}")

@@ -277,6 +277,7 @@ def huge_png(w=12000, h=12000) -> bytes:
     (encode(RGB, "PNG")[:33], 400, "the PNG image is truncated or corrupt"),  # PIL: "cannot identify"
     (encode(RGB, "BMP")[:20], 400, "the BMP image is truncated or corrupt"),
     (encode(RGB, "GIF")[:10], 400, "the GIF image is truncated or corrupt"),
+    (b"BMW and other car brands, as a text file" * 3, 400, "not a supported image: the bytes are not"),
     (huge_png(), 413, "12000x12000"),
     (huge_png(20000, 20000), 413, "too many pixels"),  # above twice PIL's own limit: refused while opening
     (huge_png(7000, 7000), 413, "7000x7000 = 49,000,000 pixels, above the limit of 40,000,000"),
