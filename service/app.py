@@ -25,11 +25,13 @@ def _gpu_present() -> bool:
 def build_gateway(cfg):
     """The gateway service class, with one `bentoml.depends` per served variant."""
     gpu = _gpu_present()
-    attrs = {f"w_{name.replace('-', '_')}": bentoml.depends(make_worker(v, cfg, gpu)) for name, v in cfg.variants.items()}
+    # Variants placed in the gateway (service/inprocess.py) have no worker service.
+    remote = {name: v for name, v in cfg.variants.items() if v.placement == "worker"}
+    attrs = {f"w_{name.replace('-', '_')}": bentoml.depends(make_worker(v, cfg, gpu)) for name, v in remote.items()}
     namespace = {
         **attrs,
         "cfg": cfg,
-        "worker_attrs": {name: f"w_{name.replace('-', '_')}" for name in cfg.variants},
+        "worker_attrs": {name: f"w_{name.replace('-', '_')}" for name in remote},
         "__doc__": "Classify images with the EfficientNet variants of the serving configuration "
                    "(POST /classify, /classify_batch; GET /variants, /routes).",
     }

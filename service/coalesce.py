@@ -11,6 +11,8 @@ once, alone (no added latency at low load); the others queue, and each finished 
 queued meanwhile as one batch of up to `max_batch` images (a single request above it goes alone).
 The worker's batcher still merges the calls that meet there. A failed call fails every request it
 carried with the same error, as each would have failed alone (bad images never get this far).
+With `max_wait_s` (variants in the gateway process, which have no BentoML batcher to shed load), a
+request that has waited longer than that when its turn comes fails with `too_late()` instead of running.
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ Send = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, float]]]
 
 
 class Coalescer:
-    def __init__(self, send: Send, max_batch: int, limit: int) -> None:
+    def __init__(self, send: Send, max_batch: int, limit: int, max_wait_s: float | None = None,
+                 too_late: Callable[[], Exception] = TimeoutError) -> None:
         if max_batch < 1 or limit < 1:
             raise ValueError("max_batch and limit must be at least 1")
         self.send, self.max_batch, self.limit = send, max_batch, limit
+        self.max_wait_s, self.too_late = max_wait_s, too_late
         self.queue: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
         self.in_flight = 0
 
@@ -44,11 +48,16 @@ class Coalescer:
     def _pump(self) -> None:
         while self.queue and self.in_flight < self.limit:
             items, n = [], 0
+            late = time.perf_counter() - self.max_wait_s if self.max_wait_s is not None else None
             while self.queue and (not items or n + len(self.queue[0][0]) <= self.max_batch):
                 item = self.queue.popleft()
-                if not item[1].done():  # a request whose client went away is dropped, not sent
-                    items.append(item)
-                    n += len(item[0])
+                if item[1].done():  # a request whose client went away is dropped, not sent
+                    continue
+                if late is not None and item[2] < late:
+                    item[1].set_exception(self.too_late())
+                    continue
+                items.append(item)
+                n += len(item[0])
             if not items:
                 continue
             self.in_flight += 1

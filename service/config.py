@@ -27,6 +27,7 @@ class ConfigError(ValueError):
     """The serving configuration is invalid; the message names the key or variant."""
 
 
+PLACEMENTS = ("worker", "gateway")  # VariantConfig.placement
 EXACT_BATCH_SIZES = 8  # a variant batching at most this many compiles every size (see VariantConfig.batch_sizes)
 
 
@@ -47,10 +48,16 @@ class VariantConfig:
     # Gateway -> worker calls in flight; requests beyond them wait in the gateway and go together as
     # one call (service.coalesce). 0 = two per worker process: one running, one queued behind it.
     calls_in_flight: int = 0
+    # Where inference runs: "worker" (its own BentoML service processes, behind an HTTP hop) or
+    # "gateway" (`workers` streams inside the gateway process: no hop, no isolation; service/inprocess.py).
+    placement: str = "worker"
 
     @property
     def gateway_calls(self) -> int:
-        return self.calls_in_flight or 2 * self.workers
+        if self.calls_in_flight:
+            return self.calls_in_flight
+        # In the gateway a call beyond the streams would only wait for one; left queued, it joins the next batch.
+        return self.workers if self.placement == "gateway" else 2 * self.workers
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -260,7 +267,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: variant names are letters, digits, '-' and '_'")
         v = _keys(where, v, {"model", "engine", "gpu", "threads", "workers", "max_batch_size",
-                                   "max_latency_ms", "calls_in_flight"}, {"model"})
+                                   "max_latency_ms", "calls_in_flight", "placement"}, {"model"})
         if not isinstance(v["model"], str) or not v["model"]:
             raise ConfigError(f"{where}.model: expected a store tag such as 'b0-fashion-mnist:latest'")
         kw: dict[str, Any] = {"name": name, "model": v["model"]}
@@ -270,6 +277,10 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             kw["engine"] = v["engine"]
         if "gpu" in v:
             kw["gpu"] = _number(f"{where}.gpu", v["gpu"])
+        if "placement" in v:
+            if v["placement"] not in PLACEMENTS:
+                raise ConfigError(f"{where}.placement: expected {' or '.join(PLACEMENTS)}, got {v['placement']!r}")
+            kw["placement"] = v["placement"]
         if "threads" in v:
             kw["threads"] = _number(f"{where}.threads", v["threads"], integer=True)
         for key in ("workers", "max_batch_size", "max_latency_ms", "calls_in_flight"):

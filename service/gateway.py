@@ -41,6 +41,7 @@ from starlette.routing import Route
 
 from . import metrics, route_state
 from .coalesce import Coalescer
+from .inprocess import InProcessVariant
 from .config import ConfigError, RouteConfig, ServingConfig, check_label_spaces, parse_route, unrouted
 from .images import DecodeBudget, ImageError, open_image, to_rgb_array
 from .routing import Assignment, Router, RoutingError, shown
@@ -299,6 +300,12 @@ class GatewayLogic:
             except CheckpointError as e:
                 self.problems[name] = f"variant {name!r}, checkpoint {v.model!r}: {e}"
                 logger.error("effnet gateway: %s", self.problems[name])
+        # Variants with `placement: gateway` run in this process (service/inprocess.py), loaded here,
+        # before the server answers; the others are reached through their worker's proxy.
+        self.local: dict[str, InProcessVariant] = {}
+        for name, v in self.cfg.variants.items():
+            if v.placement == "gateway":
+                self.local[name] = InProcessVariant(v, self.cfg, torch.cuda.is_available())
         self.config_error = None
         self._init_route_changes()
         self._publish_splits(self.cfg.routes.values())
@@ -320,7 +327,7 @@ class GatewayLogic:
         reasons = [self.config_error] if self.config_error else []
         for name in self.cfg.variants:
             try:
-                st = await self.worker(name).to_async.status()
+                st = self.local[name].status() if name in self.local else await self.worker(name).to_async.status()
             except Exception as e:
                 reasons.append(self.problems.get(name) or f"variant {name!r}: worker not reachable yet ({type(e).__name__})")
                 continue
@@ -361,9 +368,29 @@ class GatewayLogic:
         c = self.coalescers.get(variant)
         if c is None:
             v = self.cfg.variants[variant]
-            c = self.coalescers[variant] = Coalescer(lambda b: self.call_worker(variant, b), v.max_batch_size,
-                                                      v.gateway_calls)
+            if variant in self.local:  # no BentoML batcher behind it to shed load: the coalescer does
+                c = Coalescer(lambda b: self.call_local(variant, b), v.max_batch_size, v.gateway_calls,
+                              max_wait_s=v.max_latency_ms / 1000, too_late=lambda: self._at_capacity(variant))
+            else:
+                c = Coalescer(lambda b: self.call_worker(variant, b), v.max_batch_size, v.gateway_calls)
+            self.coalescers[variant] = c
         return await c(batch)
+
+    def _at_capacity(self, variant: str) -> ClientError:
+        return ClientError(f"variant {variant!r} is at capacity; retry later", 503,
+                           {"Retry-After": str(self.cfg.server.retry_after_s)})
+
+    async def call_local(self, variant: str, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """`call_worker` for a variant in this process: scores (N, K) and the seconds its inference took."""
+        local = self.local[variant]
+        if local.error is not None:
+            raise ClientError(local.error, 503, {"Retry-After": str(self.cfg.server.retry_after_s)})
+        try:
+            out = await local.predict(batch)
+        except Exception as e:  # an engine failure: the request is not at fault, and the message is ours
+            logger.exception("variant %s: in-process inference failed", variant)
+            raise ClientError(f"variant {variant!r}: inference failed ({type(e).__name__})", 502) from None
+        return out[:, :-1], float(out[0, -1])
 
     async def call_worker(self, variant: str, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """One call to the variant's worker: scores (N, K) and the seconds its inference took."""
@@ -390,8 +417,7 @@ class GatewayLogic:
             except BentoMLException as e:
                 status = int(getattr(e, "error_code", 500))
                 if status in (429, 503):
-                    raise ClientError(f"variant {variant!r} is at capacity; retry later", 503,
-                                      {"Retry-After": str(self.cfg.server.retry_after_s)}) from None
+                    raise self._at_capacity(variant) from None
                 raise ClientError(f"variant {variant!r}: worker failed ({status})", 502) from None
         out = np.asarray(out)
         return out[:, :-1], float(out[0, -1])
@@ -733,6 +759,7 @@ class GatewayLogic:
                 "variant": name, "model": v.model, "routes": routes,
                 "weights": {r: self.cfg.routes[r].split.get(name, 0.0) for r in routes},
                 "shadow_in": [r for r in routes if (s := self.cfg.routes[r].shadow) and s.variant == name],
+                "placement": v.placement,  # worker: its own processes; gateway: in the gateway's (no HTTP hop)
                 "device": st.get("device"), "engine": (st.get("engine") or {}).get("engine", v.engine),
                 # which engine and precision serve and why: auto's timings, engines refused and their
                 # reasons, the verification figures against eager PyTorch (engines.Engine.describe)

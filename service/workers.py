@@ -135,6 +135,103 @@ def service_name(variant: str) -> str:
     return f"effnet-worker-{variant.lower().replace('_', '-')}"
 
 
+class VariantRunner:
+    """One loaded copy of a variant's engines and what it takes to run a batch on them: the body of a
+    worker process, and of each in-process stream (`placement: gateway`, service/inprocess.py).
+
+    A checkpoint that is missing, corrupted or mismatched leaves `error` set instead of raising.
+    `run` is not reentrant: one batch at a time per runner (OpenVINO's infer requests are shared).
+    """
+
+    def __init__(self, v: VariantConfig, cfg: ServingConfig, use_gpu: bool) -> None:
+        self.v = v
+        self.error: str | None = None
+        self.engine = None
+        self.manifest = None
+        self.device = variant_device(v, use_gpu)
+        if v.gpu > 0 and self.device == "cpu":
+            logger.warning("variant %s asks for %s GPU(s) but CUDA is not present: serving it on the CPU",
+                           v.name, v.gpu)
+        self.slots = CoreSlots(cpu_threads(cfg)) if self.device == "cpu" else None
+        self.on_device = DeviceThread(self.device, f"effnet-{v.name}-{self.device}")
+        self.engines: dict[int, Any] = {}
+        try:
+            from engines import load_engine
+
+            # Static-shape engines compile one graph per size and pad a batch up to the next one.
+            sizes = v.batch_sizes
+            # NOTE: the engine is chosen once, at the variant's full thread count (`auto` times
+            # there; `make engines` records it), and the single-thread batches run the same engine
+            # with one thread: no second timing at start-up, and one engine to compare offline.
+            counts = variant_thread_counts(v, cfg, self.device)
+            with loading_slots(self.slots, v, self.device, sizes, counts[0]):
+                name = v.engine
+                for n in counts:
+                    self.engines[n], self.manifest = self.on_device(
+                        load_engine, v.model, engine=name, threads=n, device=self.device, batch_sizes=sizes)
+                    name = self.engines[n].name
+                    r = self.manifest.resolution
+                    # first-call allocations, off the request path
+                    self.on_device(self._infer, np.zeros((1, 3, r, r), np.uint8), n)
+            self.engine = self.engines[max(self.engines)]
+            logger.info("variant %s: loaded %s on %s (%s), %s threads per batch", v.name, v.model, self.device,
+                        ", ".join(f"{n} thread(s): {e.describe().get('engine')}" for n, e in self.engines.items()),
+                        " or ".join(map(str, self.engines)))
+        except Exception as e:  # CheckpointError, an unknown engine, CUDA failures...
+            self.error = f"variant {v.name!r}, checkpoint {v.model!r}: {e}"
+            logger.error("effnet variant NOT READY: %s", self.error)
+
+    def _infer(self, images: np.ndarray, n: int) -> np.ndarray:
+        import torch
+
+        # The torch engines read the process-wide count; ONNX Runtime and OpenVINO were given theirs.
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        return torch.softmax(self.engines[n](x).float(), dim=1).numpy()
+
+    def _run(self, images: np.ndarray) -> tuple[np.ndarray, float, int]:
+        if self.slots is None:  # GPU: the device serialises its own work, on the thread that warmed it
+            t0 = time.perf_counter()
+            n = max(self.engines)
+            return self.on_device(self._infer, images, n), time.perf_counter() - t0, n
+        with self.slots.hold(max(self.engines)) as got:
+            n = max(k for k in self.engines if k <= got)
+            t0 = time.perf_counter()
+            scores = self._infer(images, n)
+            return scores, time.perf_counter() - t0, n
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, 3, R, R) -> float32 (N, K + 1): softmax scores, then the batch's inference seconds."""
+        if self.error is not None:
+            raise ServiceUnavailable(self.error)
+        scores, seconds, n = self._run(images)
+        metrics.INFERENCE_LATENCY.labels(self.v.name, self.device).observe(seconds)
+        metrics.BATCH_THREADS.labels(self.v.name, str(n)).inc()
+        metrics.BATCH_SIZE.labels(self.v.name).observe(len(images))
+        out = np.empty((len(images), scores.shape[1] + 1), np.float32)
+        out[:, :-1] = scores
+        out[:, -1] = seconds
+        return out
+
+    def status(self, threads: int, loaded: int, placement: str = "worker") -> dict:
+        """What `/variants` shows of this variant; `loaded` counts its loaded processes or streams."""
+        v = self.v
+        info: dict[str, Any] = {
+            "variant": v.name, "model": v.model, "error": self.error, "device": self.device,
+            "threads": threads, "workers": v.workers, "workers_loaded": loaded, "placement": placement,
+            "ready": self.error is None and loaded >= v.workers,
+            "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
+        }
+        if self.error is None and loaded < v.workers:
+            info["error"] = f"variant {v.name!r}: {loaded} of {v.workers} worker processes loaded"
+        if self.engine is not None:
+            info["engine"] = self.engine.describe()
+            if len(self.engines) > 1:
+                info["engines_by_threads"] = {str(n): e.describe().get("engine") for n, e in self.engines.items()}
+        return info
+
+
 def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
     """The BentoML service class that serves variant `v`."""
     use_gpu = v.gpu > 0 and gpu_present
@@ -145,98 +242,24 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
         def __init__(self) -> None:
             import torch
 
-            self.error: str | None = None
-            self.engine = None
-            self.manifest = None
-            self.device = variant_device(v, use_gpu and torch.cuda.is_available())
-            if v.gpu > 0 and self.device == "cpu":
-                logger.warning("variant %s asks for %s GPU(s) but CUDA is not present: serving it on the CPU",
-                               v.name, v.gpu)
-            self.slots = CoreSlots(cpu_threads(cfg)) if self.device == "cpu" else None
-            self.on_device = DeviceThread(self.device, f"effnet-{v.name}-{self.device}")
-            self.engines: dict[int, Any] = {}
-            try:
-                from engines import load_engine
-
-                # Static-shape engines compile one graph per size and pad a batch up to the next one.
-                sizes = v.batch_sizes
-                # NOTE: the engine is chosen once, at the variant's full thread count (`auto` times
-                # there; `make engines` records it), and the single-thread batches run the same engine
-                # with one thread: no second timing at start-up, and one engine to compare offline.
-                counts = variant_thread_counts(v, cfg, self.device)
-                with loading_slots(self.slots, v, self.device, sizes, counts[0]):
-                    name = v.engine
-                    for n in counts:
-                        self.engines[n], self.manifest = self.on_device(
-                            load_engine, v.model, engine=name, threads=n, device=self.device, batch_sizes=sizes)
-                        name = self.engines[n].name
-                        r = self.manifest.resolution
-                        # first-call allocations, off the request path
-                        self.on_device(self._infer, np.zeros((1, 3, r, r), np.uint8), n)
-                self.engine = self.engines[max(self.engines)]
-                logger.info("variant %s: loaded %s on %s (%s), %s threads per batch", v.name, v.model, self.device,
-                            ", ".join(f"{n} thread(s): {e.describe().get('engine')}" for n, e in self.engines.items()),
-                            " or ".join(map(str, self.engines)))
+            self.runner = VariantRunner(v, cfg, use_gpu and torch.cuda.is_available())
+            if self.runner.error is None:
                 self.marker = ready_dir(v.name) / str(os.getpid())
                 self.marker.parent.mkdir(parents=True, exist_ok=True)
                 self.marker.touch()
-            except Exception as e:  # CheckpointError, an unknown engine, CUDA failures...
-                self.error = f"variant {v.name!r}, checkpoint {v.model!r}: {e}"
-                logger.error("effnet worker NOT READY: %s", self.error)
-            metrics.VARIANT_READY.labels(v.name).set(0 if self.error else 1)
+            metrics.VARIANT_READY.labels(v.name).set(0 if self.runner.error else 1)
 
         def __is_ready__(self) -> bool:
-            return self.error is None
-
-        def _infer(self, images: np.ndarray, n: int) -> np.ndarray:
-            import torch
-
-            # The torch engines read the process-wide count; ONNX Runtime and OpenVINO were given theirs.
-            if torch.get_num_threads() != n:
-                torch.set_num_threads(n)
-            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
-            return torch.softmax(self.engines[n](x).float(), dim=1).numpy()
-
-        def _run(self, images: np.ndarray) -> tuple[np.ndarray, float, int]:
-            if self.slots is None:  # GPU: the device serialises its own work, on the thread that warmed it
-                t0 = time.perf_counter()
-                n = max(self.engines)
-                return self.on_device(self._infer, images, n), time.perf_counter() - t0, n
-            with self.slots.hold(max(self.engines)) as got:
-                n = max(k for k in self.engines if k <= got)
-                t0 = time.perf_counter()
-                scores = self._infer(images, n)
-                return scores, time.perf_counter() - t0, n
+            return self.runner.error is None
 
         @bentoml.api
         def status(self) -> dict:
-            loaded = live_markers(ready_dir(v.name)) if self.error is None else 0
-            info: dict[str, Any] = {
-                "variant": v.name, "model": v.model, "error": self.error, "device": self.device,
-                "threads": threads, "workers": v.workers, "workers_loaded": loaded,
-                "ready": self.error is None and loaded >= v.workers,
-                "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
-            }
-            if self.error is None and loaded < v.workers:
-                info["error"] = f"variant {v.name!r}: {loaded} of {v.workers} worker processes loaded"
-            if self.engine is not None:
-                info["engine"] = self.engine.describe()
-                if len(self.engines) > 1:
-                    info["engines_by_threads"] = {str(n): e.describe().get("engine") for n, e in self.engines.items()}
-            return info
+            loaded = live_markers(ready_dir(v.name)) if self.runner.error is None else 0
+            return self.runner.status(threads, loaded)
 
         @bentoml.api(batchable=True, max_batch_size=v.max_batch_size, max_latency_ms=v.max_latency_ms)
         def predict(self, images: np.ndarray) -> np.ndarray:
-            if self.error is not None:
-                raise ServiceUnavailable(self.error)
-            scores, seconds, n = self._run(images)
-            metrics.INFERENCE_LATENCY.labels(v.name, self.device).observe(seconds)
-            metrics.BATCH_THREADS.labels(v.name, str(n)).inc()
-            metrics.BATCH_SIZE.labels(v.name).observe(len(images))
-            out = np.empty((len(images), scores.shape[1] + 1), np.float32)
-            out[:, :-1] = scores
-            out[:, -1] = seconds
-            return out
+            return self.runner.predict(images)
 
     Worker.__name__ = Worker.__qualname__ = f"Worker_{v.name.replace('-', '_')}"
     return bentoml.service(

@@ -117,3 +117,23 @@ def test_a_request_whose_client_went_away_is_not_sent():
 def test_limits_must_be_positive(max_batch, limit):
     with pytest.raises(ValueError):
         Coalescer(FakeWorker(), max_batch, limit)
+
+
+def test_with_max_wait_a_request_that_waited_too_long_is_refused_not_run():
+    """Variants in the gateway process have no BentoML batcher to shed load: the coalescer does."""
+    class Late(Exception):
+        pass
+
+    async def go():
+        w = FakeWorker(delay=0.2)
+        c = Coalescer(w, max_batch=8, limit=1, max_wait_s=0.1, too_late=Late)
+        first = asyncio.ensure_future(c(_img(1)))
+        await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(c(_img(2)))  # waits 0.19 s for the first call: too long
+        done = await asyncio.gather(first, queued, return_exceptions=True)
+        after = await c(_img(3))  # an idle coalescer runs at once whatever max_wait_s is
+        return w.calls, done, after
+
+    calls, (first, queued), after = asyncio.run(go())
+    assert calls == [1, 1]  # the late request was never sent
+    assert first[0].tolist() == [[1.0]] and isinstance(queued, Late) and after[0].tolist() == [[3.0]]

@@ -13,7 +13,8 @@ from service.testing import FASHION_CLASSES, Server, make_checkpoint, write_conf
 pytestmark = pytest.mark.slow
 
 
-def test_a_corrupted_checkpoint_leaves_the_service_not_ready_with_the_reason(tmp_path):
+@pytest.mark.parametrize("placement", ["worker", "gateway"])
+def test_a_corrupted_checkpoint_leaves_the_service_not_ready_with_the_reason(tmp_path, placement):
     home = tmp_path / "bentoml"
     tag = make_checkpoint(home, "compact-fashion-mnist", "compact", FASHION_CLASSES, 32, grayscale=True)
     name, version = tag.split(":")
@@ -22,7 +23,7 @@ def test_a_corrupted_checkpoint_leaves_the_service_not_ready_with_the_reason(tmp
     data[-10] ^= 0xFF  # one flipped byte: the sha256 no longer matches the manifest
     weights.write_bytes(bytes(data))
     cfg = write_config(tmp_path / "serve.yaml", {
-        "variants": {"compact": {"model": f"{name}:latest"}},
+        "variants": {"compact": {"model": f"{name}:latest", "placement": placement}},
         "routes": {"fashion": {"split": ["compact"]}},
     })
     with Server(home, cfg) as server:
@@ -40,22 +41,25 @@ def test_a_corrupted_checkpoint_leaves_the_service_not_ready_with_the_reason(tmp
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "not ready" in r.json()["error"] and "sha256" in r.json()["error"]
 
-        time.sleep(3)  # a crash loop would restart the worker (about 1 s each) and log it again
+        time.sleep(3)  # a crash loop would restart the worker or gateway (about 1 s each) and log it again
         assert httpx.get(server.url + "/livez", timeout=10).status_code == 200
         log = Path(server.log).read_text()
-        assert log.count("effnet worker NOT READY") == 1, log[-3000:]
+        assert log.count("effnet variant NOT READY") == 1, log[-3000:]
         assert "compact-fashion-mnist" in log and "sha256" in log
 
 
-def test_past_capacity_requests_are_refused_fast_with_retry_after(tmp_path):
+@pytest.mark.parametrize("placement", ["worker", "gateway"])
+def test_past_capacity_requests_are_refused_fast_with_retry_after(tmp_path, placement):
     """max_inflight 3 and a 30 ms batching budget against 24 clients at once: every answer is a 200, a
-    429 from the gateway's in-flight limit or a 503 from BentoML's batcher, each refusal with
-    Retry-After and a message, all within seconds, and the server is still ready afterwards."""
+    429 from the gateway's in-flight limit or a 503 from the variant's queue (BentoML's batcher in a
+    worker, the coalescer in the gateway), each refusal with Retry-After and a message, all within
+    seconds, and the server is still ready afterwards."""
     home = tmp_path / "bentoml"
     tag = make_checkpoint(home, "b0-fashion-mnist", "b0", FASHION_CLASSES, 32, grayscale=True)
     cfg = write_config(tmp_path / "serve.yaml", {
         "server": {"max_inflight": 3, "retry_after_s": 2},
-        "variants": {"b0": {"model": tag.split(":")[0] + ":latest", "max_batch_size": 4, "max_latency_ms": 30}},
+        "variants": {"b0": {"model": tag.split(":")[0] + ":latest", "max_batch_size": 4, "max_latency_ms": 30,
+                            "placement": placement}},
         "routes": {"fashion": {"split": ["b0"]}},
     })
     from tests.test_service_http import png

@@ -38,7 +38,10 @@ def server(tmp_path_factory):
         "server": {"max_body_mb": 1, "max_pixels": 4_000_000, "max_batch_images": 8, "cpu_threads": 2},
         "default_route": "fashion",
         "variants": {v: {"model": t.split(":")[0] + ":latest", "max_batch_size": 16, "max_latency_ms": 5000,
-                         **({"workers": 2} if v == "lite0" else {})}  # as in service/config.yaml
+                         **({"workers": 2} if v == "lite0" else {}),  # as in service/config.yaml
+                         # served in the gateway process (service/inprocess.py); the tests that name no
+                         # variant in particular cover both placements
+                         **({"placement": "gateway"} if v == "compact" else {})}
                      for v, t in tags.items()},
         "routes": {
             "fashion": {"split": {"b0": 0.5, "mec": 0.25, "compact": 0.25},
@@ -268,6 +271,13 @@ def test_variants_and_routes_describe_the_configuration(server):
     assert lite0["calls_in_flight"] == 4 and b0["calls_in_flight"] == 2  # gateway batching: 2 per process
     assert lite0["threads"] == 2 and set(lite0["engines_by_threads"]) == {"1", "2"}
     assert len(list((server.home / "run" / "ready" / "lite0").iterdir())) == 2
+    # compact runs in the gateway: no worker service of its own, the same description otherwise
+    compact = variants["compact"]
+    assert compact["placement"] == "gateway" and b0["placement"] == lite0["placement"] == "worker"
+    assert compact["ready"] and compact["device"] == "cpu" and compact["calls_in_flight"] == 1
+    assert set(compact["engines_by_threads"]) == {"1", "2"} and compact["engine_reason"]
+    assert not (server.home / "run" / "ready" / "compact").exists()
+    assert metric(text, "effnet_variant_ready", variant="compact") == 1
     routes = server.client.get("/routes").json()
     assert routes["default_route"] == "fashion" and routes["routes"]["fashion"]["shadow"]["variant"] == "mec"
     paths = server.client.get("/docs.json").json()["paths"]  # the OpenAPI document behind /docs

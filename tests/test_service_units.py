@@ -110,8 +110,10 @@ def test_default_config_serves_the_default_store():
     assert set(cfg.routes["fashion"].split) == {"b0", "mec", "compact"} and cfg.routes["fashion"].shadow
     assert cfg.variants["lite0"].model == "lite0-imagenet:latest"
     assert cfg.server.max_body_bytes == 10 * 1024 * 1024
-    # lite0 (224x224, inference-bound) runs two processes that share the cores; the rest one each.
+    # lite0 (224x224, inference-bound) runs two streams that share the cores, in the gateway process
+    # (its latency target needs the HTTP hop gone); the rest one worker process each.
     assert cfg.variants["lite0"].workers == 2 and cfg.variants["b0"].workers == 1
+    assert cfg.variants["lite0"].placement == "gateway" and cfg.variants["b0"].placement == "worker"
 
 
 @pytest.mark.parametrize("patch, message", [
@@ -426,7 +428,7 @@ def gateway_with(worker):
 
     gw = object.__new__(GatewayLogic)  # no server: only the call path is under test
     gw.cfg, gw.worker_attrs, gw.w_b0 = parse_config(CFG), {"b0": "w_b0"}, worker
-    gw.coalescers = {}
+    gw.coalescers, gw.local = {}, {}
     gw.decoding = DecodeBudget(gw.cfg.server.max_decoding_pixels)
     return gw
 
@@ -875,6 +877,23 @@ def test_gateway_calls_in_flight_default_to_two_per_worker_process_and_can_be_se
     for bad in ("0", "-1", "two"):
         cfg.write_text(body % bad)
         with pytest.raises(ConfigError, match="calls_in_flight"):
+            load_config(cfg)
+
+
+def test_placement_is_worker_or_gateway_and_in_the_gateway_one_call_per_stream(tmp_path):
+    from service.config import ConfigError, VariantConfig, load_config
+
+    assert VariantConfig("v", "m:latest").placement == "worker"
+    # in the gateway a call beyond the streams would only wait for one, unbatched
+    assert VariantConfig("v", "m:latest", workers=2, placement="gateway").gateway_calls == 2
+    assert VariantConfig("v", "m:latest", placement="gateway", calls_in_flight=3).gateway_calls == 3
+    cfg = tmp_path / "c.yaml"
+    body = "variants:\n  a: {model: 'a:latest', placement: %s}\nroutes:\n  r: {split: [a]}\n"
+    cfg.write_text(body % "gateway")
+    assert load_config(cfg).variants["a"].placement == "gateway"
+    for bad in ("inline", "Gateway", "1", "[gateway]"):
+        cfg.write_text(body % bad)
+        with pytest.raises(ConfigError, match=r"variants\.a\.placement: expected worker or gateway"):
             load_config(cfg)
 
 

@@ -1,0 +1,79 @@
+"""Variants served inside the gateway process (`placement: gateway`): inference without the HTTP hop.
+
+Why: a call from the gateway to a worker process goes through BentoML's client, an HTTP request
+over the loopback, the worker's uvicorn and middleware, pickling, its batcher and a thread hand-off.
+NOTE: measured 2026-11-27 13:33 on the imagenet route at concurrency 1, that hop took 5.6 ms of an
+18.1 ms request whose lite0 inference took 10.6 ms; the engines issue asks for 15 ms. Taking BentoML's
+batcher out of the hop (a plain API; the gateway batches already) did not shorten it: 20.0-23.3 ms
+against 17.6-20.0 with it, two rounds each, 2026-11-27 20:49-21:01. The hop is HTTP, not batching.
+
+How: the variant's `workers` become streams in the gateway process, each a `VariantRunner` with
+engines of its own (one batch at a time per runner), drawing on the same core slots as the worker
+processes (service.cpu_slots), so the thread budget holds. The gateway's coalescer sends at most one
+call per stream; what waits meanwhile goes together as the next batch. A batch runs in a thread;
+OpenVINO, ONNX Runtime and PyTorch release the GIL while they compute, so the event loop keeps
+parsing and decoding other requests.
+
+Load shedding: BentoML's batcher answers 503 once a request's estimated wait passes `max_latency_ms`;
+here a request that has already waited that long in the queue is answered 503 when its turn comes
+(service.coalesce, `max_wait_s`).
+
+The price: no isolation. An engine that crashes takes the gateway with it (a worker process would be
+restarted alone), and the variant's load is part of the gateway's start-up. Keep it for the variants
+whose latency matters more than that.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import anyio
+import numpy as np
+
+from . import metrics
+from .config import ServingConfig, VariantConfig, variant_threads
+from .workers import VariantRunner
+
+logger = logging.getLogger("effnet.gateway")
+
+
+class InProcessVariant:
+    """`v.workers` runners of one variant in this process, and an async `predict` that uses a free one."""
+
+    def __init__(self, v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> None:
+        self.v = v
+        self.threads = variant_threads(v, cfg)
+        use_gpu = v.gpu > 0 and gpu_present
+        # One stream on a GPU, as one worker process there: the device serialises the work anyway.
+        wanted = 1 if use_gpu else v.workers
+        self.runners = [VariantRunner(v, cfg, use_gpu)]
+        while self.runners[0].error is None and len(self.runners) < wanted:
+            self.runners.append(VariantRunner(v, cfg, use_gpu))
+        self.wanted = wanted
+        self.error = next((r.error for r in self.runners if r.error), None)
+        self._free: asyncio.Queue | None = None  # made on first use, inside the server's event loop
+        metrics.VARIANT_READY.labels(v.name).set(0 if self.error else 1)
+        if self.error is None:
+            logger.info("variant %s: served in the gateway process, %d stream(s)", v.name, len(self.runners))
+
+    def status(self) -> dict[str, Any]:
+        loaded = 0 if self.error else len(self.runners)
+        info = self.runners[0].status(self.threads, loaded, placement="gateway")
+        info["workers"] = self.wanted
+        info["ready"] = self.error is None and loaded >= self.wanted
+        if self.error:
+            info["error"] = self.error
+        return info
+
+    async def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Like the worker's `predict`: float32 (N, K + 1), the scores then the batch's seconds."""
+        if self._free is None:
+            self._free = asyncio.Queue()
+            for r in self.runners:
+                self._free.put_nowait(r)
+        runner = await self._free.get()
+        try:
+            return await anyio.to_thread.run_sync(runner.predict, batch)
+        finally:
+            self._free.put_nowait(runner)
