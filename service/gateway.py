@@ -876,7 +876,14 @@ async def _change_route(request: Request) -> JSONResponse:
         return _error(rid, e.status, str(e))
 
 
-http_app = Starlette(routes=[
+async def _method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+    """Our JSON error shape for a known path asked with the wrong method (Starlette's own is plain text)."""
+    allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
+    return _error(uuid.uuid4().hex, 405, f"{request.method} is not allowed on {request.url.path}; use {allow}",
+                  {"Allow": allow})
+
+
+http_app = Starlette(exception_handlers={405: _method_not_allowed}, routes=[
     Route("/classify", _classify, methods=["POST"]),
     Route("/classify_batch", _classify_batch, methods=["POST"]),
     Route("/variants", _variants, methods=["GET"]),

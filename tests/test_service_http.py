@@ -202,6 +202,14 @@ def test_a_compressed_body_and_too_many_files_are_refused_by_name(server):
     assert server.client.get("/readyz").status_code == 200
 
 
+@pytest.mark.parametrize("method, path, allow", [("GET", "/classify", "POST"), ("PUT", "/classify_batch", "POST"),
+                                                 ("DELETE", "/variants", "GET, HEAD"), ("POST", "/routes/fashion", "PATCH")])
+def test_a_wrong_method_gets_our_json_error_naming_the_right_one(server, method, path, allow):
+    r = server.client.request(method, path)
+    assert r.status_code == 405 and r.headers["allow"] == allow
+    assert r.json()["error"] == f"{method} is not allowed on {path}; use {allow}" and r.json()["request_id"]
+
+
 @pytest.mark.parametrize("case, parts, status, message", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_a_clear_4xx_and_the_server_stays_ready(server, case, parts, status, message):
     if parts is None:
