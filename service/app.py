@@ -36,7 +36,12 @@ def build_gateway(cfg):
                    "(POST /classify, /classify_batch; GET /variants, /routes).",
     }
     cls = type("Gateway", (GatewayLogic,), namespace)
+    # A GPU variant placed in the gateway needs the gateway to be given a GPU by BentoML's allocator
+    # (CUDA_VISIBLE_DEVICES), as its worker would have been, rather than share whatever it sees.
+    local_gpu = max((v.gpu for v in cfg.variants.values() if v.placement == "gateway"), default=0)
+    extra = {"resources": {"gpu": local_gpu}} if gpu and local_gpu > 0 else {}
     svc = bentoml.service(
+        **extra,
         name="effnet-gateway",
         # Our own in-flight limit answers 429 with Retry-After (BentoML's max_concurrency has none);
         # the timeout is a backstop behind it and the workers' max_latency_ms.

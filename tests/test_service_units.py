@@ -975,3 +975,20 @@ def test_the_workers_batcher_does_not_hold_requests_back_by_a_learned_wait():
     opt.trigger_refresh()
     assert opt.wait == 0
     assert opt.o_a == pytest.approx(0.01, rel=0.05) and opt.o_b == pytest.approx(0.002, abs=0.001)
+
+
+def test_a_gpu_variant_in_the_gateway_makes_bentoml_give_the_gateway_a_gpu(monkeypatch):
+    """BentoML's allocator sets CUDA_VISIBLE_DEVICES only for services that ask for GPUs; a GPU
+    variant placed in the gateway must make the gateway ask, as its worker would have. Services are
+    only declared here (no CUDA needed); nothing is loaded."""
+    from service import app
+
+    cfg = parse_config({"variants": {"a": {"model": "a:latest", "gpu": 1, "placement": "gateway"},
+                                     "b": {"model": "b:latest", "gpu": 0.5}},
+                        "routes": {"r": {"split": ["a", "b"]}}})
+    monkeypatch.setattr(app, "_gpu_present", lambda: True)
+    on_gpu = app.build_gateway(cfg)
+    assert on_gpu.config["resources"] == {"gpu": 1}
+    assert set(on_gpu.dependencies) == {"w_b"}  # no worker service for the variant in the gateway
+    monkeypatch.setattr(app, "_gpu_present", lambda: False)
+    assert "resources" not in app.build_gateway(cfg).config
