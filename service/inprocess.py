@@ -4,7 +4,7 @@ Why: a call from the gateway to a worker process goes through BentoML's client, 
 over the loopback, the worker's uvicorn and middleware, pickling, its batcher and a thread hand-off.
 NOTE: measured 2026-11-27 13:33 on the imagenet route at concurrency 1, that hop took 5.6 ms of an
 18.1 ms request whose lite0 inference took 10.6 ms; the engines issue asks for 15 ms. Taking BentoML's
-batcher out of the hop (a plain API; the gateway batches already) did not shorten it: 20.0-23.3 ms
+batcher out of the hop (a plain API; the gateway batches already) did not shorten it: 20.4-23.3 ms
 against 17.6-20.0 with it, two rounds each, 2026-11-27 20:49-21:01. The hop is HTTP, not batching.
 
 How: the variant's `workers` become streams in the gateway process, each a `VariantRunner` with
