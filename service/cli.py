@@ -197,6 +197,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {path} on http://{args.host}:{args.port} (store: {os.environ.get('BENTOML_HOME', '~/bentoml')})\n"
           f"routes: {routes}; default route: {cfg.default_route}\ntry:\n{example_curl(args.host, args.port)}",
           flush=True)
+    inside = [n for n, v in cfg.variants.items() if v.placement == "gateway"]
+    if inside:
+        print(f"served inside the gateway process (placement: gateway, no HTTP hop): {', '.join(inside)}", flush=True)
     if cfg.server.route_changes == "persist":
         from .route_state import load, state_path
 

@@ -992,3 +992,29 @@ def test_a_gpu_variant_in_the_gateway_makes_bentoml_give_the_gateway_a_gpu(monke
     assert set(on_gpu.dependencies) == {"w_b"}  # no worker service for the variant in the gateway
     monkeypatch.setattr(app, "_gpu_present", lambda: False)
     assert "resources" not in app.build_gateway(cfg).config
+
+
+def test_effnet_serve_says_which_variants_run_inside_the_gateway(bentoml_home, tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from service import cli
+    from service.testing import write_config
+
+    started = []
+    monkeypatch.setattr(cli.os, "execvpe", lambda *a: started.append(a))  # stop short of `bentoml serve`
+    cfg = {**CFG, "variants": {**CFG["variants"], "mec": {**CFG["variants"]["mec"], "placement": "gateway"}}}
+    path = write_config(tmp_path / "serving.yaml", cfg)
+    cli.cmd_serve(argparse.Namespace(config=str(path), host="127.0.0.1", port=free_port()))
+    out = capsys.readouterr().out
+    assert started and "served inside the gateway process (placement: gateway, no HTTP hop): mec\n" in out
+    cli.cmd_serve(argparse.Namespace(config=str(write_config(tmp_path / "w.yaml", CFG)), host="127.0.0.1",
+                                     port=free_port()))
+    assert "inside the gateway" not in capsys.readouterr().out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
