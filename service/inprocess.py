@@ -18,6 +18,11 @@ Load shedding: BentoML's batcher answers 503 once a request's estimated wait pas
 here a request that has already waited that long in the queue is answered 503 when its turn comes
 (service.coalesce, `max_wait_s`).
 
+NOTE: the torch engines read the process-wide thread count (`torch.set_num_threads`), so in the
+gateway two streams of a torch engine may run at each other's count, and the gateway's own resizing
+at theirs. `engine: auto` chose OpenVINO for every default variant here (2026-11-27), and OpenVINO and
+ONNX Runtime take their thread count per engine; a torch engine placed in the gateway is not tuned.
+
 The price: no isolation. An engine that crashes takes the gateway with it (a worker process would be
 restarted alone), and the variant's load is part of the gateway's start-up. Keep it for the variants
 whose latency matters more than that.

@@ -140,7 +140,7 @@ class VariantRunner:
     worker process, and of each in-process stream (`placement: gateway`, service/inprocess.py).
 
     A checkpoint that is missing, corrupted or mismatched leaves `error` set instead of raising.
-    `run` is not reentrant: one batch at a time per runner (OpenVINO's infer requests are shared).
+    `predict` is not reentrant: one batch at a time per runner (OpenVINO's infer requests are shared).
     """
 
     def __init__(self, v: VariantConfig, cfg: ServingConfig, use_gpu: bool) -> None:
