@@ -878,7 +878,9 @@ async def _change_route(request: Request) -> JSONResponse:
 
 async def _method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
     """Our JSON error shape for a known path asked with the wrong method (Starlette's own is plain text)."""
-    allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
+    # Starlette builds Allow from a set: "GET, HEAD" or "HEAD, GET" from one run to the next. Sorted here.
+    listed = (getattr(exc, "headers", None) or {}).get("Allow", "")
+    allow = ", ".join(sorted(m.strip() for m in listed.split(",") if m.strip()))
     return _error(uuid.uuid4().hex, 405, f"{request.method} is not allowed on {request.url.path}; use {allow}",
                   {"Allow": allow})
 
