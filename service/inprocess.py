@@ -63,13 +63,9 @@ class InProcessVariant:
             logger.info("variant %s: served in the gateway process, %d stream(s)", v.name, len(self.runners))
 
     def status(self) -> dict[str, Any]:
-        loaded = 0 if self.error else len(self.runners)
-        info = self.runners[0].status(self.threads, loaded, placement="gateway")
-        info["workers"] = self.wanted
-        info["ready"] = self.error is None and loaded >= self.wanted
-        if self.error:
-            info["error"] = self.error
-        return info
+        failed = next((r for r in self.runners if r.error), None)
+        return (failed or self.runners[0]).status(self.threads, 0 if failed else len(self.runners), self.wanted,
+                                                  placement="gateway")
 
     async def predict(self, batch: np.ndarray) -> np.ndarray:
         """Like the worker's `predict`: float32 (N, K + 1), the scores then the batch's seconds."""

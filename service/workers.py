@@ -214,17 +214,18 @@ class VariantRunner:
         out[:, -1] = seconds
         return out
 
-    def status(self, threads: int, loaded: int, placement: str = "worker") -> dict:
-        """What `/variants` shows of this variant; `loaded` counts its loaded processes or streams."""
+    def status(self, threads: int, loaded: int, wanted: int, placement: str = "worker") -> dict:
+        """What `/variants` shows of this variant: ready once `loaded` of the `wanted` processes or
+        streams have loaded (one on a GPU, whatever `workers` says)."""
         v = self.v
         info: dict[str, Any] = {
             "variant": v.name, "model": v.model, "error": self.error, "device": self.device,
-            "threads": threads, "workers": v.workers, "workers_loaded": loaded, "placement": placement,
-            "ready": self.error is None and loaded >= v.workers,
+            "threads": threads, "workers": wanted, "workers_loaded": loaded, "placement": placement,
+            "ready": self.error is None and loaded >= wanted,
             "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
         }
-        if self.error is None and loaded < v.workers:
-            info["error"] = f"variant {v.name!r}: {loaded} of {v.workers} worker processes loaded"
+        if self.error is None and loaded < wanted:
+            info["error"] = f"variant {v.name!r}: {loaded} of {wanted} worker processes loaded"
         if self.engine is not None:
             info["engine"] = self.engine.describe()
             if len(self.engines) > 1:
@@ -235,6 +236,7 @@ class VariantRunner:
 def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
     """The BentoML service class that serves variant `v`."""
     use_gpu = v.gpu > 0 and gpu_present
+    processes = 1 if use_gpu else v.workers  # one process holds the GPU (see `workers=` below)
     threads = variant_threads(v, cfg)
     resources: dict[str, Any] = {"gpu": v.gpu} if use_gpu else {"cpu": str(threads)}
 
@@ -255,7 +257,7 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
         @bentoml.api
         def status(self) -> dict:
             loaded = live_markers(ready_dir(v.name)) if self.runner.error is None else 0
-            return self.runner.status(threads, loaded)
+            return self.runner.status(threads, loaded, processes)
 
         @bentoml.api(batchable=True, max_batch_size=v.max_batch_size, max_latency_ms=v.max_latency_ms)
         def predict(self, images: np.ndarray) -> np.ndarray:
@@ -266,7 +268,7 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
         name=service_name(v.name),
         resources=resources,
         # Processes of this variant, each with its own batcher; on the CPU they share the core slots.
-        workers=1 if use_gpu else v.workers,
+        workers=processes,
         traffic={"timeout": cfg.server.timeout_s},
         # Gateway -> worker calls are internal; the gateway's access log has every request already,
         # and one log line per call costs CPU that the 2 cores need for inference.

@@ -1018,3 +1018,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_variant_is_ready_once_the_processes_it_runs_have_loaded_not_its_workers_setting():
+    """On a GPU one process holds the device whatever `workers` says (make_worker); readiness must
+    count that one, or a `gpu: 1, workers: 2` variant (lite0 in service/config.yaml) never gets ready."""
+    from service.config import VariantConfig
+    from service.workers import VariantRunner
+
+    runner = object.__new__(VariantRunner)  # no engines loaded: only the status is under test
+    runner.v, runner.error, runner.device, runner.engine = VariantConfig("l", "l:latest", gpu=1, workers=2), None, "cuda", None
+    assert runner.status(2, 1, 1)["ready"] and runner.status(2, 1, 1)["workers"] == 1
+    pending = runner.status(2, 1, 2)
+    assert not pending["ready"] and pending["error"] == "variant 'l': 1 of 2 worker processes loaded"
