@@ -300,8 +300,8 @@ class GatewayLogic:
             except CheckpointError as e:
                 self.problems[name] = f"variant {name!r}, checkpoint {v.model!r}: {e}"
                 logger.error("effnet gateway: %s", self.problems[name])
-        # Variants with `placement: gateway` run in this process (service/inprocess.py), loaded here,
-        # before the server answers; the others are reached through their worker's proxy.
+        # Variants with `placement: gateway` run in this process (service/inprocess.py), loading in a
+        # thread while the server already answers; the others are reached through their worker's proxy.
         self.local: dict[str, InProcessVariant] = {}
         for name, v in self.cfg.variants.items():
             if v.placement == "gateway":
@@ -383,8 +383,8 @@ class GatewayLogic:
     async def call_local(self, variant: str, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """`call_worker` for a variant in this process: scores (N, K) and the seconds its inference took."""
         local = self.local[variant]
-        if local.error is not None:
-            raise ClientError(local.error, 503, {"Retry-After": str(self.cfg.server.retry_after_s)})
+        if not local.loaded:  # failed, or still loading (in its thread, service/inprocess.py)
+            raise ClientError(local.status()["error"], 503, {"Retry-After": str(self.cfg.server.retry_after_s)})
         try:
             out = await local.predict(batch)
         except Exception as e:  # an engine failure: the request is not at fault, and the message is ours

@@ -24,51 +24,90 @@ at theirs. `engine: auto` chose OpenVINO for every default variant here (2026-11
 ONNX Runtime take their thread count per engine; a torch engine placed in the gateway is not tuned.
 
 The price: no isolation. An engine that crashes takes the gateway with it (a worker process would be
-restarted alone), and the variant's load is part of the gateway's start-up. Keep it for the variants
+restarted alone), and the variant loads inside the gateway process (in a thread, while the gateway
+answers /livez). Keep it for the variants
 whose latency matters more than that.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 import anyio
 import numpy as np
 
+from bentoml.exceptions import ServiceUnavailable
+
 from . import metrics
-from .config import ServingConfig, VariantConfig, variant_threads
+from .config import ServingConfig, VariantConfig, variant_device, variant_threads
 from .workers import VariantRunner
 
 logger = logging.getLogger("effnet.gateway")
 
 
 class InProcessVariant:
-    """`v.workers` runners of one variant in this process, and an async `predict` that uses a free one."""
+    """`v.workers` runners of one variant in this process, and an async `predict` that uses a free one.
+
+    The runners load in a thread of their own, so that the gateway answers /livez (and 503 with the
+    reason on /readyz and on this variant's requests) while they load, as a worker process's gateway
+    does while that process loads. NOTE: loaded in `__init__`, lite0's two streams held the gateway's
+    start-up, /livez included, for as long as their engines took to load and warm up (several
+    seconds here with the engines exported ahead of time, a minute with an export); an orchestrator's
+    liveness probe could kill a gateway that was only loading.
+    """
 
     def __init__(self, v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> None:
-        self.v = v
+        self.v, self.cfg = v, cfg
         self.threads = variant_threads(v, cfg)
-        use_gpu = v.gpu > 0 and gpu_present
+        self.use_gpu = v.gpu > 0 and gpu_present
         # One stream on a GPU, as one worker process there: the device serialises the work anyway.
-        wanted = 1 if use_gpu else v.workers
-        self.runners = [VariantRunner(v, cfg, use_gpu)]
-        while self.runners[0].error is None and len(self.runners) < wanted:
-            self.runners.append(VariantRunner(v, cfg, use_gpu))
-        self.wanted = wanted
-        self.error = next((r.error for r in self.runners if r.error), None)
+        self.wanted = 1 if self.use_gpu else v.workers
+        self.runners: list[VariantRunner] = []
+        self.failed: VariantRunner | None = None  # the runner whose loading failed, with its reason
+        self.error: str | None = None
         self._free: asyncio.Queue | None = None  # made on first use, inside the server's event loop
-        metrics.VARIANT_READY.labels(v.name).set(0 if self.error else 1)
+        metrics.VARIANT_READY.labels(v.name).set(0)
+        self._loader = threading.Thread(target=self._load, name=f"effnet-load-{v.name}", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            while len(self.runners) < self.wanted:
+                runner = VariantRunner(self.v, self.cfg, self.use_gpu)
+                if runner.error is not None:
+                    self.failed, self.error = runner, runner.error
+                    break
+                self.runners.append(runner)
+        except Exception as e:  # VariantRunner reports its own failures; this is anything else
+            logger.exception("variant %s: loading in the gateway process failed", self.v.name)
+            self.error = f"variant {self.v.name!r}, checkpoint {self.v.model!r}: loading failed ({type(e).__name__}: {e})"
         if self.error is None:
-            logger.info("variant %s: served in the gateway process, %d stream(s)", v.name, len(self.runners))
+            logger.info("variant %s: served in the gateway process, %d stream(s)", self.v.name, len(self.runners))
+            metrics.VARIANT_READY.labels(self.v.name).set(1)
+
+    @property
+    def loaded(self) -> bool:
+        return self.error is None and len(self.runners) >= self.wanted
 
     def status(self) -> dict[str, Any]:
-        failed = next((r for r in self.runners if r.error), None)
-        return (failed or self.runners[0]).status(self.threads, 0 if failed else len(self.runners), self.wanted,
-                                                  placement="gateway")
+        v = self.v
+        if self.failed is not None:
+            return self.failed.status(self.threads, 0, self.wanted, placement="gateway")
+        if self.loaded:
+            return self.runners[0].status(self.threads, len(self.runners), self.wanted, placement="gateway")
+        return {"variant": v.name, "model": v.model, "device": variant_device(v, self.use_gpu),
+                "threads": self.threads, "workers": self.wanted, "workers_loaded": len(self.runners),
+                "placement": "gateway", "ready": False,
+                "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
+                "error": self.error or f"variant {v.name!r}: loading in the gateway process "
+                                       f"({len(self.runners)} of {self.wanted} streams loaded)"}
 
     async def predict(self, batch: np.ndarray) -> np.ndarray:
         """Like the worker's `predict`: float32 (N, K + 1), the scores then the batch's seconds."""
+        if not self.loaded:
+            raise ServiceUnavailable(self.status()["error"])
         if self._free is None:
             self._free = asyncio.Queue()
             for r in self.runners:

@@ -1031,3 +1031,64 @@ def test_a_variant_is_ready_once_the_processes_it_runs_have_loaded_not_its_worke
     assert runner.status(2, 1, 1)["ready"] and runner.status(2, 1, 1)["workers"] == 1
     pending = runner.status(2, 1, 2)
     assert not pending["ready"] and pending["error"] == "variant 'l': 1 of 2 worker processes loaded"
+
+
+def test_a_variant_in_the_gateway_loads_in_a_thread_and_answers_503_until_it_has(monkeypatch):
+    """`placement: gateway` must not hold the gateway's start-up (and /livez) while its engines load."""
+    import threading
+
+    from service import inprocess
+    from service.config import VariantConfig
+
+    release = threading.Event()
+    built = []
+
+    class SlowRunner:  # stands in for VariantRunner: loading an engine takes until `release`
+        def __init__(self, v, cfg, use_gpu):
+            assert release.wait(10)
+            self.error = None if len(built) < 1 else "variant 'a', checkpoint 'a:latest': sha256 mismatch"
+            built.append(self)
+
+        def status(self, threads, loaded, wanted, placement):
+            return {"ready": self.error is None and loaded >= wanted, "error": self.error, "placement": placement}
+
+        def predict(self, batch):
+            return np.zeros((len(batch), 3), np.float32)
+
+    monkeypatch.setattr(inprocess, "VariantRunner", SlowRunner)
+    cfg = parse_config(CFG)
+    local = inprocess.InProcessVariant(VariantConfig("a", "a:latest", workers=2, placement="gateway"), cfg, False)
+    # constructed at once, while the first runner still loads
+    st = local.status()
+    assert not st["ready"] and "loading in the gateway process (0 of 2 streams loaded)" in st["error"]
+    from bentoml.exceptions import ServiceUnavailable
+
+    with pytest.raises(ServiceUnavailable, match="loading"):
+        asyncio.run(local.predict(np.zeros((1, 3, 8, 8), np.uint8)))
+    release.set()
+    local._loader.join(10)
+    # the second stream's checkpoint failed: not ready, with that reason, not "loading"
+    st = local.status()
+    assert not st["ready"] and "sha256 mismatch" in st["error"] and not local.loaded
+
+
+def test_a_gateway_variant_that_loaded_serves_from_its_streams(monkeypatch):
+    from service import inprocess
+    from service.config import VariantConfig
+
+    class Runner:
+        def __init__(self, v, cfg, use_gpu):
+            self.error = None
+
+        def status(self, threads, loaded, wanted, placement):
+            return {"ready": loaded >= wanted, "error": None, "workers_loaded": loaded}
+
+        def predict(self, batch):
+            return np.ones((len(batch), 3), np.float32)
+
+    monkeypatch.setattr(inprocess, "VariantRunner", Runner)
+    local = inprocess.InProcessVariant(VariantConfig("a", "a:latest", workers=2, placement="gateway"),
+                                       parse_config(CFG), False)
+    local._loader.join(10)
+    assert local.loaded and local.status() == {"ready": True, "error": None, "workers_loaded": 2}
+    assert asyncio.run(local.predict(np.zeros((2, 3, 8, 8), np.uint8))).shape == (2, 3)
