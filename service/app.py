@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bentoml
 
-from .config import load_config
+from .config import load_config, tracing_options
 from .gateway import GatewayLogic, LimitsMiddleware, OpenAPIPathsMiddleware, http_app
 from .workers import make_worker
 
@@ -46,6 +46,7 @@ def build_gateway(cfg):
         # Our own in-flight limit answers 429 with Retry-After (BentoML's max_concurrency has none);
         # the timeout is a backstop behind it and the workers' max_latency_ms.
         traffic={"timeout": cfg.server.timeout_s},
+        tracing=tracing_options(cfg.server),
         workers=1,
     )(bentoml.asgi_app(http_app, path="/")(cls))
     svc.add_asgi_middleware(OpenAPIPathsMiddleware)

@@ -126,6 +126,17 @@ class ServerConfig:
     # PATCH /routes changes: "persist" (saved, served again after a restart; service/route_state.py)
     # or "memory" (a restart serves the file's routes).
     route_changes: str = "persist"
+    # BentoML's OpenTelemetry middleware on every request: off (default) skips it; on leaves tracing to
+    # BentoML's own configuration (BENTOML_CONFIG: tracing.exporter_type, sample_rate...).
+    # NOTE: BentoML's default sample rate is 0, so the spans it made recorded nothing, yet making them
+    # (a span per request and one per ASGI message sent or received) was about 15% of the gateway's
+    # CPU per request (py-spy, lite0 at 16 clients, 2026-11-27 23:55).
+    tracing: bool = False
+
+
+def tracing_options(server: "ServerConfig") -> dict:
+    """`bentoml.service(tracing=...)` for every service of the server: skip every URL unless tracing is on."""
+    return {} if server.tracing else {"excluded_urls": [".*"]}
 
 
 @dataclass(frozen=True)
@@ -235,7 +246,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
 
     server_raw = _keys(f"{source}: server", top.get("server") or {}, {
         "max_body_mb", "max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight",
-        "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes"})
+        "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
+        "tracing"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_bytes"] = int(_number("server.max_body_mb", server_raw["max_body_mb"], positive=True) * 1024 * 1024)
@@ -253,6 +265,10 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             raise ConfigError(f"{source}: server.route_changes: expected persist or memory, got "
                               f"{server_raw['route_changes']!r}")
         s["route_changes"] = server_raw["route_changes"]
+    if "tracing" in server_raw:
+        if not isinstance(server_raw["tracing"], bool):
+            raise ConfigError(f"{source}: server.tracing: expected true or false, got {server_raw['tracing']!r}")
+        s["tracing"] = server_raw["tracing"]
     server = ServerConfig(**s)
     if server.body_timeout_s >= server.timeout_s:
         raise ConfigError(f"{source}: server.body_timeout_s ({server.body_timeout_s:g}) must be below server.timeout_s "

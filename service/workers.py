@@ -30,7 +30,8 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from . import metrics
-from .config import ServingConfig, VariantConfig, cpu_threads, variant_device, variant_thread_counts, variant_threads
+from .config import (ServingConfig, VariantConfig, cpu_threads, tracing_options, variant_device, variant_thread_counts,
+                     variant_threads)
 from .cpu_slots import CoreSlots
 
 logger = logging.getLogger("effnet.worker")
@@ -273,4 +274,5 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
         # Gateway -> worker calls are internal; the gateway's access log has every request already,
         # and one log line per call costs CPU that the 2 cores need for inference.
         logging={"access": {"enabled": False}},
+        tracing=tracing_options(cfg.server),
     )(Worker)

@@ -125,6 +125,7 @@ def test_default_config_serves_the_default_store():
     ({"server": {"max_body_mb": -1}}, "server.max_body_mb"),
     ({"routes": {"fashion": {"split": {"b0": 0, "mec": 0}}}}, "sum to 0"),
     ({"variants": {"b0": {"model": "x", "workers": 0}}}, "variants.b0.workers: expected an integer > 0"),
+    ({"server": {"tracing": "yes"}}, "server.tracing: expected true or false"),
 ])
 def test_invalid_configs_name_the_key(patch, message):
     data = {**CFG, **patch}
@@ -134,6 +135,17 @@ def test_invalid_configs_name_the_key(patch, message):
         data["routes"] = {**CFG["routes"], **patch["routes"]}
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def test_tracing_is_skipped_for_every_url_unless_switched_on():
+    from opentelemetry.util.http import ExcludeList
+
+    from service.config import tracing_options
+
+    off = tracing_options(parse_config(CFG).server)
+    assert all(ExcludeList(off["excluded_urls"]).url_disabled(f"http://127.0.0.1:3000{path}")
+               for path in ("/classify", "/classify_batch", "/predict", "/status", "/"))
+    assert tracing_options(parse_config({**CFG, "server": {"tracing": True}}).server) == {}
 
 
 def test_a_config_path_that_is_no_yaml_file_is_a_config_error(tmp_path):
