@@ -222,6 +222,8 @@ def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None =
     total = sum(split.values())
     if total <= 0:
         raise ConfigError(f"{where}.split: the weights sum to 0")
+    if not math.isfinite(total):  # 1e308 each: every weight would become 0 and the route pick nothing
+        raise ConfigError(f"{where}.split: the weights are too large to add up; use fractions or percentages")
     split = {v: w / total for v, w in split.items()}
     shadow = None
     if r.get("shadow") is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import re
 import warnings
 
 import numpy as np
@@ -137,7 +138,11 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(_unreadable(data)) from None
     except Image.DecompressionBombError as e:  # above twice PIL's own limit: refused while opening
-        raise ImageError(f"the image declares too many pixels (limit {max_pixels:,}): {e}", status=413) from None
+        # PIL's words ("exceeds limit of 178956970 pixels, could be decompression bomb DOS attack") name
+        # its limit, not ours: say it as the check below does.
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        declared = f"{int(n.group(1)):,} pixels" if n else "too many pixels"
+        raise ImageError(f"the image declares {declared}, above the limit of {max_pixels:,}", status=413) from None
     except Exception as e:  # a header PIL cannot parse
         kind = sniff_format(data)
         if kind not in ALLOWED_FORMATS:  # e.g. text that starts with "BM": PIL's BMP reader tried it

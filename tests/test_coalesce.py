@@ -137,3 +137,31 @@ def test_with_max_wait_a_request_that_waited_too_long_is_refused_not_run():
     calls, (first, queued), after = asyncio.run(go())
     assert calls == [1, 1]  # the late request was never sent
     assert first[0].tolist() == [[1.0]] and isinstance(queued, Late) and after[0].tolist() == [[3.0]]
+
+
+def test_with_max_wait_a_request_that_could_not_be_answered_in_time_is_refused_at_once():
+    """Shedding must not wait for the budget to pass: a burst of large batches is refused up front,
+    by the images ahead of it at the seconds per image that recent calls took."""
+    class Late(Exception):
+        pass
+
+    async def go():
+        w = FakeWorker(delay=0.05)  # 0.05 s a call, whatever its size
+        c = Coalescer(w, max_batch=4, limit=1, max_wait_s=0.5, too_late=Late)
+        await c(_img(1))  # measured: 0.05 s per image
+        busy = asyncio.ensure_future(c(_img(2)))  # sent at once: never refused, however slow the estimate
+        await asyncio.sleep(0)
+        fits = asyncio.ensure_future(c(_img(3, n=4)))  # (1 + 4) x 0.05 s ahead of its answer: 0.25 s, fits
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(Late):
+            await c(_img(4, n=8))  # (1 + 4 + 8) x 0.05 = 0.65 s > 0.5 s
+        refused_after = loop.time() - t0
+        await asyncio.gather(busy, fits)
+        return w.calls, refused_after, c.expected_seconds(1), c.queued_images, c.in_flight_images
+
+    calls, refused_after, idle_estimate, queued, in_flight = asyncio.run(go())
+    assert refused_after < 0.02  # at once, not after the budget
+    assert calls == [1, 1, 4]  # the refused batch was never sent
+    assert queued == 0 and in_flight == 0 and idle_estimate is not None

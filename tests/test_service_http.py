@@ -102,6 +102,18 @@ def test_explicit_variant_answers_as_the_checkpoint_does_offline(server, variant
     np.testing.assert_allclose([p["score"] for p in body["predictions"]], scores[expected], atol=1e-4)
 
 
+def test_fields_in_the_query_string_count_and_conflicts_are_refused(server):
+    files = [("image", ("x.png", png(), "image/png"))]
+    r = server.client.post("/classify?route=imagenet&top_k=2", files=files)
+    assert r.status_code == 200 and r.json()["variant"] == "lite0" and len(r.json()["predictions"]) == 2
+    r = server.client.post("/classify_batch?variant=compact", files=[("images", ("x.png", png(), "image/png"))])
+    assert r.status_code == 200 and r.json()["variant"] == "compact"
+    r = server.client.post("/classify?route=imagenet", files=files, data={"route": "fashion"})
+    assert r.status_code == 400 and "'route' is given twice" in r.json()["error"]
+    r = server.client.post("/classify?rout=imagenet", files=files)
+    assert r.status_code == 400 and "unknown query parameter(s) ['rout']" in r.json()["error"]
+
+
 def test_split_spreads_requests_over_the_routes_variants(server):
     seen = {classify(server, png(seed=i)).json()["variant"] for i in range(24)}
     assert seen <= {"b0", "mec", "compact"} and len(seen) >= 2
@@ -291,6 +303,8 @@ def test_variants_and_routes_describe_the_configuration(server):
     paths = server.client.get("/docs.json").json()["paths"]  # the OpenAPI document behind /docs
     assert {"/classify", "/classify_batch", "/variants", "/routes", "/readyz"} <= set(paths)
     assert "image" in paths["/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    docs = server.client.get("/docs", follow_redirects=True)  # the Swagger UI, where users look for it
+    assert docs.status_code == 200 and "swagger-ui" in docs.text
 
 
 def metric(text, name, **labels):

@@ -124,6 +124,7 @@ def test_default_config_serves_the_default_store():
     ({"routes": {"fashion": {"split": {"b0": 1}, "shadow": {"variant": "mec", "fraction": 2}}}}, "fraction"),
     ({"server": {"max_body_mb": -1}}, "server.max_body_mb"),
     ({"routes": {"fashion": {"split": {"b0": 0, "mec": 0}}}}, "sum to 0"),
+    ({"routes": {"fashion": {"split": {"b0": 1e308, "mec": 1e308}}}}, "too large to add up"),
     ({"variants": {"b0": {"model": "x", "workers": 0}}}, "variants.b0.workers: expected an integer > 0"),
     ({"server": {"tracing": "yes"}}, "server.tracing: expected true or false"),
 ])
@@ -293,7 +294,8 @@ def huge_png(w=12000, h=12000) -> bytes:
     (encode(RGB, "GIF")[:10], 400, "the GIF image is truncated or corrupt"),
     (b"BMW and other car brands, as a text file" * 3, 400, "not a supported image: the bytes are not"),
     (huge_png(), 413, "12000x12000"),
-    (huge_png(20000, 20000), 413, "too many pixels"),  # above twice PIL's own limit: refused while opening
+    # above twice PIL's own limit, refused while opening: our limit in the message, not PIL's
+    (huge_png(20000, 20000), 413, r"declares 400,000,000 pixels, above the limit of 40,000,000\Z"),
     (huge_png(7000, 7000), 413, "7000x7000 = 49,000,000 pixels, above the limit of 40,000,000"),
 ])
 def test_bad_images_raise_a_client_error(data, status, message):
@@ -392,6 +394,69 @@ def test_too_many_uploads_get_429_and_a_client_that_leaves_gets_nothing():
 
     asyncio.run(mw({"type": "http", "path": "/classify", "method": "POST", "headers": []}, gone, send))
     assert sent == [] and mw.uploading == mw.inflight == 0
+
+
+class Connection:
+    """An ASGI connection as uvicorn gives it: the body, then receive() waits until the client leaves
+    (or, after the answer is complete, reports a disconnect at once)."""
+
+    def __init__(self, body=b"x"):
+        self.body, self.left, self.sent = [body], asyncio.Event(), []
+
+    async def receive(self):
+        if self.body:
+            return {"type": "http.request", "body": self.body.pop(), "more_body": False}
+        if not any(m["type"] == "http.response.body" for m in self.sent):
+            await self.left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message):
+        self.sent.append(message)
+
+
+def test_a_request_whose_client_leaves_is_cancelled_and_frees_its_slot():
+    """The work of a client that hung up must not run on: what it queued is never sent to a worker."""
+    state = {}
+
+    async def slow_app(scope, receive, send):
+        await receive()
+        state["started"] = True
+        try:
+            await asyncio.sleep(30)  # waiting for its turn at a worker
+        except asyncio.CancelledError:
+            state["cancelled"] = True
+            raise
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    mw = LimitsMiddleware(slow_app, max_body_bytes=100, max_inflight=4, retry_after_s=1)
+    conn = Connection()
+
+    async def run():
+        task = asyncio.create_task(mw({"type": "http", "path": "/classify", "method": "POST", "headers": []},
+                                      conn.receive, conn.send))
+        await asyncio.sleep(0.05)
+        assert state == {"started": True} and mw.inflight == 1
+        conn.left.set()
+        await asyncio.wait_for(task, 2)  # returns, without raising, soon after the client left
+
+    asyncio.run(run())
+    assert state == {"started": True, "cancelled": True} and mw.inflight == 0 and conn.sent == []
+
+
+def test_a_request_that_was_answered_is_not_cancelled_by_the_disconnect_after_it():
+    finished = []
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        await asyncio.sleep(0.05)  # work after the answer (metrics...): must not be cancelled
+        finished.append(True)
+
+    mw = LimitsMiddleware(app, max_body_bytes=100, max_inflight=4, retry_after_s=1)
+    conn = Connection()
+    asyncio.run(mw({"type": "http", "path": "/classify", "method": "POST", "headers": []}, conn.receive, conn.send))
+    assert finished == [True] and conn.sent[0]["status"] == 200 and mw.inflight == 0
 
 
 def test_the_body_deadline_must_come_before_bentomls_timeout():
@@ -639,6 +704,7 @@ def test_a_route_change_updates_the_variant_info_series():
     ("cats", {"split": {"b0": 1}}, 404, "unknown route 'cats'; routes: fashion, imagenet"),
     ("fashion", {"split": {"b7": 1}}, 400, "unknown variant 'b7'"),
     ("fashion", {"split": {"b0": 0, "mec": 0, "compact": 0}}, 400, "the weights sum to 0"),
+    ("fashion", {"split": {"b0": 1e308, "mec": 1e308, "compact": 1e308}}, 400, "too large to add up"),
     ("fashion", {"split": {"b0": -1, "mec": 1, "compact": 1}}, 400, "expected a number >= 0, got -1"),
     ("fashion", {"split": {"b0": "half", "mec": 1, "compact": 1}}, 400, "expected a number"),
     ("fashion", {"split": {"b0": 1, "mec": 1}, "shadow": None}, 400, r"\['compact'\] would be in no route"),
