@@ -259,9 +259,11 @@ def test_jpegs_go_to_torchvision_io_with_the_same_pixels_as_pil(monkeypatch):
     for data in photos(224)[:3]:
         by_pil = images.to_rgb_array(images.open_image(data, max_pixels=10**6), min_side=256)  # no bytes: PIL
         assert np.array_equal(decode_image(data, max_pixels=10**6, min_side=256), by_pil)
+    import store.images  # where the decoder lives (service.images re-exports it)
+
     calls = []
-    real = images._decode_jpeg_with_torchvision
-    monkeypatch.setattr(images, "_decode_jpeg_with_torchvision", lambda d: calls.append(len(d)) or real(d))
+    real = store.images._decode_jpeg_with_torchvision
+    monkeypatch.setattr(store.images, "_decode_jpeg_with_torchvision", lambda d: calls.append(len(d)) or real(d))
     decode_image(photos(224)[0], max_pixels=10**6, min_side=256)  # small: torchvision
     decode_image(encode(RGB.resize((900, 600)), "JPEG"), max_pixels=10**6, min_side=256)  # 2x: PIL's draft
     decode_image(encode(RGB.convert("CMYK"), "JPEG"), max_pixels=10**6)  # CMYK: PIL
