@@ -133,9 +133,13 @@ def test_resume_after_epoch_1_matches_an_uninterrupted_run(tmp_path, bentoml_hom
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     assert resumed["metrics"]["top1"] == full["metrics"]["top1"]
     assert resumed["tag"] != full["tag"] and len(list_checkpoints()) == 2
-    # Resuming a finished run re-exports it unchanged (e.g. after the store was wiped).
+    # Resuming a finished run stores nothing while its checkpoint is there (an identical version each
+    # time, before), and re-exports it unchanged once it is gone (e.g. after the store was wiped).
     again = train_main(tiny_cfg(tmp_path / "full", eval_every=0, **kw), resume=str(tmp_path / "full"), progress=False)
-    assert again["metrics"]["top1"] == full["metrics"]["top1"] and len(list_checkpoints()) == 3
+    assert again["already_finished"] and again["tag"] == full["tag"] and len(list_checkpoints()) == 2
+    shutil.rmtree(read_manifest(full["tag"])[1])
+    again = train_main(tiny_cfg(tmp_path / "full", eval_every=0, **kw), resume=str(tmp_path / "full"), progress=False)
+    assert again["metrics"]["top1"] == full["metrics"]["top1"] and len(list_checkpoints()) == 2
 
 
 def test_a_corrupted_training_state_is_refused(tmp_path, bentoml_home):
@@ -479,3 +483,199 @@ def test_an_undecodable_file_in_an_imagefolder_is_logged_and_replaced_by_the_nex
         got = [ds[i][0][0, 0, 0].item() for i in range(3)] + [ds[1][0][0, 0, 0].item()]
     assert got == [0, 120, 120, 120]  # 1.png -> the next, 2.png, every time
     assert sum("1.png: it cannot be decoded" in r.message for r in caplog.records) == 1
+
+
+def _folder_of_images(root: Path, layout: dict[str, int], size=(20, 16)) -> None:
+    """`layout`: {"train/cat": 3, ...} -> that many small distinct PNGs in each folder."""
+    from PIL import Image
+
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", size, (40 * i % 256, 90, 30)).save(root / folder / f"{i}.png")
+
+
+def test_an_imagefolder_is_decoded_as_the_service_decodes_every_allowed_format(tmp_path):
+    # torchvision.io alone gave an animated GIF as 2 frames (torch.stack failed), a 16-bit PNG as
+    # uint16 (promotion error) and refused every valid BMP.
+    import numpy as np
+    from PIL import Image
+
+    from store.images import decode_image
+    from training.data import ImageFiles
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    frames = [Image.new("RGB", (12, 10), c) for c in ((200, 0, 0), (0, 200, 0))]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(np.full((10, 12), 40000, dtype=np.uint16)).save(folder / "deep.png")
+    Image.new("RGB", (12, 10), (10, 20, 30)).save(folder / "plain.bmp")
+    Image.new("CMYK", (12, 10), (0, 255, 0, 0)).save(folder / "print.jpg")
+    Image.new("RGBA", (12, 10), (0, 0, 0, 0)).save(folder / "clear.webp")
+    ds = ImageFiles(tmp_path / "train", ["a"], transform=lambda x: x)
+    assert len(ds) == 5
+    for i, (path, _) in enumerate(ds.samples):
+        x = ds[i][0]
+        assert x.dtype == torch.uint8 and tuple(x.shape) == (3, 10, 12), path
+        assert np.array_equal(x.numpy(), decode_image(path.read_bytes(), max_pixels=10**6)), path
+    assert not ds.bad
+    # the service's own module still has every name, from the one decoder
+    import service.images
+
+    assert service.images.decode_image is decode_image
+
+
+def test_an_imagefolder_of_undecodable_files_is_a_clean_error(tmp_path, bentoml_home, capsys):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i in range(9):
+                (tmp_path / "d" / split / cls / f"{i}.jpg").write_bytes(b"not a jpeg")
+    assert effnet(["train", "--variant", "compact", "--data", f"imagefolder:{tmp_path / 'd'}", "--resolution", "32",
+                   "--batch-size", "4", "--epochs", "1", "--no-progress", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "cannot be decoded" in capsys.readouterr().err
+
+
+def test_imagefolder_layout_quirks_are_ignored_warned_or_refused(tmp_path, caplog):
+    from training.data import load_data
+
+    root = tmp_path / "set"
+    _folder_of_images(root, {
+        "train/cat": 6, "train/dog": 6, "train/onlytrain": 2, "train/empty": 0,
+        "train/.ipynb_checkpoints": 2, "train/@eaDir": 2, "train/__MACOSX": 2, "train/cat/.hidden": 2,
+        "val/cat": 2, "val/dog": 2, "val/onlyval": 2, "outside/more": 3,
+    })
+    (root / "train" / "dog" / "linked").symlink_to(root / "outside" / "more", target_is_directory=True)
+    (root / "outside" / "more" / "loop").symlink_to(root / "train" / "dog", target_is_directory=True)
+    with caplog.at_level("WARNING", logger="effnet.data"):
+        spec = load_data(resolve_config({"data": f"imagefolder:{root}", "resolution": 32}))
+    assert spec.classes == ["cat", "dog", "empty", "onlytrain"]  # no hidden or system folders
+    assert len(spec.train) == 6 + 6 + 3 + 2  # the symlinked sub-folder followed once, the loop not again
+    warned = " ".join(r.message for r in caplog.records)
+    assert "['onlyval']" in warned and "['empty']" in warned and "['empty', 'onlytrain']" in warned
+    # --limit-train takes from every class (the first N files in class order were all cats), seeded
+    cfg = resolve_config({"data": f"imagefolder:{root}", "resolution": 32, "limit_train": 6, "limit_val": 2})
+    picked = load_data(cfg).train.samples
+    assert sorted({label for _, label in picked}) == [0, 1, 3] and len(picked) == 6
+    assert picked == load_data(cfg).train.samples
+    assert picked != load_data(resolve_config({**cfg.to_dict(), "seed": 1})).train.samples
+    assert {label for _, label in load_data(cfg).val.samples} == {0, 1}
+    # one class is refused
+    _folder_of_images(tmp_path / "one", {"train/only": 3, "val/only": 2})
+    with pytest.raises(ValueError, match="at least 2 class"):
+        load_data(resolve_config({"data": f"imagefolder:{tmp_path / 'one'}", "resolution": 32}))
+
+
+def test_per_class_accuracy_is_null_for_a_class_without_validation_images():
+    from training.engine import evaluate
+
+    class Always0(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[1.0, 0.0, 0.0]]).expand(len(x), 3)
+
+    batches = [(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]))]
+    out = evaluate(Always0(), batches, lambda x: x.float(), 3, torch.device("cpu"), channels_last=False)
+    assert out["per_class"] == [1.0, 0.0, None]
+
+
+@pytest.mark.parametrize("yaml_text, argv, message", [
+    ("epochs: [1\n", [], "is not valid YAML"),
+    ("name: 123\n", [], "--name must be a string"),
+    ('hflip: "no"\n', [], "--hflip must be true or false"),
+    ("", ["--data", "imagefolder:"], "empty path"),
+    ("", ["--limit-train", "1"], "at least 2 images"),
+    ("", ["--run-dir", "FILE"], "is a file"),
+])
+def test_bad_configuration_is_a_one_line_error(yaml_text, argv, message, tmp_path, bentoml_home, capsys):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    (tmp_path / "afile").write_text("")
+    argv = [str(tmp_path / "afile") if a == "FILE" else a for a in argv]
+    assert effnet(["train", "--variant", "compact", "-c", str(tmp_path / "c.yaml"), *TINY, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_bare_resume_uses_the_stored_configuration_and_refuses_what_differs(tmp_path, bentoml_home, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--variant", "compact", "--epochs", "2", "--eval-every", "0", "--bn-recalibrate", "1",
+            "--stop-after-epoch", "1", "--run-dir", str(run), *TINY]
+    assert effnet(argv) == 0
+    state = json.loads((run / "state.json").read_text())
+    # what a damaged or foreign state gives: one line naming the problem
+    for damage, message in (("missing", "lacks epoch"), ("truncated", "sha256 does not match"),
+                            ("variant", "--variant 'compact'")):
+        bad = tmp_path / damage
+        shutil.copytree(run, bad)
+        extra = []
+        if damage == "missing":
+            (bad / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "epoch"}))
+        elif damage == "truncated":
+            os.truncate(bad / "state.safetensors", 100_000)
+        else:
+            extra = ["--variant", "mec"]
+        capsys.readouterr()
+        assert effnet(["train", "--resume", str(bad), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    # bare: the stored configuration (compact, fake, 32x32, batch 16); it was the defaults (b0, 64) before
+    assert effnet(["train", "--resume", str(run), "--no-progress", "--threads", "1"]) == 0
+    rows = list_checkpoints(bentoml_home)
+    assert len(rows) == 1 and rows[0]["variant"] == "compact" and rows[0]["resolution"] == 32
+    assert json.loads((run / "state.json").read_text())["exported"] == rows[0]["tag"]
+    # a finished run: nothing to do, no identical second version; under another name, the same
+    capsys.readouterr()
+    assert effnet(["train", "--resume", str(run), "--no-progress", "--name", "other"]) == 0
+    assert "already finished" in capsys.readouterr().out and len(list_checkpoints(bentoml_home)) == 1
+    assert not (bentoml_home / "runs").exists()  # the state stayed in the resume dir
+
+
+def test_a_run_dir_in_use_is_refused_naming_the_other_run(tmp_path):
+    from training.train import lock_run_dir
+
+    held = lock_run_dir(tmp_path / "run")
+    with pytest.raises(ValueError, match=f"in use by another training \\(pid {os.getpid()}"):
+        lock_run_dir(tmp_path / "run")
+    held.close()  # the lock goes with its holder
+    lock_run_dir(tmp_path / "run").close()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_says_where_its_state_is_and_how_to_resume(sig, tmp_path, bentoml_home, capsys,
+                                                                    monkeypatch):
+    import signal
+
+    import training.train as train
+
+    def interrupted_in_epoch_2(cfg, resume=None, progress=True):
+        run = Path(cfg.run_dir)
+        run.mkdir(parents=True)
+        (run / "state.json").write_text(json.dumps({"epoch": 0}))
+        if sig == "SIGTERM":  # was: killed without a word. The handler is called as the signal would call it:
+            # a real SIGTERM to the test process would end the whole test session if it were not installed.
+            handler = signal.getsignal(signal.SIGTERM)
+            assert callable(handler) and handler is not before
+            handler(signal.SIGTERM, None)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "main", interrupted_in_epoch_2)
+    before = signal.getsignal(signal.SIGTERM)
+    assert effnet(["train", "--variant", "compact", *TINY, "--run-dir", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert f"state after epoch 1 is saved in {tmp_path / 'run'}" in err
+    assert f"effnet train --resume {tmp_path / 'run'}" in err
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_import_pretrained_twice_stores_one_version(bentoml_home, capsys, monkeypatch):
+    from models import create_model, model_config
+    from store import Manifest, save_checkpoint
+    from training import pretrained
+
+    def fake_import(name):
+        man = Manifest(variant="compact", config=model_config("compact").to_dict(), num_classes=2, classes=["a", "b"],
+                       dataset="x", resolution=32)
+        return save_checkpoint(create_model("compact", num_classes=2), man, name=name)
+
+    monkeypatch.setitem(pretrained.IMPORTERS, "lite0", ("lite0-imagenet", fake_import))
+    assert effnet(["import-pretrained", "lite0"]) == 0 and effnet(["import-pretrained", "lite0"]) == 0
+    assert "already in the store" in capsys.readouterr().out and len(list_checkpoints(bentoml_home)) == 1

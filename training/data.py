@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +68,44 @@ class TensorImages(Dataset):
         return (self.transform(x) if self.transform else x), int(self.labels[i])
 
 
+# Folders and files that tools put beside the data, never classes or images: Jupyter's
+# .ipynb_checkpoints, Synology's @eaDir thumbnails, macOS's __MACOSX and ._ AppleDouble files.
+def is_hidden(name: str) -> bool:
+    return name.startswith((".", "@")) or name == "__MACOSX"
+
+
+def class_folders(split: Path) -> list[str]:
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not is_hidden(p.name))
+
+
+def image_files(folder: Path, exts) -> list[Path]:
+    """The image files under `folder`, sorted; symlinked folders are followed, each real folder once.
+
+    os.walk, not rglob: rglob skips a symlinked sub-folder without a word, and a dataset assembled
+    from links lost those images. The set of real paths stops a link that points back up.
+    """
+    files, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        files += [Path(dirpath) / f for f in filenames if not is_hidden(f) and Path(f).suffix.lower() in exts]
+    return sorted(files)
+
+
 class ImageFiles(Dataset):
-    """An ImageFolder split (`class/xxx.jpg`), decoded with torchvision.io to uint8 RGB tensors."""
+    """An ImageFolder split (`class/xxx.jpg`), decoded to uint8 RGB tensors by the service's decoder."""
 
     EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
+    # PIL's own refusal limit (twice its decompression-bomb warning); the service's is lower, for requests.
+    MAX_PIXELS = 2 * 89_478_485
 
     def __init__(self, root: Path, classes: list[str], transform) -> None:
-        self.samples = [
-            (p, i) for i, c in enumerate(classes) for p in sorted((root / c).rglob("*")) if p.suffix.lower() in self.EXTS
-        ]
+        self.samples = [(p, i) for i, c in enumerate(classes) if (root / c).is_dir()
+                        for p in image_files(root / c, self.EXTS)]
         if not self.samples:
             raise FileNotFoundError(f"no images under {root}")
         self.transform = transform
@@ -88,16 +118,19 @@ class ImageFiles(Dataset):
     MAX_SKIPS = 16
 
     def __getitem__(self, i: int):
-        from torchvision.io import ImageReadMode, decode_image
+        from store.images import decode_image
 
         # NOTE: a corrupt or truncated file in a large ImageFolder (ImageNet has a few) would otherwise
         # stop a run of hours in a DataLoader worker with an error that does not name the file. It is
         # logged by path once per process and replaced by the next sample: the same one every epoch, so
         # a seeded run stays reproducible.
+        # NOTE: store.images is the service's decoder: torchvision.io alone had refused every BMP, gave
+        # an animated GIF as a stack of frames and a 16-bit PNG as uint16; the service answers all three
+        # (first frame, 16 bits scaled to 8), and now training sees the pixels the service will.
         for k in range(self.MAX_SKIPS + 1):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
-                x = decode_image(str(path), mode=ImageReadMode.RGB)
+                x = torch.from_numpy(decode_image(path.read_bytes(), max_pixels=self.MAX_PIXELS))
             except Exception as e:
                 if path not in self.bad:
                     self.bad.add(path)
@@ -105,8 +138,26 @@ class ImageFiles(Dataset):
                                 path, type(e).__name__, str(e).splitlines()[0][:200])
                 continue
             return self.transform(x), label
-        raise RuntimeError(f"{self.MAX_SKIPS + 1} images in a row from {self.samples[i][0]} on cannot be decoded: "
-                           "is this the right folder?")
+        raise ValueError(f"{self.MAX_SKIPS + 1} images in a row from {self.samples[i][0]} on cannot be decoded "
+                         f"(JPEG, PNG, WebP, BMP and GIF are read): is this the right folder?")
+
+
+def stratified_subset(samples: list[tuple[Path, int]], n: int, seed: int) -> list[tuple[Path, int]]:
+    """`n` of `samples` drawn class by class in turn (each class shuffled with `seed`), in class order.
+
+    The first n files in class order were all of the first class: a `--limit-train 8` run had one class.
+    """
+    if not n or n >= len(samples):
+        return samples
+    rng = random.Random(seed)
+    by_class: dict[int, list] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    for files in by_class.values():
+        rng.shuffle(files)
+    picked = [files[k] for k in range(max(map(len, by_class.values()))) for _, files in sorted(by_class.items())
+              if k < len(files)]
+    return sorted(picked[:n], key=lambda s: (s[1], str(s[0])))
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -166,6 +217,29 @@ def auto_augment_transform(name: str, magnitude: int):
     return None
 
 
+def check_classes(root: Path, classes: list[str], train: ImageFiles, val: ImageFiles) -> None:
+    """Refuse fewer than 2 trainable classes; warn, naming them, about classes one split lacks."""
+    n_train = [0] * len(classes)
+    n_val = [0] * len(classes)
+    for _, label in train.samples:
+        n_train[label] += 1
+    for _, label in val.samples:
+        n_val[label] += 1
+    trainable = [c for c, n in zip(classes, n_train) if n]
+    if len(trainable) < 2:
+        raise ValueError(f"{root / 'train'} holds images of {len(trainable)} class(es) {trainable}: a classifier "
+                         "needs at least 2 class folders with images (train/CLASS/*.jpg)")
+    val_only = sorted(set(class_folders(root / "val")) - set(classes))
+    if val_only:
+        log.warning("val/ has classes that train/ lacks, ignored: %s", val_only)
+    empty = [c for c, n in zip(classes, n_train) if not n]
+    if empty:
+        log.warning("train/ has classes without images (the model learns nothing for them): %s", empty)
+    unmeasured = [c for c, n in zip(classes, n_val) if not n]
+    if unmeasured:
+        log.warning("classes without validation images (their per-class accuracy is null): %s", unmeasured)
+
+
 def load_data(cfg) -> DataSpec:
     """The two splits of `cfg.data` at `cfg.resolution`, plus what the manifest records about them."""
     r = cfg.resolution
@@ -200,19 +274,22 @@ def load_data(cfg) -> DataSpec:
     if cfg.data.startswith("imagefolder:"):
         from torchvision.transforms import v2 as T
 
-        root = Path(cfg.data.split(":", 1)[1]).expanduser()
+        given = cfg.data.split(":", 1)[1]
+        if not given.strip():
+            raise ValueError("--data imagefolder: has an empty path: give the folder that holds train/ and val/, "
+                             "e.g. imagefolder:/data/flowers")
+        root = Path(given).expanduser()
         if not (root / "train").is_dir() or not (root / "val").is_dir():
             raise FileNotFoundError(f"{root} must hold train/ and val/ folders of class subfolders (ImageNet layout)")
-        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        classes = class_folders(root / "train")
         resize = int(round(r / 0.875))  # the standard 0.875 centre crop of ImageNet evaluation
         man = Manifest(variant="", config={}, num_classes=len(classes), classes=[], dataset="", resolution=r, resize=resize)
         train_tf = T.Compose([T.RandomResizedCrop(r, antialias=True), *([augment] if augment else [])])
         train = ImageFiles(root / "train", classes, train_tf)
         val = ImageFiles(root / "val", classes, lambda x: resize_crop(x, man)[0])
-        if cfg.limit_train:
-            train.samples = train.samples[: cfg.limit_train]
-        if cfg.limit_val:
-            val.samples = val.samples[: cfg.limit_val]
+        train.samples = stratified_subset(train.samples, cfg.limit_train, cfg.seed)
+        val.samples = stratified_subset(val.samples, cfg.limit_val, cfg.seed)
+        check_classes(root, classes, train, val)
         return DataSpec(root.name.lower() or "imagefolder", classes, 3, False, IMAGENET_MEAN, IMAGENET_STD, resize, train, val)
     raise ValueError(f"unknown data {cfg.data!r}: use fashion-mnist, imagefolder:PATH or fake")
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from store.checkpoint import sha256_file
+from store.checkpoint import CheckpointError, sha256_file
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -92,11 +92,34 @@ def save_state(run_dir: str | Path, *, model, ema, optimizer, scaler, epoch: int
     return run_dir
 
 
+# What load_state and a resume read from the JSON; a state without one of them cannot continue.
+STATE_KEYS = ("epoch", "step", "ema_updates", "config", "optimizer", "scaler", "rng", "tensors_sha256")
+
+
 def read_state_meta(run_dir: str | Path) -> dict[str, Any]:
+    """The JSON part of a state; CheckpointError (a clean CLI error) naming what is wrong with it."""
     path = Path(run_dir) / STATE_JSON
     if not path.is_file():
         raise FileNotFoundError(f"no training state in {run_dir} (expected {STATE_JSON} and {STATE_TENSORS})")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the state is damaged; start the run again") from None
+    missing = [k for k in STATE_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing or not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{path} lacks {', '.join(missing) or 'a config mapping'}: the state is damaged or "
+                              "not from `effnet train`; start the run again")
+    return meta
+
+
+def mark_exported(run_dir: str | Path, tag: str) -> None:
+    """Record in the state which checkpoint the finished run stored, so a resume does not store it again."""
+    path = Path(run_dir) / STATE_JSON
+    meta = json.loads(path.read_text())
+    meta["exported"] = tag
+    tmp = path.with_name(STATE_JSON + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path)
 
 
 def _match_param_layout(optimizer) -> None:
@@ -122,16 +145,25 @@ def load_state(run_dir: str | Path, *, model, ema, optimizer, scaler) -> dict[st
     run_dir = Path(run_dir)
     meta = read_state_meta(run_dir)
     tensors_path = run_dir / STATE_TENSORS
+    if not tensors_path.is_file():
+        raise CheckpointError(f"{tensors_path} is missing: the state is incomplete; start the run again")
+    # CheckpointError, a RuntimeError the CLI words without a traceback: a damaged state is the user's
+    # to replace, not a bug.
     if sha256_file(tensors_path) != meta["tensors_sha256"]:
-        raise RuntimeError(f"{tensors_path}: sha256 does not match {STATE_JSON}; the state is corrupted")
-    tensors = load_file(str(tensors_path), device="cpu")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    ema.updates = meta["ema_updates"]
-    # CPU tensors: load_state_dict moves the moments to each parameter's device and keeps `step` where
-    # the optimizer wants it.
-    optimizer.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
-    _match_param_layout(optimizer)
-    scaler.load_state_dict(meta["scaler"])
-    _set_rng_state(meta["rng"], tensors)
+        raise CheckpointError(f"{tensors_path}: sha256 does not match {STATE_JSON}; the state is corrupted "
+                              "(truncated or modified): start the run again")
+    try:
+        tensors = load_file(str(tensors_path), device="cpu")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        ema.updates = meta["ema_updates"]
+        # CPU tensors: load_state_dict moves the moments to each parameter's device and keeps `step` where
+        # the optimizer wants it.
+        optimizer.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
+        _match_param_layout(optimizer)
+        scaler.load_state_dict(meta["scaler"])
+        _set_rng_state(meta["rng"], tensors)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"the state in {run_dir} does not fit this run's model and optimizer "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     return meta

@@ -8,11 +8,14 @@ with a DistributedSampler; rank 0 evaluates, logs and saves.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,37 @@ def check_store_name(name: str) -> str:
 def default_run_dir(name: str) -> Path:
     home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
     return home / "runs" / name
+
+
+LOCK_FILE = "run.lock"
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on `run_dir` for this process's life; ValueError naming the run that holds it.
+
+    Two trainings of one --name shared runs/NAME: each wrote its epochs into the other's
+    train_log.jsonl and state, and both checkpoints carried the mixed log. flock is released by the
+    kernel when the process ends, however it ends, so a killed run leaves no stale lock.
+    """
+    import fcntl
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"--run-dir {run_dir} is a file: give a folder (it holds the training state)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{run_dir} is in use by another training ({holder}): wait for it to end, or give this "
+                         "run another --name or --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    f.flush()
+    return f
 
 
 def seed_everything(seed: int) -> None:
@@ -100,7 +134,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     from .data import DeviceBatches, load_data
     from .engine import ModelEma, evaluate, recalibrate_bn, train_one_epoch
     from .report import CONFUSION_FILE, LOG_FILE, append_jsonl, plot_confusion
-    from .state import load_state, save_state
+    from .state import load_state, mark_exported, save_state
 
     rank, world, local = dist_utils.init_distributed(cfg.dist_backend)
     main_proc = rank == 0
@@ -117,11 +151,28 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     # 1) data and what the manifest says about it
     variant = get_variant(cfg.variant).name
     name = checkpoint_name(variant, cfg.data, cfg.name)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(name)
+    # A resumed run writes its state and log back where it was read from, whatever its --name.
+    run_dir = Path(resume) if resume else Path(cfg.run_dir) if cfg.run_dir else default_run_dir(name)
+    # Held until main returns (the file object is closed with this frame) or the process ends.
+    run_lock = lock_run_dir(run_dir) if main_proc else None  # noqa: F841
+    if resume:  # before anything is built: a state of another variant failed with a size-mismatch traceback
+        from .state import read_state_meta
+
+        stored = read_state_meta(resume)["config"]
+        for key in ("variant", "data", "resolution", "batch_size"):
+            if stored.get(key) != getattr(cfg, key):
+                raise ValueError(f"--resume {resume}: it trained {key}={stored.get(key)!r}, this run "
+                                 f"{getattr(cfg, key)!r}; resume with the same {key} (leave it out and the stored "
+                                 "one is used)")
     t_data = time.perf_counter()
     data = load_data(cfg)
     log(f"data {cfg.data}: {len(data.train)} train / {len(data.val)} val images, {len(data.classes)} classes, "
         f"{data.in_chans} channel(s) at {cfg.resolution}x{cfg.resolution} ({time.perf_counter() - t_data:.1f} s)")
+    if min(cfg.batch_size, len(data.train) // world) < 2:
+        # BatchNorm cannot normalise one image over a 1x1 map ("Expected more than 1 value per channel").
+        raise ValueError(f"a training step needs at least 2 images per process (BatchNorm), got batch size "
+                         f"{cfg.batch_size} and {len(data.train)} training image(s) for {world} process(es): "
+                         "raise --limit-train / --batch-size")
     net_cfg = model_config(variant, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
     manifest = Manifest(
         variant=variant, config=net_cfg.to_dict(), num_classes=len(data.classes), classes=data.classes,
@@ -198,9 +249,6 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     start_epoch, step, recalibrated = 0, 0, False
     if resume:
         meta = load_state(resume, model=net, ema=ema, optimizer=optimizer, scaler=scaler)
-        for key in ("variant", "data", "resolution", "batch_size"):
-            if meta["config"][key] != getattr(cfg, key):
-                raise ValueError(f"--resume {resume}: it trained {key}={meta['config'][key]!r}, this run {getattr(cfg, key)!r}")
         start_epoch, step = meta["epoch"] + 1, meta["step"]
         recalibrated = bool(meta.get("bn_recalibrated"))
         if world > 1:
@@ -209,6 +257,14 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             cfg.epochs = meta["config"]["epochs"]
             total_steps = max(1, round(cfg.epochs * steps_per_epoch))
             n_passes = math.ceil(total_steps / steps_per_epoch)
+        exported = meta.get("exported")
+        if start_epoch >= n_passes and exported:
+            from store import has_checkpoint
+
+            if has_checkpoint(exported):  # storing it again would only add an identical version
+                log(f"{resume}: the run already finished and is stored as {exported}; nothing to do")
+                dist_utils.cleanup()
+                return {"tag": exported, "run_dir": str(run_dir), "already_finished": True}
         log(f"resumed from {resume} after epoch {start_epoch}, step {step}")
     else:
         seed_everything(cfg.seed + rank)
@@ -324,6 +380,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                                  f"{name} ({pick} weights): top-1 {best['top1']:.2%} on {best['images']} {data.dataset} images")
             tag = save_checkpoint(export, manifest, name=name,
                                   extra_files={LOG_FILE: run_dir / LOG_FILE, CONFUSION_FILE: png})
+        mark_exported(run_dir, tag)
         result.update(tag=tag, metrics=manifest.metrics)
         log(f"saved {tag}: top-1 {best['top1']:.2%} top-5 {best['top5']:.2%} ({pick} weights; model "
             f"{last['model']['top1']:.2%}, EMA {last['ema']['top1']:.2%}), {train_seconds:.0f} s training, "
@@ -458,14 +515,46 @@ def launch_torchrun(cfg: TrainConfig, nproc: int, resume: str | None, progress: 
     return subprocess.call(cmd, env=env)
 
 
+# What a resumed run may change: how it runs and where its checkpoint goes, not what it trains (the
+# state's tensors, schedule and data order depend on every other option).
+RESUME_MAY_CHANGE = {"name", "threads", "workers", "log_every", "eval_every", "stop_after_epoch", "run_dir"}
+
+
+def resume_config(args: argparse.Namespace) -> TrainConfig:
+    """The configuration stored in --resume's state.json, with the options given that it may change.
+
+    A bare `--resume RUN_DIR` (what the stop message suggests) used the defaults and failed with a
+    size-mismatch traceback. Given options that differ from the stored ones are refused, by name.
+    """
+    from .config import load_yaml
+    from .state import read_state_meta
+
+    known = config_fields()
+    stored = {k: v for k, v in read_state_meta(args.resume)["config"].items() if k in known}
+    given = {**(load_yaml(args.config) if args.config else {}),
+             **{k: v for k, v in vars(args).items() if v is not None and k in known}}
+    if "variant" in given:  # an alias (b0-compact) names the variant the state stores canonically
+        from models import get_variant
+
+        same = get_variant(given["variant"]).name == get_variant(stored.get("variant", "")).name
+        given["variant"] = stored["variant"] if same else given["variant"]
+    differ = sorted(k for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != stored.get(k))
+    if differ:
+        raise ValueError(f"--resume {args.resume}: the run was started with "
+                         + ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r}" for k in differ)
+                         + ", this command gives " + ", ".join(f"{given[k]!r}" for k in differ)
+                         + ": leave these options out (the stored configuration is used) or start a new run")
+    return resolve_config({**stored, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}})
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of `effnet train` and `python -m training`."""
-    cfg = config_from_args(args)
+    cfg = resume_config(args) if args.resume else config_from_args(args)
     progress = not args.no_progress
     if args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     name = check_store_name(checkpoint_name(cfg.variant, cfg.data, cfg.name))
-    if cfg.init:  # a missing or other-variant --init fails now, not after the data has loaded
+    if cfg.init and not args.resume:  # a missing or other-variant --init fails now, not after the data has loaded
         from models import get_variant
         from store import read_manifest
 
@@ -481,5 +570,29 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.nproc > 1 and "RANK" not in os.environ:
         return launch_torchrun(cfg, args.nproc, args.resume, progress)
-    main(cfg, resume=args.resume, progress=progress)
+    run_dir = Path(args.resume) if args.resume else Path(cfg.run_dir) if cfg.run_dir else default_run_dir(name)
+    state = run_dir / "state.json"
+    # NOTE: compared as "changed", not "newer than the start": file times come from the kernel's coarse
+    # clock, a few ms behind time.time(), so a state written just after the start looked older than it.
+    state_before = state.stat().st_mtime_ns if state.is_file() else None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # SIGTERM (kill, a scheduler's stop, docker stop) ends the run as Ctrl-C does, with the message below.
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        main(cfg, resume=args.resume, progress=progress)
+    except KeyboardInterrupt:
+        if state.is_file():  # saved by this run, or (a resumed run stopped early) the one it resumed from
+            epoch = json.loads(state.read_text()).get("epoch", -1) + 1
+            when = "" if state.stat().st_mtime_ns != state_before else " (no epoch ended in this run)"
+            print(f"interrupted: the state after epoch {epoch} is saved in {run_dir}{when}; continue with\n"
+                  f"  effnet train --resume {run_dir}", file=sys.stderr)
+        else:
+            print("interrupted before the first epoch ended: no state was saved, nothing to resume", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
