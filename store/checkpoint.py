@@ -96,7 +96,7 @@ def save_checkpoint(
     import shutil
 
     import bentoml
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     name = name or manifest.variant.replace(".", "_")
     # safetensors refuses shared storage and non-contiguous tensors; BN counters are harmless to copy.
@@ -106,7 +106,10 @@ def save_checkpoint(
     meta.update(resolution=manifest.resolution, num_classes=manifest.num_classes, params=manifest.params)
     with bentoml.models.create(name, labels=labels, metadata=meta, _model_store=get_store(home)) as bento_model:
         weights = Path(bento_model.path_of(WEIGHTS_FILE))
-        save_file(state, str(weights), metadata={"variant": manifest.variant})
+        # Written by Python, not safetensors' save_file: that creates the file 0600 whatever the umask,
+        # unlike every other file here (0644), so a service running as another user than the trainer
+        # could read the manifest but not the weights.
+        weights.write_bytes(save(state, metadata={"variant": manifest.variant}))
         manifest.sha256 = sha256_file(weights)
         manifest.weights_file = WEIGHTS_FILE
         manifest.created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -137,7 +140,7 @@ def read_manifest(tag_or_path: str | os.PathLike, home: str | os.PathLike | None
         manifest = Manifest.from_dict(json.loads(mpath.read_text()))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {folder} has no {MANIFEST_FILE}") from None
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:  # AttributeError: not a mapping
         raise CheckpointError(f"checkpoint {folder}: unreadable {MANIFEST_FILE}: {e}") from None
     return manifest, folder
 
@@ -181,23 +184,74 @@ def load_checkpoint(
     return model.to(device).eval(), manifest
 
 
-def list_checkpoints(home: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """One row per stored checkpoint of this project, newest first."""
+def _problem(folder: Path, man: Manifest | None, verify: bool) -> str | None:
+    """Why a checkpoint folder cannot be served, or None; the sha256 only with `verify`."""
+    if folder.parent.name != folder.parent.name.lower():
+        return "the name folder is not lower-case: BentoML cannot load it (rename the folder)"
+    if not (folder / "model.yaml").is_file():
+        return "no model.yaml: BentoML cannot load it"
+    if man is None:
+        return None
+    for key in ("num_classes", "resolution", "params"):
+        value = getattr(man, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{MANIFEST_FILE}: {key} is {value!r}, not a whole number"
+    top1 = man.metrics.get("top1") if isinstance(man.metrics, dict) else "?"
+    if top1 is not None and not (isinstance(top1, (int, float)) and 0 <= top1 <= 1):
+        return f"{MANIFEST_FILE}: top1 is {top1!r}, not a fraction in [0, 1]"
+    try:
+        from models import get_variant
+
+        get_variant(man.variant)
+    except Exception:
+        return f"{MANIFEST_FILE}: unknown variant {man.variant!r}"
+    weights = folder / str(man.weights_file)
+    if not weights.is_file():
+        return f"weights file {man.weights_file} is missing"
+    if verify and sha256_file(weights) != man.sha256:
+        return f"sha256 of {man.weights_file} does not match the manifest: modified or corrupted"
+    return None
+
+
+def list_checkpoints(home: str | os.PathLike | None = None, *, include_broken: bool = False,
+                     verify: bool = False) -> list[dict[str, Any]]:
+    """One row per stored checkpoint of this project, newest first.
+
+    The folders are walked here rather than listed by BentoML's ModelStore.list(), which raised on
+    the first bad entry (a version folder without model.yaml, an upper-case name folder) and so hid
+    every good one. `include_broken`: checkpoints that cannot be served are listed too, each with a
+    `problem` (else left out, as before, for the callers that pick one to use). `verify`: check the
+    sha256 of every weights file, which reads all of them (minutes on a large store), so it is asked
+    for; `verified` says whether it was done. Another project's BentoML models are left out.
+    """
+    root = _home(home) / "models"
     rows = []
-    for m in get_store(home).list():
-        folder = Path(m.path)
-        if not (folder / MANIFEST_FILE).is_file():
-            continue  # some other project's BentoML model
-        try:
-            man, _ = read_manifest(folder)
-        except CheckpointError:
+    for folder in sorted(root.glob("*/*")) if root.is_dir() else []:
+        if not folder.is_dir():
             continue
+        man, problem = None, None
+        if not (folder / MANIFEST_FILE).is_file():
+            yaml_file = folder / "model.yaml"
+            if yaml_file.is_file() and not (folder / WEIGHTS_FILE).is_file() and (
+                    "project: effnet" not in yaml_file.read_text(errors="replace")):
+                continue  # some other project's BentoML model
+            problem = f"no {MANIFEST_FILE}"
+        else:
+            try:
+                man, _ = read_manifest(folder)
+            except CheckpointError as e:
+                problem = str(e).replace(f"checkpoint {folder}: ", "")
+        problem = _problem(folder, man, verify) or problem
+        if problem and not include_broken:
+            continue
+        top1 = man.metrics.get("top1") if man and isinstance(man.metrics, dict) else None
         rows.append(
             {
-                "tag": str(m.tag), "variant": man.variant, "dataset": man.dataset,
-                "classes": man.num_classes, "resolution": man.resolution,
-                "top1": man.metrics.get("top1"), "params": man.params, "created": man.created,
-                "path": str(folder),
+                "tag": f"{folder.parent.name}:{folder.name}", "variant": man and man.variant,
+                "dataset": man and man.dataset, "classes": man and man.num_classes,
+                "resolution": man and man.resolution, "top1": top1, "params": man and man.params,
+                "created": str(man.created) if man else "", "path": str(folder), "problem": problem,
+                "verified": (problem is None) if verify else None,
             }
         )
     rows.sort(key=lambda r: r["created"], reverse=True)

@@ -84,3 +84,51 @@ def test_the_cut_leaves_what_the_centre_crop_sees(h, w, exact):
         assert torch.equal(got, ref)
     else:  # the resampling grid may shift by a fraction of a pixel
         assert (got.int() - ref.int()).abs().max() <= 2
+
+
+def test_the_listing_shows_every_entry_and_marks_the_broken_ones(bentoml_home, capsys):
+    # One bad folder (no model.yaml, an upper-case name) made BentoML's listing, so `effnet store`,
+    # fail with a traceback; a missing or invalid manifest was left out without a word.
+    import json
+    import shutil
+
+    from cli.main import main as effnet
+
+    _, tag = _save(bentoml_home)
+    good = Path(list_checkpoints()[0]["path"])
+    models = bentoml_home / "models"
+    for name, damage in (("noyaml", "model.yaml"), ("nomanifest", "manifest.json"), ("Upper", None),
+                         ("lots", "params"), ("flip", "weights")):
+        copy = models / name / "v1"
+        shutil.copytree(good, copy)
+        if damage == "params":
+            man = json.loads((copy / "manifest.json").read_text())
+            (copy / "manifest.json").write_text(json.dumps({**man, "params": "lots"}))
+        elif damage == "weights":
+            data = bytearray((copy / "model.safetensors").read_bytes())
+            data[-5] ^= 0xFF
+            (copy / "model.safetensors").write_bytes(bytes(data))
+        elif damage:
+            (copy / damage).unlink()
+    (models / "empty" / "v1").mkdir(parents=True)
+    assert effnet(["store", "--json"]) == 0
+    rows = {r["tag"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {tag, "noyaml:v1", "nomanifest:v1", "Upper:v1", "lots:v1", "flip:v1", "empty:v1"}
+    assert rows[tag]["problem"] is None and rows[tag]["verified"] is None
+    assert "model.yaml" in rows["noyaml:v1"]["problem"] and "manifest.json" in rows["nomanifest:v1"]["problem"]
+    assert "lower-case" in rows["Upper:v1"]["problem"] and "params" in rows["lots:v1"]["problem"]
+    assert rows["flip:v1"]["problem"] is None  # the sha256 is checked only when asked
+    assert effnet(["store"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n! ") == 5 and "not verified" in out
+    assert effnet(["store", "--verify"]) == 0
+    assert "sha256" in capsys.readouterr().out
+    # callers that pick one to use get the usable ones (the sha256 is checked when one is loaded)
+    assert {r["tag"] for r in list_checkpoints()} == {tag, "flip:v1"}
+
+
+def test_the_weights_are_as_readable_as_the_manifest(bentoml_home):
+    # safetensors wrote them 0600: a service running as another user could not read them
+    _save(bentoml_home)
+    folder = Path(list_checkpoints()[0]["path"])
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == (folder / "manifest.json").stat().st_mode & 0o777
