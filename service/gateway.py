@@ -311,6 +311,8 @@ def _field(form: Any, query: Any, name: str) -> str | None:
     if name not in query:
         return in_form
     in_query = _text_field(query, name)
+    if in_query is None:  # ?route= with nothing after it says nothing
+        return in_form
     if in_form is not None and in_query != in_form:
         raise ClientError(f"{name!r} is given twice, as {shown(in_query)} in the query string and as "
                           f"{shown(in_form)} in the form; give it once")

@@ -110,6 +110,8 @@ def test_fields_in_the_query_string_count_and_conflicts_are_refused(server):
     assert r.status_code == 200 and r.json()["variant"] == "compact"
     r = server.client.post("/classify?route=imagenet", files=files, data={"route": "fashion"})
     assert r.status_code == 400 and "'route' is given twice" in r.json()["error"]
+    r = server.client.post("/classify?route=&top_k=2", files=files, data={"route": "imagenet"})
+    assert r.status_code == 200 and r.json()["variant"] == "lite0"  # an empty parameter says nothing
     r = server.client.post("/classify?rout=imagenet", files=files)
     assert r.status_code == 400 and "unknown query parameter(s) ['rout']" in r.json()["error"]
 
