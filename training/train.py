@@ -57,6 +57,11 @@ def default_run_dir(name: str) -> Path:
     return home / "runs" / name
 
 
+def run_dir_for(cfg: TrainConfig, name: str, resume: str | None = None) -> Path:
+    """Where a run keeps its state and log: the resumed folder, else --run-dir, else runs/NAME."""
+    return Path(resume) if resume else Path(cfg.run_dir) if cfg.run_dir else default_run_dir(name)
+
+
 LOCK_FILE = "run.lock"
 
 
@@ -152,7 +157,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     variant = get_variant(cfg.variant).name
     name = checkpoint_name(variant, cfg.data, cfg.name)
     # A resumed run writes its state and log back where it was read from, whatever its --name.
-    run_dir = Path(resume) if resume else Path(cfg.run_dir) if cfg.run_dir else default_run_dir(name)
+    run_dir = run_dir_for(cfg, name, resume)
     # Held until main returns (the file object is closed with this frame) or the process ends.
     run_lock = lock_run_dir(run_dir) if main_proc else None  # noqa: F841
     if resume:  # before anything is built: a state of another variant failed with a size-mismatch traceback
@@ -497,7 +502,7 @@ def launch_torchrun(cfg: TrainConfig, nproc: int, resume: str | None, progress: 
 
     import yaml
 
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(checkpoint_name(cfg.variant, cfg.data, cfg.name))
+    run_dir = run_dir_for(cfg, checkpoint_name(cfg.variant, cfg.data, cfg.name))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = run_dir / "launch_config.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -570,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if args.nproc > 1 and "RANK" not in os.environ:
         return launch_torchrun(cfg, args.nproc, args.resume, progress)
-    run_dir = Path(args.resume) if args.resume else Path(cfg.run_dir) if cfg.run_dir else default_run_dir(name)
+    run_dir = run_dir_for(cfg, name, args.resume)
     state = run_dir / "state.json"
     # NOTE: compared as "changed", not "newer than the start": file times come from the kernel's coarse
     # clock, a few ms behind time.time(), so a state written just after the start looked older than it.
