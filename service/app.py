@@ -10,7 +10,7 @@ import bentoml
 
 from .config import load_config, tracing_options
 from .gateway import GatewayLogic, LimitsMiddleware, OpenAPIPathsMiddleware, http_app
-from .workers import make_worker
+from .workers import make_workers
 
 
 def _gpu_present() -> bool:
@@ -23,15 +23,21 @@ def _gpu_present() -> bool:
 
 
 def build_gateway(cfg):
-    """The gateway service class, with one `bentoml.depends` per served variant."""
+    """The gateway service class, with one `bentoml.depends` per worker process (service.workers)."""
     gpu = _gpu_present()
     # Variants placed in the gateway (service/inprocess.py) have no worker service.
     remote = {name: v for name, v in cfg.variants.items() if v.placement == "worker"}
-    attrs = {f"w_{name.replace('-', '_')}": bentoml.depends(make_worker(v, cfg, gpu)) for name, v in remote.items()}
+    attrs, worker_attrs = {}, {}
+    for name, v in remote.items():
+        worker_attrs[name] = []
+        for i, svc in enumerate(make_workers(v, cfg, gpu), 1):
+            attr = f"w_{name.replace('-', '_')}_{i}"
+            attrs[attr] = bentoml.depends(svc)
+            worker_attrs[name].append(attr)
     namespace = {
         **attrs,
         "cfg": cfg,
-        "worker_attrs": {name: f"w_{name.replace('-', '_')}" for name in remote},
+        "worker_attrs": worker_attrs,
         "__doc__": "Classify images with the EfficientNet variants of the serving configuration "
                    "(POST /classify, /classify_batch; GET /variants, /routes).",
     }

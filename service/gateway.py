@@ -45,6 +45,7 @@ from .inprocess import InProcessVariant
 from .config import ConfigError, RouteConfig, ServingConfig, check_label_spaces, parse_route, unrouted
 from .images import DecodeBudget, ImageError, open_image, to_rgb_array
 from .routing import Assignment, Router, RoutingError, shown
+from .workers import combine_status
 
 logger = logging.getLogger("effnet.gateway")
 
@@ -323,7 +324,7 @@ class GatewayLogic:
     """The gateway's state and request handling; `app.py` mixes it into the BentoML service class."""
 
     cfg: ServingConfig
-    worker_attrs: dict[str, str]  # variant -> attribute holding its bentoml.depends proxy
+    worker_attrs: dict[str, list[str]]  # variant -> the attributes holding its replicas' bentoml.depends proxies
 
     def __init__(self) -> None:
         import torch
@@ -346,6 +347,8 @@ class GatewayLogic:
         self.decoding = DecodeBudget(self.cfg.server.max_decoding_pixels)
         # variant -> its gateway-side batcher (service.coalesce), made on first use inside the event loop
         self.coalescers: dict[str, Coalescer] = {}
+        # variant -> calls in flight to each of its worker replicas (the next call goes to the least busy)
+        self.replica_calls: dict[str, list[int]] = {name: [0] * len(attrs) for name, attrs in self.worker_attrs.items()}
         for name, v in self.cfg.variants.items():
             try:
                 self.manifests[name], _ = read_manifest(v.model)
@@ -367,8 +370,13 @@ class GatewayLogic:
             self.config_error = f"configuration error in {self.cfg.source}: {e}"
             logger.error("effnet gateway: %s", self.config_error)
 
-    def worker(self, variant: str) -> Any:
-        return getattr(self, self.worker_attrs[variant])
+    def replicas(self, variant: str) -> list[Any]:
+        """The proxies of a variant's worker processes (service.workers.worker_names)."""
+        return [getattr(self, attr) for attr in self.worker_attrs[variant]]
+
+    async def worker_status(self, variant: str) -> dict:
+        """The variant's status, from each of its replicas (raises when one is not reachable)."""
+        return combine_status([await w.to_async.status() for w in self.replicas(variant)])
 
     # readiness --------------------------------------------------------------------------------------
 
@@ -379,7 +387,7 @@ class GatewayLogic:
         reasons = [self.config_error] if self.config_error else []
         for name in self.cfg.variants:
             try:
-                st = self.local[name].status() if name in self.local else await self.worker(name).to_async.status()
+                st = self.local[name].status() if name in self.local else await self.worker_status(name)
             except Exception as e:
                 reasons.append(self.problems.get(name) or f"variant {name!r}: worker not reachable yet ({type(e).__name__})")
                 continue
@@ -451,15 +459,19 @@ class GatewayLogic:
         return out[:, :-1], float(out[0, -1])
 
     async def call_worker(self, variant: str, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        """One call to the variant's worker: scores (N, K) and the seconds its inference took."""
+        """One call to one of the variant's worker processes: scores (N, K) and the seconds its inference took."""
         import aiohttp
         import httpx
         from bentoml.exceptions import BentoMLException
 
-        proxy = self.worker(variant).to_async
+        replicas, calls = self.replicas(variant), self.replica_calls[variant]
         for attempt in range(WORKER_RETRIES + 1):
+            # the replica with the fewest calls in flight; among equals, the first (a lone request
+            # always meets the same warm process)
+            i = min(range(len(calls)), key=calls.__getitem__)
+            calls[i] += 1
             try:
-                out = await proxy.predict(batch)
+                out = await replicas[i].to_async.predict(batch)
                 break
             except (httpx.TimeoutException, TimeoutError):  # before the next clause: aiohttp's are both
                 raise ClientError(f"variant {variant!r} did not answer in time; retry later", 503,
@@ -477,6 +489,8 @@ class GatewayLogic:
                 if status in (429, 503):
                     raise self._at_capacity(variant) from None
                 raise ClientError(f"variant {variant!r}: worker failed ({status})", 502) from None
+            finally:
+                calls[i] -= 1
         out = np.asarray(out)
         return out[:, :-1], float(out[0, -1])
 
@@ -841,7 +855,9 @@ class GatewayLogic:
                 # A CPU batch runs on `threads` when the machine is idle, else on one (service.cpu_slots),
                 # each with its own engine: {"1": ..., "2": ...}.
                 "engines_by_threads": st.get("engines_by_threads"),
-                "threads": st.get("threads"), "workers": v.workers, "calls_in_flight": v.gateway_calls,
+                # worker processes (or in-gateway streams) running, and how many have loaded their engines
+                "threads": st.get("threads"), "workers": st.get("workers", v.workers),
+                "workers_loaded": st.get("workers_loaded", 0), "calls_in_flight": v.gateway_calls,
                 "max_batch_size": v.max_batch_size, "max_latency_ms": v.max_latency_ms,
                 "architecture": m.variant if m else None, "dataset": m.dataset if m else None,
                 "resolution": m.resolution if m else None, "num_classes": m.num_classes if m else None,

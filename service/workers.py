@@ -1,7 +1,9 @@
 """One BentoML worker service per served variant: a verified checkpoint behind adaptive batching.
 
 Each worker is its own process (`bentoml.depends` from the gateway), built from the configuration at
-import time so that every variant gets its own `max_batch_size`/`max_latency_ms` and resources.
+import time so that every variant gets its own `max_batch_size`/`max_latency_ms` and resources. A variant
+with `workers: N` on the CPU is N services of one process each (replicas), not one service of N
+processes, so that the gateway chooses which process each call goes to (`worker_names`).
 - Device: CUDA when the variant asks for GPUs (`gpu: 1` or a fraction) and CUDA is present, with
   `resources={"gpu": ...}`; otherwise the CPU.
 - CPU threads: every CPU batch runs while holding core slots (`service.cpu_slots`), one per thread, shared
@@ -20,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import bentoml
@@ -68,27 +68,35 @@ def dispatch_without_learned_wait() -> bool:
     return True
 
 
+def cache_media_types() -> bool:
+    """Work out each API's response media type once, not at every response. Returns whether it applied.
+
+    NOTE: BentoML 1.4.30 (`_bentoml_sdk.io_models.IOMixin.mime_type`) builds the pydantic JSON schema of
+    an API's return type for every response it sends to tell JSON from text or files: 93 us of the
+    worker's CPU per `predict` call that returns an array (2026-11-28, Xeon host), against about 1 ms of
+    HTTP work per call in all. The answer depends on the class alone.
+    """
+    try:
+        from _bentoml_sdk.io_models import IOMixin
+    except ImportError:
+        logger.warning("BentoML's IOMixin was not found where 1.4.30 keeps it: media types are not cached")
+        return False
+    if getattr(IOMixin.mime_type, "_effnet_cached", False):
+        return True
+    derive, known = IOMixin.mime_type.__func__, {}
+
+    def mime_type(cls) -> str:
+        if cls not in known:
+            known[cls] = derive(cls)
+        return known[cls]
+
+    mime_type._effnet_cached = True
+    IOMixin.mime_type = classmethod(mime_type)
+    return True
+
+
 dispatch_without_learned_wait()
-
-
-def ready_dir(variant: str) -> Path:
-    """One marker file per loaded process of a variant (`workers` > 1 means several processes)."""
-    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
-    return home / "run" / "ready" / variant
-
-
-def live_markers(folder: Path) -> int:
-    """Loaded processes of a variant that are still alive; markers of dead ones are removed."""
-    n = 0
-    for f in folder.glob("*"):
-        try:
-            os.kill(int(f.name), 0)
-            n += 1
-        except (ValueError, ProcessLookupError):
-            f.unlink(missing_ok=True)
-        except PermissionError:  # alive, someone else's
-            n += 1
-    return n
+cache_media_types()
 
 
 def loading_slots(slots: CoreSlots | None, v: VariantConfig, device: str, sizes, threads: int):
@@ -134,6 +142,26 @@ class DeviceThread:
 
 def service_name(variant: str) -> str:
     return f"effnet-worker-{variant.lower().replace('_', '-')}"
+
+
+def worker_replicas(v: VariantConfig, gpu_present: bool) -> int:
+    """Worker processes of a variant: `workers` on the CPU, one on a GPU (it holds the device)."""
+    return 1 if v.gpu > 0 and gpu_present else v.workers
+
+
+def worker_names(v: VariantConfig, gpu_present: bool) -> list[str]:
+    """One BentoML service name per worker process of `v`: `effnet-worker-<variant>` alone, else
+    `effnet-worker-<variant>-1`, `-2`, ...
+
+    NOTE: one service of N processes (BentoML's `workers=N`) shares one socket, and each connection the
+    gateway's client pool opens is accepted by whichever process is first: a server start could put
+    every connection on one process. With lite0's two processes at one thread each, 127 req/s in
+    one start against 191 in another, the second process idle (2026-11-28 02:07, Xeon host); with
+    the default four calls the processes did 42% and 58% of the work. One service per process gives
+    each its own socket, and the gateway sends each call to the replica with the fewest in flight.
+    """
+    n = worker_replicas(v, gpu_present)
+    return [service_name(v.name)] if n == 1 else [f"{service_name(v.name)}-{i}" for i in range(1, n + 1)]
 
 
 class VariantRunner:
@@ -234,10 +262,27 @@ class VariantRunner:
         return info
 
 
-def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
-    """The BentoML service class that serves variant `v`."""
+def combine_status(replicas: list[dict]) -> dict:
+    """A variant's status from its replicas' (`Worker.status`): ready when every one is; the first
+    replica's description, with the count of those loaded and the first problem."""
+    out = dict(replicas[0])
+    loaded = sum(int(r.get("workers_loaded", 0)) for r in replicas)
+    out.update(workers=len(replicas), workers_loaded=loaded, ready=all(r.get("ready") for r in replicas))
+    errors = [r["error"] for r in replicas if r.get("error")]
+    out["error"] = errors[0] if errors else None
+    if not errors and loaded < len(replicas):
+        out["error"] = f"variant {out['variant']!r}: {loaded} of {len(replicas)} worker processes loaded"
+    return out
+
+
+def make_workers(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> list[Any]:
+    """The BentoML service classes that serve variant `v`, one per worker process (`worker_names`)."""
+    return [make_worker(v, cfg, gpu_present, name) for name in worker_names(v, gpu_present)]
+
+
+def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: str | None = None) -> Any:
+    """One BentoML service (one process) that serves variant `v`."""
     use_gpu = v.gpu > 0 and gpu_present
-    processes = 1 if use_gpu else v.workers  # one process holds the GPU (see `workers=` below)
     threads = variant_threads(v, cfg)
     resources: dict[str, Any] = {"gpu": v.gpu} if use_gpu else {"cpu": str(threads)}
 
@@ -246,10 +291,6 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
             import torch
 
             self.runner = VariantRunner(v, cfg, use_gpu and torch.cuda.is_available())
-            if self.runner.error is None:
-                self.marker = ready_dir(v.name) / str(os.getpid())
-                self.marker.parent.mkdir(parents=True, exist_ok=True)
-                self.marker.touch()
             metrics.VARIANT_READY.labels(v.name).set(0 if self.runner.error else 1)
 
         def __is_ready__(self) -> bool:
@@ -257,19 +298,20 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> Any:
 
         @bentoml.api
         def status(self) -> dict:
-            loaded = live_markers(ready_dir(v.name)) if self.runner.error is None else 0
-            return self.runner.status(threads, loaded, processes)
+            """This process's status; the gateway adds up its variant's replicas (`combine_status`)."""
+            return self.runner.status(threads, int(self.runner.error is None), 1)
 
         @bentoml.api(batchable=True, max_batch_size=v.max_batch_size, max_latency_ms=v.max_latency_ms)
         def predict(self, images: np.ndarray) -> np.ndarray:
             return self.runner.predict(images)
 
-    Worker.__name__ = Worker.__qualname__ = f"Worker_{v.name.replace('-', '_')}"
+    name = name or service_name(v.name)
+    Worker.__name__ = Worker.__qualname__ = "Worker_" + name.removeprefix("effnet-worker-").replace("-", "_")
     return bentoml.service(
-        name=service_name(v.name),
+        name=name,
         resources=resources,
-        # Processes of this variant, each with its own batcher; on the CPU they share the core slots.
-        workers=processes,
+        # One process per service (see worker_names); on the CPU, the replicas share the core slots.
+        workers=1,
         traffic={"timeout": cfg.server.timeout_s},
         # Gateway -> worker calls are internal; the gateway's access log has every request already,
         # and one log line per call costs CPU that the 2 cores need for inference.

@@ -8,7 +8,6 @@ import time
 import pytest
 
 from service.cpu_slots import CoreSlots
-from service.workers import live_markers
 
 
 def hold_in_child(folder, n, k, seconds, ready, done):
@@ -90,17 +89,6 @@ def test_threads_in_use_across_processes_never_exceed_the_slots(tmp_path):
         peak = max(peak, in_use)
         sizes.add(abs(int(line)))
     assert in_use == 0 and peak <= 2 and 1 in sizes
-
-
-def test_a_variant_counts_as_loaded_only_for_live_processes(tmp_path):
-    (tmp_path / str(os.getpid())).touch()
-    dead = mp.get_context("fork").Process(target=lambda: None)
-    dead.start()
-    dead.join()
-    (tmp_path / str(dead.pid)).touch()
-    (tmp_path / "junk").touch()
-    assert live_markers(tmp_path) == 1
-    assert sorted(f.name for f in tmp_path.iterdir()) == [str(os.getpid())]  # stale markers are removed
 
 
 def test_no_slots_is_an_error(tmp_path):

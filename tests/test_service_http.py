@@ -286,13 +286,19 @@ def test_variants_and_routes_describe_the_configuration(server):
         assert v["precision"] in ("fp32", "bf16", "int8", "fp16") and v["engine_reason"], v
     text = server.client.get("/metrics").text
     assert metric(text, "effnet_variant_info", variant="b0", engine=b0["engine"], precision=b0["precision"]) == 1
-    # Two lite0 processes, both loaded before /readyz said 200 (each marks itself loaded); CPU batches may
-    # run on one thread or on all of them, one engine each.
+    # Two lite0 processes, both loaded before /readyz said 200; CPU batches may run on one thread or on
+    # all of them, one engine each.
     lite0 = variants["lite0"]
-    assert lite0["workers"] == 2 and lite0["ready"] and b0["workers"] == 1
+    assert lite0["workers"] == 2 and lite0["workers_loaded"] == 2 and lite0["ready"] and b0["workers"] == 1
     assert lite0["calls_in_flight"] == 4 and b0["calls_in_flight"] == 2  # gateway batching: 2 per process
     assert lite0["threads"] == 2 and set(lite0["engines_by_threads"]) == {"1", "2"}
-    assert len(list((server.home / "run" / "ready" / "lite0").iterdir())) == 2
+    # Each process is its own worker service, and concurrent calls reach both (service.workers.worker_names)
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda i: classify(server, jpeg(seed=i), route="imagenet"), range(24)))
+    assert all(r.status_code == 200 for r in answers)
+    text = server.client.get("/metrics").text
+    for name in ("effnet-worker-lite0-1", "effnet-worker-lite0-2"):
+        assert metric(text, "bentoml_service_request_total", service_name=name, endpoint="/predict") > 0, name
     # compact runs in the gateway: no worker service of its own, the same description otherwise
     compact = variants["compact"]
     assert compact["placement"] == "gateway" and b0["placement"] == lite0["placement"] == "worker"

@@ -502,11 +502,15 @@ class FlakyWorker:
         return out
 
 
-def gateway_with(worker):
+def gateway_with(*workers):
+    """A gateway whose variant b0 has these worker processes (replicas)."""
     from service.gateway import GatewayLogic
 
     gw = object.__new__(GatewayLogic)  # no server: only the call path is under test
-    gw.cfg, gw.worker_attrs, gw.w_b0 = parse_config(CFG), {"b0": "w_b0"}, worker
+    gw.cfg, gw.worker_attrs = parse_config(CFG), {"b0": [f"w_b0_{i}" for i in range(len(workers))]}
+    for i, w in enumerate(workers):
+        setattr(gw, f"w_b0_{i}", w)
+    gw.replica_calls = {"b0": [0] * len(workers)}
     gw.coalescers, gw.local = {}, {}
     gw.decoding = DecodeBudget(gw.cfg.server.max_decoding_pixels)
     return gw
@@ -517,6 +521,50 @@ def test_a_dropped_worker_connection_is_retried(drop):
     worker = FlakyWorker(drops=2, drop=drop)
     scores, wait = asyncio.run(gateway_with(worker).infer("b0", np.zeros((2, 3, 8, 8), np.uint8)))
     assert worker.calls == 3 and scores.shape == (2, 3) and scores[0, 1] == 1.0 and wait >= 0
+
+
+class TimedWorker(FlakyWorker):
+    """Answers after `seconds`, and remembers the most calls it had at once."""
+
+    def __init__(self, seconds):
+        super().__init__(0)
+        self.seconds, self.now, self.most = seconds, 0, 0
+
+    async def predict(self, batch):
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(self.seconds)
+            return await super().predict(batch)
+        finally:
+            self.now -= 1
+
+
+def test_calls_are_spread_over_a_variants_worker_processes():
+    """Each worker process is its own service (service.workers.worker_names): the gateway, not the
+    kernel's choice of which process accepts a pooled connection, decides where a call goes."""
+    a, b = TimedWorker(0.05), TimedWorker(0.05)
+    gw = gateway_with(a, b)
+    gw.cfg.variants["b0"] = replace(gw.cfg.variants["b0"], calls_in_flight=4)
+
+    async def burst():
+        return await asyncio.gather(*(gw.infer("b0", np.zeros((1, 3, 8, 8), np.uint8)) for _ in range(12)))
+
+    assert len(asyncio.run(burst())) == 12
+    assert a.most == b.most == 2 and a.calls + b.calls >= 4  # never 3 on one while the other had 1
+    assert gw.replica_calls["b0"] == [0, 0]  # every call given back
+    lone = TimedWorker(0.0), TimedWorker(0.0)
+    gw = gateway_with(*lone)
+    for _ in range(3):
+        asyncio.run(gw.infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
+    assert [w.calls for w in lone] == [3, 0]  # one request at a time meets the same, warm, process
+
+
+def test_a_failed_call_gives_its_replica_slot_back():
+    gw = gateway_with(FlakyWorker(0, RuntimeError("boom")), FlakyWorker(0))
+    with pytest.raises(RuntimeError):
+        asyncio.run(gw.infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
+    assert gw.replica_calls["b0"] == [0, 0]
 
 
 @pytest.mark.parametrize("endpoint", ["classify", "classify_batch"])
@@ -565,7 +613,7 @@ def test_concurrent_requests_for_a_variant_share_worker_calls():
         return gw, await asyncio.gather(*(gw.infer("b0", np.zeros((1, 3, 8, 8), np.uint8)) for _ in range(10)))
 
     gw, results = asyncio.run(go())
-    assert SlowWorker.sizes == [1, 1, 8] and gw.w_b0.calls == 3
+    assert SlowWorker.sizes == [1, 1, 8] and gw.w_b0_0.calls == 3
     assert all(s.shape == (1, 3) and s[0, 1] == 1.0 and w >= 0 for s, w in results)
 
 
@@ -1040,6 +1088,39 @@ def test_serve_says_when_its_port_is_taken():
     assert port_in_use("127.0.0.1", port) is None
 
 
+def test_response_media_types_are_worked_out_once_and_stay_what_bentoml_says():
+    """service.workers.cache_media_types: the same answers as BentoML's own, without a JSON schema
+    built per response."""
+    import bentoml
+
+    from service.workers import cache_media_types
+
+    @bentoml.service
+    class Kinds:
+        @bentoml.api
+        def array(self, x: np.ndarray) -> np.ndarray:
+            return x
+
+        @bentoml.api
+        def text(self, x: str) -> str:
+            return x
+
+        @bentoml.api
+        def mapping(self, x: int) -> dict:
+            return {}
+
+    assert cache_media_types() and cache_media_types()  # applied once, and idempotent
+    specs = [Kinds.apis[n].output_spec for n in ("array", "text", "mapping")]
+    assert [s.mime_type() for s in specs] == ["application/json", "text/plain", "application/json"]
+    built = []
+    real = specs[0].model_json_schema
+    specs[0].model_json_schema = classmethod(lambda cls, *a, **k: built.append(1) or real(*a, **k))
+    try:
+        assert specs[0].mime_type() == "application/json" and built == []
+    finally:
+        specs[0].model_json_schema = real
+
+
 def test_the_workers_batcher_does_not_hold_requests_back_by_a_learned_wait():
     """After a burst BentoML's batcher had learned to wait ~100 ms for batch-mates and kept doing so
     for lone requests (service.workers.dispatch_without_learned_wait). Its per-item time estimates,
@@ -1069,7 +1150,7 @@ def test_a_gpu_variant_in_the_gateway_makes_bentoml_give_the_gateway_a_gpu(monke
     monkeypatch.setattr(app, "_gpu_present", lambda: True)
     on_gpu = app.build_gateway(cfg)
     assert on_gpu.config["resources"] == {"gpu": 1}
-    assert set(on_gpu.dependencies) == {"w_b"}  # no worker service for the variant in the gateway
+    assert set(on_gpu.dependencies) == {"w_b_1"}  # no worker service for the variant in the gateway
     monkeypatch.setattr(app, "_gpu_present", lambda: False)
     assert "resources" not in app.build_gateway(cfg).config
 
@@ -1101,16 +1182,25 @@ def free_port() -> int:
 
 
 def test_a_variant_is_ready_once_the_processes_it_runs_have_loaded_not_its_workers_setting():
-    """On a GPU one process holds the device whatever `workers` says (make_worker); readiness must
-    count that one, or a `gpu: 1, workers: 2` variant (lite0 in service/config.yaml) never gets ready."""
+    """On a GPU one process holds the device whatever `workers` says; readiness must count that one,
+    or a `gpu: 1, workers: 2` variant (lite0 in service/config.yaml) never gets ready."""
     from service.config import VariantConfig
-    from service.workers import VariantRunner
+    from service.workers import VariantRunner, combine_status, worker_names
 
+    v = VariantConfig("l_x", "l:latest", gpu=1, workers=2)
+    assert worker_names(v, gpu_present=True) == ["effnet-worker-l-x"]
+    assert worker_names(v, gpu_present=False) == ["effnet-worker-l-x-1", "effnet-worker-l-x-2"]
     runner = object.__new__(VariantRunner)  # no engines loaded: only the status is under test
-    runner.v, runner.error, runner.device, runner.engine = VariantConfig("l", "l:latest", gpu=1, workers=2), None, "cuda", None
-    assert runner.status(2, 1, 1)["ready"] and runner.status(2, 1, 1)["workers"] == 1
-    pending = runner.status(2, 1, 2)
-    assert not pending["ready"] and pending["error"] == "variant 'l': 1 of 2 worker processes loaded"
+    runner.v, runner.error, runner.device, runner.engine = v, None, "cuda", None
+    one = runner.status(2, 1, 1)
+    assert one["ready"] and one["workers"] == 1
+    assert combine_status([one]) == one
+    both = combine_status([one, one])
+    assert both["ready"] and (both["workers"], both["workers_loaded"]) == (2, 2) and both["error"] is None
+    runner.error = "variant 'l_x', checkpoint 'l:latest': sha256 mismatch"
+    failed = runner.status(2, 0, 1)
+    pending = combine_status([one, failed])
+    assert not pending["ready"] and pending["workers_loaded"] == 1 and pending["error"] == runner.error
 
 
 def test_a_variant_in_the_gateway_loads_in_a_thread_and_answers_503_until_it_has(monkeypatch):
