@@ -233,6 +233,10 @@ def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None =
         frac = _number(f"{where}.shadow.fraction", sh["fraction"])
         if frac > 1:
             raise ConfigError(f"{where}.shadow.fraction: expected 0..1, got {frac}")
+        if {v for v, w in split.items() if w > 0} == {sh["variant"]}:
+            raise ConfigError(f"{where}.shadow.variant: {sh['variant']!r} already answers every request of the "
+                              "route (the whole split), so it has nothing to be compared with; shadow another "
+                              "variant, or drop the shadow")
         shadow = ShadowConfig(sh["variant"], float(frac))
     return RouteConfig(name, split, shadow)
 

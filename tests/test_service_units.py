@@ -127,6 +127,8 @@ def test_default_config_serves_the_default_store():
     ({"routes": {"fashion": {"split": {"b0": 1e308, "mec": 1e308}}}}, "too large to add up"),
     ({"variants": {"b0": {"model": "x", "workers": 0}}}, "variants.b0.workers: expected an integer > 0"),
     ({"server": {"tracing": "yes"}}, "server.tracing: expected true or false"),
+    ({"routes": {"imagenet": {"split": {"lite0": 1}, "shadow": {"variant": "lite0", "fraction": 0.5}}}},
+     "routes.imagenet.shadow.variant: 'lite0' already answers every request"),
 ])
 def test_invalid_configs_name_the_key(patch, message):
     data = {**CFG, **patch}
@@ -760,6 +762,8 @@ def test_a_route_change_updates_the_variant_info_series():
     ("fashion", {"split": {"b0": 1, "mec": 1}, "shadow": None}, 400, r"\['compact'\] would be in no route"),
     ("fashion", {"split": {"b0": 1, "lite0": 1, "mec": 1, "compact": 1}}, 400, "has 1000 classes"),
     ("fashion", {"shadow": {"variant": "mec", "fraction": 2}}, 400, "expected 0..1"),
+    ("fashion", {"split": {"b0": 0, "mec": 1, "compact": 0}, "shadow": {"variant": "mec", "fraction": 0.5}}, 400,
+     "'mec' already answers every request of the route"),
     ("fashion", {"weights": {"b0": 1}}, 400, 'send a JSON object with "split"'),
     ("fashion", [], 400, 'send a JSON object with "split"'),
     ("fashion", {}, 400, 'send a JSON object with "split"'),
@@ -813,18 +817,19 @@ def test_a_route_change_is_saved_and_served_again_after_a_restart(bentoml_home, 
 def test_an_edited_route_in_the_file_wins_over_a_saved_change(bentoml_home, tmp_path, caplog):
     from service.testing import write_config
 
-    path = write_config(tmp_path / "serving.yaml", CFG)
+    cfg = {**CFG, "routes": {**CFG["routes"], "canary": {"split": {"b0": 1, "compact": 1}}}}
+    path = write_config(tmp_path / "serving.yaml", cfg)
     gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "compact": 1}, "shadow": {"variant": "mec", "fraction": 0.1}})
-    gateway_on_file(path).change_route("imagenet", {"shadow": {"variant": "lite0", "fraction": 0.5}})
-    edited = {**CFG, "routes": {**CFG["routes"], "fashion": {"split": {"b0": 0.2, "mec": 0.4, "compact": 0.4},
+    gateway_on_file(path).change_route("canary", {"split": {"b0": 1, "compact": 3}})
+    edited = {**cfg, "routes": {**cfg["routes"], "fashion": {"split": {"b0": 0.2, "mec": 0.4, "compact": 0.4},
                                                              "shadow": {"variant": "mec", "fraction": 1.0}}}}
     write_config(path, edited)
     with caplog.at_level("WARNING"):
         gw = gateway_on_file(path)
     assert gw.cfg.routes["fashion"].split == {"b0": 0.2, "mec": 0.4, "compact": 0.4}  # the file's edit
-    assert gw.cfg.routes["imagenet"].shadow.fraction == 0.5  # the other route's change stays
+    assert gw.cfg.routes["canary"].split == {"b0": 0.25, "compact": 0.75}  # the other route's change stays
     assert "the route has been edited in" in caplog.text
-    assert set(json.loads(gw.route_changes_file.read_text())["routes"]) == {"imagenet"}  # dropped for good
+    assert set(json.loads(gw.route_changes_file.read_text())["routes"]) == {"canary"}  # dropped for good
 
 
 def test_an_unreadable_route_changes_file_leaves_the_files_routes(bentoml_home, tmp_path, caplog):
