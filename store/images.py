@@ -9,8 +9,9 @@ models -> training -> store -> service). What it guarantees:
   that declares a huge image costs nothing;
 - truncated files are errors (PIL's LOAD_TRUNCATED_IMAGES stays off);
 - EXIF orientation is applied; GIFs give their first frame;
-- JPEGs that need no reduced-size decoding are decoded by torchvision.io (libjpeg-turbo, the
-  engines issue's choice), the rest by PIL;
+- RGB and gray JPEGs are decoded by simplejpeg (libjpeg-turbo), at a reduced scale where the caller
+  needs less, and refused when libjpeg-turbo finds their data cut short or damaged; other JPEGs
+  (CMYK, YCCK) and the other formats by PIL;
 - every mode becomes 8-bit RGB: 16/32-bit and float grayscale are scaled, alpha and palette
   transparency are composited over white, CMYK/YCbCr/LAB/HSV go through PIL's conversion.
 The model-specific part (resize, crop, gray vs RGB) is `store.resize_crop` and `store.InputNormalizer`,
@@ -153,22 +154,43 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return img
 
 
-def _decode_jpeg_with_torchvision(data: bytes) -> np.ndarray | None:
-    """uint8 (3, H, W) RGB through torchvision.io (libjpeg-turbo), EXIF orientation applied; None if it
-    cannot (PIL then decodes the image, and words the error for a corrupt or truncated one).
+# libjpeg-turbo's warnings that real cameras and editors produce on files that display correctly:
+# padding bytes where a marker is due. Anything else it warns about (data that ends before the last
+# pixel, a bad Huffman code, a lost restart marker) refuses the image.
+BENIGN_JPEG_WARNINGS = ("extraneous bytes before marker",)
 
-    NOTE: the same pixels as PIL for the benchmark's photos (max difference 0), in 412 us against
-    500-690 us for PIL's path with its conversions (224x224 JPEG, one thread, 2026-11-27).
+
+def _decode_jpeg(data: bytes, min_side: int | None) -> np.ndarray | None:
+    """uint8 (H, W, 3) RGB of an RGB or gray JPEG through simplejpeg (libjpeg-turbo): at the smallest
+    DCT scale (1/8..1) whose sides both still cover `min_side`, as PIL's `draft` picks. Raises
+    ImageError (400) for data that is cut short or damaged; None for a file with only a benign flaw
+    (`BENIGN_JPEG_WARNINGS`), which PIL then decodes (simplejpeg refuses those even when not strict:
+    its header reader stops at the warning).
+
+    NOTE: libjpeg recovers from a file cut short by filling the missing rows with grey and a warning on
+    stderr; PIL and torchvision.io then answered 200 with half a grey image classified (a 224x224 photo
+    cut at 30% of its bytes, with an end marker appended, 2026-11-28). simplejpeg's `strict` turns
+    those warnings into errors. The same pixels as PIL's and torchvision.io's for the benchmark's photos
+    (max difference 0), in 117-163 us against 167-220 for torchvision.io, whose decoding is deprecated
+    since 0.29 (224x224 JPEGs, one thread, Xeon host, 2026-11-28).
     """
-    try:
-        import torch
-        from torchvision.io import ImageReadMode, decode_jpeg
+    import simplejpeg
 
-        x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                        apply_exif_orientation=True)
-    except Exception:  # a truncated or corrupt file (RuntimeError), or a JPEG flavour it does not take
+    size = {"min_height": min_side, "min_width": min_side} if min_side else {}
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **size)
+    except ValueError as e:
+        problem = str(e)
+    if any(w in problem for w in BENIGN_JPEG_WARNINGS):
         return None
-    return np.ascontiguousarray(x.numpy())
+    raise ImageError(f"the JPEG image is truncated or corrupt: {problem}")
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(ORIENTATION_TAG)
+    except Exception:
+        return None  # an unreadable EXIF block: keep the pixels as stored rather than refuse the image
 
 
 def to_rgb_array(img: Image.Image, *, min_side: int | None = None, data: bytes | None = None) -> np.ndarray:
@@ -177,26 +199,25 @@ def to_rgb_array(img: Image.Image, *, min_side: int | None = None, data: bytes |
     `min_side`: the smallest shorter side the caller needs; JPEGs are then decoded at a reduced
     scale (DCT scaling, 1/2..1/8) that still covers it, and RGB or gray images above twice that are
     resized to it: the caller's resize then has nothing left to do, and large images are cheap.
-    `data`: the file's bytes; given, RGB and gray JPEGs that need neither go to torchvision.io.
+    `data`: the file's bytes; given, RGB and gray JPEGs go to simplejpeg (`_decode_jpeg`).
     Raises ImageError (400) for truncated or corrupt pixel data.
     """
     fmt = img.format
-    if data is not None and fmt == "JPEG" and img.mode in ("RGB", "L") and not (
-            min_side and min(img.size) >= 2 * min_side):
-        rgb = _decode_jpeg_with_torchvision(data)
-        if rgb is not None:
-            return rgb
-    try:
-        if min_side and fmt == "JPEG":
-            img.draft("RGB", (min_side, min_side))
-        img.seek(0)  # GIF/WebP animations: the first frame
-        img.load()
-    except Exception as e:  # truncated or corrupt pixel data; PIL raises OSError, SyntaxError, ValueError...
-        raise ImageError(f"the {fmt} image is truncated or corrupt: {e}") from None
-    try:
-        orientation = img.getexif().get(ORIENTATION_TAG)
-    except Exception:
-        orientation = None  # an unreadable EXIF block: keep the pixels as stored rather than refuse the image
+    hwc = _decode_jpeg(data, min_side) if data is not None and fmt == "JPEG" and img.mode in ("RGB", "L") else None
+    if hwc is not None:
+        orientation = _orientation(img)  # a JPEG's EXIF block precedes its pixels: read with the header
+        if orientation not in TRANSPOSE_FOR_ORIENTATION and not (min_side and min(hwc.shape[:2]) > 2 * min_side):
+            return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+        img = Image.fromarray(hwc)  # to be resized or turned upright below, as PIL's own decoding would be
+    else:
+        try:
+            if min_side and fmt == "JPEG":
+                img.draft("RGB", (min_side, min_side))
+            img.seek(0)  # GIF/WebP animations: the first frame
+            img.load()
+        except Exception as e:  # truncated or corrupt pixel data; PIL raises OSError, SyntaxError, ValueError...
+            raise ImageError(f"the {fmt} image is truncated or corrupt: {e}") from None
+        orientation = _orientation(img)  # after loading: a PNG may keep its eXIf chunk after the pixels
     if min_side and min(img.size) > 2 * min_side and img.mode in ("RGB", "L"):
         # NOTE: large images are resized here, by PIL, to the size store.resize_crop would give them
         # (shorter side min_side, longer side as torchvision computes it), which then has nothing to

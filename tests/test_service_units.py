@@ -254,22 +254,54 @@ def test_exif_orientation_is_applied_to_resized_images_too():
     assert out.shape == (3, 64, 32)  # upright (portrait) and resized
 
 
-def test_jpegs_go_to_torchvision_io_with_the_same_pixels_as_pil(monkeypatch):
+def test_jpegs_go_to_simplejpeg_with_the_same_pixels_as_pil(monkeypatch):
     import service.images as images
     from service.bench import photos
 
-    for data in photos(224)[:3]:
-        by_pil = images.to_rgb_array(images.open_image(data, max_pixels=10**6), min_side=256)  # no bytes: PIL
-        assert np.array_equal(decode_image(data, max_pixels=10**6, min_side=256), by_pil)
+    big = encode(RGB.resize((900, 600)), "JPEG")
+    for data, side in [(d, 256) for d in photos(224)[:3]] + [(big, 256), (big, 64), (big, None)]:
+        by_pil = images.to_rgb_array(images.open_image(data, max_pixels=10**6), min_side=side)  # no bytes: PIL
+        assert np.array_equal(decode_image(data, max_pixels=10**6, min_side=side), by_pil)
     import store.images  # where the decoder lives (service.images re-exports it)
 
     calls = []
-    real = store.images._decode_jpeg_with_torchvision
-    monkeypatch.setattr(store.images, "_decode_jpeg_with_torchvision", lambda d: calls.append(len(d)) or real(d))
-    decode_image(photos(224)[0], max_pixels=10**6, min_side=256)  # small: torchvision
-    decode_image(encode(RGB.resize((900, 600)), "JPEG"), max_pixels=10**6, min_side=256)  # 2x: PIL's draft
+    real = store.images._decode_jpeg
+    monkeypatch.setattr(store.images, "_decode_jpeg", lambda d, side: calls.append(len(d)) or real(d, side))
+    decode_image(photos(224)[0], max_pixels=10**6, min_side=256)  # RGB: simplejpeg
+    decode_image(encode(RGB.convert("L"), "JPEG"), max_pixels=10**6)  # gray: simplejpeg
     decode_image(encode(RGB.convert("CMYK"), "JPEG"), max_pixels=10**6)  # CMYK: PIL
-    assert len(calls) == 1
+    decode_image(encode(RGB, "PNG"), max_pixels=10**6)
+    assert len(calls) == 2
+
+
+def cut_jpeg(fraction: float, end_marker: bool) -> bytes:
+    """A photo cut after `fraction` of its bytes, with or without an end-of-image marker appended."""
+    from service.bench import photos
+
+    data = photos(224)[1]
+    return data[:int(len(data) * fraction)] + (b"\xff\xd9" if end_marker else b"")
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9, 0.99])
+@pytest.mark.parametrize("end_marker", [False, True])
+@pytest.mark.parametrize("side", [None, 64])
+def test_a_jpeg_cut_short_is_refused_even_when_it_ends_with_an_end_marker(fraction, end_marker, side):
+    """libjpeg fills what is missing with grey and only warns: PIL and torchvision.io decoded these to a
+    half-grey photo, answered 200 (store.images._decode_jpeg)."""
+    with pytest.raises(ImageError, match="the JPEG image is truncated or corrupt") as e:
+        decode_image(cut_jpeg(fraction, end_marker), max_pixels=10**6, min_side=side)
+    assert e.value.status == 400
+
+
+def test_a_jpeg_with_padding_before_a_marker_still_decodes():
+    """Bytes where libjpeg expects a marker ("extraneous bytes before marker"), as some cameras and
+    editors write: libjpeg skips them and the photo is whole, so it is served (decoded by PIL)."""
+    from service.bench import photos
+
+    data = photos(224)[1]
+    at = data.index(b"\xff\xda")  # start of scan
+    padded = data[:at] + b"\x00\x00\x00" + data[at:]
+    assert np.array_equal(decode_image(padded, max_pixels=10**6), decode_image(data, max_pixels=10**6))
 
 
 def huge_png(w=12000, h=12000) -> bytes:
