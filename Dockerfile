@@ -19,7 +19,7 @@ RUN if ! command -v python3 >/dev/null; then \
 
 WORKDIR /app
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.14.1 torchvision==0.29.1 \
- && pip install --no-cache-dir bentoml==1.4.30 "pillow>=10" "prometheus-client>=0.20" "safetensors>=0.4" "pyyaml>=6" numpy \
+ && pip install --no-cache-dir bentoml==1.4.30 "pillow>=10" "simplejpeg>=1.8" "prometheus-client>=0.20" "safetensors>=0.4" "pyyaml>=6" numpy \
       "onnx>=1.17" "onnxscript>=0.5" "onnxruntime>=1.20" "openvino>=2025.0" "uvloop>=0.19" "httptools>=0.6"
 COPY models/ models/
 COPY store/ store/
