@@ -216,6 +216,21 @@ def test_exif_orientation_is_applied():
     assert out.shape == (3, 30, 20)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("side", [None, 64])
+def test_every_exif_orientation_gives_the_pixels_pil_does(orientation, side):
+    """simplejpeg's array, turned upright and resized as PIL's own decoding is (store.images)."""
+    import service.images as images
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.effect_mandelbrot((900, 600), (-2, -1, 1, 1), 60).convert("RGB"), "JPEG", exif=exif)
+    by_pil = images.to_rgb_array(images.open_image(data, max_pixels=10**7), min_side=side)  # no bytes: PIL
+    out = decode_image(data, max_pixels=10**7, min_side=side)
+    assert np.array_equal(out, by_pil)
+    assert (out.shape[1] > out.shape[2]) == (orientation >= 5)  # 5-8 swap width and height
+
+
 def test_animated_gif_gives_its_first_frame():
     frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
     buf = io.BytesIO()
