@@ -10,8 +10,8 @@ models -> training -> store -> service). What it guarantees:
 - truncated files are errors (PIL's LOAD_TRUNCATED_IMAGES stays off);
 - EXIF orientation is applied; GIFs give their first frame;
 - RGB and gray JPEGs are decoded by simplejpeg (libjpeg-turbo), at a reduced scale where the caller
-  needs less, and refused when libjpeg-turbo finds their data cut short or damaged; other JPEGs
-  (CMYK, YCCK) and the other formats by PIL;
+  needs less, and refused when libjpeg-turbo finds their data cut short or damaged; CMYK and YCCK
+  JPEGs are checked the same way and then decoded by PIL, as the other formats are;
 - every mode becomes 8-bit RGB: 16/32-bit and float grayscale are scaled, alpha and palette
   transparency are composited over white, CMYK/YCbCr/LAB/HSV go through PIL's conversion.
 The model-specific part (resize, crop, gray vs RGB) is `store.resize_crop` and `store.InputNormalizer`,
@@ -160,7 +160,7 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
 BENIGN_JPEG_WARNINGS = ("extraneous bytes before marker",)
 
 
-def _decode_jpeg(data: bytes, min_side: int | None) -> np.ndarray | None:
+def _decode_jpeg(data: bytes, min_side: int | None, colorspace: str = "RGB") -> np.ndarray | None:
     """uint8 (H, W, 3) RGB of an RGB or gray JPEG through simplejpeg (libjpeg-turbo): at the smallest
     DCT scale (1/8..1) whose sides both still cover `min_side`, as PIL's `draft` picks. Raises
     ImageError (400) for data that is cut short or damaged; None for a file with only a benign flaw
@@ -178,7 +178,7 @@ def _decode_jpeg(data: bytes, min_side: int | None) -> np.ndarray | None:
 
     size = {"min_height": min_side, "min_width": min_side} if min_side else {}
     try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, **size)
+        return simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True, **size)
     except ValueError as e:
         problem = str(e)
     if any(w in problem for w in BENIGN_JPEG_WARNINGS):
@@ -210,6 +210,11 @@ def to_rgb_array(img: Image.Image, *, min_side: int | None = None, data: bytes |
             return np.ascontiguousarray(hwc.transpose(2, 0, 1))
         img = Image.fromarray(hwc)  # to be resized or turned upright below, as PIL's own decoding would be
     else:
+        if data is not None and fmt == "JPEG" and img.mode == "CMYK":
+            # NOTE: only checked by simplejpeg (a decode at the reduced scale, its pixels unused): PIL, which
+            # then decodes, converts CMYK and Adobe's inverted YCCK as it always has, but greys in a file
+            # cut short as it does for RGB (a CMYK photo cut at half its bytes answered 200, 2026-11-28).
+            _decode_jpeg(data, min_side, colorspace="CMYK")
         try:
             if min_side and fmt == "JPEG":
                 img.draft("RGB", (min_side, min_side))

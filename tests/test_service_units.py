@@ -281,12 +281,12 @@ def test_jpegs_go_to_simplejpeg_with_the_same_pixels_as_pil(monkeypatch):
 
     calls = []
     real = store.images._decode_jpeg
-    monkeypatch.setattr(store.images, "_decode_jpeg", lambda d, side: calls.append(len(d)) or real(d, side))
+    monkeypatch.setattr(store.images, "_decode_jpeg", lambda d, side, **kw: calls.append(len(d)) or real(d, side, **kw))
     decode_image(photos(224)[0], max_pixels=10**6, min_side=256)  # RGB: simplejpeg
     decode_image(encode(RGB.convert("L"), "JPEG"), max_pixels=10**6)  # gray: simplejpeg
-    decode_image(encode(RGB.convert("CMYK"), "JPEG"), max_pixels=10**6)  # CMYK: PIL
+    decode_image(encode(RGB.convert("CMYK"), "JPEG"), max_pixels=10**6)  # CMYK: checked, then PIL decodes
     decode_image(encode(RGB, "PNG"), max_pixels=10**6)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def cut_jpeg(fraction: float, end_marker: bool) -> bytes:
@@ -306,6 +306,16 @@ def test_a_jpeg_cut_short_is_refused_even_when_it_ends_with_an_end_marker(fracti
     with pytest.raises(ImageError, match="the JPEG image is truncated or corrupt") as e:
         decode_image(cut_jpeg(fraction, end_marker), max_pixels=10**6, min_side=side)
     assert e.value.status == 400
+
+
+def test_a_cmyk_jpeg_cut_short_is_refused_and_a_whole_one_decodes_as_pil_does():
+    import service.images as images
+
+    whole = encode(RGB.resize((300, 200)).convert("CMYK"), "JPEG")
+    by_pil = images.to_rgb_array(images.open_image(whole, max_pixels=10**6))  # no bytes: PIL alone
+    assert np.array_equal(decode_image(whole, max_pixels=10**6), by_pil)
+    with pytest.raises(ImageError, match="the JPEG image is truncated or corrupt"):
+        decode_image(whole[:len(whole) // 2] + b"\xff\xd9", max_pixels=10**6)
 
 
 def test_a_jpeg_with_padding_before_a_marker_still_decodes():
