@@ -465,10 +465,12 @@ class GatewayLogic:
         from bentoml.exceptions import BentoMLException
 
         replicas, calls = self.replicas(variant), self.replica_calls[variant]
+        failed: set[int] = set()
         for attempt in range(WORKER_RETRIES + 1):
-            # the replica with the fewest calls in flight; among equals, the first (a lone request
-            # always meets the same warm process)
-            i = min(range(len(calls)), key=calls.__getitem__)
+            # the replica with the fewest calls in flight, among those this call has not seen fail;
+            # among equals, the first (a lone request always meets the same warm process)
+            i = min((k for k in range(len(calls)) if k not in failed or len(failed) == len(calls)),
+                    key=calls.__getitem__)
             calls[i] += 1
             try:
                 out = await replicas[i].to_async.predict(batch)
@@ -483,6 +485,7 @@ class GatewayLogic:
                 # H200, benchmarks/gpu/README.md). Inference has no side effects: trying again is safe.
                 if attempt == WORKER_RETRIES:
                     raise ClientError(f"variant {variant!r}: worker connection failed ({type(e).__name__})", 502) from None
+                failed.add(i)  # a process that is gone or restarting: try another one first
                 logger.warning("variant %s: retrying after %s", variant, type(e).__name__)
             except BentoMLException as e:
                 status = int(getattr(e, "error_code", 500))

@@ -619,6 +619,14 @@ def test_calls_are_spread_over_a_variants_worker_processes():
     assert [w.calls for w in lone] == [3, 0]  # one request at a time meets the same, warm, process
 
 
+def test_a_dropped_connection_is_retried_on_another_worker_process():
+    """A replica that is gone (killed, restarting) is not asked again for the same call while another
+    can answer: the retry goes to the next one."""
+    dead, alive = FlakyWorker(drops=99), FlakyWorker(drops=0)
+    scores, _ = asyncio.run(gateway_with(dead, alive).infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
+    assert (dead.calls, alive.calls) == (1, 1) and scores[0, 1] == 1.0
+
+
 def test_a_failed_call_gives_its_replica_slot_back():
     gw = gateway_with(FlakyWorker(0, RuntimeError("boom")), FlakyWorker(0))
     with pytest.raises(RuntimeError):
