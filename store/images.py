@@ -161,7 +161,7 @@ BENIGN_JPEG_WARNINGS = ("extraneous bytes before marker",)
 
 
 def _decode_jpeg(data: bytes, min_side: int | None, colorspace: str = "RGB") -> np.ndarray | None:
-    """uint8 (H, W, 3) RGB of an RGB or gray JPEG through simplejpeg (libjpeg-turbo): at the smallest
+    """uint8 (H, W, C) in `colorspace` of a JPEG through simplejpeg (libjpeg-turbo): at the smallest
     DCT scale (1/8..1) whose sides both still cover `min_side`, as PIL's `draft` picks. Raises
     ImageError (400) for data that is cut short or damaged; None for a file with only a benign flaw
     (`BENIGN_JPEG_WARNINGS`), which PIL then decodes (simplejpeg refuses those even when not strict:
