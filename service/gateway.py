@@ -469,8 +469,8 @@ class GatewayLogic:
         for attempt in range(WORKER_RETRIES + 1):
             # the replica with the fewest calls in flight, among those this call has not seen fail;
             # among equals, the first (a lone request always meets the same warm process)
-            i = min((k for k in range(len(calls)) if k not in failed or len(failed) == len(calls)),
-                    key=calls.__getitem__)
+            candidates = [k for k in range(len(calls)) if k not in failed] or list(range(len(calls)))
+            i = min(candidates, key=calls.__getitem__)
             calls[i] += 1
             try:
                 out = await replicas[i].to_async.predict(batch)

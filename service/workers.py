@@ -280,7 +280,7 @@ def make_workers(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> lis
     return [make_worker(v, cfg, gpu_present, name) for name in worker_names(v, gpu_present)]
 
 
-def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: str | None = None) -> Any:
+def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: str) -> Any:
     """One BentoML service (one process) that serves variant `v`."""
     use_gpu = v.gpu > 0 and gpu_present
     threads = variant_threads(v, cfg)
@@ -305,7 +305,6 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: s
         def predict(self, images: np.ndarray) -> np.ndarray:
             return self.runner.predict(images)
 
-    name = name or service_name(v.name)
     Worker.__name__ = Worker.__qualname__ = "Worker_" + name.removeprefix("effnet-worker-").replace("-", "_")
     return bentoml.service(
         name=name,
