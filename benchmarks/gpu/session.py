@@ -141,6 +141,9 @@ def main() -> int:
     ap.add_argument("--serve-during-training", action="store_true",
                     help="run the serving stage on the stored checkpoints while the trainings run (one lease call "
                     "for both: a lone b0 training left the H200 80%% idle); --serve-s is then not reserved")
+    ap.add_argument("--lite0-placements", default="worker",
+                    help="serve Lite0 (when stored) once per placement in this list, worker and/or gateway; each is "
+                    "its own server start (default: %(default)s)")
     args = ap.parse_args()
     runs = [tuple(r.strip().split(":")) for r in args.runs.split(",") if r.strip()]
     bad = [":".join(r) for r in runs if len(r) != 2 or r[1] not in AUGMENT_ARGS]
@@ -206,9 +209,13 @@ def main() -> int:
     procs = {run_name(v, aug): start(effnet("train", "--variant", v, *common, *AUGMENT_ARGS[aug],
                                             "--name", run_name(v, aug)),
                                      logs / f"train-{run_name(v, aug)}.log", env) for v, aug in runs}
+    placements = [p.strip() for p in args.lite0_placements.split(",") if p.strip()]
     if args.serve_during_training:
-        serve_stage(home, logs, env, results, deadline=train_end, smoke=args.smoke)
-        save(out, logs, results)
+        for i, placement in enumerate(placements):
+            # the stages share what is left before train_end
+            left = (train_end - now()) / (len(placements) - i)
+            serve_stage(home, logs, env, results, deadline=now() + left, smoke=args.smoke, lite0_placement=placement)
+            save(out, logs, results)
     rcs = finish(procs, train_end + 20)
     stop.set()
     trained = {}
@@ -237,9 +244,10 @@ def main() -> int:
 
 
 def serve_stage(home: Path, logs: Path, env: dict, results: dict, deadline: float, smoke: bool,
-                prefer: str | None = None) -> None:
+                prefer: str | None = None, lite0_placement: str = "worker") -> None:
     """results["serve"]: `prefer` (else any stored b0: gpu-b0-*, or the default store's b0-fashion-mnist) on
     the GPU, a stored compact on the CPU if there is one."""
+    key = "serve" if lite0_placement == "worker" else f"serve_{lite0_placement}"
     names = {r["tag"].split(":")[0] for r in store_rows(env)}
     b0 = prefer if prefer in names else next((n for n in sorted(names) if n.startswith(("gpu-b0-", "b0-"))), None)
     compact = next((n for n in sorted(names) if "compact" in n), None)
@@ -254,10 +262,10 @@ def serve_stage(home: Path, logs: Path, env: dict, results: dict, deadline: floa
             make_checkpoint(home, b0, "b0", FASHION_CLASSES, 40, grayscale=True)
             results["serve_model"] = "b0 with random weights (make_checkpoint): latency only, top-1 hits mean nothing"
         lite0 = "lite0-imagenet" if "lite0-imagenet" in names else None
-        results["serve"] = serve_check(home, logs, env, deadline=deadline, b0=b0, compact=compact, lite0=lite0,
-                                       requests=80 if smoke else 800)
+        results[key] = serve_check(home, logs, env, deadline=deadline, b0=b0, compact=compact, lite0=lite0,
+                                   requests=80 if smoke else 800, lite0_placement=lite0_placement)
     except Exception as e:  # noqa: BLE001 - recorded, the session still returns its files
-        results["serve"] = {"error": f"{type(e).__name__}: {e}"[:3000]}
+        results[key] = {"error": f"{type(e).__name__}: {e}"[:3000]}
 
 
 def pack_store(home: Path, out: Path, names: list[str]) -> None:
@@ -279,12 +287,34 @@ def pack_store(home: Path, out: Path, names: list[str]) -> None:
     say("packed", tgz.stat().st_size // 1_000_000, "MB of checkpoints")
 
 
+def photos_224() -> list:
+    """The labelled scikit-image photos, centre-cropped to 224x224 JPEGs (quality 90) as `service.bench` sends them:
+    the originals are PNGs of up to 600x400 whose decoding in the gateway would be what is measured."""
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from loadtest.images import photos
+
+    out = []
+    for p in photos():
+        img = Image.open(io.BytesIO(p.data)).convert("RGB")
+        side = min(img.size)
+        img = img.crop(((img.width - side) // 2, (img.height - side) // 2, (img.width + side) // 2, (img.height + side) // 2))
+        buf = io.BytesIO()
+        img.resize((224, 224), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        out.append(dataclasses.replace(p, data=buf.getvalue(), filename=p.filename.rsplit(".", 1)[0] + ".jpg",
+                                       content_type="image/jpeg"))
+    return out
+
+
 def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, compact: str | None,
-                lite0: str | None, requests: int) -> dict:
+                lite0: str | None, requests: int, lite0_placement: str = "worker") -> dict:
     import httpx
     import yaml
 
-    from loadtest.images import fashion_mnist, photos
+    from loadtest.images import fashion_mnist
     from loadtest.processes import ServiceProcess
 
     cfg = {
@@ -308,17 +338,17 @@ def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, comp
         # photos' top-1 hits mean something. Two `gpu: 1` workers would ask for two GPUs and fail to start.
         cfg["variants"]["b0"]["gpu"] = 0.5
         cfg["variants"]["lite0"] = {"model": f"{lite0}:latest", "engine": "torch", "gpu": 0.5, "max_batch_size": 32,
-                                    "max_latency_ms": 5000}
+                                    "max_latency_ms": 5000, "placement": lite0_placement}
         cfg["routes"]["imagenet"] = {"split": {"lite0": 1.0}}
     cfg_file = Path("/tmp/serve-gpu.yaml")
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     images = fashion_mnist(200, root=env.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
     route_of = {v: r for r, rc in cfg["routes"].items() for v in rc["split"]} | {"compact": "fashion"}
-    photo_set = photos() if lite0 else ()
+    photo_set = photos_224() if lite0 else ()
     inputs = {v: ([photo_set[i % len(photo_set)] for i in range(200)] if v == "lite0" else images) for v in cfg["variants"]}
     res: dict = {"config": cfg}
     t = time.monotonic()
-    with ServiceProcess(str(cfg_file), home, log_path=out / "serve.log",
+    with ServiceProcess(str(cfg_file), home, log_path=out / f"serve-{lite0_placement}.log",
                         ready_timeout=max(20, deadline - now() - 40)) as srv:
         res["ready_s"] = round(time.monotonic() - t, 1)
         say("server ready in", res["ready_s"], "s")
