@@ -62,6 +62,17 @@ VARIANT_READY = Gauge(
     "effnet_variant_ready", "1 when the variant's worker has loaded and verified its checkpoint, else 0",
     ["variant"], multiprocess_mode="min",  # min: 0 until every process of the variant has loaded
 )
+# every process (service/heap.py)
+GC_PAUSE = Histogram(
+    "effnet_gc_pause_seconds", "Pauses of Python's garbage collector per serving process (the gateway's or a "
+    "worker's service name), the variant it serves ('none': the gateway), and generation (2: a full "
+    "collection, which stops every request of that process)",
+    ["process", "variant", "generation"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+)
+GC_FROZEN = Gauge(
+    "effnet_gc_frozen_objects", "Objects built at start-up that the process moved out of the collector's passes "
+    "(gc.freeze) once ready", ["process", "variant"], multiprocess_mode="max",
+)
 
 # workers
 INFERENCE_LATENCY = Histogram(

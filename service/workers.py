@@ -33,6 +33,7 @@ from . import metrics
 from .config import (ServingConfig, VariantConfig, cpu_threads, tracing_options, variant_device, variant_thread_counts,
                      variant_threads)
 from .cpu_slots import CoreSlots
+from .heap import freeze_startup_heap, watch_collector
 
 logger = logging.getLogger("effnet.worker")
 
@@ -290,8 +291,10 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: s
         def __init__(self) -> None:
             import torch
 
+            watch_collector(name, v.name)
             self.runner = VariantRunner(v, cfg, use_gpu and torch.cuda.is_available())
             metrics.VARIANT_READY.labels(v.name).set(0 if self.runner.error else 1)
+            freeze_startup_heap(name, v.name)  # service/heap.py
 
         def __is_ready__(self) -> bool:
             return self.runner.error is None

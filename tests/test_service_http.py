@@ -357,6 +357,18 @@ def test_metrics_are_labelled_per_variant(server):
     assert metric(text, "effnet_split_assignments_total", route="fashion", assignment="split") >= 1
     assert metric(text, "effnet_requests_total", status="400") >= 1
     assert "bentoml_service_request_total" in text  # BentoML's own series are still there
+    # every process froze its start-up objects once ready (service/heap.py), with a full collection first
+    # that its collector watch has seen (moved to the histogram each second)
+    # (compact runs in the gateway's process here; lite0 has two worker processes)
+    for process in ("effnet-gateway", "effnet-worker-b0", "effnet-worker-mec", "effnet-worker-lite0-1",
+                    "effnet-worker-lite0-2"):
+        assert metric(text, "effnet_gc_frozen_objects", process=process) > 10_000, process
+    deadline = time.monotonic() + 5
+    while metric(text, "effnet_gc_pause_seconds_count", process="effnet-gateway", generation="2") < 1:
+        assert time.monotonic() < deadline, [line for line in text.splitlines() if "effnet_gc" in line]
+        time.sleep(0.2)
+        text = server.client.get("/metrics").text
+    assert metric(text, "effnet_gc_pause_seconds_count", variant="b0", generation="2") >= 1
 
 
 def test_32_concurrent_clients_get_no_failures(server):
