@@ -19,8 +19,10 @@ from .config import RouteConfig, ServingConfig
 
 def shown(value: object, limit: int = 64) -> str:
     """A client's value quoted in an error message, cut to `limit` characters: a 10 kB variant name
-    should not come back as a 10 kB error."""
-    text = repr(value)
+    should not come back as a 10 kB error. Non-ASCII characters are escaped: Starlette decodes a form
+    field that is not valid UTF-8 as Latin-1, so the byte 0xff would otherwise come back as 'ÿ', while
+    '\\xff' names the byte the client sent."""
+    text = ascii(value)
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(str(value)):,} characters)"

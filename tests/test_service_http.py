@@ -188,6 +188,9 @@ BAD = [
     ("variant as file", [img(png()), ("variant", ("v.txt", b"b0", "text/plain"))], 400, "'variant' must be a text value"),
     ("unknown variant", [img(png()), text("variant", "b7")], 400, "unknown variant 'b7'; variants: b0, mec, compact, lite0"),
     ("unknown route", [img(png()), text("route", "cats")], 400, "unknown route 'cats'; routes: fashion, imagenet"),
+    # Starlette reads a field that is not UTF-8 as Latin-1: the message names the raw byte, not 'ÿ'
+    ("variant not UTF-8", [img(png()), text("variant", b"b0\xff")], 400, r"unknown variant 'b0\\xff'; variants: b0"),
+    ("route in other letters", [img(png()), text("route", "caf\u00e9")], 400, r"unknown route 'caf\\xe9'"),
     ("variant outside route", [img(png()), text("route", "imagenet"), text("variant", "b0")], 400,
      "not in route 'imagenet'"),
     ("top_k zero", [img(png()), text("top_k", "0")], 400, "top_k must be from 1 to 10"),
