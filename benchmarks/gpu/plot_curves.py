@@ -1,4 +1,5 @@
-"""Test top-1 per epoch of the H200 session's trainings (h200-2026-11-27.json) -> h200-curves.png.
+"""Test top-1 per epoch of the H200 sessions' trainings: h200-2026-11-27.json -> h200-curves.png,
+h200-2026-11-28.json -> h200-curves-2026-11-28.png.
 
     .venv/bin/python benchmarks/gpu/plot_curves.py
 """
@@ -11,14 +12,21 @@ HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
+    d27 = json.loads((HERE / "h200-2026-11-27.json").read_text())
+    runs = [(f"{name} (4 at once)", t) for name, t in d27["call_1_four_trainings_and_serving"]["train"].items()]
+    runs += [(f"{name} (alone)", t) for name, t in d27["call_2_b0_alone"]["train"].items()]
+    plot(runs, "2026-11-27", "epoch (each run's schedule cut to its --time-budget)", (86, 95), "h200-curves.png")
+    d28 = json.loads((HERE / "h200-2026-11-28.json").read_text())
+    runs = [(f"{name} (2 at once)", t) for name, t in d28["call_1_two_trainings_and_serving"]["train"].items()]
+    plot(runs, "2026-11-28", "epoch (40, the recipe's, fitted in the time budget)", (86, 96), "h200-curves-2026-11-28.png")
+
+
+def plot(runs: list, date: str, xlabel: str, ylim: tuple, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = json.loads((HERE / "h200-2026-11-27.json").read_text())
-    runs = [(f"{name} (4 at once)", t) for name, t in data["call_1_four_trainings_and_serving"]["train"].items()]
-    runs += [(f"{name} (alone)", t) for name, t in data["call_2_b0_alone"]["train"].items()]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for label, t in runs:
         rows = [r for r in t["log"] if "val_top1" in r]
@@ -26,13 +34,14 @@ def main() -> None:
         ax.plot([r["epoch"] for r in rows], best, marker="o", label=f"{label}: {best[-1]:.2f}%")
     ax.axhline(94, color="grey", linestyle="--", linewidth=1)
     ax.text(4.6, 94.1, "issue target 94%", color="grey", fontsize=8)
-    ax.set(xlabel="epoch (each run's schedule cut to its --time-budget)", ylabel="test top-1, better of model/EMA (%)",
-           title="Full recipe on Fashion-MNIST, H200, 2026-11-27", ylim=(86, 95))
+    ax.set(xlabel=xlabel, ylabel="test top-1, better of model/EMA (%)",
+           title=f"Full recipe on Fashion-MNIST, H200, {date}", ylim=ylim)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(HERE / "h200-curves.png")
-    print("wrote", HERE / "h200-curves.png")
+    fig.savefig(HERE / name)
+    plt.close(fig)
+    print("wrote", HERE / name)
 
 
 if __name__ == "__main__":
