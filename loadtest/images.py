@@ -105,6 +105,19 @@ def photos() -> tuple[LabelledImage, ...]:
     return tuple(out)
 
 
+def square_jpeg(img, side: int = 224, quality: int = 90) -> bytes:
+    """A PIL image centre-cropped to a square, resized to `side` and encoded as a JPEG: how the serving
+    benchmarks send photos at the model's own size, so that inference rather than decoding is measured."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    s = min(img.size)
+    img = img.crop(((img.width - s) // 2, (img.height - s) // 2, (img.width + s) // 2, (img.height + s) // 2))
+    buf = io.BytesIO()
+    img.resize((side, side), Image.BILINEAR).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def image_set(name: str, n: int = 200) -> tuple[LabelledImage, ...]:
     if name == "fashion-mnist":
         return fashion_mnist(n)

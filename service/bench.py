@@ -41,15 +41,10 @@ def photos(side: int = 224) -> list[bytes]:
     from PIL import Image
     from skimage import data
 
-    out = []
-    for name in ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry"):
-        img = Image.fromarray(getattr(data, name)()).convert("RGB")
-        s = min(img.size)
-        img = img.crop(((img.width - s) // 2, (img.height - s) // 2, (img.width + s) // 2, (img.height + s) // 2))
-        buf = io.BytesIO()
-        img.resize((side, side), Image.BILINEAR).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+    from loadtest.images import square_jpeg
+
+    return [square_jpeg(Image.fromarray(getattr(data, name)()), side)
+            for name in ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry")]
 
 
 def fashion_images(n: int = 64) -> list[bytes]:

@@ -288,25 +288,17 @@ def pack_store(home: Path, out: Path, names: list[str]) -> None:
 
 
 def photos_224() -> list:
-    """The labelled scikit-image photos, centre-cropped to 224x224 JPEGs (quality 90) as `service.bench` sends them:
-    the originals are PNGs of up to 600x400 whose decoding in the gateway would be what is measured."""
+    """The labelled scikit-image photos as 224x224 JPEGs, as `service.bench` sends them: the originals are
+    PNGs of up to 640x427 whose decoding in the gateway would be what is measured."""
     import dataclasses
     import io
 
     from PIL import Image
 
-    from loadtest.images import photos
+    from loadtest.images import photos, square_jpeg
 
-    out = []
-    for p in photos():
-        img = Image.open(io.BytesIO(p.data)).convert("RGB")
-        side = min(img.size)
-        img = img.crop(((img.width - side) // 2, (img.height - side) // 2, (img.width + side) // 2, (img.height + side) // 2))
-        buf = io.BytesIO()
-        img.resize((224, 224), Image.BILINEAR).save(buf, "JPEG", quality=90)
-        out.append(dataclasses.replace(p, data=buf.getvalue(), filename=p.filename.rsplit(".", 1)[0] + ".jpg",
-                                       content_type="image/jpeg"))
-    return out
+    return [dataclasses.replace(p, data=square_jpeg(Image.open(io.BytesIO(p.data))), content_type="image/jpeg",
+                                filename=p.filename.rsplit(".", 1)[0] + ".jpg") for p in photos()]
 
 
 def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, compact: str | None,
