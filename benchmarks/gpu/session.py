@@ -390,6 +390,9 @@ def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, comp
             for v in ("b0", "lite0"):
                 res[f"metrics_{v}"] = [ln for ln in metrics.splitlines() if ln.startswith("effnet_")
                                        and f'variant="{v}"' in ln and "_bucket" not in ln][:120]
+            # the gateway's collections (service/heap.py): whether its ~250 ms pause of session 3 is gone
+            res["metrics_gc"] = [ln for ln in metrics.splitlines() if ln.startswith("effnet_gc_")
+                                 and "_bucket" not in ln][:120]
     say("serve", {k: v for k, v in res.items() if k.endswith(("sequential", "concurrent16"))})
     return res
 
