@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EFFNET := $(VENV)/bin/effnet
 STAMP := $(VENV)/.installed
-# Debian packages the tests and load tests use: real data and a real Prometheus server.
-DEBS := dataset-fashion-mnist prometheus
+# Debian packages the tests and load tests use: real data, a real Prometheus server, and wrk (the
+# serving benchmark's load generator: C, a tenth of the CPU a Python generator takes from the server).
+DEBS := dataset-fashion-mnist prometheus wrk
 
 .PHONY: setup system-deps test models bench serve clean help checkpoints train-full loadtest engines
 

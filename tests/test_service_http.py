@@ -395,6 +395,20 @@ def test_32_concurrent_clients_get_no_failures(server):
     assert server.client.get("/readyz").status_code == 200
 
 
+@pytest.mark.skipif(not __import__("shutil").which("wrk"), reason="wrk is not installed (make setup installs it)")
+def test_the_benchmarks_wrk_generator_counts_answers_by_status(server):
+    """service.bench's load generator: its forms are ones the gateway accepts, and refusals are counted
+    as such, not as throughput."""
+    from service.bench import load_wrk
+
+    good = load_wrk(server.url, [png(seed=i) for i in range(3)], 4, 1, {"route": "fashion", "variant": "mec"})
+    assert set(good["statuses"]) == {"200"} and good["ok"] > 10, good
+    assert good["p50_ms"] <= good["p99_ms"] <= good["max_ms"] and good["generator"] == "wrk"
+    bad = load_wrk(server.url, [b"not an image"], 2, 1, {"route": "fashion"})
+    assert set(bad["statuses"]) == {"400"} and bad["ok"] == 0 and bad["req_per_s"] == 0, bad
+    assert server.client.get("/readyz").status_code == 200
+
+
 def test_the_server_keeps_its_temporary_files_in_a_folder_of_its_store(server):
     """BentoML's clients between services leave a temporary folder each when stopped by a signal;
     they go to one folder per store, which the next start empties, instead of piling up in /tmp."""
