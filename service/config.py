@@ -132,6 +132,11 @@ class ServerConfig:
     # (a span per request and one per ASGI message sent or received) was about 15% of the gateway's
     # CPU per request (py-spy, lite0 at 16 clients, 2026-11-27 23:55).
     tracing: bool = False
+    # How the gateway hands a batch of decoded images to a worker process: "shared_memory" (the batch is
+    # written once into a file under /dev/shm that the worker maps, and the HTTP call carries only
+    # references to it; service/shm.py) or "http" (the batch pickled into the call's body). Shared memory
+    # falls back to http, with a log line, where it cannot be used (no /dev/shm, a worker on another host).
+    worker_transport: str = "shared_memory"
 
 
 def tracing_options(server: "ServerConfig") -> dict:
@@ -253,7 +258,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     server_raw = _keys(f"{source}: server", top.get("server") or {}, {
         "max_body_mb", "max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight",
         "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
-        "tracing"})
+        "tracing", "worker_transport"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_bytes"] = int(_number("server.max_body_mb", server_raw["max_body_mb"], positive=True) * 1024 * 1024)
@@ -271,6 +276,11 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             raise ConfigError(f"{source}: server.route_changes: expected persist or memory, got "
                               f"{server_raw['route_changes']!r}")
         s["route_changes"] = server_raw["route_changes"]
+    if "worker_transport" in server_raw:
+        if server_raw["worker_transport"] not in ("shared_memory", "http"):
+            raise ConfigError(f"{source}: server.worker_transport: expected shared_memory or http, got "
+                              f"{server_raw['worker_transport']!r}")
+        s["worker_transport"] = server_raw["worker_transport"]
     if "tracing" in server_raw:
         if not isinstance(server_raw["tracing"], bool):
             raise ConfigError(f"{source}: server.tracing: expected true or false, got {server_raw['tracing']!r}")

@@ -46,6 +46,7 @@ from .inprocess import InProcessVariant
 from .config import ConfigError, RouteConfig, ServingConfig, check_label_spaces, parse_route, unrouted
 from .images import DecodeBudget, ImageError, open_image, to_rgb_array
 from .routing import Assignment, Router, RoutingError, shown
+from .shm import Arena, Lease
 from .workers import combine_status
 
 logger = logging.getLogger("effnet.gateway")
@@ -351,6 +352,9 @@ class GatewayLogic:
         self.coalescers: dict[str, Coalescer] = {}
         # variant -> calls in flight to each of its worker replicas (the next call goes to the least busy)
         self.replica_calls: dict[str, list[int]] = {name: [0] * len(attrs) for name, attrs in self.worker_attrs.items()}
+        # variant -> its shared-memory arena (service/shm.py), made at its first call; None: batches go in
+        # the HTTP body (worker_transport: http, or shared memory failed for it)
+        self.arenas: dict[str, Arena | None] = {}
         for name, v in self.cfg.variants.items():
             try:
                 self.manifests[name], _ = read_manifest(v.model)
@@ -463,6 +467,32 @@ class GatewayLogic:
             raise ClientError(f"variant {variant!r}: inference failed ({type(e).__name__})", 502) from None
         return out[:, :-1], float(out[0, -1])
 
+    def _lease(self, variant: str, batch: np.ndarray) -> Lease | None:
+        """The batch written into the variant's shared-memory arena, or None: send it in the body."""
+        if variant not in self.arenas:
+            arena = None
+            if self.cfg.server.worker_transport == "shared_memory":
+                v = self.cfg.variants[variant]
+                try:
+                    # NOTE: two slots per call in flight: a slot whose call failed unanswered waits out the
+                    # worker's timeout before reuse, and its call's successor must not fall back for that.
+                    arena = Arena(variant, v.max_batch_size, batch.shape[1:], slots=2 * v.gateway_calls,
+                                  quarantine_s=self.cfg.server.timeout_s + 5)
+                except OSError as e:  # no memfd on this system, or no memory left for it
+                    logger.warning("variant %s: batches go in the HTTP body, shared memory is not available: %s",
+                                   variant, e)
+            self.arenas[variant] = arena
+        arena = self.arenas[variant]
+        return arena.put(batch) if arena is not None else None
+
+    def worker_transport(self, variant: str) -> str:
+        """How the variant's batches reach it now: in_process, shared_memory or http."""
+        if variant in self.local:
+            return "in_process"
+        if self.cfg.server.worker_transport == "http" or self.arenas.get(variant, True) is None:
+            return "http"
+        return "shared_memory"
+
     async def call_worker(self, variant: str, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """One call to one of the variant's worker processes: scores (N, K) and the seconds its inference took."""
         import aiohttp
@@ -471,34 +501,54 @@ class GatewayLogic:
 
         replicas, calls = self.replicas(variant), self.replica_calls[variant]
         failed: set[int] = set()
-        for attempt in range(WORKER_RETRIES + 1):
-            # the replica with the fewest calls in flight, among those this call has not seen fail;
-            # among equals, the first (a lone request always meets the same warm process)
-            candidates = [k for k in range(len(calls)) if k not in failed] or list(range(len(calls)))
-            i = min(candidates, key=calls.__getitem__)
-            calls[i] += 1
-            try:
-                out = await replicas[i].to_async.predict(batch)
-                break
-            except (httpx.TimeoutException, TimeoutError):  # before the next clause: aiohttp's are both
-                raise ClientError(f"variant {variant!r} did not answer in time; retry later", 503,
-                                  {"Retry-After": str(self.cfg.server.retry_after_s)}) from None
-            except (httpx.TransportError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                # NOTE: a dropped connection. bentoml 1.4.31-1.4.40 close sessions under load (FACTS.md);
-                # 1.4.30's client between services is aiohttp, and a worker that stalled past its
-                # keep-alive closed pooled connections under the gateway ("Can not write request body",
-                # H200, benchmarks/gpu/README.md). Inference has no side effects: trying again is safe.
-                if attempt == WORKER_RETRIES:
-                    raise ClientError(f"variant {variant!r}: worker connection failed ({type(e).__name__})", 502) from None
-                failed.add(i)  # a process that is gone or restarting: try another one first
-                logger.warning("variant %s: retrying after %s", variant, type(e).__name__)
-            except BentoMLException as e:
-                status = int(getattr(e, "error_code", 500))
-                if status in (429, 503):
-                    raise self._at_capacity(variant) from None
-                raise ClientError(f"variant {variant!r}: worker failed ({status})", 502) from None
-            finally:
-                calls[i] -= 1
+        lease, answered, attempt = self._lease(variant, batch), False, 0
+        try:
+            while True:
+                # the replica with the fewest calls in flight, among those this call has not seen fail;
+                # among equals, the first (a lone request always meets the same warm process)
+                candidates = [k for k in range(len(calls)) if k not in failed] or list(range(len(calls)))
+                i = min(candidates, key=calls.__getitem__)
+                calls[i] += 1
+                try:
+                    if lease is not None:
+                        out = await replicas[i].to_async.predict_shared(lease.refs)
+                    else:
+                        out = await replicas[i].to_async.predict(batch)
+                    answered = True
+                    break
+                except (httpx.TimeoutException, TimeoutError):  # before the next clause: aiohttp's are both
+                    raise ClientError(f"variant {variant!r} did not answer in time; retry later", 503,
+                                      {"Retry-After": str(self.cfg.server.retry_after_s)}) from None
+                except (httpx.TransportError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                    # NOTE: a dropped connection. bentoml 1.4.31-1.4.40 close sessions under load (FACTS.md);
+                    # 1.4.30's client between services is aiohttp, and a worker that stalled past its
+                    # keep-alive closed pooled connections under the gateway ("Can not write request body",
+                    # H200, benchmarks/gpu/README.md). Inference has no side effects: trying again is safe.
+                    if attempt == WORKER_RETRIES:
+                        raise ClientError(f"variant {variant!r}: worker connection failed ({type(e).__name__})", 502) from None
+                    attempt += 1
+                    failed.add(i)  # a process that is gone or restarting: try another one first
+                    logger.warning("variant %s: retrying after %s", variant, type(e).__name__)
+                except BentoMLException as e:
+                    answered = True  # the worker answered: it no longer reads the slot
+                    status = int(getattr(e, "error_code", 500))
+                    if status == 404 and lease is not None:
+                        # The worker cannot map the arena (another host or container): pixels in the body
+                        # from now on, for this variant, and this call sent again so.
+                        logger.warning("variant %s: batches go in the HTTP body, its worker cannot read "
+                                       "shared memory: %s", variant, e)
+                        self.arenas[variant] = None
+                        lease.release(True)
+                        lease = None
+                        continue
+                    if status in (429, 503):
+                        raise self._at_capacity(variant) from None
+                    raise ClientError(f"variant {variant!r}: worker failed ({status})", 502) from None
+                finally:
+                    calls[i] -= 1
+        finally:
+            if lease is not None:
+                lease.release(answered)
         out = np.asarray(out)
         return out[:, :-1], float(out[0, -1])
 
@@ -852,6 +902,8 @@ class GatewayLogic:
                 "weights": {r: self.cfg.routes[r].split.get(name, 0.0) for r in routes},
                 "shadow_in": [r for r in routes if (s := self.cfg.routes[r].shadow) and s.variant == name],
                 "placement": v.placement,  # worker: its own processes; gateway: in the gateway's (no HTTP hop)
+                # how its batches reach it: shared_memory (service/shm.py), http (in the call's body), in_process
+                "worker_transport": self.worker_transport(name),
                 "device": st.get("device"), "engine": (st.get("engine") or {}).get("engine", v.engine),
                 # which engine and precision serve and why: auto's timings, engines refused and their
                 # reasons, the verification figures against eager PyTorch (engines.Engine.describe)

@@ -17,6 +17,8 @@ processes, so that the gateway chooses which process each call goes to (`worker_
   `status`, stays not ready, and refuses `predict` with 503.
 - `predict` takes uint8 (N, 3, R, R) already cropped by the gateway and returns float32 (N, K + 1):
   the K softmax scores, then the seconds its batch took, from which the gateway derives queue wait.
+  `predict_shared` answers the same for references to a batch the gateway wrote into shared memory
+  (`worker_transport: shared_memory`, service/shm.py); both are batchable, with the same limits.
 """
 from __future__ import annotations
 
@@ -27,13 +29,14 @@ from typing import Any
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import ServiceUnavailable
+from bentoml.exceptions import BadInput, InternalServerError, NotFound, ServiceUnavailable
 
 from . import metrics
 from .config import (ServingConfig, VariantConfig, cpu_threads, tracing_options, variant_device, variant_thread_counts,
                      variant_threads)
 from .cpu_slots import CoreSlots
 from .heap import freeze_startup_heap, watch_collector
+from .shm import ArenaMissing, ArenaReader, StaleBatch
 
 logger = logging.getLogger("effnet.worker")
 
@@ -185,6 +188,7 @@ class VariantRunner:
         self.slots = CoreSlots(cpu_threads(cfg)) if self.device == "cpu" else None
         self.on_device = DeviceThread(self.device, f"effnet-{v.name}-{self.device}")
         self.engines: dict[int, Any] = {}
+        self.arenas = ArenaReader(v.name)  # maps the gateway's shared-memory batches on first use
         try:
             from engines import load_engine
 
@@ -242,6 +246,25 @@ class VariantRunner:
         out = np.empty((len(images), scores.shape[1] + 1), np.float32)
         out[:, :-1] = scores
         out[:, -1] = seconds
+        return out
+
+    def predict_shared(self, refs: np.ndarray) -> np.ndarray:
+        """`predict` for the batch that `refs` name in the gateway's shared memory (service/shm.py)."""
+        if self.error is not None:
+            raise ServiceUnavailable(self.error)
+        try:
+            images, verify = self.arenas.gather(refs)
+        except ArenaMissing as e:  # 404: the gateway sends this variant's batches in the body instead
+            raise NotFound(str(e)) from None
+        except StaleBatch as e:  # only for a call the gateway gave up on: nobody waits for this answer
+            raise InternalServerError(str(e)) from None
+        except ValueError as e:
+            raise BadInput(f"bad shared-memory references: {e}") from None
+        out = self.predict(images)
+        try:
+            verify()
+        except StaleBatch as e:
+            raise InternalServerError(str(e)) from None
         return out
 
     def status(self, threads: int, loaded: int, wanted: int, placement: str = "worker") -> dict:
@@ -307,6 +330,11 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: s
         @bentoml.api(batchable=True, max_batch_size=v.max_batch_size, max_latency_ms=v.max_latency_ms)
         def predict(self, images: np.ndarray) -> np.ndarray:
             return self.runner.predict(images)
+
+        @bentoml.api(batchable=True, max_batch_size=v.max_batch_size, max_latency_ms=v.max_latency_ms)
+        def predict_shared(self, refs: np.ndarray) -> np.ndarray:
+            """int64 (N, 5) references to images in the gateway's shared memory -> as `predict`."""
+            return self.runner.predict_shared(refs)
 
     Worker.__name__ = Worker.__qualname__ = "Worker_" + name.removeprefix("effnet-worker-").replace("-", "_")
     return bentoml.service(

@@ -48,16 +48,18 @@ def test_a_corrupted_checkpoint_leaves_the_service_not_ready_with_the_reason(tmp
         assert "compact-fashion-mnist" in log and "sha256" in log
 
 
-@pytest.mark.parametrize("placement", ["worker", "gateway"])
-def test_past_capacity_requests_are_refused_fast_with_retry_after(tmp_path, placement):
+@pytest.mark.parametrize("placement, transport", [("worker", "shared_memory"), ("worker", "http"),
+                                                  ("gateway", "shared_memory")])
+def test_past_capacity_requests_are_refused_fast_with_retry_after(tmp_path, placement, transport):
     """max_inflight 3 and a 30 ms batching budget against 24 clients at once: every answer is a 200, a
     429 from the gateway's in-flight limit or a 503 from the variant's queue (BentoML's batcher in a
     worker, the coalescer in the gateway), each refusal with Retry-After and a message, all within
-    seconds, and the server is still ready afterwards."""
+    seconds, and the server is still ready afterwards. Batches reach a worker process by shared memory
+    (the default, service/shm.py) or in the HTTP body (`worker_transport: http`)."""
     home = tmp_path / "bentoml"
     tag = make_checkpoint(home, "b0-fashion-mnist", "b0", FASHION_CLASSES, 32, grayscale=True)
     cfg = write_config(tmp_path / "serve.yaml", {
-        "server": {"max_inflight": 3, "retry_after_s": 2},
+        "server": {"max_inflight": 3, "retry_after_s": 2, "worker_transport": transport},
         "variants": {"b0": {"model": tag.split(":")[0] + ":latest", "max_batch_size": 4, "max_latency_ms": 30,
                             "placement": placement}},
         "routes": {"fashion": {"split": ["b0"]}},
@@ -85,3 +87,11 @@ def test_past_capacity_requests_are_refused_fast_with_retry_after(tmp_path, plac
                 assert "error" in text and len(text) > 20, text
         assert max(a[3] for a in answers) < 20, sorted(a[3] for a in answers)[-5:]
         assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
+        b0 = httpx.get(server.url + "/variants", timeout=10).json()["variants"][0]
+        assert b0["worker_transport"] == {"worker": transport, "gateway": "in_process"}[placement]
+        if placement == "worker":  # the worker API that carried the batches
+            used = {"shared_memory": "/predict_shared", "http": "/predict"}[transport]
+            lines = [ln for ln in httpx.get(server.url + "/metrics", timeout=10).text.splitlines()
+                     if ln.startswith("bentoml_service_request_total{") and f'endpoint="{used}"' in ln
+                     and 'service_name="effnet-worker-b0"' in ln and not ln.endswith(" 0.0")]
+            assert lines, used

@@ -300,12 +300,15 @@ def test_variants_and_routes_describe_the_configuration(server):
         answers = list(pool.map(lambda i: classify(server, jpeg(seed=i), route="imagenet"), range(24)))
     assert all(r.status_code == 200 for r in answers)
     text = server.client.get("/metrics").text
-    for name in ("effnet-worker-lite0-1", "effnet-worker-lite0-2"):
-        assert metric(text, "bentoml_service_request_total", service_name=name, endpoint="/predict") > 0, name
+    for name in ("effnet-worker-lite0-1", "effnet-worker-lite0-2"):  # batches by shared memory (service/shm.py)
+        assert metric(text, "bentoml_service_request_total", service_name=name, endpoint="/predict_shared") > 0, name
+        assert metric(text, "bentoml_service_request_total", service_name=name, endpoint="/predict") == 0, name
+    assert lite0["worker_transport"] == b0["worker_transport"] == "shared_memory"
     # compact runs in the gateway: no worker service of its own, the same description otherwise
     compact = variants["compact"]
     assert compact["placement"] == "gateway" and b0["placement"] == lite0["placement"] == "worker"
     assert compact["ready"] and compact["device"] == "cpu" and compact["calls_in_flight"] == 1
+    assert compact["worker_transport"] == "in_process"
     assert set(compact["engines_by_threads"]) == {"1", "2"} and compact["engine_reason"]
     assert not (server.home / "run" / "ready" / "compact").exists()
     assert metric(text, "effnet_variant_ready", variant="compact") == 1

@@ -560,6 +560,16 @@ class FlakyWorker:
         out[:, 1], out[:, -1] = 1.0, 0.001  # scores, then the batch's seconds
         return out
 
+    async def predict_shared(self, refs):
+        """As the worker's: the batch that the references name in the gateway's shared memory."""
+        from service.shm import ArenaReader
+
+        images, verify = ArenaReader("b0").gather(refs)
+        self.shared = getattr(self, "shared", 0) + 1
+        out = await self.predict(images)
+        verify()
+        return out
+
 
 def gateway_with(*workers):
     """A gateway whose variant b0 has these worker processes (replicas)."""
@@ -570,9 +580,47 @@ def gateway_with(*workers):
     for i, w in enumerate(workers):
         setattr(gw, f"w_b0_{i}", w)
     gw.replica_calls = {"b0": [0] * len(workers)}
-    gw.coalescers, gw.local = {}, {}
+    gw.coalescers, gw.local, gw.arenas = {}, {}, {}
     gw.decoding = DecodeBudget(gw.cfg.server.max_decoding_pixels)
     return gw
+
+
+def test_batches_reach_workers_through_shared_memory_unless_told_otherwise():
+    worker = FlakyWorker(drops=0)
+    gw = gateway_with(worker)
+    scores, _ = asyncio.run(gw.infer("b0", np.zeros((2, 3, 8, 8), np.uint8)))
+    assert scores.shape == (2, 3) and worker.shared == 1 and gw.worker_transport("b0") == "shared_memory"
+    assert len(gw.arenas["b0"].free) == gw.arenas["b0"].slots  # every slot given back
+    http = gateway_with(worker)
+    http.cfg = replace(http.cfg, server=replace(http.cfg.server, worker_transport="http"))
+    asyncio.run(http.infer("b0", np.zeros((2, 3, 8, 8), np.uint8)))
+    assert worker.shared == 1 and worker.calls == 2 and http.worker_transport("b0") == "http"
+
+
+def test_a_worker_that_cannot_map_shared_memory_gets_the_pixels_instead():
+    """On another host (or container) the worker answers 404 for the arena: the gateway sends that call
+    again in the body, and every later one, and says so in /variants."""
+    from bentoml.exceptions import NotFound
+
+
+    class Remote(FlakyWorker):
+        async def predict_shared(self, refs):
+            raise NotFound("shared-memory batch ... is not on this host")
+
+    worker = Remote(drops=0)
+    gw = gateway_with(worker)
+    for _ in range(2):
+        scores, _ = asyncio.run(gw.infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
+        assert scores[0, 1] == 1.0
+    assert worker.calls == 2 and gw.arenas["b0"] is None and gw.worker_transport("b0") == "http"
+
+
+def test_no_shared_memory_means_batches_in_the_body(monkeypatch):
+    monkeypatch.delattr(os, "memfd_create")  # a system without it
+    worker = FlakyWorker(drops=0)
+    gw = gateway_with(worker)
+    scores, _ = asyncio.run(gw.infer("b0", np.zeros((1, 3, 8, 8), np.uint8)))
+    assert scores[0, 1] == 1.0 and worker.calls == 1 and gw.worker_transport("b0") == "http"
 
 
 @pytest.mark.parametrize("drop", ["aiohttp", "aiohttp-disconnected", "aiohttp-reset", "httpx"])
