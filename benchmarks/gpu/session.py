@@ -144,6 +144,9 @@ def main() -> int:
     ap.add_argument("--lite0-placements", default="worker",
                     help="serve Lite0 (when stored) once per placement in this list, worker and/or gateway; each is "
                     "its own server start (default: %(default)s)")
+    ap.add_argument("--worker-transports", default="shared_memory",
+                    help="serve once per server.worker_transport in this list, shared_memory and/or http, for each "
+                    "placement (default: %(default)s)")
     args = ap.parse_args()
     runs = [tuple(r.strip().split(":")) for r in args.runs.split(",") if r.strip()]
     bad = [":".join(r) for r in runs if len(r) != 2 or r[1] not in AUGMENT_ARGS]
@@ -209,12 +212,14 @@ def main() -> int:
     procs = {run_name(v, aug): start(effnet("train", "--variant", v, *common, *AUGMENT_ARGS[aug],
                                             "--name", run_name(v, aug)),
                                      logs / f"train-{run_name(v, aug)}.log", env) for v, aug in runs}
-    placements = [p.strip() for p in args.lite0_placements.split(",") if p.strip()]
+    stages = [(p.strip(), t.strip()) for p in args.lite0_placements.split(",") if p.strip()
+              for t in args.worker_transports.split(",") if t.strip()]
     if args.serve_during_training:
-        for i, placement in enumerate(placements):
+        for i, (placement, transport) in enumerate(stages):
             # the stages share what is left before train_end
-            left = (train_end - now()) / (len(placements) - i)
-            serve_stage(home, logs, env, results, deadline=now() + left, smoke=args.smoke, lite0_placement=placement)
+            left = (train_end - now()) / (len(stages) - i)
+            serve_stage(home, logs, env, results, deadline=now() + left, smoke=args.smoke, lite0_placement=placement,
+                        transport=transport)
             save(out, logs, results)
     rcs = finish(procs, train_end + 20)
     stop.set()
@@ -244,10 +249,12 @@ def main() -> int:
 
 
 def serve_stage(home: Path, logs: Path, env: dict, results: dict, deadline: float, smoke: bool,
-                prefer: str | None = None, lite0_placement: str = "worker") -> None:
+                prefer: str | None = None, lite0_placement: str = "worker", transport: str = "shared_memory") -> None:
     """results["serve"]: `prefer` (else any stored b0: gpu-b0-*, or the default store's b0-fashion-mnist) on
     the GPU, a stored compact on the CPU if there is one."""
-    key = "serve" if lite0_placement == "worker" else f"serve_{lite0_placement}"
+    key = "serve" + ("" if lite0_placement == "worker" else f"_{lite0_placement}") + (
+        "" if transport == "shared_memory" else f"_{transport}")
+    key = next(k for k in [key] + [f"{key}_{i}" for i in range(2, 10)] if k not in results)  # a repeated stage
     names = {r["tag"].split(":")[0] for r in store_rows(env)}
     b0 = prefer if prefer in names else next((n for n in sorted(names) if n.startswith(("gpu-b0-", "b0-"))), None)
     compact = next((n for n in sorted(names) if "compact" in n), None)
@@ -263,7 +270,8 @@ def serve_stage(home: Path, logs: Path, env: dict, results: dict, deadline: floa
             results["serve_model"] = "b0 with random weights (make_checkpoint): latency only, top-1 hits mean nothing"
         lite0 = "lite0-imagenet" if "lite0-imagenet" in names else None
         results[key] = serve_check(home, logs, env, deadline=deadline, b0=b0, compact=compact, lite0=lite0,
-                                   requests=80 if smoke else 800, lite0_placement=lite0_placement, smoke=smoke)
+                                   requests=80 if smoke else 800, lite0_placement=lite0_placement, smoke=smoke,
+                                   transport=transport)
     except Exception as e:  # noqa: BLE001 - recorded, the session still returns its files
         results[key] = {"error": f"{type(e).__name__}: {e}"[:3000]}
 
@@ -302,7 +310,8 @@ def photos_224() -> list:
 
 
 def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, compact: str | None,
-                lite0: str | None, requests: int, lite0_placement: str = "worker", smoke: bool = False) -> dict:
+                lite0: str | None, requests: int, lite0_placement: str = "worker", smoke: bool = False,
+                transport: str = "shared_memory") -> dict:
     import httpx
     import yaml
 
@@ -310,7 +319,7 @@ def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, comp
     from loadtest.processes import ServiceProcess
 
     cfg = {
-        "server": {"cpu_threads": 4},
+        "server": {"cpu_threads": 4, "worker_transport": transport},
         "default_route": "fashion",
         "variants": {
             # eager on purpose: the first session's GPU worker stalled for seconds on each new batch size;
@@ -340,7 +349,7 @@ def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, comp
     inputs = {v: ([photo_set[i % len(photo_set)] for i in range(200)] if v == "lite0" else images) for v in cfg["variants"]}
     res: dict = {"config": cfg}
     t = time.monotonic()
-    with ServiceProcess(str(cfg_file), home, log_path=out / f"serve-{lite0_placement}.log",
+    with ServiceProcess(str(cfg_file), home, log_path=out / f"serve-{lite0_placement}-{transport}-{int(time.time())}.log",
                         # NOTE: at least 75 s, whatever share of the budget the stage has: a server with two
                         # GPU workers took 40.3 s to be ready on the H200, and a 43 s share lost a stage
                         ready_timeout=max(20 if smoke else 75, deadline - now() - 40)) as srv:
