@@ -515,6 +515,7 @@ class GatewayLogic:
                     else:
                         out = await replicas[i].to_async.predict(batch)
                     answered = True
+                    metrics.WORKER_CALLS.labels(variant, "http" if lease is None else "shared_memory").inc()
                     break
                 except (httpx.TimeoutException, TimeoutError):  # before the next clause: aiohttp's are both
                     raise ClientError(f"variant {variant!r} did not answer in time; retry later", 503,

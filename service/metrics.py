@@ -58,6 +58,11 @@ SPLIT_WEIGHT = Gauge(
 ROUTE_CHANGES = Counter(
     "effnet_route_changes", "Accepted live changes of a route's split or shadow (PATCH /routes/NAME)", ["route"],
 )
+WORKER_CALLS = Counter(
+    "effnet_worker_calls", "Gateway -> worker calls by how the batch travelled: shared_memory (service/shm.py) or "
+    "http (in the call's body: worker_transport http, a batch that did not fit a free slot, or a fallback)",
+    ["variant", "transport"],
+)
 VARIANT_READY = Gauge(
     "effnet_variant_ready", "1 when the variant's worker has loaded and verified its checkpoint, else 0",
     ["variant"], multiprocess_mode="min",  # min: 0 until every process of the variant has loaded

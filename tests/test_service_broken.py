@@ -95,3 +95,6 @@ def test_past_capacity_requests_are_refused_fast_with_retry_after(tmp_path, plac
                      if ln.startswith("bentoml_service_request_total{") and f'endpoint="{used}"' in ln
                      and 'service_name="effnet-worker-b0"' in ln and not ln.endswith(" 0.0")]
             assert lines, used
+            assert [ln for ln in httpx.get(server.url + "/metrics", timeout=10).text.splitlines()
+                    if ln.startswith("effnet_worker_calls_total{") and f'transport="{transport}"' in ln
+                    and not ln.endswith(" 0.0")], transport

@@ -304,6 +304,9 @@ def test_variants_and_routes_describe_the_configuration(server):
         assert metric(text, "bentoml_service_request_total", service_name=name, endpoint="/predict_shared") > 0, name
         assert metric(text, "bentoml_service_request_total", service_name=name, endpoint="/predict") == 0, name
     assert lite0["worker_transport"] == b0["worker_transport"] == "shared_memory"
+    assert metric(text, "effnet_worker_calls_total", variant="lite0", transport="shared_memory") >= 2
+    assert metric(text, "effnet_worker_calls_total", variant="lite0", transport="http") == 0
+    assert metric(text, "effnet_worker_calls_total", variant="compact") == 0  # in the gateway: no calls
     # compact runs in the gateway: no worker service of its own, the same description otherwise
     compact = variants["compact"]
     assert compact["placement"] == "gateway" and b0["placement"] == lite0["placement"] == "worker"
