@@ -28,7 +28,7 @@ How (the idea of Triton's system shared memory, for one host):
 """
 from __future__ import annotations
 
-import logging
+import asyncio
 import mmap
 import os
 import secrets
@@ -39,8 +39,6 @@ from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
-
-logger = logging.getLogger("effnet.shm")
 
 MAGIC = 0x4546_4E5F_4241_5443  # "EFN_BATC"
 VERSION = 2
@@ -126,8 +124,6 @@ class Arena:
         if answered:
             self.free.append(slot)
             return
-        import asyncio
-
         try:
             asyncio.get_running_loop().call_later(self.quarantine_s, self.free.append, slot)
         except RuntimeError:  # no loop (tests, shutdown): the slot is simply not reused
