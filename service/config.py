@@ -133,9 +133,10 @@ class ServerConfig:
     # CPU per request (py-spy, lite0 at 16 clients, 2026-11-27 23:55).
     tracing: bool = False
     # How the gateway hands a batch of decoded images to a worker process: "shared_memory" (the batch is
-    # written once into a file under /dev/shm that the worker maps, and the HTTP call carries only
-    # references to it; service/shm.py) or "http" (the batch pickled into the call's body). Shared memory
-    # falls back to http, with a log line, where it cannot be used (no /dev/shm, a worker on another host).
+    # written once into an anonymous shared-memory file that the worker maps, and the HTTP call carries
+    # only references to it; service/shm.py) or "http" (the batch pickled into the call's body). Shared
+    # memory falls back to http, with a log line, where it cannot be used (no memfd, a worker on another
+    # host or in another container).
     worker_transport: str = "shared_memory"
 
 

@@ -127,6 +127,7 @@ def test_default_config_serves_the_default_store():
     ({"routes": {"fashion": {"split": {"b0": 1e308, "mec": 1e308}}}}, "too large to add up"),
     ({"variants": {"b0": {"model": "x", "workers": 0}}}, "variants.b0.workers: expected an integer > 0"),
     ({"server": {"tracing": "yes"}}, "server.tracing: expected true or false"),
+    ({"server": {"worker_transport": "tcp"}}, "server.worker_transport: expected shared_memory or http"),
     ({"routes": {"imagenet": {"split": {"lite0": 1}, "shadow": {"variant": "lite0", "fraction": 0.5}}}},
      "routes.imagenet.shadow.variant: 'lite0' already answers every request"),
 ])
