@@ -14,7 +14,9 @@ def test_freeze_takes_the_startup_objects_out_of_full_collections():
     before = len(gc.get_objects())  # what a full collection walks
     try:
         frozen = freeze_startup_heap("test-heap", "none")
-        assert frozen == gc.get_freeze_count() > 0.9 * before
+        # A frozen object that dies later (another thread of this process frees it) leaves the count: the
+        # count may only have fallen since (a fresh clone's run saw 747,328 frozen and 747,326 a moment later).
+        assert 0.9 * before < gc.get_freeze_count() <= frozen
         assert len(gc.get_objects()) < 0.01 * before
         made_after = [[] for _ in range(10)]  # objects made later are still collected as usual
         assert any(o is made_after[0] for o in gc.get_objects())
