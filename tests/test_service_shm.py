@@ -104,7 +104,7 @@ def test_malformed_references_are_refused(make, problem):
         ArenaReader("b0").gather(make(good))
 
 
-def test_only_the_arena_the_call_names_and_of_the_workers_own_variant_is_mapped():
+def test_only_the_arena_the_call_names_and_of_the_workers_own_variant_is_mapped(tmp_path):
     """References carry numbers only; the arena's header must carry the token and the worker's variant."""
     lease = Arena("b0", 4, (3, 16, 16), slots=1).put(batch(1))
     with pytest.raises(ArenaMissing, match="not the arena of variant 'mec'"):
@@ -113,10 +113,13 @@ def test_only_the_arena_the_call_names_and_of_the_workers_own_variant_is_mapped(
     wrong_token[:, 2] += 1
     with pytest.raises(ArenaMissing, match="not the arena"):
         ArenaReader("b0").gather(wrong_token)
-    not_an_arena = lease.refs.copy()
-    not_an_arena[:, 1] = sys.stdout.fileno() if os.path.exists(f"/proc/self/fd/{sys.stdout.fileno()}") else 0
-    with pytest.raises(ArenaMissing):
-        ArenaReader("b0").gather(not_an_arena)
+    other = tmp_path / "other"
+    other.write_bytes(bytes(4096))  # an open file of this process that is not an arena
+    with open(other, "rb") as f:
+        not_an_arena = lease.refs.copy()
+        not_an_arena[:, 1] = f.fileno()
+        with pytest.raises(ArenaMissing):
+            ArenaReader("b0").gather(not_an_arena)
     gone = lease.refs.copy()
     gone[:, 0] = 2**31 - 1  # above any pid_max: no such process, as for a gateway on another host
     with pytest.raises(ArenaMissing, match="cannot be opened here"):
