@@ -33,10 +33,12 @@ import sys
 import time
 from pathlib import Path
 
+from store.paths import bentoml_home
+
 import numpy as np
 
 from .config import cpu_threads, load_config
-from .testing import FASHION_CLASSES, Server, make_checkpoint
+from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint
 
 
 def photos(side: int = 224) -> list[bytes]:
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         home = Path(args.prepare).resolve()
         os.environ["BENTOML_HOME"] = str(home)
         prepare_store(home)
-    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    home = bentoml_home()
     cfg = load_config(args.config)
     threads = cpu_threads(cfg)
     v = cfg.variants["lite0"]

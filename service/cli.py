@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from store.paths import bentoml_home
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,7 @@ def server_env(home: Path | None = None) -> dict[str, str]:
     import shutil
     import tempfile
 
-    home = Path(home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml").resolve()
+    home = bentoml_home(home)
     tmp = server_tmp_dir(home)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)

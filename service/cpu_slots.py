@@ -31,6 +31,8 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from store.paths import bentoml_home
 from typing import Iterator
 
 SLOTS_ENV = "EFFNET_CPU_SLOTS"
@@ -39,7 +41,7 @@ CONTENDED_S = 0.2  # after seeing a busy slot, run single-threaded for this long
 
 def slots_dir() -> Path:
     """Shared by every worker of one server: `$BENTOML_HOME/run/cpu-slots` unless $EFFNET_CPU_SLOTS says."""
-    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    home = bentoml_home()
     return Path(os.environ.get(SLOTS_ENV) or home / "run" / "cpu-slots")
 
 

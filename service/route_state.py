@@ -21,6 +21,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from store.paths import bentoml_home
+
 from .config import RouteConfig
 
 logger = logging.getLogger("effnet.routes")
@@ -30,7 +32,7 @@ VERSION = 1
 def state_path(config_source: str, home: str | os.PathLike | None = None) -> Path:
     """Where the changes of the configuration at `config_source` are kept."""
     src = Path(config_source).resolve()
-    home = Path(home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml").resolve()
+    home = bentoml_home(home)
     key = hashlib.sha256(str(src).encode()).hexdigest()[:12]
     return home / "effnet" / "route-changes" / f"{src.stem}-{key}.json"
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .paths import bentoml_home, models_dir
+
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -62,16 +64,14 @@ class Manifest:
 
 
 def _home(home: str | os.PathLike | None) -> Path:
-    if home is not None:
-        return Path(home)
-    return Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    return bentoml_home(home)
 
 
 def get_store(home: str | os.PathLike | None = None):
     """BentoML's ModelStore under `home` (default: $BENTOML_HOME, else ~/bentoml)."""
     from bentoml._internal.models.model import ModelStore
 
-    path = _home(home) / "models"
+    path = models_dir(home)
     path.mkdir(parents=True, exist_ok=True)
     return ModelStore(str(path))
 

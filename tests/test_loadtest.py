@@ -12,7 +12,7 @@ import time
 import pytest
 
 from loadtest.run import RunConfig, execute
-from loadtest.testing import make_fake_store
+from tests.support.fake_store import make_fake_store
 
 pytestmark = pytest.mark.skipif(not shutil.which("prometheus") and not __import__("os").path.exists(
     "/usr/bin/prometheus"), reason="the Debian package prometheus is not installed (make setup installs it)")

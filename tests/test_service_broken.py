@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.testing import FASHION_CLASSES, Server, make_checkpoint, write_config
+from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -40,7 +40,7 @@ def test_uvicorn_under_bentoml_serve_picks_the_c_parser_and_loop():
 
 
 # Modules the bento packs that the server never imports: benchmark and test helpers, the CLI.
-NOT_SERVED = {"service/bench.py", "service/testing.py", "service/cli.py", "models/cli.py", "engines/cli.py"}
+NOT_SERVED = {"service/bench.py", "service/cli.py", "models/cli.py", "engines/cli.py"}
 
 
 def _imports_needed(path: Path) -> set[str]:

@@ -1,6 +1,6 @@
 """The service over HTTP: one real `bentoml serve` for the module (own port and BENTOML_HOME).
 
-Checkpoints are tiny and random (`service.testing.make_checkpoint`): correctness is checked against
+Checkpoints are tiny and random (`tests.support.serving.make_checkpoint`): correctness is checked against
 the same checkpoint run offline, not against labels.
 """
 import io
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from service.images import decode_image
-from service.testing import FASHION_CLASSES, Server, make_checkpoint, write_config
+from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -908,7 +908,7 @@ def gateway_on_file(path, problems=None):
 
 
 def test_a_route_change_is_saved_and_served_again_after_a_restart(bentoml_home, tmp_path):
-    from service.testing import write_config
+    from tests.support.serving import write_config
 
     path = write_config(tmp_path / "serving.yaml", CFG)
     gw = gateway_on_file(path)
@@ -929,7 +929,7 @@ def test_a_route_change_is_saved_and_served_again_after_a_restart(bentoml_home, 
 
 
 def test_an_edited_route_in_the_file_wins_over_a_saved_change(bentoml_home, tmp_path, caplog):
-    from service.testing import write_config
+    from tests.support.serving import write_config
 
     cfg = {**CFG, "routes": {**CFG["routes"], "canary": {"split": {"b0": 1, "compact": 1}}}}
     path = write_config(tmp_path / "serving.yaml", cfg)
@@ -948,7 +948,7 @@ def test_an_edited_route_in_the_file_wins_over_a_saved_change(bentoml_home, tmp_
 
 def test_an_unreadable_route_changes_file_leaves_the_files_routes(bentoml_home, tmp_path, caplog):
     from service.route_state import state_path
-    from service.testing import write_config
+    from tests.support.serving import write_config
 
     path = write_config(tmp_path / "serving.yaml", CFG)
     state = state_path(str(path))
@@ -966,7 +966,7 @@ def test_an_unreadable_route_changes_file_leaves_the_files_routes(bentoml_home, 
 
 
 def test_a_route_change_that_cannot_be_saved_is_refused_and_changes_nothing(bentoml_home, tmp_path):
-    from service.testing import write_config
+    from tests.support.serving import write_config
 
     path = write_config(tmp_path / "serving.yaml", CFG)
     gw = gateway_on_file(path)
@@ -979,7 +979,7 @@ def test_a_route_change_that_cannot_be_saved_is_refused_and_changes_nothing(bent
 
 
 def test_route_changes_in_memory_are_not_saved(bentoml_home, tmp_path):
-    from service.testing import write_config
+    from tests.support.serving import write_config
 
     path = write_config(tmp_path / "serving.yaml", {**CFG, "server": {"route_changes": "memory"}})
     out = gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
@@ -993,7 +993,7 @@ def test_effnet_serve_reset_routes_forgets_saved_changes(bentoml_home, tmp_path,
     import argparse
 
     from service.cli import cmd_serve
-    from service.testing import write_config
+    from tests.support.serving import write_config
 
     path = write_config(tmp_path / "serving.yaml", CFG)
     saved = gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})["saved_in"]
@@ -1086,7 +1086,7 @@ def test_effnet_serve_refuses_a_route_whose_variants_disagree_on_classes(bentoml
     import argparse
 
     from service.cli import cmd_serve
-    from service.testing import make_checkpoint, write_config
+    from tests.support.serving import make_checkpoint, write_config
 
     make_checkpoint(bentoml_home, "compact-a", "compact", ["cat", "dog"], 32)
     make_checkpoint(bentoml_home, "compact-b", "compact", ["cat", "fox"], 32)
@@ -1151,7 +1151,7 @@ def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tm
 
     from engines import load_engine
     from service.cli import cmd_serve
-    from service.testing import make_checkpoint, write_config
+    from tests.support.serving import make_checkpoint, write_config
 
     make_checkpoint(bentoml_home, "compact-a", "compact", ["cat", "dog"], 32)
     cfg = write_config(tmp_path / "c.yaml", {
@@ -1278,7 +1278,7 @@ def test_effnet_serve_says_which_variants_run_inside_the_gateway(bentoml_home, t
     import argparse
 
     from service import cli
-    from service.testing import write_config
+    from tests.support.serving import write_config
 
     started = []
     monkeypatch.setattr(cli.os, "execvpe", lambda *a: started.append(a))  # stop short of `bentoml serve`

@@ -268,7 +268,7 @@ def test_training_options_outside_their_interval_are_refused(option, value, inte
 
 def test_init_from_a_checkpoint_keeps_its_layers_and_rebuilds_what_does_not_fit(bentoml_home):
     from models import create_model
-    from service.testing import make_checkpoint
+    from tests.support.serving import make_checkpoint
     from store import load_checkpoint
     from training.finetune import init_from_checkpoint
 
@@ -296,7 +296,7 @@ def test_init_from_a_checkpoint_keeps_its_layers_and_rebuilds_what_does_not_fit(
 
 
 def test_effnet_train_init_fine_tunes_a_stored_checkpoint_and_records_it(tmp_path, bentoml_home, capsys):
-    from service.testing import make_checkpoint
+    from tests.support.serving import make_checkpoint
 
     tag = make_checkpoint(bentoml_home, "compact-start", "compact", ["p", "q"], 32)
     assert effnet(["train", "--variant", "compact", *TINY, "--epochs", "1", "--init", tag]) == 0

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from store.paths import bentoml_home
+
 from .config import BOUNDS, RECIPES, TrainConfig, config_fields, resolve_config
 
 
@@ -53,7 +55,7 @@ def check_store_name(name: str) -> str:
 
 
 def default_run_dir(name: str) -> Path:
-    home = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    home = bentoml_home()
     return home / "runs" / name
 
 

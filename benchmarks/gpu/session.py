@@ -263,7 +263,7 @@ def serve_stage(home: Path, logs: Path, env: dict, results: dict, deadline: floa
             # NOTE: the stall check needs a b0 on the GPU, not a trained one: random weights here, so that
             # the 64 MB carried to the device hold the fine-tune's Lite0 weights instead (top1_hits then
             # mean nothing, and the results say so).
-            from service.testing import FASHION_CLASSES, make_checkpoint
+            from tests.support.serving import FASHION_CLASSES, make_checkpoint
 
             b0 = "b0-random"
             make_checkpoint(home, b0, "b0", FASHION_CLASSES, 40, grayscale=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -76,7 +76,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Server":
-        from .cli import server_env
+        from service.cli import server_env
 
         env = {**server_env(self.home), "EFFNET_SERVE_CONFIG": str(self.config)}
         self._logf = open(self.log, "wb")
@@ -116,7 +116,7 @@ class Server:
             self._logf.close()
         import shutil
 
-        from .cli import server_tmp_dir
+        from service.cli import server_tmp_dir
 
         shutil.rmtree(server_tmp_dir(self.home), ignore_errors=True)  # a test store is never served again
 

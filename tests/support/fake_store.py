@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .images import FASHION_MNIST_CLASSES, fashion_mnist, photos
+from loadtest.images import FASHION_MNIST_CLASSES, fashion_mnist, photos
 
 # Served name -> (registry variant, dataset). The names match the default configuration's.
 DEFAULT_FAKES = {"compact": ("compact", "fashion-mnist"), "mec": ("mec-out-e3", "fashion-mnist"),
@@ -36,7 +36,7 @@ def make_fake_checkpoint(home: Path, name: str, variant: str, dataset: str, seed
     from models import count_macs, count_params, create_model, model_config
     from store import Manifest, InputNormalizer, resize_crop, save_checkpoint
 
-    from .offline import decode
+    from loadtest.offline import decode
 
     torch.manual_seed(seed)
     if dataset == "fashion-mnist":
