@@ -1,5 +1,6 @@
-"""Test top-1 per epoch of the H200 sessions' trainings: h200-2026-11-27.json -> h200-curves.png,
-h200-2026-11-28.json -> h200-curves-2026-11-28.png.
+"""Test top-1 per epoch of the H200 sessions' trainings, drawn next to each session's JSON:
+results/20261127-h200/gpu-session2.json -> gpu-session2-curves.png,
+results/20261128-h200/gpu-session3.json -> gpu-session3-curves.png.
 
     .venv/bin/python benchmarks/gpu/plot_curves.py
 """
@@ -8,20 +9,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def main() -> None:
-    d27 = json.loads((HERE / "h200-2026-11-27.json").read_text())
+    d27 = json.loads((RESULTS / "20261127-h200" / "gpu-session2.json").read_text())
     runs = [(f"{name} (4 at once)", t) for name, t in d27["call_1_four_trainings_and_serving"]["train"].items()]
     runs += [(f"{name} (alone)", t) for name, t in d27["call_2_b0_alone"]["train"].items()]
-    plot(runs, "2026-11-27", "epoch (each run's schedule cut to its --time-budget)", (86, 95), "h200-curves.png")
-    d28 = json.loads((HERE / "h200-2026-11-28.json").read_text())
+    plot(runs, "2026-11-27", "epoch (each run's schedule cut to its --time-budget)", (86, 95), RESULTS / "20261127-h200" / "gpu-session2-curves.png")
+    d28 = json.loads((RESULTS / "20261128-h200" / "gpu-session3.json").read_text())
     runs = [(f"{name} (2 at once)", t) for name, t in d28["call_1_two_trainings_and_serving"]["train"].items()]
-    plot(runs, "2026-11-28", "epoch (40, the recipe's, fitted in the time budget)", (86, 96), "h200-curves-2026-11-28.png")
+    plot(runs, "2026-11-28", "epoch (40, the recipe's, fitted in the time budget)", (86, 96), RESULTS / "20261128-h200" / "gpu-session3-curves.png")
 
 
-def plot(runs: list, date: str, xlabel: str, ylim: tuple, name: str) -> None:
+def plot(runs: list, date: str, xlabel: str, ylim: tuple, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,9 +40,9 @@ def plot(runs: list, date: str, xlabel: str, ylim: tuple, name: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(HERE / name)
+    fig.savefig(path)
     plt.close(fig)
-    print("wrote", HERE / name)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
