@@ -21,7 +21,6 @@ The trainer writes it with `save_calibration` next to the weights.
 """
 from __future__ import annotations
 
-import gzip
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from store import Manifest, resize_crop
+from store import Manifest, fashion_mnist as fmnist, resize_crop
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.safetensors"
 CALIBRATION_SIZE = 256  # enough for stable int8 ranges; 99% agreement then allows 2 flips
 VERIFY_BATCH = 16  # the fixed batch on which fp32 logits are compared
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 
 
 @dataclass
@@ -96,30 +94,20 @@ def save_calibration(
     return path
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An idx file (MNIST format), gzipped: big-endian header, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def fashion_mnist(split: str, manifest: Manifest, limit: int | None = None, seed: int = 0) -> CalibrationSet | None:
     """Fashion-MNIST images at the manifest's resolution (None when the dataset is not installed).
 
     # NOTE: 28x28 becomes RxR through `store.resize_crop`, the project's one image->input definition,
     # so the engines are checked on exactly what the service feeds them.
     """
-    img_path, lab_path = _fashion_files(split)
-    if not (img_path.is_file() and lab_path.is_file()):
+    if not all(p.is_file() for p in fmnist.files(split)):
         return None
-    images, labels = _read_idx(img_path), _read_idx(lab_path)
+    images, labels = fmnist.load(split)
     if limit is not None and limit < len(images):
-        idx = np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))
+        idx = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False)))
         images, labels = images[idx], labels[idx]
-    x = resize_crop(torch.from_numpy(images.copy()).unsqueeze(1), manifest)
-    return CalibrationSet(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), _fashion_source(split))
+    x = resize_crop(images.unsqueeze(1), manifest)
+    return CalibrationSet(x.contiguous(), labels, _fashion_source(split))
 
 
 STAND_IN = "scikit-image photos"  # in the source of a stand-in calibration set (see CalibrationSet.stand_in)
@@ -207,14 +195,9 @@ def _fashion_source(split: str) -> str:
     return f"fashion-mnist {split} split"
 
 
-def _fashion_files(split: str) -> tuple[Path, Path]:
-    prefix = "train" if split == "train" else "t10k"
-    return FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-
-
 def test_set_source(manifest: Manifest) -> str | None:
     """The `source` of `load_test_set(manifest)`, without reading an image (None where it would be None)."""
-    if _is_fashion(manifest) and all(p.is_file() for p in _fashion_files("test")):
+    if _is_fashion(manifest) and all(p.is_file() for p in fmnist.files("test")):
         return _fashion_source("test")
     return None
 

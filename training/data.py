@@ -14,27 +14,19 @@ resizing cost nothing per epoch, and augmentation works on tensors.
 """
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import random
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from store import Manifest, resize_crop
+from store import Manifest, fashion_mnist, resize_crop
 
 log = logging.getLogger("effnet.data")
 
-FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
-# Per-channel statistics of the Fashion-MNIST training set on 0..1 pixels.
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = [0.2860], [0.3530]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 FAKE_CLASSES = ["a", "b", "c", "d"]
 
@@ -160,28 +152,18 @@ def stratified_subset(samples: list[tuple[Path, int]], n: int, seed: int) -> lis
     return sorted(picked[:n], key=lambda s: (s[1], str(s[0])))
 
 
-def _read_idx(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
+def fashion_mnist_folder() -> Path:
+    """The folder of the Fashion-MNIST files: `store.fashion_mnist.data_dir()`, else torchvision's download.
 
-
-def _fashion_mnist_files() -> dict[str, Path]:
-    names = {
-        "train_x": "train-images-idx3-ubyte.gz", "train_y": "train-labels-idx1-ubyte.gz",
-        "val_x": "t10k-images-idx3-ubyte.gz", "val_y": "t10k-labels-idx1-ubyte.gz",
-    }
-    files = {k: FASHION_MNIST_DIR / v for k, v in names.items()}
-    if all(p.is_file() for p in files.values()):
-        return files
-    # Elsewhere: torchvision's downloader, for users with internet.
+    The download is for users without the Debian package; offline it fails with an error that says
+    where the files were looked for.
+    """
+    folder = fashion_mnist.data_dir()
+    if fashion_mnist.available(folder):
+        return folder
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effnet" / "fashion-mnist"
     raw = cache / "FashionMNIST" / "raw"
-    if not all((raw / v).is_file() for v in names.values()):
+    if not fashion_mnist.available(raw):
         try:
             from torchvision.datasets import FashionMNIST
 
@@ -189,10 +171,10 @@ def _fashion_mnist_files() -> dict[str, Path]:
             FashionMNIST(str(cache), train=False, download=True)
         except Exception as e:
             raise FileNotFoundError(
-                f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (Debian: apt-get install dataset-fashion-mnist, "
-                f"or set FASHION_MNIST_DIR) and the download failed: {e}"
+                f"Fashion-MNIST not found in {folder} (Debian: apt-get install {fashion_mnist.DEBIAN_PACKAGE}, "
+                f"or set {fashion_mnist.ENV_VAR}) and the download failed: {e}"
             ) from None
-    return {k: raw / v for k, v in names.items()}
+    return raw
 
 
 def _pre_resize(images: torch.Tensor, manifest: Manifest, chunk: int = 4096) -> torch.Tensor:
@@ -245,13 +227,15 @@ def load_data(cfg) -> DataSpec:
     r = cfg.resolution
     augment = auto_augment_transform(cfg.auto_augment, cfg.randaugment_magnitude)
     if cfg.data == "fashion-mnist":
-        files = _fashion_mnist_files()
+        folder = fashion_mnist_folder()
         # 28 -> r: resize the shorter side to r and centre-crop r, i.e. a plain resize, as the service does.
         man = Manifest(variant="", config={}, num_classes=10, classes=[], dataset="", resolution=r, in_chans=1, resize=r)
-        tx, ty = _limit(_read_idx(files["train_x"]).unsqueeze(1), _read_idx(files["train_y"]).long(), cfg.limit_train)
-        vx, vy = _limit(_read_idx(files["val_x"]).unsqueeze(1), _read_idx(files["val_y"]).long(), cfg.limit_val)
+        tx, ty = fashion_mnist.load("train", folder)
+        vx, vy = fashion_mnist.load("test", folder)
+        tx, ty = _limit(tx.unsqueeze(1), ty, cfg.limit_train)
+        vx, vy = _limit(vx.unsqueeze(1), vy, cfg.limit_val)
         return DataSpec(
-            "fashion-mnist", list(FASHION_MNIST_CLASSES), 1, True, FASHION_MNIST_MEAN, FASHION_MNIST_STD, r,
+            "fashion-mnist", list(fashion_mnist.CLASSES), 1, True, list(fashion_mnist.MEAN), list(fashion_mnist.STD), r,
             TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(vx, man), vy),
         )
     if cfg.data == "fake":
