@@ -25,7 +25,7 @@ def threads_per_process(jobs: int, cores: int | None = None) -> int:
 
 def train_many(variants: list[str], train_args: list[str], threads: int = 0) -> int:
     """Train each variant in its own process with `train_args` (effnet train options); 0 if all succeeded."""
-    from cli.parallel import run_side_by_side
+    from engines.side_by_side import run_side_by_side
 
     if not variants:
         raise ValueError("no variants given")

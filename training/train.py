@@ -1,7 +1,7 @@
 """The trainer: `main(cfg)` trains one variant and writes one verified checkpoint into the store.
 
 Shaped like torchvision's references/classification/train.py: `load_data()` (training/data.py),
-`train_one_epoch()` and `evaluate()` (training/engine.py), `main()`, `get_args_parser()`. Runs as one
+`train_one_epoch()` and `evaluate()` (training/loop.py), `main()`, `get_args_parser()`. Runs as one
 process, or as N under torchrun (`effnet train --nproc N` or `torchrun --nproc_per_node=N -m training`)
 with a DistributedSampler; rank 0 evaluates, logs and saves.
 """
@@ -139,7 +139,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
 
     from . import distributed as dist_utils
     from .data import DeviceBatches, load_data
-    from .engine import ModelEma, evaluate, recalibrate_bn, train_one_epoch
+    from .loop import ModelEma, evaluate, recalibrate_bn, train_one_epoch
     from .report import CONFUSION_FILE, LOG_FILE, append_jsonl, plot_confusion
     from .state import load_state, mark_exported, save_state
 
