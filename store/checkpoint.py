@@ -48,7 +48,7 @@ class Manifest:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     resize: int | None = None
     grayscale: bool = False  # trained on grayscale images (replicated to in_chans channels)
-    metrics: dict[str, Any] = field(default_factory=dict)  # top1/top5 as fractions, per-class, ...
+    metrics: dict[str, Any] = field(default_factory=dict)  # on the test split: top1/top5 as fractions, per_class, ...
     training: dict[str, Any] = field(default_factory=dict)  # the resolved training configuration
     params: int = 0
     macs: int = 0  # at `resolution`

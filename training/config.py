@@ -71,7 +71,7 @@ class TrainConfig:
     run_dir: str = ""  # training state for --resume; "" -> $BENTOML_HOME/runs/{name}
     stop_after_epoch: int = 0  # stop (state saved, no export) after this epoch: simulates an interruption; 0 -> off
     limit_train: int = 0  # use only the first N training images (smoke tests); 0 -> all
-    limit_val: int = 0  # use only the first N validation images; 0 -> all
+    limit_test: int = 0  # use only the first N test images; 0 -> all
     sync_bn: bool = False  # SyncBatchNorm across processes; worth it only for tiny per-GPU batches
     dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
 
@@ -113,6 +113,25 @@ def config_fields() -> dict[str, Any]:
     return {f.name: f for f in fields(TrainConfig)}
 
 
+# Former option names -> their names now: YAML files, training states and `--limit-val` that use the
+# former name still work. The evaluation split is Fashion-MNIST's (or the imagefolder's val/) test set.
+RENAMED: dict[str, str] = {"limit_val": "limit_test"}
+
+
+def current_names(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with former option names (RENAMED) under their names now; a value given under both is refused."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old in out:
+            if new in out and out[new] is not None and out[old] is not None and out[new] != out[old]:
+                raise ValueError(f"--{old.replace('_', '-')} is the former name of --{new.replace('_', '-')}: "
+                                 "give one of them")
+            value = out.pop(old)
+            if out.get(new) is None:
+                out[new] = value
+    return out
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
@@ -124,10 +143,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     known = config_fields()
-    unknown = sorted(set(k.replace("-", "_") for k in data) - set(known))
+    data = current_names({k.replace("-", "_"): v for k, v in data.items()})
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{path}: unknown options {unknown}; known: {sorted(known)}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return data
 
 
 # Interval per numeric option, as "[0, 1)" reads: a value outside is refused before the data loads.
@@ -144,7 +164,7 @@ BOUNDS: dict[str, str] = {
     "resolution": "[16, 1024]",
     "workers": "[0, 256]", "augment_chunk": "[1, 65536]", "threads": "[0, 1024]", "eval_every": "[0, 100000]",
     "time_budget": "[0, 1e9]", "log_every": "[1, 1e6]", "stop_after_epoch": "[0, 100000]",
-    "limit_train": "[0, 1e9]", "limit_val": "[0, 1e9]",
+    "limit_train": "[0, 1e9]", "limit_test": "[0, 1e9]",
 }
 
 
@@ -182,7 +202,7 @@ def check_types(cfg: "TrainConfig") -> None:
 def resolve_config(cli: dict[str, Any], config_file: str | None = None) -> TrainConfig:
     """TrainConfig defaults < recipe < YAML file < explicit command-line values (not None)."""
     from_file = load_yaml(config_file) if config_file else {}
-    explicit = {k: v for k, v in cli.items() if v is not None and k in config_fields()}
+    explicit = {k: v for k, v in current_names(cli).items() if v is not None and k in config_fields()}
     recipe = explicit.get("recipe") or from_file.get("recipe") or TrainConfig.recipe
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")

@@ -43,7 +43,7 @@ class DataSpec:
     std: list[float]
     resize: int  # shorter side before the centre crop (store.resize_crop)
     train: Dataset
-    val: Dataset
+    test: Dataset  # what the trainer evaluates on: Fashion-MNIST's test split, an imagefolder's val/
 
 
 class TensorImages(Dataset):
@@ -199,14 +199,14 @@ def auto_augment_transform(name: str, magnitude: int):
     return None
 
 
-def check_classes(root: Path, classes: list[str], train: ImageFiles, val: ImageFiles) -> None:
+def check_classes(root: Path, classes: list[str], train: ImageFiles, test: ImageFiles) -> None:
     """Refuse fewer than 2 trainable classes; warn, naming them, about classes one split lacks."""
     n_train = [0] * len(classes)
-    n_val = [0] * len(classes)
+    n_test = [0] * len(classes)
     for _, label in train.samples:
         n_train[label] += 1
-    for _, label in val.samples:
-        n_val[label] += 1
+    for _, label in test.samples:
+        n_test[label] += 1
     trainable = [c for c, n in zip(classes, n_train) if n]
     if len(trainable) < 2:
         raise ValueError(f"{root / 'train'} holds images of {len(trainable)} class(es) {trainable}: a classifier "
@@ -217,13 +217,13 @@ def check_classes(root: Path, classes: list[str], train: ImageFiles, val: ImageF
     empty = [c for c, n in zip(classes, n_train) if not n]
     if empty:
         log.warning("train/ has classes without images (the model learns nothing for them): %s", empty)
-    unmeasured = [c for c, n in zip(classes, n_val) if not n]
+    unmeasured = [c for c, n in zip(classes, n_test) if not n]
     if unmeasured:
-        log.warning("classes without validation images (their per-class accuracy is null): %s", unmeasured)
+        log.warning("classes without test images in val/ (their per-class accuracy is null): %s", unmeasured)
 
 
 def load_data(cfg) -> DataSpec:
-    """The two splits of `cfg.data` at `cfg.resolution`, plus what the manifest records about them."""
+    """The train and test splits of `cfg.data` at `cfg.resolution`, plus what the manifest records about them."""
     r = cfg.resolution
     augment = auto_augment_transform(cfg.auto_augment, cfg.randaugment_magnitude)
     if cfg.data == "fashion-mnist":
@@ -231,12 +231,12 @@ def load_data(cfg) -> DataSpec:
         # 28 -> r: resize the shorter side to r and centre-crop r, i.e. a plain resize, as the service does.
         man = Manifest(variant="", config={}, num_classes=10, classes=[], dataset="", resolution=r, in_chans=1, resize=r)
         tx, ty = fashion_mnist.load("train", folder)
-        vx, vy = fashion_mnist.load("test", folder)
+        sx, sy = fashion_mnist.load("test", folder)
         tx, ty = _limit(tx.unsqueeze(1), ty, cfg.limit_train)
-        vx, vy = _limit(vx.unsqueeze(1), vy, cfg.limit_val)
+        sx, sy = _limit(sx.unsqueeze(1), sy, cfg.limit_test)
         return DataSpec(
             "fashion-mnist", list(fashion_mnist.CLASSES), 1, True, list(fashion_mnist.MEAN), list(fashion_mnist.STD), r,
-            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(vx, man), vy),
+            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(sx, man), sy),
         )
     if cfg.data == "fake":
         # Learnable but tiny: each class is a brightness level plus noise, RGB, 24x24 native.
@@ -250,10 +250,10 @@ def load_data(cfg) -> DataSpec:
 
         man = Manifest(variant="", config={}, num_classes=4, classes=[], dataset="", resolution=r, in_chans=3, resize=r)
         tx, ty = _limit(*split(96), cfg.limit_train)
-        vx, vy = _limit(*split(32), cfg.limit_val)
+        sx, sy = _limit(*split(32), cfg.limit_test)
         return DataSpec(
             "fake", list(FAKE_CLASSES), 3, False, IMAGENET_MEAN, IMAGENET_STD, r,
-            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(vx, man), vy),
+            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(sx, man), sy),
         )
     if cfg.data.startswith("imagefolder:"):
         from torchvision.transforms import v2 as T
@@ -270,11 +270,11 @@ def load_data(cfg) -> DataSpec:
         man = Manifest(variant="", config={}, num_classes=len(classes), classes=[], dataset="", resolution=r, resize=resize)
         train_tf = T.Compose([T.RandomResizedCrop(r, antialias=True), *([augment] if augment else [])])
         train = ImageFiles(root / "train", classes, train_tf)
-        val = ImageFiles(root / "val", classes, lambda x: resize_crop(x, man)[0])
+        test = ImageFiles(root / "val", classes, lambda x: resize_crop(x, man)[0])
         train.samples = stratified_subset(train.samples, cfg.limit_train, cfg.seed)
-        val.samples = stratified_subset(val.samples, cfg.limit_val, cfg.seed)
-        check_classes(root, classes, train, val)
-        return DataSpec(root.name.lower() or "imagefolder", classes, 3, False, IMAGENET_MEAN, IMAGENET_STD, resize, train, val)
+        test.samples = stratified_subset(test.samples, cfg.limit_test, cfg.seed)
+        check_classes(root, classes, train, test)
+        return DataSpec(root.name.lower() or "imagefolder", classes, 3, False, IMAGENET_MEAN, IMAGENET_STD, resize, train, test)
     raise ValueError(f"unknown data {cfg.data!r}: use fashion-mnist, imagefolder:PATH or fake")
 
 

@@ -212,7 +212,7 @@ def evaluate(model, loader, normalize, num_classes: int, device, channels_last: 
         confusion += torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, -1)
         top5_hits += int((logits.topk(k, -1).indices == labels[:, None]).any(-1).sum())
         total += labels.shape[0]
-    # None, not 0.0, for a class without validation images: it was not measured, not always missed.
+    # None, not 0.0, for a class without test images: it was not measured, not always missed.
     per_class = [float(hit) / n if n else None for hit, n in zip(confusion.diag().tolist(), confusion.sum(1).tolist())]
     return {
         "top1": float(confusion.diag().sum()) / max(1, total),

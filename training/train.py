@@ -25,7 +25,7 @@ import torch
 
 from store.paths import bentoml_home
 
-from .config import BOUNDS, RECIPES, TrainConfig, config_fields, resolve_config
+from .config import BOUNDS, RECIPES, RENAMED, TrainConfig, config_fields, resolve_config
 
 
 def dataset_name(data: str) -> str:
@@ -173,7 +173,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                                  "one is used)")
     t_data = time.perf_counter()
     data = load_data(cfg)
-    log(f"data {cfg.data}: {len(data.train)} train / {len(data.val)} val images, {len(data.classes)} classes, "
+    log(f"data {cfg.data}: {len(data.train)} train / {len(data.test)} test images, {len(data.classes)} classes, "
         f"{data.in_chans} channel(s) at {cfg.resolution}x{cfg.resolution} ({time.perf_counter() - t_data:.1f} s)")
     if min(cfg.batch_size, len(data.train) // world) < 2:
         # BatchNorm cannot normalise one image over a 1x1 map ("Expected more than 1 value per channel").
@@ -243,7 +243,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
         loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                             drop_last=len(data.train) // world >= cfg.batch_size, pin_memory=device.type == "cuda",
                             persistent_workers=cfg.workers > 0)  # no re-fork of the workers every epoch
-    val_loader = DataLoader(data.val, batch_size=256, shuffle=False, num_workers=cfg.workers)
+    test_loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=cfg.workers)
     steps_per_epoch = len(loader)
     # A fractional `epochs` (the quick recipe's 0.75) ends the last pass early; the schedule spans exactly
     # the steps that run.
@@ -334,10 +334,10 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             recalibrated = True
         if main_proc and (is_last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             last = {
-                "model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
-                "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
+                "model": evaluate(net, test_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
+                "ema": evaluate(ema.module, test_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
             }
-            record.update(val_top1=last["model"]["top1"], val_top5=last["model"]["top5"], val_loss=last["model"]["loss"],
+            record.update(test_top1=last["model"]["top1"], test_top5=last["model"]["top5"], test_loss=last["model"]["loss"],
                           ema_top1=last["ema"]["top1"], ema_top5=last["ema"]["top5"], ema_loss=last["ema"]["loss"])
         if main_proc:
             append_jsonl(run_dir / LOG_FILE, record)
@@ -362,15 +362,15 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                 sampler.set_epoch(n_passes - 1)
                 for m in (net, ema.module):
                     recalibrate_bn(m, loader, normalize, cfg.bn_recalibrate, device, cfg.channels_last)
-            last = {"model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last),
-                    "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last)}
+            last = {"model": evaluate(net, test_loader, normalize, manifest.num_classes, device, cfg.channels_last),
+                    "ema": evaluate(ema.module, test_loader, normalize, manifest.num_classes, device, cfg.channels_last)}
         pick = "ema" if last["ema"]["top1"] >= last["model"]["top1"] else "model"
         best, export = last[pick], (ema.module if pick == "ema" else net)
         manifest.metrics = {
             "top1": best["top1"], "top5": best["top5"], "loss": best["loss"],
             "per_class": dict(zip(manifest.classes, best["per_class"])),
             "weights": pick, "model_top1": last["model"]["top1"], "ema_top1": last["ema"]["top1"],
-            "eval_images": best["images"], "epochs": cfg.epochs, "train_seconds": round(train_seconds, 1),
+            "test_images": best["images"], "epochs": cfg.epochs, "train_seconds": round(train_seconds, 1),
             "images_per_s": round(images_seen / train_seconds, 1) if images_seen else None,
             "world_size": world, "ranks_in_sync": in_sync,
         }
@@ -448,7 +448,7 @@ HELP = {
     "run_dir": "folder for the resumable training state and epoch log (default: $BENTOML_HOME/runs/NAME)",
     "stop_after_epoch": "stop after this epoch with the state saved and no checkpoint (simulates an interruption)",
     "limit_train": "use only the first N training images (smoke runs)",
-    "limit_val": "use only the first N validation images (smoke runs)",
+    "limit_test": "use only the first N test images (smoke runs)",
     "sync_bn": "synchronise BatchNorm statistics across processes",
     "dist_backend": "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl",
 }
@@ -481,10 +481,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(opt, choices=sorted(RECIPES), default=None, help=f"{HELP[f.name]} (default {default})")
             continue
         kind = type(default)
+        opts = [opt] + ["--" + old.replace("_", "-") for old, new in RENAMED.items() if new == f.name]
         if kind is bool:
-            p.add_argument(opt, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP[f.name]} ({shown})")
+            p.add_argument(*opts, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP[f.name]} ({shown})")
         else:
-            p.add_argument(opt, type=kind, default=None, help=f"{HELP[f.name]} ({shown})")
+            p.add_argument(*opts, type=kind, default=None, help=f"{HELP[f.name]} ({shown})")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -533,11 +534,11 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
     A bare `--resume RUN_DIR` (what the stop message suggests) used the defaults and failed with a
     size-mismatch traceback. Given options that differ from the stored ones are refused, by name.
     """
-    from .config import load_yaml
+    from .config import current_names, load_yaml
     from .state import read_state_meta
 
     known = config_fields()
-    stored = {k: v for k, v in read_state_meta(args.resume)["config"].items() if k in known}
+    stored = {k: v for k, v in current_names(read_state_meta(args.resume)["config"]).items() if k in known}
     given = {**(load_yaml(args.config) if args.config else {}),
              **{k: v for k, v in vars(args).items() if v is not None and k in known}}
     if "variant" in given:  # an alias (b0-compact) names the variant the state stores canonically
