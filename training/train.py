@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.progress import interactive
 from store.paths import bentoml_home
 
 from .config import BOUNDS, RECIPES, RENAMED, TrainConfig, config_fields, resolve_config
@@ -154,6 +155,8 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log = print if main_proc else (lambda *a, **k: None)
+    # A bar where a person watches a terminal; in logs, CI and `train-many` a line every 100 steps.
+    bar = progress and main_proc and interactive()
 
     # 1) data and what the manifest says about it
     variant = get_variant(cfg.variant).name
@@ -318,8 +321,8 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
         stats, step = train_one_epoch(
             model, ema, optimizer, scaler, loader, normalize, cfg, epoch=epoch, step=step, total_steps=total_steps,
             warmup_steps=warmup_steps, device=device, peak_lr=peak_lr, amp_dtype=amp_dtype, teacher=teacher,
-            teacher_input=teacher_input, progress=progress and main_proc, pad=pad,
-            heartbeat=100 if main_proc and not progress else 0, max_steps=total_steps - step,
+            teacher_input=teacher_input, progress=bar, pad=pad,
+            heartbeat=100 if main_proc and not bar else 0, max_steps=total_steps - step,
             replan=None if planned else replan,
         )
         images_seen += (step - steps_before) * global_batch
@@ -467,7 +470,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes on this machine: >1 launches torchrun (DDP; one per GPU, or gloo on CPU). "
                    "Multi-node: run `torchrun --nnodes ... -m training` yourself")
     p.add_argument("--skip-existing", action="store_true", help="do nothing if NAME:latest is already in the store")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch still prints)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar, a line every 100 steps instead, as without a terminal (one line per epoch "
+                   "still prints)")
     quick = RECIPES["quick"]
     for f in config_fields().values():
         opt = "--" + f.name.replace("_", "-")
