@@ -7,17 +7,17 @@ checkpoint's folder: `calibration.safetensors` with
 - `labels`: int64 (N,), optional.
 The trainer writes it with `save_calibration` next to the weights.
 
-# NOTE: checkpoints written before the trainer stores a calibration set have none. Then, in order:
-# 1. `dataset == "fashion-mnist"`: a fixed, seeded sample of the training split from the Debian
-#    package's idx files is generated and cached in the checkpoint's `engines/` folder;
-# 2. `dataset` starting with "imagenet" (ImageNet is not on these machines): 256 random crops and
-#    flips of the photos that ship with scikit-image (coffee, chelsea, rocket, astronaut, ...), a
-#    stand-in for training data, cached the same way and named as such in every verdict. They serve
-#    the fp32 and bf16 checks; int8 is refused (`CalibrationSet.int8_problem`);
-# 3. otherwise there is no calibration data: fp32 engines are still verified (logits on a fixed,
-#    seeded uint8 noise batch: closeness of logits needs no real images), bf16 is verified by top-1
-#    agreement on that noise batch (weaker, recorded as such), and int8 is refused (static
-#    quantisation calibrated on noise would set the wrong activation ranges).
+A checkpoint without a calibration set (imported weights, older checkpoints) falls back, in order:
+1. `dataset == "fashion-mnist"`: a fixed, seeded sample of the training split (`store.fashion_mnist`)
+   is generated and cached in the checkpoint's `engines/` folder;
+2. `dataset` starting with "imagenet" (ImageNet is not available offline): 256 random crops and
+   flips of the photos that ship with scikit-image (coffee, chelsea, rocket, astronaut, ...), a
+   stand-in for training data, cached the same way and named as such in every verdict. They serve
+   the fp32 and bf16 checks; int8 is refused (`CalibrationSet.int8_problem`);
+3. otherwise there is no calibration data: fp32 engines are still verified (logits on a fixed,
+   seeded uint8 noise batch: closeness of logits needs no real images), bf16 is verified by top-1
+   agreement on that noise batch (weaker, recorded as such), and int8 is refused (static
+   quantisation calibrated on noise would set the wrong activation ranges).
 """
 from __future__ import annotations
 
@@ -55,10 +55,9 @@ class CalibrationSet:
     def int8_problem(self) -> str | None:
         """Why int8 cannot be calibrated on this set, or None.
 
-        NOTE: static int8 is calibrated on a stored subset of the checkpoint's own training data (the
-        engines issue). Photo crops stand in for ImageNet in the fp32 checks, but lite0 quantised on them
-        agreed with its reference on only 74.6% (OpenVINO) and 75.4% (ONNX Runtime) of them, refused every
-        time, after about a minute of quantising and compiling in each `make engines` (2026-11-27).
+        Static int8 is calibrated on a stored subset of the checkpoint's own training data. Photo crops
+        stand in for ImageNet in the fp32 checks, but lite0 quantised on them agrees with its reference on
+        only ~75% of them: always refused, after a minute of quantising, so it is not tried.
         """
         if not self.real:
             return f"int8 needs real calibration images; {self.source}"
@@ -97,8 +96,8 @@ def save_calibration(
 def fashion_mnist(split: str, manifest: Manifest, limit: int | None = None, seed: int = 0) -> CalibrationSet | None:
     """Fashion-MNIST images at the manifest's resolution (None when the dataset is not installed).
 
-    # NOTE: 28x28 becomes RxR through `store.resize_crop`, the project's one image->input definition,
-    # so the engines are checked on exactly what the service feeds them.
+    28x28 becomes RxR through `store.resize_crop`, the project's one image->input definition, so the
+    engines are checked on exactly what the service feeds them.
     """
     if not all(p.is_file() for p in fmnist.files(split)):
         return None

@@ -112,13 +112,10 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         from store.images import decode_image
 
-        # NOTE: a corrupt or truncated file in a large ImageFolder (ImageNet has a few) would otherwise
-        # stop a run of hours in a DataLoader worker with an error that does not name the file. It is
-        # logged by path once per process and replaced by the next sample: the same one every epoch, so
-        # a seeded run stays reproducible.
-        # NOTE: store.images is the service's decoder: torchvision.io alone had refused every BMP, gave
-        # an animated GIF as a stack of frames and a 16-bit PNG as uint16; the service answers all three
-        # (first frame, 16 bits scaled to 8), and now training sees the pixels the service will.
+        # A corrupt file in a large ImageFolder (ImageNet has a few) must not stop a run of hours: it is
+        # logged by path once per process and replaced by the next sample, the same one every epoch, so a
+        # seeded run stays reproducible. store.images is the service's decoder (BMP, a GIF's first frame,
+        # 16-bit PNG scaled to 8 bits), so training sees the pixels the service will.
         for k in range(self.MAX_SKIPS + 1):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
@@ -318,19 +315,16 @@ def batch_augment(x: torch.Tensor, pad: int, hflip: bool, erase_p: float = 0.0) 
 class DeviceBatches:
     """The training split kept on the training device, shuffled and policy-augmented there, batch by batch.
 
-    The DataLoader path runs the augmentation policy per image in CPU worker processes. On an H100 that
-    fed 2,600 img/s per training process with 16 cores busy, and left the GPU mostly idle
-    (benchmarks/gpu/README.md, 2026-11-27). Small in-memory sets fit the device whole (Fashion-MNIST at
-    64x64: 60k x 1 x 64 x 64 uint8 = 246 MB), so each step only indexes a batch there.
+    The DataLoader path runs the augmentation policy per image in CPU worker processes, which leaves a
+    GPU mostly idle (benchmarks/gpu/README.md). Small in-memory sets fit the device whole (Fashion-MNIST
+    at 64x64: 60k x 1 x 64 x 64 uint8 = 246 MB), so each step only indexes a batch there.
 
     The order is the DistributedSampler's (seed + epoch, the same permutation on every rank, rank r
     takes every world-th index, the tail dropped), so DDP ranks see disjoint shards.
 
-    NOTE: the policy (RandAugment's two ops and their signs) is drawn once per chunk of `chunk` images,
-    not per image as on the DataLoader path: torchvision's v2 policies apply one draw to a whole batch
-    tensor, and one call per image costs ~1 ms of Python each (256 calls per step). Chunks of 16 keep
-    16 different draws per 256-image batch at 16 calls per step (~9 ms/batch at 32, 16 at 16, 37 at 8
-    on this CPU, most of it Python).
+    The policy (RandAugment's two ops and their signs) is drawn once per chunk of `chunk` images, not per
+    image as on the DataLoader path: a v2 policy applies one draw to a whole tensor, and one call per
+    image costs ~1 ms of Python. Chunks of 16 give 16 draws per 256-image batch at ~16 ms per batch.
     """
 
     def __init__(self, data: "TensorImages", batch_size: int, device, *, rank: int = 0, world: int = 1,

@@ -107,7 +107,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if amp == "auto":
         if device.type != "cuda":
-            return None  # NOTE: FACTS: bf16 autocast trains at 321 vs 587 img/s on this CPU
+            return None  # bf16 autocast trains slower on a CPU (TrainConfig.amp)
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
@@ -210,10 +210,9 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup)
     global_batch = cfg.batch_size * world
     peak_lr = cfg.lr * global_batch / 128  # linear scaling rule (Goyal et al.) from the base batch of 128
-    # NOTE: fused on CUDA. The default (foreach) AdamW step dispatched 447 ops for b0 (426 of them
-    # reads of the per-parameter step counters) against 6 fused, counted here on the CPU; on the H200
-    # one b0 process was bound by the host at 40 ms/step. Not on the CPU: it would change the
-    # quick recipe's weights for no measurable gain (a step there is ~1 s of convolutions).
+    # Fused on CUDA: 6 ops per step instead of the foreach step's 447 for b0, which left the GPU waiting
+    # for the host (benchmarks/gpu/README.md). Not on the CPU: it would change the quick recipe's weights
+    # for no measurable gain (a step there is ~1 s of convolutions).
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, fused=device.type == "cuda")
     amp_dtype = resolve_amp(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -585,8 +584,8 @@ def run(args: argparse.Namespace) -> int:
         return launch_torchrun(cfg, args.nproc, args.resume, progress)
     run_dir = run_dir_for(cfg, name, args.resume)
     state = run_dir / "state.json"
-    # NOTE: compared as "changed", not "newer than the start": file times come from the kernel's coarse
-    # clock, a few ms behind time.time(), so a state written just after the start looked older than it.
+    # Compared as "changed", not "newer than the start": file times come from the kernel's coarse clock,
+    # a few ms behind time.time(), so a state written just after the start can look older than it.
     state_before = state.stat().st_mtime_ns if state.is_file() else None
 
     def stop(signum, frame):
