@@ -10,8 +10,9 @@ from .config import BOUNDS, RECIPES, RENAMED, TrainConfig, config_fields, resolv
 
 HELP = {
     "variant": "registered variant or alias (`effnet models`), e.g. b0, mec (= mec-out-e3), compact",
-    "data": "fashion-mnist (/usr/share/datasets/fashion-mnist, else torchvision's download), "
-    "imagefolder:PATH (PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg, the ImageNet layout), or fake (tiny generated set for tests)",
+    "data": "fashion-mnist ($FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist, else torchvision's download), "
+    "imagefolder:PATH (PATH/train/CLASS/*.jpg, and PATH/val/CLASS/*.jpg as the test split: the ImageNet layout), "
+    "or fake (tiny generated set for tests)",
     "recipe": "quick: the 2-CPU-core budget (0.75 epoch at 40x40; ~17 min for b0, mec and compact side by side on Fashion-MNIST); full: RandAugment, longer schedule, more regularisation",
     "name": "store name (default: {variant}-{dataset}, e.g. b0-fashion-mnist, which the service serves)",
     "teacher": "store tag of a trained checkpoint to distil from (same classes), e.g. b0-fashion-mnist:latest",
