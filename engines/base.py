@@ -118,12 +118,9 @@ class TorchEngine(_EagerEngine):
 def gpu_buckets(device: torch.device, batch_sizes: Sequence[int] | None) -> tuple[int, ...]:
     """The static batch sizes an eager engine pads to on a GPU (none on the CPU).
 
-    # NOTE: measured on an H100 (benchmarks/gpu/README.md): an eager b0 worker fed the adaptive
-    # batcher's every size from 1 to 32 stalled for 2-6 s at a time (p99 6.8 s at 16 clients), the cost
-    # of cuDNN meeting each new shape; with a few fixed sizes that cost is paid once, at warm-up, and
-    # cudnn.benchmark can pick each size's fastest kernels. On the CPU oneDNN has no such cost.
-    # On the H200 the stalls remained with these buckets: PyTorch caches cuDNN's plans per thread, so
-    # the warm-up must also run on the thread that serves (service.workers.DeviceThread).
+    An eager worker fed every batch size from 1 to 32 stalls 2-6 s at each new shape while cuDNN
+    plans it (benchmarks/gpu/README.md); with a few fixed sizes that is paid once, at warm-up, on the
+    thread that serves (PyTorch caches the plans per thread). On the CPU oneDNN has no such cost.
     """
     if device.type != "cuda" or not batch_sizes:
         return ()

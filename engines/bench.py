@@ -136,7 +136,8 @@ def run_engine_bench(
 
     Input is a uint8 batch in host memory and output float logits back in host memory, as a worker
     sees them: on a GPU the copies both ways are part of every figure. With `failed` given, an
-    engine that fails to build is recorded there and left out instead of ending the run.
+    engine that fails to build is recorded there and left out instead of ending the run. `progress`
+    is told what runs now: an `engines.progress.StatusLine` fits a terminal and a log alike.
     """
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="effnet-bench-") as tmp:

@@ -7,21 +7,20 @@ checkpoint's folder: `calibration.safetensors` with
 - `labels`: int64 (N,), optional.
 The trainer writes it with `save_calibration` next to the weights.
 
-# NOTE: checkpoints written before the trainer stores a calibration set have none. Then, in order:
-# 1. `dataset == "fashion-mnist"`: a fixed, seeded sample of the training split from the Debian
-#    package's idx files is generated and cached in the checkpoint's `engines/` folder;
-# 2. `dataset` starting with "imagenet" (ImageNet is not on these machines): 256 random crops and
-#    flips of the photos that ship with scikit-image (coffee, chelsea, rocket, astronaut, ...), a
-#    stand-in for training data, cached the same way and named as such in every verdict. They serve
-#    the fp32 and bf16 checks; int8 is refused (`CalibrationSet.int8_problem`);
-# 3. otherwise there is no calibration data: fp32 engines are still verified (logits on a fixed,
-#    seeded uint8 noise batch: closeness of logits needs no real images), bf16 is verified by top-1
-#    agreement on that noise batch (weaker, recorded as such), and int8 is refused (static
-#    quantisation calibrated on noise would set the wrong activation ranges).
+A checkpoint without a calibration set (imported weights, older checkpoints) falls back, in order:
+1. `dataset == "fashion-mnist"`: a fixed, seeded sample of the training split (`store.fashion_mnist`)
+   is generated and cached in the checkpoint's `engines/` folder;
+2. `dataset` starting with "imagenet" (ImageNet is not available offline): 256 random crops and
+   flips of the photos that ship with scikit-image (coffee, chelsea, rocket, astronaut, ...), a
+   stand-in for training data, cached the same way and named as such in every verdict. They serve
+   the fp32 and bf16 checks; int8 is refused (`CalibrationSet.int8_problem`);
+3. otherwise there is no calibration data: fp32 engines are still verified (logits on a fixed,
+   seeded uint8 noise batch: closeness of logits needs no real images), bf16 is verified by top-1
+   agreement on that noise batch (weaker, recorded as such), and int8 is refused (static
+   quantisation calibrated on noise would set the wrong activation ranges).
 """
 from __future__ import annotations
 
-import gzip
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from store import Manifest, resize_crop
+from store import Manifest, fashion_mnist as fmnist, resize_crop
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.safetensors"
 CALIBRATION_SIZE = 256  # enough for stable int8 ranges; 99% agreement then allows 2 flips
 VERIFY_BATCH = 16  # the fixed batch on which fp32 logits are compared
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 
 
 @dataclass
@@ -57,10 +55,9 @@ class CalibrationSet:
     def int8_problem(self) -> str | None:
         """Why int8 cannot be calibrated on this set, or None.
 
-        NOTE: static int8 is calibrated on a stored subset of the checkpoint's own training data (the
-        engines issue). Photo crops stand in for ImageNet in the fp32 checks, but lite0 quantised on them
-        agreed with its reference on only 74.6% (OpenVINO) and 75.4% (ONNX Runtime) of them, refused every
-        time, after about a minute of quantising and compiling in each `make engines` (2026-11-27).
+        Static int8 is calibrated on a stored subset of the checkpoint's own training data. Photo crops
+        stand in for ImageNet in the fp32 checks, but lite0 quantised on them agrees with its reference on
+        only ~75% of them: always refused, after a minute of quantising, so it is not tried.
         """
         if not self.real:
             return f"int8 needs real calibration images; {self.source}"
@@ -96,30 +93,20 @@ def save_calibration(
     return path
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An idx file (MNIST format), gzipped: big-endian header, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def fashion_mnist(split: str, manifest: Manifest, limit: int | None = None, seed: int = 0) -> CalibrationSet | None:
     """Fashion-MNIST images at the manifest's resolution (None when the dataset is not installed).
 
-    # NOTE: 28x28 becomes RxR through `store.resize_crop`, the project's one image->input definition,
-    # so the engines are checked on exactly what the service feeds them.
+    28x28 becomes RxR through `store.resize_crop`, the project's one image->input definition, so the
+    engines are checked on exactly what the service feeds them.
     """
-    img_path, lab_path = _fashion_files(split)
-    if not (img_path.is_file() and lab_path.is_file()):
+    if not all(p.is_file() for p in fmnist.files(split)):
         return None
-    images, labels = _read_idx(img_path), _read_idx(lab_path)
+    images, labels = fmnist.load(split)
     if limit is not None and limit < len(images):
-        idx = np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False))
+        idx = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(images), limit, replace=False)))
         images, labels = images[idx], labels[idx]
-    x = resize_crop(torch.from_numpy(images.copy()).unsqueeze(1), manifest)
-    return CalibrationSet(x.contiguous(), torch.from_numpy(labels.astype(np.int64)), _fashion_source(split))
+    x = resize_crop(images.unsqueeze(1), manifest)
+    return CalibrationSet(x.contiguous(), labels, _fashion_source(split))
 
 
 STAND_IN = "scikit-image photos"  # in the source of a stand-in calibration set (see CalibrationSet.stand_in)
@@ -207,14 +194,9 @@ def _fashion_source(split: str) -> str:
     return f"fashion-mnist {split} split"
 
 
-def _fashion_files(split: str) -> tuple[Path, Path]:
-    prefix = "train" if split == "train" else "t10k"
-    return FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz", FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
-
-
 def test_set_source(manifest: Manifest) -> str | None:
     """The `source` of `load_test_set(manifest)`, without reading an image (None where it would be None)."""
-    if _is_fashion(manifest) and all(p.is_file() for p in _fashion_files("test")):
+    if _is_fashion(manifest) and all(p.is_file() for p in fmnist.files("test")):
         return _fashion_source("test")
     return None
 

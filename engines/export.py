@@ -30,7 +30,7 @@ from .calibration import CalibrationSet
 log = logging.getLogger(__name__)
 
 ENGINES_DIR = "engines"
-OPSET = 18  # the dynamo exporter's default; matched eager to ~1e-6 relative here (FACTS.md)
+OPSET = 18  # the dynamo exporter's default; matches eager to ~1e-6 relative (engines/verify.py checks it)
 FORMAT_VERSION = 1  # bump when the graph we export changes (normaliser, input layout, ...)
 MAX_BATCH = 1024  # upper bound of the dynamic batch dimension
 
@@ -167,12 +167,9 @@ def quantize_int8(onnx_file: Path, calib: CalibrationSet, out: Path) -> Path:
     this one file.
     # NOTE: on CPUs without VNNI, u8s8 kernels can saturate (ONNX Runtime's quantisation guide);
     # there weights use 7 bits (`reduce_range`).
-    # NOTE: plain MinMax takes each activation's range from the single most extreme calibration image.
-    # The quick-recipe b0 answers two dark sandal images (of 256) with logits of 419 and 442, and an SE
-    # squeeze of 768 where the median batch stays within +-6; those ranges left three int8 levels for
-    # ordinary images and the quantised b0 answered zeros: 9.8% top-1 agreement, mec 53.9% (2026-11-27).
-    # Averaging the per-batch ranges (CalibMovingAverage): b0 98.8%, mec 100%, compact 99.6% (unchanged).
-    # Percentile (99.999 / 99.99) and Entropy calibration gave 22-28% and 9.8% on b0.
+    # Per-batch ranges averaged (CalibMovingAverage), not plain MinMax: two outlier images leave
+    # ordinary ones three int8 levels (b0 9.8% top-1 agreement, averaged 98.8%; Percentile 22-28%,
+    # Entropy 9.8%; benchmarks/engines.md, "Accuracy of the int8 engines").
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process

@@ -45,16 +45,13 @@ FALLBACK = {
     "openvino-bf16": "openvino", "openvino-int8": "openvino", "onnxruntime-int8": "onnxruntime",
     "openvino": "onnxruntime", "onnxruntime": "torch", "torch-compile": "torch", "torch-fp16": "torch",
 }
-# NOTE: `auto` leaves torch-compile out: its first call costs 41-46 s per batch size here (FACTS.md),
-# so every worker start would pay minutes, for an engine measured 2x slower than ONNX Runtime. Name
-# it explicitly (or pass `candidates=`) to use it.
+# `auto` leaves torch-compile out on the CPU: its first call costs 41-46 s per batch size, for an engine
+# 2x slower than ONNX Runtime there (benchmarks/engines.md). Name it (or pass `candidates=`) to use it.
 AUTO_CANDIDATES = ("openvino-bf16", "openvino-int8", "onnxruntime-int8", "openvino", "onnxruntime", "torch")
 # On a GPU: torch-compile with CUDA graphs, ONNX Runtime's CUDA/TensorRT providers where the installed
 # build has them, fp16 eager, and the fp32 reference; the CPU-only engines would only be refused.
-# NOTE: torch-compile is in here, unlike on the CPU: on an H100 it ran b0 at batch 1 in 1.4 ms against
-# eager's 7.6 ms (5.4x; lite0 5.1x), where eager is bound by launching hundreds of small kernels
-# (benchmarks/gpu/README.md). The price is its compilation at the worker's first start, about 25-30 s per
-# batch size there (inductor's cache makes restarts cheaper).
+# torch-compile is in here: on a GPU it runs b0 at batch 1 5.4x faster than launch-bound eager, for
+# 25-30 s of compilation per batch size at the worker's first start (benchmarks/gpu/README.md).
 AUTO_CANDIDATES_GPU = ("torch-compile", "onnxruntime", "torch-fp16", "torch")
 AUTO_SECONDS = 6.0  # total timing budget of `auto`, shared by every candidate, batch size and round
 AUTO_ROUNDS = 3  # interleaved rounds; each (engine, batch size) keeps its fastest (see time_engines)
@@ -139,11 +136,8 @@ def time_engines(engines: dict[str, Engine], batch_sizes: Sequence[int], manifes
     """Seconds per image of each engine, averaged over the batch sizes, within about `seconds` in all.
 
     Interleaved: every round times every engine at every batch size, and each (engine, batch) keeps its
-    fastest round. NOTE: timing one candidate after the other let a passing disturbance decide: on
-    2026-11-27 auto recorded onnxruntime 8.44 ms/image against openvino 8.67 for lite0, while an
-    interleaved offline run the same hour gave openvino 9.3-10.8 ms at batch 1 against 9.9-12.7 and
-    113-118 images/s at batch 4-8 against 92-120. A disturbance only ever slows a slice down, so the
-    fastest round of each is the figure least touched by it.
+    fastest round: timed one after the other, a passing disturbance decides the winner (benchmarks/
+    engines.md). A disturbance only ever slows a slice down, so the fastest round is least touched by it.
     """
     r = manifest.resolution
     inputs = {b: torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8) for b in batch_sizes}
@@ -239,10 +233,9 @@ def load_engine(
 
 
 # -- auto's choice, recorded -------------------------------------------------------------------
-# NOTE: a restart used to build, verify-from-record and time every candidate again: 90 s before the
-# default four workers were ready here (2026-11-27), against the serving issue's 60 s. The choice is
-# kept next to the artefacts, keyed by everything it depends on, and a restart builds only the winner
-# (still verified). `rm engines/<sha>/auto.json`, or any change in the key, makes auto time them again.
+# The choice is kept next to the artefacts, keyed by everything it depends on, so a restart builds only
+# the winner (still verified) instead of timing every candidate again (90 s for four workers on 2 cores).
+# `rm engines/<sha>/auto.json`, or any change in the key, makes auto time them again.
 AUTO_RECORD = "auto.json"
 AUTO_RECORDS_KEPT = 8  # choices kept per checkpoint (thread counts x batch sizes x devices in use)
 
@@ -305,7 +298,7 @@ def _read_records(cache: Path) -> list[dict]:
         data = json.loads((cache / AUTO_RECORD).read_text())
     except (OSError, ValueError):
         return []
-    if isinstance(data, dict) and "key" in data:  # one record, as written before 2026-11-27 06:40
+    if isinstance(data, dict) and "key" in data:  # a file of one record, the older layout
         return [data]
     recs = data.get("choices") if isinstance(data, dict) else None
     return [r for r in recs if isinstance(r, dict)] if isinstance(recs, list) else []

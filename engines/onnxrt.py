@@ -16,8 +16,7 @@ from .export import int8_path, onnx_path
 def _providers(device: str) -> list:
     """TensorRT, then CUDA, then CPU on a GPU device (what the installed build has); CPU otherwise.
 
-    # NOTE: written for the GPU case but not testable on these CPU-only machines (the CPU wheel of
-    # onnxruntime has no CUDA provider; `onnxruntime-gpu` replaces it where a GPU is present).
+    The CPU wheel of onnxruntime has no CUDA provider; `onnxruntime-gpu` replaces it where a GPU is present.
     """
     import onnxruntime as ort
 
@@ -46,8 +45,8 @@ class OnnxRuntimeEngine(Engine):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # NOTE: no busy-waiting between ops: the worker shares its cores with the HTTP gateway and
-        # other workers, and spinning threads steal their time (the 13x collapse in FACTS.md).
+        # No busy-waiting between ops: the worker shares its cores with the HTTP gateway and other
+        # workers, and spinning threads steal their time (engines/threads.py).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(model_file), opts, providers=_providers(device))
         self.provider = self.session.get_providers()[0]
@@ -78,7 +77,7 @@ class OnnxRuntimeEngine(Engine):
 class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
     """Static post-training int8 (QDQ), calibrated on the checkpoint's calibration set.
 
-    Dynamic int8 is not offered: 4x slower than fp32 on this CPU (FACTS.md).
+    Dynamic int8 is not offered: 4x slower than fp32 on a CPU (benchmarks/engines.md).
     """
 
     name = "onnxruntime-int8"

@@ -16,11 +16,9 @@ from .export import _locked, cache_dir, int8_path, onnx_path, openvino_path
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 comes from the graph's FakeQuantize ops
 # OpenVINO's own cache of compiled models (CACHE_DIR), one folder per checkpoint's weights, beside the
-# artefacts, for the int8 engine only. NOTE: the int8 graph compiles slowly: 10 batch sizes took 6.9 s
-# for compact, 2.5-2.8 s from the cache; b0's build went from 22-33 s to 8 s (2026-11-27). Every worker
-# start and `make engines` compiled them again. fp32 compiles in 1-3 s, and its blobs hold fp32 weights
-# (b0: 16 MB per batch size against 6.6 MB for int8), so it is not cached. The key is OpenVINO's own
-# (model, shape, configuration, version): a stale blob is never reused.
+# artefacts, for the int8 engine only: the int8 graph compiles slowly (b0: 22-33 s, 8 s from the
+# cache), fp32 in 1-3 s with blobs of fp32 weights (b0: 16 MB per batch size), so fp32 is not cached.
+# The key is OpenVINO's own (model, shape, configuration, version): a stale blob is never reused.
 COMPILED_DIR = "openvino-compiled"
 
 
@@ -63,7 +61,7 @@ class OpenVinoEngine(Engine):
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
             # NOTE: no pinning: with several workers each pinning its threads, two can land on the
-            # same core; the kernel scheduler spreads them better here.
+            # same core; the kernel scheduler spreads them better.
             "ENABLE_CPU_PINNING": False,
         }
         model = core.read_model(str(model_file))

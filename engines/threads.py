@@ -1,8 +1,8 @@
 """The thread budget: inference threads across all workers never exceed the machine's cores.
 
-With two other busy processes on these 2 cores, torch eager went 13x slower (fair sharing would be
-2x), ONNX Runtime and OpenVINO about 3x (../shared/FACTS.md). So every worker runs a fixed, small
-number of intra-op threads, derived here, and every runtime is told that number explicitly.
+Oversubscribed cores slow eager PyTorch down up to 13x where fair sharing would be 2x, ONNX Runtime
+and OpenVINO about 3x (benchmarks/engines.md). So every worker runs a fixed, small number of
+intra-op threads, derived here, and every runtime is told that number explicitly.
 """
 from __future__ import annotations
 

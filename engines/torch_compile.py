@@ -1,7 +1,7 @@
 """torch.compile (inductor) with frozen weights, channels_last, one static shape per batch size.
 
-Compilation costs 41-46 s per input shape with an empty cache on this CPU and 2-4 s warm
-(FACTS.md), so the engine compiles only the worker's batch sizes, at warm-up, and pads the rest.
+Compilation costs 41-46 s per input shape with an empty cache on a 2-core CPU and 2-4 s warm
+(benchmarks/engines.md), so the engine compiles only the worker's batch sizes, at warm-up, and pads the rest.
 """
 from __future__ import annotations
 

@@ -8,10 +8,9 @@ Every result, pass or fail, is recorded in `verification.json` in the checkpoint
 keyed by engine, and reused while the artefacts' sha256, the runtime versions, the CPU's
 capabilities and the calibration data are unchanged.
 
-# NOTE: the issue asks for the record "in the manifest". The manifest belongs to the trainer and is
-# written once with the weights; engines are exported later, by several workers at once, and per
-# machine (bf16 depends on the CPU). A file next to the artefacts it describes is safe to update
-# concurrently (lock + rename) and leaves the manifest as the trainer wrote it.
+The record is not in the manifest: the manifest belongs to the trainer and is written once with the
+weights, while engines are exported later, by several workers at once, and per machine (bf16 depends
+on the CPU). A file next to the artefacts it describes is safe to update concurrently (lock + rename).
 """
 from __future__ import annotations
 
@@ -48,9 +47,8 @@ class Reference:
     def __init__(self, reference: Engine, calibration: CalibrationSet,
                  test: CalibrationSet | Callable[[], CalibrationSet | None] | None, test_source: str | None = None) -> None:
         """`test`: the test set, or a function that loads it on first use, then with its `test_source`.
-        NOTE: lazily, because a restart's recorded verdicts need only the test set's name: loading
-        Fashion-MNIST's 10,000 test images (and torchvision, to resize them) cost every fashion worker
-        about 3 s of its start (2026-11-27)."""
+        Lazily, because a restart's recorded verdicts need only the test set's name: loading
+        Fashion-MNIST's 10,000 test images (and torchvision, to resize them) costs a worker ~3 s."""
         self.engine, self.calibration = reference, calibration
         if callable(test):
             self._load_test, self._test, self.test_source = test, None, test_source

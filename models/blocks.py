@@ -37,9 +37,9 @@ class LayerCfg:
 class StochasticDepth(nn.Module):
     """torchvision.ops.StochasticDepth in "row" mode: the same arithmetic and the same random draws.
 
-    NOTE: ours rather than torchvision's: importing torchvision.ops imports torch._dynamo, about 2 s
-    of CPU in every worker process's start (six processes on 2 cores), for a few lines of arithmetic.
-    tests/test_models.py checks it against torchvision's.
+    Ours rather than torchvision's: importing torchvision.ops imports torch._dynamo, about 2 s of CPU
+    in every worker process's start, for a few lines of arithmetic. tests/models/ checks it against
+    torchvision's.
     """
 
     def __init__(self, p: float) -> None:

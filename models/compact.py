@@ -21,11 +21,9 @@ COMPACT_SEED_OFFSET = 0.321e6
 _REST = B0_ROWS[2:]  # stages 4-8 are untouched by every ablation here
 _S3_MBCONV6 = Row("mbconv", kernel=3, stride=1, in_ch=24, out_ch=24, layers=1, expand=6)
 # NOTE: with stage 2 removed (or a depthwise conv that keeps 32 channels), the first 24-channel block
-# takes the 32-channel stem output and keeps its expanded width of 96 = 3 x 32: the slides' "MBConv3"
-# label. Its MACs then grow by +9.23M (Remove) / +12.85M (DWConv3x3) vs MBConv1, exactly the slides'
-# differences; expanding 6 x 32 = 192 would add ~29M more. The slides' layout table instead shows a
-# 24-channel stem; that literal reading also fits the totals (387.04M MACs) but contradicts the
-# ablation chain (MBConv1 -> Remove -> Conv31), which we follow.
+# keeps its expanded width of 96 = 3 x 32 (the slides' "MBConv3"): +9.23M (Remove) / +12.85M
+# (DWConv3x3) MACs vs MBConv1, exactly the slides' differences. The layout table's 24-channel stem
+# also fits the totals but not the ablation chain (MBConv1 -> Remove -> Conv31), which we follow.
 _S3_FIRST_FROM_32 = Row("mbconv", kernel=3, stride=2, in_ch=32, out_ch=24, layers=1, width=96)
 _S3_FIRST_FROM_16 = B0_ROWS[1]  # 16 -> 24, both 24-channel blocks MBConv6
 

@@ -52,5 +52,5 @@ class SqueezeExcite(nn.Module):
         self.gate = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = F.adaptive_avg_pool2d(x, 1)  # faster than mean() on channels_last tensors here
+        s = F.adaptive_avg_pool2d(x, 1)  # faster than mean() on channels_last tensors (benchmarks/bench-eager.md)
         return x * self.gate(self.fc2(self.act(self.fc1(s))))

@@ -6,7 +6,7 @@ network-wide options (activation, SE placement policy, norm). Nothing here knows
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from typing import Any
 

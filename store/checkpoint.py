@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .paths import bentoml_home, models_dir
@@ -48,7 +47,7 @@ class Manifest:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     resize: int | None = None
     grayscale: bool = False  # trained on grayscale images (replicated to in_chans channels)
-    metrics: dict[str, Any] = field(default_factory=dict)  # top1/top5 as fractions, per-class, ...
+    metrics: dict[str, Any] = field(default_factory=dict)  # on the test split: top1/top5 as fractions, per_class, ...
     training: dict[str, Any] = field(default_factory=dict)  # the resolved training configuration
     params: int = 0
     macs: int = 0  # at `resolution`
@@ -217,10 +216,10 @@ def list_checkpoints(home: str | os.PathLike | None = None, *, include_broken: b
                      verify: bool = False) -> list[dict[str, Any]]:
     """One row per stored checkpoint of this project, newest first.
 
-    The folders are walked here rather than listed by BentoML's ModelStore.list(), which raised on
-    the first bad entry (a version folder without model.yaml, an upper-case name folder) and so hid
+    The folders are walked here rather than listed by BentoML's ModelStore.list(), which raises on
+    the first bad entry (a version folder without model.yaml, an upper-case name folder) and so hides
     every good one. `include_broken`: checkpoints that cannot be served are listed too, each with a
-    `problem` (else left out, as before, for the callers that pick one to use). `verify`: check the
+    `problem` (else left out, for the callers that pick one to use). `verify`: check the
     sha256 of every weights file, which reads all of them (minutes on a large store), so it is asked
     for; `verified` says whether it was done. Another project's BentoML models are left out.
     """

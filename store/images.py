@@ -1,8 +1,7 @@
 """Image files -> uint8 (3, H, W) RGB arrays: the one decoder of the service and the trainer.
 
-Moved here from `service/images.py` (which re-exports every name) so that training decodes an
-ImageFolder exactly as the service decodes a request, without importing the service (the layers go
-models -> training -> store -> service). What it guarantees:
+It lives in `store` so that training decodes an ImageFolder exactly as the service decodes a request,
+without importing the service. What it guarantees:
 - the format is sniffed from the bytes and must be one of `ALLOWED_FORMATS` (a name or content type
   is never trusted);
 - the pixel count is read from the header and checked before any pixel is decoded, so a small file
@@ -167,12 +166,10 @@ def _decode_jpeg(data: bytes, min_side: int | None, colorspace: str = "RGB") -> 
     (`BENIGN_JPEG_WARNINGS`), which PIL then decodes (simplejpeg refuses those even when not strict:
     its header reader stops at the warning).
 
-    NOTE: libjpeg recovers from a file cut short by filling the missing rows with grey and a warning on
-    stderr; PIL and torchvision.io then answered 200 with half a grey image classified (a 224x224 photo
-    cut at 30% of its bytes, with an end marker appended, 2026-11-28). simplejpeg's `strict` turns
-    those warnings into errors. The same pixels as PIL's and torchvision.io's for the benchmark's photos
-    (max difference 0), in 117-163 us against 167-220 for torchvision.io, whose decoding is deprecated
-    since 0.29 (224x224 JPEGs, one thread, Xeon host, 2026-11-28).
+    libjpeg recovers from a file cut short by filling the missing rows with grey and a warning on
+    stderr, which PIL and torchvision.io pass on as a valid image; simplejpeg's `strict` turns those
+    warnings into errors. Its pixels equal PIL's for the benchmark's photos, in 117-163 us against
+    167-220 for torchvision.io (224x224 JPEGs, one thread).
     """
     import simplejpeg
 
@@ -211,9 +208,8 @@ def to_rgb_array(img: Image.Image, *, min_side: int | None = None, data: bytes |
         img = Image.fromarray(hwc)  # to be resized or turned upright below, as PIL's own decoding would be
     else:
         if data is not None and fmt == "JPEG" and img.mode == "CMYK":
-            # NOTE: only checked by simplejpeg (a decode at the reduced scale, its pixels unused): PIL, which
-            # then decodes, converts CMYK and Adobe's inverted YCCK as it always has, but greys in a file
-            # cut short as it does for RGB (a CMYK photo cut at half its bytes answered 200, 2026-11-28).
+            # Only checked by simplejpeg (a decode at the reduced scale, its pixels unused): PIL, which then
+            # decodes, converts CMYK and Adobe's inverted YCCK, but greys in a file cut short as for RGB.
             _decode_jpeg(data, min_side, colorspace="CMYK")
         try:
             if min_side and fmt == "JPEG":
@@ -224,12 +220,10 @@ def to_rgb_array(img: Image.Image, *, min_side: int | None = None, data: bytes |
             raise ImageError(f"the {fmt} image is truncated or corrupt: {e}") from None
         orientation = _orientation(img)  # after loading: a PNG may keep its eXIf chunk after the pixels
     if min_side and min(img.size) > 2 * min_side and img.mode in ("RGB", "L"):
-        # NOTE: large images are resized here, by PIL, to the size store.resize_crop would give them
-        # (shorter side min_side, longer side as torchvision computes it), which then has nothing to
-        # resize. PIL's antialiased bilinear and torchvision's agree within one grey level (a test
-        # checks it), and this skips three full-size copies: a 4000x3000 PNG took 150-180 ms after
-        # decoding, and box-averaging instead (Image.reduce) left the result 1-4 grey levels off on
-        # average (2026-11-27). Other modes (P, 1, RGBA...) would resize differently in PIL.
+        # Large images are resized here, by PIL, to the size store.resize_crop would give them, which then
+        # has nothing to resize: PIL's antialiased bilinear and torchvision's agree within one grey level
+        # (a test checks it), and this skips three full-size copies (150-180 ms for a 4000x3000 PNG).
+        # Box-averaging (Image.reduce) is 1-4 grey levels off; other modes (P, 1, RGBA...) resize differently.
         w, h = img.size
         short, long = min(w, h), max(w, h)
         long = int(min_side * long / short)

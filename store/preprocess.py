@@ -19,12 +19,10 @@ from .checkpoint import Manifest
 # ITU-R 601-2 luma, as PIL's convert("L").
 LUMA = (0.299, 0.587, 0.114)
 
-# NOTE: the centre crop keeps at most `resolution / resize` (<= 1) of the shorter side's length along
-# the longer side, so beyond an aspect ratio of 4:1 the rest of the longer side is cut before
-# resizing. Without the cut, resizing scales the longer side with the shorter: a valid 20000x1 PNG
-# of 100 bytes became a 256 x 5,120,000 image, 10 GB and 44 s of CPU in the gateway (2026-11-27),
-# and 100000x1 (within any pixel limit) would exhaust the memory. Images up to 4:1, every ordinary
-# photo, are resized exactly as before.
+# The centre crop keeps at most `resolution / resize` (<= 1) of the shorter side's length along the
+# longer side, so beyond an aspect ratio of 4:1 the rest of the longer side is cut before resizing.
+# Without the cut a valid 20000x1 PNG of 100 bytes becomes a 256 x 5,120,000 image (10 GB, 44 s of
+# CPU). Images up to 4:1, every ordinary photo, are resized without a cut.
 MAX_ASPECT = 4
 
 

@@ -19,7 +19,7 @@ def train_step_throughput(variants: list[str], resolution: int = 32, batch: int 
                           rounds: int = 2, in_chans: int = 1, num_classes: int = 10, threads: int = 0) -> list[dict]:
     from models import create_model, get_variant
 
-    from .engine import ModelEma
+    from .loop import ModelEma
 
     if threads:
         torch.set_num_threads(threads)

@@ -64,7 +64,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_train_many(args: argparse.Namespace, extra: list[str]) -> int:
     from .parallel import train_many
-    from .train import get_args_parser
+    from .options import get_args_parser
 
     # the options go to every child: refuse a typo here, once, rather than in each of them
     get_args_parser().parse_args(["--variant", "b0", *extra])
@@ -101,7 +101,7 @@ def cmd_train_bench(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from .train import add_train_arguments
+    from .options import add_train_arguments
 
     p = sub.add_parser(
         "train",

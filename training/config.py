@@ -24,7 +24,7 @@ class TrainConfig:
     # schedule
     epochs: float = 40.0  # Fashion-MNIST keeps improving to ~40 epochs with RandAugment; ImageNet users set 350.
     # A fraction is allowed (0.8: the cosine schedule over 80% of one epoch's steps), for budgets below one epoch.
-    batch_size: int = 128  # per process; 128 is the fastest per image on this CPU (FACTS: 625 vs 587 img/s at 256)
+    batch_size: int = 128  # per process; the fastest per image on a CPU: 625 vs 587 img/s at 256 (benchmarks/training-quick.md)
     lr: float = 2e-3  # AdamW peak LR for a global batch of 128; scaled linearly with the global batch
     min_lr_ratio: float = 0.01  # cosine floor: the last epochs still move a little, as in timm
     warmup_epochs: float = 2.0  # BN-heavy nets diverge at full LR from random init; 2 epochs of linear warmup
@@ -42,22 +42,21 @@ class TrainConfig:
     ema_decay: float = 0.9998  # per step: a horizon of ~5k steps = ~10 epochs of 469 steps; timm's B0 value
     bn_recalibrate: int = 50  # batches of PreciseBN after the last epoch, for the model and its EMA: the
     # running statistics are otherwise a lagging average over weights that kept changing (compact/lite
-    # use BN momentum 0.01, a ~100-step horizon). NOTE: compact after 40 steps: 8.7% -> 44.9% top-1. 0 -> off
+    # use BN momentum 0.01, a ~100-step horizon; compact after 40 steps: 8.7% -> 44.9% top-1). 0 -> off
     ema_warmup: bool = True  # decay ramps (1+n)/(10+n) so the early, random weights are forgotten fast
     # knowledge distillation (only with --teacher)
     kd_alpha: float = 0.5  # weight of the teacher's soft targets; the rest is the smoothed hard label loss
     kd_temperature: float = 2.0  # softens both distributions so the teacher's ranking of wrong classes counts
     # input
-    resolution: int = 64  # 28x28 Fashion-MNIST upsampled; at 32 the 32x downsampling leaves a 1x1 map (FACTS)
+    resolution: int = 64  # 28x28 Fashion-MNIST upsampled; at 32 the 32x downsampling leaves a 1x1 map
     # how
-    amp: str = "auto"  # auto | off | bf16 | fp16; auto: off on CPU (bf16 autocast is a loss for training here,
-    # FACTS: 321 vs 587 img/s), bf16 on CUDA that supports it, else fp16 with a GradScaler
-    channels_last: bool = True  # FACTS: 4.8x faster training on this CPU (625 vs 130 img/s); also the GPU fast path
+    amp: str = "auto"  # auto | off | bf16 | fp16; auto: off on CPU (bf16 autocast trains slower there: 321 vs 587
+    # img/s, benchmarks/training-quick.md), bf16 on CUDA that supports it, else fp16 with a GradScaler
+    channels_last: bool = True  # 4.8x faster training on a CPU (benchmarks/training-quick.md); also the GPU fast path
     workers: int = 0  # DataLoader workers; 0 on 2 cores (a worker competes with the 2 compute threads)
     device_data: str = "auto"  # auto | on | off: keep an in-memory training set (fashion-mnist, fake) on the
-    # training device and augment it there (training/data.py DeviceBatches). auto: on with CUDA, where
-    # per-image augmentation in CPU workers fed an H100 at 2,600 img/s (benchmarks/gpu/README.md); off
-    # on a CPU, where the DataLoader path is the same work and keeps the policy drawn per image.
+    # training device and augment it there (training/data.py DeviceBatches). auto: on with CUDA, where CPU
+    # workers starve the GPU (benchmarks/gpu/README.md); off on a CPU, where it is the same work.
     augment_chunk: int = 16  # with device_data: images that share one draw of the augmentation policy
     threads: int = 0  # torch threads per process; 0 -> cores / processes, never oversubscribed
     seed: int = 0  # seeds python, numpy, torch and the sampler: a rerun gives the same weights on the same machine
@@ -71,7 +70,7 @@ class TrainConfig:
     run_dir: str = ""  # training state for --resume; "" -> $BENTOML_HOME/runs/{name}
     stop_after_epoch: int = 0  # stop (state saved, no export) after this epoch: simulates an interruption; 0 -> off
     limit_train: int = 0  # use only the first N training images (smoke tests); 0 -> all
-    limit_val: int = 0  # use only the first N validation images; 0 -> all
+    limit_test: int = 0  # use only the first N test images; 0 -> all
     sync_bn: bool = False  # SyncBatchNorm across processes; worth it only for tiny per-GPU batches
     dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
 
@@ -82,15 +81,11 @@ class TrainConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     "full": {},
     # The 2-core budget: ~6 minutes per model including evaluation. Per unit of compute a larger
-    # input beats more epochs here (FACTS: 1 epoch at 64 > 2 epochs at 32), and at 2-3 epochs every
-    # regulariser costs accuracy rather than buying it, so they are turned down.
+    # input beats more epochs (1 epoch at 64 > 2 epochs at 32), and at 2-3 epochs every regulariser
+    # costs accuracy rather than buying it, so they are turned down (benchmarks/training-quick.md).
     "quick": {
-        # NOTE: 0.75 of an epoch, not 1 or 2. FACTS' ~400 img/s at 40x40 (625 at 32) came from an AVX-512 host;
-        # these AVX2 machines train b0 at ~130 img/s at 40x40 (2026-11-27, quiet). One epoch each, one model
-        # after another, took 27.1 min for the three (b0 87.5%, mec 88.1%, compact 86.8%); `make checkpoints`
-        # now trains them side by side (training/parallel.py, ~1.35x). At 0.8 epoch it took 17.7 min (b0
-        # 87.4%, mec 86.7%, compact 86.4%), and `make serve` from a fresh clone 25.6 min against the serving
-        # issue's 25; 0.75 takes a minute off (benchmarks/training-quick.md).
+        # NOTE: 0.75 of an epoch, not 1 or 2: the three models side by side in ~17 min on 2 cores at
+        # 86-88% top-1 (benchmarks/training-quick.md).
         "epochs": 0.75,
         "resolution": 40,  # NOTE: a 2x2 final map instead of 32's 1x1, at 1.56x the cost of 32
         "warmup_epochs": 0.2,  # a 1-epoch run cannot spend much of it warming up
@@ -99,9 +94,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "drop_rate": 0.1,
         "auto_augment": "none",  # RandAugment pays off after ~10 epochs; here flips only (see crop_pad)
         "random_erasing": 0.0,
-        # NOTE: no translation. The base 0.125 (5 px of reflect padding at 40) costs ~4 points in one epoch:
-        # b0 87.5% vs 83.0% on this CPU, and on a GPU screen (fp32, seed 0) b0 87.7% at 0, 86.9% at 0.0625,
-        # 83.3% at 0.125 (benchmarks/training-quick.md, "Tuning (2026-11-27)").
+        # NOTE: no translation: the base 0.125 costs ~4 points in one epoch, b0 87.5% vs 83.0%
+        # (benchmarks/training-quick.md, "Tuning").
         "crop_pad": 0.0,
         "ema_decay": 0.995,  # horizon ~200 steps of the ~470: averages the low-LR tail only
         "eval_every": 0,  # only the final evaluation (each costs ~15 s)
@@ -111,6 +105,25 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def config_fields() -> dict[str, Any]:
     return {f.name: f for f in fields(TrainConfig)}
+
+
+# Former option names -> their names now: YAML files, training states and `--limit-val` that use the
+# former name still work. The evaluation split is Fashion-MNIST's (or the imagefolder's val/) test set.
+RENAMED: dict[str, str] = {"limit_val": "limit_test"}
+
+
+def current_names(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with former option names (RENAMED) under their names now; a value given under both is refused."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old in out:
+            if new in out and out[new] is not None and out[old] is not None and out[new] != out[old]:
+                raise ValueError(f"--{old.replace('_', '-')} is the former name of --{new.replace('_', '-')}: "
+                                 "give one of them")
+            value = out.pop(old)
+            if out.get(new) is None:
+                out[new] = value
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -124,27 +137,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     known = config_fields()
-    unknown = sorted(set(k.replace("-", "_") for k in data) - set(known))
+    data = current_names({k.replace("-", "_"): v for k, v in data.items()})
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{path}: unknown options {unknown}; known: {sorted(known)}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return data
 
 
-# Interval per numeric option, as "[0, 1)" reads: a value outside is refused before the data loads.
-# Several used to train anyway (a label smoothing of 2, an EMA decay of 2, a negative weight decay)
-# or failed after start-up with a traceback (log_every 0, crop_pad 5).
+# Interval per numeric option, as "[0, 1)" reads: a value outside is refused before the data loads,
+# rather than training anyway (a label smoothing of 2) or failing after start-up (log_every 0).
 BOUNDS: dict[str, str] = {
     "epochs": "(0, 100000]", "batch_size": "[1, 65536]", "lr": "(0, 10]", "min_lr_ratio": "[0, 1]",
     "warmup_epochs": "[0, 100000]", "weight_decay": "[0, 10]", "clip_grad": "[0, 1e9]",
     "label_smoothing": "[0, 1)", "drop_rate": "[0, 1)", "drop_path_rate": "[0, 1)",
     "randaugment_magnitude": "[0, 30]", "crop_pad": "[0, 0.5]", "random_erasing": "[0, 1]",
     "ema_decay": "[0, 1)", "bn_recalibrate": "[0, 100000]", "kd_alpha": "[0, 1]", "kd_temperature": "(0, 100]",
-    # NOTE: below 16 pixels the five stride-2 stages leave less than one pixel (--resolution 0 failed in
-    # the data pipeline after start-up, 5 trained "fine"); above 1024 is no longer this recipe.
+    # below 16 pixels the five stride-2 stages leave less than one pixel; above 1024 is no longer this recipe
     "resolution": "[16, 1024]",
     "workers": "[0, 256]", "augment_chunk": "[1, 65536]", "threads": "[0, 1024]", "eval_every": "[0, 100000]",
     "time_budget": "[0, 1e9]", "log_every": "[1, 1e6]", "stop_after_epoch": "[0, 100000]",
-    "limit_train": "[0, 1e9]", "limit_val": "[0, 1e9]",
+    "limit_train": "[0, 1e9]", "limit_test": "[0, 1e9]",
 }
 
 
@@ -182,7 +194,7 @@ def check_types(cfg: "TrainConfig") -> None:
 def resolve_config(cli: dict[str, Any], config_file: str | None = None) -> TrainConfig:
     """TrainConfig defaults < recipe < YAML file < explicit command-line values (not None)."""
     from_file = load_yaml(config_file) if config_file else {}
-    explicit = {k: v for k, v in cli.items() if v is not None and k in config_fields()}
+    explicit = {k: v for k, v in current_names(cli).items() if v is not None and k in config_fields()}
     recipe = explicit.get("recipe") or from_file.get("recipe") or TrainConfig.recipe
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; known: {sorted(RECIPES)}")

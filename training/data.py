@@ -14,27 +14,19 @@ resizing cost nothing per epoch, and augmentation works on tensors.
 """
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import random
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from store import Manifest, resize_crop
+from store import Manifest, fashion_mnist, resize_crop
 
 log = logging.getLogger("effnet.data")
 
-FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
-# Per-channel statistics of the Fashion-MNIST training set on 0..1 pixels.
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = [0.2860], [0.3530]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 FAKE_CLASSES = ["a", "b", "c", "d"]
 
@@ -51,7 +43,7 @@ class DataSpec:
     std: list[float]
     resize: int  # shorter side before the centre crop (store.resize_crop)
     train: Dataset
-    val: Dataset
+    test: Dataset  # what the trainer evaluates on: Fashion-MNIST's test split, an imagefolder's val/
 
 
 class TensorImages(Dataset):
@@ -120,13 +112,10 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         from store.images import decode_image
 
-        # NOTE: a corrupt or truncated file in a large ImageFolder (ImageNet has a few) would otherwise
-        # stop a run of hours in a DataLoader worker with an error that does not name the file. It is
-        # logged by path once per process and replaced by the next sample: the same one every epoch, so
-        # a seeded run stays reproducible.
-        # NOTE: store.images is the service's decoder: torchvision.io alone had refused every BMP, gave
-        # an animated GIF as a stack of frames and a 16-bit PNG as uint16; the service answers all three
-        # (first frame, 16 bits scaled to 8), and now training sees the pixels the service will.
+        # A corrupt file in a large ImageFolder (ImageNet has a few) must not stop a run of hours: it is
+        # logged by path once per process and replaced by the next sample, the same one every epoch, so a
+        # seeded run stays reproducible. store.images is the service's decoder (BMP, a GIF's first frame,
+        # 16-bit PNG scaled to 8 bits), so training sees the pixels the service will.
         for k in range(self.MAX_SKIPS + 1):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
@@ -160,28 +149,18 @@ def stratified_subset(samples: list[tuple[Path, int]], n: int, seed: int) -> lis
     return sorted(picked[:n], key=lambda s: (s[1], str(s[0])))
 
 
-def _read_idx(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
+def fashion_mnist_folder() -> Path:
+    """The folder of the Fashion-MNIST files: `store.fashion_mnist.data_dir()`, else torchvision's download.
 
-
-def _fashion_mnist_files() -> dict[str, Path]:
-    names = {
-        "train_x": "train-images-idx3-ubyte.gz", "train_y": "train-labels-idx1-ubyte.gz",
-        "val_x": "t10k-images-idx3-ubyte.gz", "val_y": "t10k-labels-idx1-ubyte.gz",
-    }
-    files = {k: FASHION_MNIST_DIR / v for k, v in names.items()}
-    if all(p.is_file() for p in files.values()):
-        return files
-    # Elsewhere: torchvision's downloader, for users with internet.
+    The download is for users without the Debian package; offline it fails with an error that says
+    where the files were looked for.
+    """
+    folder = fashion_mnist.data_dir()
+    if fashion_mnist.available(folder):
+        return folder
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "effnet" / "fashion-mnist"
     raw = cache / "FashionMNIST" / "raw"
-    if not all((raw / v).is_file() for v in names.values()):
+    if not fashion_mnist.available(raw):
         try:
             from torchvision.datasets import FashionMNIST
 
@@ -189,10 +168,10 @@ def _fashion_mnist_files() -> dict[str, Path]:
             FashionMNIST(str(cache), train=False, download=True)
         except Exception as e:
             raise FileNotFoundError(
-                f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (Debian: apt-get install dataset-fashion-mnist, "
-                f"or set FASHION_MNIST_DIR) and the download failed: {e}"
+                f"Fashion-MNIST not found in {folder} (Debian: apt-get install {fashion_mnist.DEBIAN_PACKAGE}, "
+                f"or set {fashion_mnist.ENV_VAR}) and the download failed: {e}"
             ) from None
-    return {k: raw / v for k, v in names.items()}
+    return raw
 
 
 def _pre_resize(images: torch.Tensor, manifest: Manifest, chunk: int = 4096) -> torch.Tensor:
@@ -217,14 +196,14 @@ def auto_augment_transform(name: str, magnitude: int):
     return None
 
 
-def check_classes(root: Path, classes: list[str], train: ImageFiles, val: ImageFiles) -> None:
+def check_classes(root: Path, classes: list[str], train: ImageFiles, test: ImageFiles) -> None:
     """Refuse fewer than 2 trainable classes; warn, naming them, about classes one split lacks."""
     n_train = [0] * len(classes)
-    n_val = [0] * len(classes)
+    n_test = [0] * len(classes)
     for _, label in train.samples:
         n_train[label] += 1
-    for _, label in val.samples:
-        n_val[label] += 1
+    for _, label in test.samples:
+        n_test[label] += 1
     trainable = [c for c, n in zip(classes, n_train) if n]
     if len(trainable) < 2:
         raise ValueError(f"{root / 'train'} holds images of {len(trainable)} class(es) {trainable}: a classifier "
@@ -235,24 +214,26 @@ def check_classes(root: Path, classes: list[str], train: ImageFiles, val: ImageF
     empty = [c for c, n in zip(classes, n_train) if not n]
     if empty:
         log.warning("train/ has classes without images (the model learns nothing for them): %s", empty)
-    unmeasured = [c for c, n in zip(classes, n_val) if not n]
+    unmeasured = [c for c, n in zip(classes, n_test) if not n]
     if unmeasured:
-        log.warning("classes without validation images (their per-class accuracy is null): %s", unmeasured)
+        log.warning("classes without test images in val/ (their per-class accuracy is null): %s", unmeasured)
 
 
 def load_data(cfg) -> DataSpec:
-    """The two splits of `cfg.data` at `cfg.resolution`, plus what the manifest records about them."""
+    """The train and test splits of `cfg.data` at `cfg.resolution`, plus what the manifest records about them."""
     r = cfg.resolution
     augment = auto_augment_transform(cfg.auto_augment, cfg.randaugment_magnitude)
     if cfg.data == "fashion-mnist":
-        files = _fashion_mnist_files()
+        folder = fashion_mnist_folder()
         # 28 -> r: resize the shorter side to r and centre-crop r, i.e. a plain resize, as the service does.
         man = Manifest(variant="", config={}, num_classes=10, classes=[], dataset="", resolution=r, in_chans=1, resize=r)
-        tx, ty = _limit(_read_idx(files["train_x"]).unsqueeze(1), _read_idx(files["train_y"]).long(), cfg.limit_train)
-        vx, vy = _limit(_read_idx(files["val_x"]).unsqueeze(1), _read_idx(files["val_y"]).long(), cfg.limit_val)
+        tx, ty = fashion_mnist.load("train", folder)
+        sx, sy = fashion_mnist.load("test", folder)
+        tx, ty = _limit(tx.unsqueeze(1), ty, cfg.limit_train)
+        sx, sy = _limit(sx.unsqueeze(1), sy, cfg.limit_test)
         return DataSpec(
-            "fashion-mnist", list(FASHION_MNIST_CLASSES), 1, True, FASHION_MNIST_MEAN, FASHION_MNIST_STD, r,
-            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(vx, man), vy),
+            "fashion-mnist", list(fashion_mnist.CLASSES), 1, True, list(fashion_mnist.MEAN), list(fashion_mnist.STD), r,
+            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(sx, man), sy),
         )
     if cfg.data == "fake":
         # Learnable but tiny: each class is a brightness level plus noise, RGB, 24x24 native.
@@ -266,10 +247,10 @@ def load_data(cfg) -> DataSpec:
 
         man = Manifest(variant="", config={}, num_classes=4, classes=[], dataset="", resolution=r, in_chans=3, resize=r)
         tx, ty = _limit(*split(96), cfg.limit_train)
-        vx, vy = _limit(*split(32), cfg.limit_val)
+        sx, sy = _limit(*split(32), cfg.limit_test)
         return DataSpec(
             "fake", list(FAKE_CLASSES), 3, False, IMAGENET_MEAN, IMAGENET_STD, r,
-            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(vx, man), vy),
+            TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(sx, man), sy),
         )
     if cfg.data.startswith("imagefolder:"):
         from torchvision.transforms import v2 as T
@@ -286,11 +267,11 @@ def load_data(cfg) -> DataSpec:
         man = Manifest(variant="", config={}, num_classes=len(classes), classes=[], dataset="", resolution=r, resize=resize)
         train_tf = T.Compose([T.RandomResizedCrop(r, antialias=True), *([augment] if augment else [])])
         train = ImageFiles(root / "train", classes, train_tf)
-        val = ImageFiles(root / "val", classes, lambda x: resize_crop(x, man)[0])
+        test = ImageFiles(root / "val", classes, lambda x: resize_crop(x, man)[0])
         train.samples = stratified_subset(train.samples, cfg.limit_train, cfg.seed)
-        val.samples = stratified_subset(val.samples, cfg.limit_val, cfg.seed)
-        check_classes(root, classes, train, val)
-        return DataSpec(root.name.lower() or "imagefolder", classes, 3, False, IMAGENET_MEAN, IMAGENET_STD, resize, train, val)
+        test.samples = stratified_subset(test.samples, cfg.limit_test, cfg.seed)
+        check_classes(root, classes, train, test)
+        return DataSpec(root.name.lower() or "imagefolder", classes, 3, False, IMAGENET_MEAN, IMAGENET_STD, resize, train, test)
     raise ValueError(f"unknown data {cfg.data!r}: use fashion-mnist, imagefolder:PATH or fake")
 
 
@@ -334,19 +315,16 @@ def batch_augment(x: torch.Tensor, pad: int, hflip: bool, erase_p: float = 0.0) 
 class DeviceBatches:
     """The training split kept on the training device, shuffled and policy-augmented there, batch by batch.
 
-    The DataLoader path runs the augmentation policy per image in CPU worker processes. On an H100 that
-    fed 2,600 img/s per training process with 16 cores busy, and left the GPU mostly idle
-    (benchmarks/gpu/README.md, 2026-11-27). Small in-memory sets fit the device whole (Fashion-MNIST at
-    64x64: 60k x 1 x 64 x 64 uint8 = 246 MB), so each step only indexes a batch there.
+    The DataLoader path runs the augmentation policy per image in CPU worker processes, which leaves a
+    GPU mostly idle (benchmarks/gpu/README.md). Small in-memory sets fit the device whole (Fashion-MNIST
+    at 64x64: 60k x 1 x 64 x 64 uint8 = 246 MB), so each step only indexes a batch there.
 
     The order is the DistributedSampler's (seed + epoch, the same permutation on every rank, rank r
     takes every world-th index, the tail dropped), so DDP ranks see disjoint shards.
 
-    NOTE: the policy (RandAugment's two ops and their signs) is drawn once per chunk of `chunk` images,
-    not per image as on the DataLoader path: torchvision's v2 policies apply one draw to a whole batch
-    tensor, and one call per image costs ~1 ms of Python each (256 calls per step). Chunks of 16 keep
-    16 different draws per 256-image batch at 16 calls per step (~9 ms/batch at 32, 16 at 16, 37 at 8
-    on this CPU, most of it Python).
+    The policy (RandAugment's two ops and their signs) is drawn once per chunk of `chunk` images, not per
+    image as on the DataLoader path: a v2 policy applies one draw to a whole tensor, and one call per
+    image costs ~1 ms of Python. Chunks of 16 give 16 draws per 256-image batch at ~16 ms per batch.
     """
 
     def __init__(self, data: "TensorImages", batch_size: int, device, *, rank: int = 0, world: int = 1,

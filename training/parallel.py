@@ -1,12 +1,10 @@
 """`effnet train-many`: several variants trained side by side, one single-threaded process each.
 
-Why not one after another with every core each: on these 2-core machines a training step scales badly
-with threads. NOTE: measured 2026-11-27 (AVX2, 40x40, batch 128, `effnet train-bench`): b0 74 img/s
-on 1 thread and 97 on 2; compact 84 and 122. Two 1-thread processes side by side ran 70 + 79 =
-148 img/s, against ~110 for one 2-thread process. So `make checkpoints` trains its three variants at
-once with `cores // variants` threads each (at least 1). Running 3 single-threaded processes on 2
-cores is plain time-slicing, not the intra-op oversubscription that collapses PyTorch (FACTS.md):
-no process waits at a barrier for a thread that lost its core.
+Why not one after another with every core each: on small CPUs a training step scales badly with
+threads. Two 1-thread processes side by side train 148 img/s against ~110 for one 2-thread process
+(benchmarks/training-quick.md), so `make checkpoints` trains its three variants at once with
+`cores // variants` threads each (at least 1). Three single-threaded processes on 2 cores are plain
+time-slicing, not intra-op oversubscription: no process waits at a barrier for a thread that lost its core.
 
 Each child is `python -m training` with the same options as `effnet train`; its lines are printed
 with the variant in front, and a summary table closes the run. One failure does not stop the others;
@@ -25,7 +23,7 @@ def threads_per_process(jobs: int, cores: int | None = None) -> int:
 
 def train_many(variants: list[str], train_args: list[str], threads: int = 0) -> int:
     """Train each variant in its own process with `train_args` (effnet train options); 0 if all succeeded."""
-    from cli.parallel import run_side_by_side
+    from engines.side_by_side import run_side_by_side
 
     if not variants:
         raise ValueError("no variants given")

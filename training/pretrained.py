@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 LITE0_NAME = "lite0-imagenet"
-# Published ImageNet top-1 of EfficientNet-Lite0 (tensorflow/tpu efficientnet/lite README); not re-measured
-# here (no ImageNet offline), hence not stored as `top1`.
+# Published ImageNet top-1 of EfficientNet-Lite0 (tensorflow/tpu efficientnet/lite README); not measured
+# by this project (no ImageNet offline), hence not stored as `top1`.
 LITE0_REPORTED_TOP1 = 0.751
 
 

@@ -127,7 +127,7 @@ def _match_param_layout(optimizer) -> None:
 
     safetensors stores them contiguous. The fused AdamW kernels pair parameter, gradient and moments
     element by element in memory, so moments in another layout than their channels_last parameter
-    updated the wrong elements: a resumed run diverged at its first step (fused AdamW on this CPU:
+    update the wrong elements: a resumed run diverges at its first step (fused AdamW on a CPU:
     weights 0.12 apart after 2 steps). foreach kernels fall back to a slow path for mixed layouts.
     """
     for group in optimizer.param_groups:

