@@ -20,7 +20,7 @@ from PIL import Image
 from service.images import decode_image
 from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint, write_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 IMAGENET_CLASSES = [f"class-{i}" for i in range(12)]
 
@@ -37,7 +37,8 @@ def server(tmp_path_factory):
     cfg = write_config(home.parent / "serve.yaml", {
         "server": {"max_body_mb": 1, "max_pixels": 4_000_000, "max_batch_images": 8, "cpu_threads": 2},
         "default_route": "fashion",
-        "variants": {v: {"model": t.split(":")[0] + ":latest", "max_batch_size": 16, "max_latency_ms": 5000,
+        "variants": {v: {"model": t.split(":")[0] + ":latest", "engine": "torch", "max_batch_size": 16,
+                         "max_latency_ms": 5000,
                          **({"workers": 2} if v == "lite0" else {}),  # as in service/config.yaml
                          # served in the gateway process (service/inprocess.py); the tests that name no
                          # variant in particular cover both placements
@@ -158,7 +159,7 @@ def test_two_thousand_client_ids_split_within_4_points_of_the_weights(server):
 
 
 def huge_header_png():
-    from tests.test_service_units import huge_png
+    from tests.service.fakes import huge_png
 
     return huge_png(5000, 5000)
 
@@ -437,7 +438,7 @@ def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(serve
         r = http.patch("/routes/fashion", json={"split": {"compact": 1, "b0": 0}})
         assert r.status_code == 200, r.text
         assert r.json()["split"] == {"compact": 1.0, "b0": 0.0} and r.json()["previous"]["split"] == before["split"]
-        saved = Path(r.json()["saved_in"])  # kept for the next start (restarts: test_service_units.py)
+        saved = Path(r.json()["saved_in"])  # kept for the next start (restarts: tests/service/test_live_routes.py)
         assert saved.is_file() and saved.is_relative_to(server.home.resolve())
         assert http.get("/routes").json()["routes"]["fashion"]["changed_at"] == json.loads(saved.read_text())[
             "routes"]["fashion"]["changed_at"]
