@@ -318,9 +318,16 @@ def test_variants_and_routes_describe_the_configuration(server):
     assert metric(text, "effnet_variant_ready", variant="compact") == 1
     routes = server.client.get("/routes").json()
     assert routes["default_route"] == "fashion" and routes["routes"]["fashion"]["shadow"]["variant"] == "mec"
-    paths = server.client.get("/docs.json").json()["paths"]  # the OpenAPI document behind /docs
-    assert {"/classify", "/classify_batch", "/variants", "/routes", "/readyz"} <= set(paths)
+    spec = server.client.get("/docs.json").json()  # the OpenAPI document behind /docs
+    paths = spec["paths"]
+    assert {"/classify", "/classify_batch", "/variants", "/routes", "/routes/{name}", "/assignment",
+            "/readyz", "/livez", "/metrics"} <= set(paths)
     assert "image" in paths["/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    # our own page: title, version and description, none of BentoML's placeholder
+    from service.openapi import INFO
+
+    assert spec["info"] == INFO and "contact" not in spec["info"]
+    assert "BentoML" not in json.dumps(spec["info"]) and INFO["version"] not in ("None", "")
     docs = server.client.get("/docs", follow_redirects=True)  # the Swagger UI, where users look for it
     assert docs.status_code == 200 and "swagger-ui" in docs.text
 
