@@ -3,7 +3,9 @@
 The gateway's routes are plain Starlette routes (service.endpoints), which BentoML does not document:
 each route's entry in the route table carries its document, and `OpenAPIMiddleware` puts them, with
 our own `info`, into the document BentoML serves. BentoML's own `/livez`, `/readyz`, `/healthz` and
-`/metrics` stay as BentoML documents them.
+`/metrics` stay as BentoML documents them. The page at `/` is ours too (`API_PAGE`): BentoML's shows
+its own name, hides the document's title, and loads a tag manager and a link to BentoML's repository;
+ours renders the same Swagger UI, from the files BentoML serves, with our title.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ def version() -> str:
 
 
 INFO = {"title": TITLE, "version": version(), "description": DESCRIPTION}
+TAG = {"name": "Service APIs", "description": "Classification, routes and variants"}
 
 
 @dataclass(frozen=True)
@@ -178,13 +181,41 @@ ASSIGNMENT = {
 DOCS = {"summary": "The API page: redirects to /", "responses": {"307": {"description": "to /"}}}
 
 
+API_PAGE = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>{TITLE}</title>
+  <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css">
+  <link rel="icon" type="image/png" href="./static_content/favicon-light-32x32.png" sizes="32x32">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"></script>
+  <script>
+    window.onload = () => {{
+      window.ui = SwaggerUIBundle({{url: "./docs.json", dom_id: "#swagger-ui", deepLinking: true,
+                                   presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout"}});
+    }};
+  </script>
+</body>
+</html>
+""".encode()
+
+
 class OpenAPIMiddleware:
-    """Rewrites BentoML's `/docs.json`: our `info`, and our routes' `paths` added to BentoML's own."""
+    """Serves our API page at `/`, and rewrites BentoML's `/docs.json`: our `info` and tag, and our routes'
+    `paths` added to BentoML's own."""
 
     def __init__(self, app: Any, paths: dict[str, dict], info: dict[str, str] = INFO) -> None:
         self.app, self.paths, self.info = app, paths, info
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(API_PAGE)).encode())]})
+            await send({"type": "http.response.body", "body": API_PAGE if scope["method"] == "GET" else b""})
+            return None
         if scope["type"] != "http" or scope["path"] != "/docs.json":
             return await self.app(scope, receive, send)
         start, chunks = {}, []
@@ -200,6 +231,7 @@ class OpenAPIMiddleware:
         try:
             spec = json.loads(body)
             spec["info"] = dict(self.info)
+            spec["tags"] = [TAG if t.get("name") == TAG["name"] else t for t in spec.get("tags", [])] or [TAG]
             spec.setdefault("paths", {}).update(self.paths)
             body = json.dumps(spec).encode()
         except ValueError:

@@ -1,6 +1,8 @@
 """Stand-ins shared by the service tests: a configuration, images, workers that drop or delay calls."""
 import asyncio
 import io
+import random
+import types
 
 import numpy as np
 from PIL import Image
@@ -102,3 +104,29 @@ class TimedWorker(FlakyWorker):
             return await super().predict(batch)
         finally:
             self.now -= 1
+
+
+def gateway(cfg, manifests, problems=None):
+    """A gateway assembled without a server: no workers, no checkpoints, only the manifests given."""
+    from service.gateway import GatewayService
+
+    gw = object.__new__(GatewayService)
+    gw.cfg, gw.worker_attrs = cfg, {}
+    gw.assemble(manifests, dict(problems or {}), {})
+    gw.router.rng = random.Random(0)
+    return gw
+
+
+def gateway_for_routes(problems=None, cfg=None):
+    fashion = [f"f{i}" for i in range(10)]
+    manifests = {v: types.SimpleNamespace(classes=fashion, num_classes=10) for v in ("b0", "mec", "compact")}
+    manifests["lite0"] = types.SimpleNamespace(classes=[f"i{i}" for i in range(1000)], num_classes=1000)
+    # a configuration that is no file: changes stay in memory
+    return gateway(cfg or parse_config(CFG), manifests, problems)
+
+
+def gateway_on_file(path, problems=None):
+    """A gateway whose configuration comes from a file, as `effnet serve` starts it (route changes saved)."""
+    from service.config import load_config
+
+    return gateway_for_routes(problems, load_config(path))

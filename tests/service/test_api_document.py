@@ -81,3 +81,22 @@ def test_the_document_carries_our_title_version_and_description_and_keeps_bentom
     assert "BentoML" not in json.dumps(spec["info"])
     assert {"/livez", "/readyz", "/metrics"} <= set(spec["paths"])
     assert documented(spec["paths"]) >= served()
+
+
+def test_the_page_at_the_root_is_ours_with_bentomls_swagger_files_and_nothing_else_of_it():
+    from service.openapi import API_PAGE, TITLE
+
+    async def bentoml_app(scope, receive, send):
+        raise AssertionError("BentoML's own page is not served")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(OpenAPIMiddleware(bentoml_app, {})({"type": "http", "path": "/", "method": "GET", "headers": []},
+                                                   None, send))
+    page = sent[1]["body"].decode()
+    assert sent[0]["status"] == 200 and sent[1]["body"] == API_PAGE
+    assert f"<title>{TITLE}</title>" in page and "./docs.json" in page and "swagger-ui-bundle.js" in page
+    assert "googletagmanager" not in page and "github.com/bentoml" not in page and "BentoML" not in page

@@ -330,6 +330,8 @@ def test_variants_and_routes_describe_the_configuration(server):
     assert "BentoML" not in json.dumps(spec["info"]) and INFO["version"] not in ("None", "")
     docs = server.client.get("/docs", follow_redirects=True)  # the Swagger UI, where users look for it
     assert docs.status_code == 200 and "swagger-ui" in docs.text
+    assert f"<title>{INFO['title']}</title>" in docs.text and "googletagmanager" not in docs.text
+    assert server.client.get("/static_content/swagger-ui-bundle.js").status_code == 200  # what the page loads
 
 
 def metric(text, name, **labels):

@@ -3,33 +3,13 @@
 The HTTP round trip is in test_gateway_http.py."""
 import json
 import os
-import random
 import types
 from collections import Counter
 
 import pytest
 
 from service.config import ConfigError, parse_config
-from tests.service.fakes import CFG
-
-
-def gateway(cfg, manifests, problems=None):
-    """A gateway assembled without a server: no workers, no checkpoints, only the manifests given."""
-    from service.gateway import GatewayService
-
-    gw = object.__new__(GatewayService)
-    gw.cfg, gw.worker_attrs = cfg, {}
-    gw.assemble(manifests, dict(problems or {}), {})
-    gw.router.rng = random.Random(0)
-    return gw
-
-
-def gateway_for_routes(problems=None, cfg=None):
-    fashion = [f"f{i}" for i in range(10)]
-    manifests = {v: types.SimpleNamespace(classes=fashion, num_classes=10) for v in ("b0", "mec", "compact")}
-    manifests["lite0"] = types.SimpleNamespace(classes=[f"i{i}" for i in range(1000)], num_classes=1000)
-    # a configuration that is no file: changes stay in memory
-    return gateway(cfg or parse_config(CFG), manifests, problems)
+from tests.service.fakes import CFG, gateway, gateway_for_routes, gateway_on_file
 
 
 def test_a_route_change_moves_traffic_and_keeps_what_it_does_not_name():
@@ -94,13 +74,6 @@ def test_a_route_change_to_a_variant_that_is_not_ready_is_refused():
     gw = gateway_for_routes(problems={"compact": "variant 'compact': sha256 mismatch"})
     with pytest.raises(Exception, match="variant 'compact' is not ready: .*sha256 mismatch"):
         gw.change_route("fashion", {"split": {"compact": 1, "b0": 1}})
-
-
-def gateway_on_file(path, problems=None):
-    """A gateway whose configuration comes from a file, as `effnet serve` starts it (route changes saved)."""
-    from service.config import load_config
-
-    return gateway_for_routes(problems, load_config(path))
 
 
 def test_a_route_change_is_saved_and_served_again_after_a_restart(bentoml_home, tmp_path):

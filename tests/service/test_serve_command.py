@@ -4,8 +4,7 @@ import os
 import pytest
 
 from service.config import parse_config
-from tests.service.fakes import CFG
-from tests.service.test_live_routes import gateway_on_file
+from tests.service.fakes import CFG, gateway_on_file
 
 
 def test_effnet_serve_reset_routes_forgets_saved_changes(bentoml_home, tmp_path, capsys):
