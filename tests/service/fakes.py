@@ -28,6 +28,19 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 RGB = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
 
 
+def photos(side: int = 224) -> list[bytes]:
+    """Real photos (scikit-image's samples), centre-cropped to squares of `side` and encoded as JPEGs."""
+    from skimage import data
+
+    out = []
+    for name in ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry"):
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        s = min(img.size)
+        img = img.crop(((img.width - s) // 2, (img.height - s) // 2, (img.width + s) // 2, (img.height + s) // 2))
+        out.append(encode(img.resize((side, side), Image.BILINEAR), "JPEG", quality=90))
+    return out
+
+
 def huge_png(w=12000, h=12000) -> bytes:
     """A small file whose header declares w x h pixels (the data is a valid IDAT-less stub)."""
     import struct

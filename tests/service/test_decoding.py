@@ -104,7 +104,7 @@ def test_exif_orientation_is_applied_to_resized_images_too():
 
 def test_jpegs_go_to_simplejpeg_with_the_same_pixels_as_pil(monkeypatch):
     import service.images as images
-    from service.bench import photos
+    from tests.service.fakes import photos
 
     big = encode(RGB.resize((900, 600)), "JPEG")
     for data, side in [(d, 256) for d in photos(224)[:3]] + [(big, 256), (big, 64), (big, None)]:
@@ -124,7 +124,7 @@ def test_jpegs_go_to_simplejpeg_with_the_same_pixels_as_pil(monkeypatch):
 
 def cut_jpeg(fraction: float, end_marker: bool) -> bytes:
     """A photo cut after `fraction` of its bytes, with or without an end-of-image marker appended."""
-    from service.bench import photos
+    from tests.service.fakes import photos
 
     data = photos(224)[1]
     return data[:int(len(data) * fraction)] + (b"\xff\xd9" if end_marker else b"")
@@ -154,7 +154,7 @@ def test_a_cmyk_jpeg_cut_short_is_refused_and_a_whole_one_decodes_as_pil_does():
 def test_a_jpeg_with_padding_before_a_marker_still_decodes():
     """Bytes where libjpeg expects a marker ("extraneous bytes before marker"), as some cameras and
     editors write: libjpeg skips them and the photo is whole, so it is served (decoded by PIL)."""
-    from service.bench import photos
+    from tests.service.fakes import photos
 
     data = photos(224)[1]
     at = data.index(b"\xff\xda")  # start of scan
