@@ -9,7 +9,10 @@ from __future__ import annotations
 import bentoml
 
 from .config import load_config, tracing_options
-from .gateway import GatewayLogic, LimitsMiddleware, OpenAPIPathsMiddleware, http_app
+from .endpoints import ENDPOINTS, http_app
+from .gateway import GatewayService
+from .http_limits import LimitsMiddleware
+from .openapi import OpenAPIMiddleware, paths
 from .workers import make_workers
 
 
@@ -41,7 +44,7 @@ def build_gateway(cfg):
         "__doc__": "Classify images with the EfficientNet variants of the serving configuration "
                    "(POST /classify, /classify_batch; GET /variants, /routes).",
     }
-    cls = type("Gateway", (GatewayLogic,), namespace)
+    cls = type("Gateway", (GatewayService,), namespace)
     # A GPU variant placed in the gateway needs the gateway to be given a GPU by BentoML's allocator
     # (CUDA_VISIBLE_DEVICES), as its worker would have been, rather than share whatever it sees.
     local_gpu = max((v.gpu for v in cfg.variants.values() if v.placement == "gateway"), default=0)
@@ -55,7 +58,7 @@ def build_gateway(cfg):
         tracing=tracing_options(cfg.server),
         workers=1,
     )(bentoml.asgi_app(http_app, path="/")(cls))
-    svc.add_asgi_middleware(OpenAPIPathsMiddleware)
+    svc.add_asgi_middleware(OpenAPIMiddleware, paths=paths(ENDPOINTS))
     svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,
                             max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s,
                             body_timeout_s=cfg.server.body_timeout_s, max_uploads=cfg.server.max_uploads)

@@ -2,9 +2,8 @@
 
 Why: each gateway -> worker call costs the same HTTP work whatever it carries (a request through
 uvicorn, BentoML's middleware, pickling, the batcher's queue and a thread hop in the worker; the
-client side in the gateway). NOTE: measured 2026-11-27 on the fashion route at 16 clients, the three
-32x32 workers spent 4-7 ms of CPU per call against 0.5-1.3 ms of inference, and the machine was
-saturated at 146 req/s. BentoML's adaptive batching merges calls only after each has paid that cost.
+client side in the gateway): 4-7 ms of CPU per call against 0.5-1.3 ms of inference for the 32x32
+models (benchmarks/serving.md). BentoML's adaptive batching merges calls only after each has paid it.
 
 How: at most `limit` calls per variant are in flight. A request that finds a free slot is sent at
 once, alone (no added latency at low load); the others queue, and each finished call sends what
@@ -14,10 +13,8 @@ carried with the same error, as each would have failed alone (bad images never g
 Load shedding, with `max_wait_s` (the variant's max_latency_ms): a request is refused at once with
 `too_late()` when the images queued and in flight ahead of it, at the seconds per image that recent
 calls took, would not be done within it; one that has waited longer than that when its turn comes is
-refused then instead of running. NOTE: this is the gateway's job, not BentoML's batcher's. The gateway
-sends at most `limit` calls at once, so the worker's batcher never sees a queue long enough to shed:
-30 concurrent /classify_batch requests of 32 lite0 images (under max_inflight) were all answered, in
-6-36 s against lite0's 10 s budget, 40 of them up to 54 s, near the 60 s timeout (2026-11-27).
+refused then instead of running. This is the gateway's job, not BentoML's batcher's: behind at most
+`limit` calls at once, the worker's batcher never sees a queue long enough to shed.
 """
 from __future__ import annotations
 
@@ -28,8 +25,10 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-# send(batch) -> (scores (N, K), seconds the batch's inference took)
-Send = Callable[[np.ndarray], Awaitable[tuple[np.ndarray, float]]]
+from .results import InferenceResult
+
+# send(batch) -> the batch's scores, with the seconds its inference took
+Send = Callable[[np.ndarray], Awaitable[InferenceResult]]
 
 
 class Coalescer:
@@ -57,9 +56,9 @@ class Coalescer:
         return (self.max_wait_s is not None and bool(self.queue)
                 and (self.expected_seconds(images) or 0.0) > self.max_wait_s)
 
-    async def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        """Scores for `batch`, and the seconds it waited before its inference started (gateway
-        queue, transport and the worker's own queue)."""
+    async def __call__(self, batch: np.ndarray) -> InferenceResult:
+        """The result for `batch`, with the seconds it waited before its inference started (gateway
+        queue, transport and the worker's own queue) as its `waited`."""
         if self.overloaded(len(batch)):
             raise self.too_late()
         fut = asyncio.get_running_loop().create_future()
@@ -92,14 +91,14 @@ class Coalescer:
         try:
             batch = items[0][0] if len(items) == 1 else np.concatenate([b for b, _, _ in items])
             sent = time.perf_counter()
-            scores, seconds = await self.send(batch)
+            result = await self.send(batch)
             done, start = time.perf_counter(), 0
             per_image = (done - sent) / n
             old = self.seconds_per_image
             self.seconds_per_image = per_image if old is None else 0.8 * old + 0.2 * per_image
             for b, fut, queued in items:
                 if not fut.done():
-                    fut.set_result((scores[start:start + len(b)], max(0.0, done - queued - seconds)))
+                    fut.set_result(result.rows(start, start + len(b), max(0.0, done - queued - result.seconds)))
                 start += len(b)
         except BaseException as e:  # noqa: BLE001 - handed to every waiting request, cancellation included
             for _, fut, _ in items:

@@ -35,16 +35,19 @@ EXACT_BATCH_SIZES = 8  # a variant batching at most this many compiles every siz
 class VariantConfig:
     name: str  # the name clients use (`variant=` field), e.g. "b0"
     model: str  # store tag, e.g. "b0-fashion-mnist:latest"
-    engine: str = "torch"  # engines.load_engine name
+    # engines.load_engine name; auto keeps the fastest engine verified against eager PyTorch, and
+    # `make engines` exports and verifies them ahead of time, so a start does not wait for exports
+    engine: str = "auto"
     gpu: float = 0  # GPUs to request (a fraction shares one); 0 = CPU. Used only when CUDA is present.
     threads: int = 0  # most intra-op threads a CPU batch uses; 0 = the server's cpu_threads
     # Processes serving this variant, each with its own batcher. On the CPU they share the server's
     # core slots (service.cpu_slots): with 2, two single-thread batches run side by side when busy.
     workers: int = 1
-    max_batch_size: int = 8  # batch 32 is slower per image than 8 on these CPUs (FACTS.md)
-    # BentoML's batcher answers 503 once a request's estimated wait passes this, so it is the
-    # queueing budget under load, not a delay added to every request.
-    max_latency_ms: int = 2000
+    # 32x32 models: compute is tiny and each call costs the same HTTP work, so large batches are cheap
+    max_batch_size: int = 32
+    # The load-shedding budget: a request whose estimated wait (queue + batch) passes it is answered
+    # 503 + Retry-After; 5 s serves 32 concurrent clients on 2 busy cores (benchmarks/serving.md).
+    max_latency_ms: int = 5000
     # Gateway -> worker calls in flight; requests beyond them wait in the gateway and go together as
     # one call (service.coalesce). 0 = two per worker process: one running, one queued behind it.
     calls_in_flight: int = 0
@@ -53,7 +56,8 @@ class VariantConfig:
     placement: str = "worker"
 
     @property
-    def gateway_calls(self) -> int:
+    def resolved_calls_in_flight(self) -> int:
+        """`calls_in_flight`, with 0 resolved to its default."""
         if self.calls_in_flight:
             return self.calls_in_flight
         # In the gateway a call beyond the streams would only wait for one; left queued, it joins the next batch.
@@ -65,14 +69,9 @@ class VariantConfig:
         of two up to max_batch_size and max_batch_size itself; every size when max_batch_size is at most
         `EXACT_BATCH_SIZES` (the large-input variants, such as lite0 at 224x224).
 
-        NOTE: with only {1, 8, max} (until 2026-11-27), lite0's batches of 2 under 4 clients ran as
-        batches of 8, and the route carried 16 req/s at 4 users against 29 at 1 (load-test run
-        20261127-023926). Powers of two alone still padded lite0's usual 3, 5 and 6 under 16 clients
-        to 4 and 8: OpenVINO costs 12-14 ms per image at any batch from 1 to 8 on one thread here, so
-        a batch of 3 run as 4 cost a third more per real image (2026-11-27). Every size up to 8 for the
-        fashion models too (max 32: ten sizes) made a restart 57-60 s, against the 60 s target, since
-        each size compiles twice per process (both thread counts); their route is bound by the gateway,
-        not by their padding, so they keep powers of two.
+        Padding costs a large-input variant per real image (a batch of 3 run as 4 costs a third more),
+        while every size for the 32x32 models would make a restart pass 60 s, since each size compiles
+        twice per process; their route is bound by the gateway, not by padding (benchmarks/engines.md).
         """
         if self.max_batch_size <= EXACT_BATCH_SIZES:
             return tuple(range(1, self.max_batch_size + 1))
@@ -106,12 +105,10 @@ class RouteConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    max_body_bytes: int = 10 * 1024 * 1024  # whole request body; above -> 413
+    max_body_mb: float = 10  # whole request body; above -> 413
     max_pixels: int = 40_000_000  # per image, read from the header before decoding
-    # Declared pixels of all the images being decoded at once; more wait their turn. NOTE: 8 concurrent
-    # batches of 8 6000x6000 PNGs (120 kB each) took the gateway to 4.1 GB without a budget, and 64
-    # such requests in flight would have exhausted the memory. With this budget (2.7 such images)
-    # 8 and 16 concurrent batches both peaked at 1.5 GB (2026-11-27).
+    # Declared pixels of all the images being decoded at once; more wait their turn. Bounds the memory:
+    # 16 concurrent batches of 6000x6000 PNGs peak at 1.5 GB with it, 4.1 GB at 8 without (benchmarks/serving.md).
     max_decoding_pixels: int = 100_000_000
     max_batch_images: int = 32  # images in one /classify_batch request
     max_top_k: int = 100  # top_k is also capped by the model's class count
@@ -127,10 +124,8 @@ class ServerConfig:
     # or "memory" (a restart serves the file's routes).
     route_changes: str = "persist"
     # BentoML's OpenTelemetry middleware on every request: off (default) skips it; on leaves tracing to
-    # BentoML's own configuration (BENTOML_CONFIG: tracing.exporter_type, sample_rate...).
-    # NOTE: BentoML's default sample rate is 0, so the spans it made recorded nothing, yet making them
-    # (a span per request and one per ASGI message sent or received) was about 15% of the gateway's
-    # CPU per request (py-spy, lite0 at 16 clients, 2026-11-27 23:55).
+    # BentoML's own configuration (BENTOML_CONFIG: tracing.exporter_type, sample_rate...). Its spans
+    # cost about 15% of the gateway's CPU per request even at sample rate 0 (benchmarks/serving.md).
     tracing: bool = False
     # How the gateway hands a batch of decoded images to a worker process: "shared_memory" (the batch is
     # written once into an anonymous shared-memory file that the worker maps, and the HTTP call carries
@@ -138,6 +133,10 @@ class ServerConfig:
     # memory falls back to http, with a log line, where it cannot be used (no memfd, a worker on another
     # host or in another container).
     worker_transport: str = "shared_memory"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
 
 
 def tracing_options(server: "ServerConfig") -> dict:
@@ -262,7 +261,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         "tracing", "worker_transport"})
     s = {}
     if "max_body_mb" in server_raw:
-        s["max_body_bytes"] = int(_number("server.max_body_mb", server_raw["max_body_mb"], positive=True) * 1024 * 1024)
+        s["max_body_mb"] = _number("server.max_body_mb", server_raw["max_body_mb"], positive=True)
     for key in ("max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight", "max_uploads",
                 "retry_after_s"):
         if key in server_raw:

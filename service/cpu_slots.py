@@ -3,20 +3,18 @@
 The server has `cpu_threads` slots (default: the cores available), one lock file each, shared by all
 worker processes through BENTOML_HOME (tests give each server its own). A CPU worker runs a batch only
 while it holds slots, one per inference thread, so inference threads never exceed the budget however
-many variants and processes are served: oversubscribing these 2 cores made eager PyTorch 13x slower
-(FACTS.md).
+many variants and processes are served: oversubscribing 2 cores makes eager PyTorch 13x slower
+(benchmarks/engines.md).
 
 Threads are elastic: a batch takes every slot when the machine is idle (the lowest latency for a lone
-request) and one slot when it is busy (single-thread batches side by side). On this CPU two
-single-thread OpenVINO streams carry about 40% more images/s than one two-thread stream (lite0,
-2026-11-27: 132-142 against 94-101 images/s), because a two-thread batch waits for its slower thread,
-and on a busy machine one of the two is always interrupted by HTTP work.
+request) and one slot when it is busy (single-thread batches side by side): two single-thread
+OpenVINO streams carry about 40% more images/s than one two-thread stream (benchmarks/serving.md),
+because a two-thread batch waits for its slower thread, and on a busy machine one of the two is
+always interrupted by HTTP work.
 
-"Idle" is every slot free now *and* none seen busy by this process in the last `CONTENDED_S`.
-NOTE: with "every slot free now" alone, under 16 clients the two lite0 processes took both slots in 55%
-of their batches (one catches the other between two batches) and the other then waited: 68 req/s,
-against 72 with one thread always, while one thread always put concurrency-1 latency at 29.7 ms
-against 19.7 (2026-11-27 06:35).
+"Idle" is every slot free now *and* none seen busy by this process in the last `CONTENDED_S`: with
+"every slot free now" alone, two busy processes catch each other between batches and take both slots
+half the time, and the other then waits (benchmarks/serving.md).
 
 flock locks belong to the open file, so they die with the process: a killed worker never leaves a
 slot taken. Only non-blocking tries are made while holding a slot, and a blocking wait is made only
@@ -96,7 +94,7 @@ class CoreSlots:
         if len(held) == most:
             return held
         if held:
-            # NOTE: `most` or one, never in between: a worker loads one engine per thread count it
+            # `most` or one, never in between: a worker loads one engine per thread count it
             # may use, and {1, most} is two engines (on 2 cores, the only two counts there are).
             self._release(held[1:])
             return held[:1]

@@ -2,10 +2,8 @@
 
 A serving process builds almost all of its objects at start-up (torch, BentoML, pydantic, the
 configuration, the engines), and they live as long as the process. CPython's full (generation 2)
-collection walks every one of them. Measured on the Xeon host (2026-11-28, lite0 at 32 clients, a
-`gc.callbacks` probe): the gateway ran a full collection every 6-7 s under load, 160-170 ms each, and the
-event loop, so every request in flight, waited for it. The H200 session's b0 worker run showed the same
-shape: one cluster of all 16 clients' requests at 250-275 ms in 800, the rest at 38 ms.
+collection walks every one of them: under load the gateway ran one every 6-7 s, 160-170 ms each, and
+the event loop, so every request in flight, waited for it (benchmarks/serving.md).
 
 `gc.freeze()` (CPython >= 3.7) moves every tracked object into a permanent generation that later
 collections skip; full passes then walk only what was made since. A cycle that was garbage at freeze
@@ -45,7 +43,7 @@ def watch_collector(process: str, variant: str, flush_every_s: float = 1.0):
     """Observe each collection's pause in `effnet_gc_pause_seconds` (once per process name). Returns the
     callback added to `gc.callbacks` (None when this name is watched already).
 
-    NOTE: the callback only appends to a deque, and a thread moves the pauses into the histogram. A
+    The callback only appends to a deque, and a thread moves the pauses into the histogram. A
     collection can start inside any allocation, also one made while this thread holds prometheus_client's
     (non-reentrant) value lock, so observing from the callback itself could deadlock the process.
     """

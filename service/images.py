@@ -1,7 +1,7 @@
 """Untrusted bytes -> a uint8 RGB array, or an ImageError that the gateway answers with a 4xx.
 
 We decode ourselves rather than take BentoML's `PIL.Image` parameter, which answers 500 to garbage,
-trusts the declared content type and decodes any size (FACTS.md). The decoder itself (allowed formats
+trusts the declared content type and decodes any size. The decoder itself (allowed formats
 sniffed from the bytes, the pixel limit checked on the header, EXIF orientation, first GIF frame,
 every mode to 8-bit RGB) is `store/images.py`, shared with the trainer so an ImageFolder is decoded
 as a request is; its names are re-exported here for the gateway, the tests and the load test. This

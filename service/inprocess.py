@@ -1,11 +1,8 @@
 """Variants served inside the gateway process (`placement: gateway`): inference without the HTTP hop.
 
 Why: a call from the gateway to a worker process goes through BentoML's client, an HTTP request
-over the loopback, the worker's uvicorn and middleware, pickling, its batcher and a thread hand-off.
-NOTE: measured 2026-11-27 13:33 on the imagenet route at concurrency 1, that hop took 5.6 ms of an
-18.1 ms request whose lite0 inference took 10.6 ms; the engines issue asks for 15 ms. Taking BentoML's
-batcher out of the hop (a plain API; the gateway batches already) did not shorten it: 20.4-23.3 ms
-against 17.6-20.0 with it, two rounds each, 2026-11-27 20:49-21:01. The hop is HTTP, not batching.
+over the loopback, the worker's uvicorn and middleware, pickling, its batcher and a thread hand-off:
+5.6 ms of an 18.1 ms lite0 request at 1 client, and the hop is HTTP, not batching (benchmarks/serving.md).
 
 How: the variant's `workers` become streams in the gateway process, each a `VariantRunner` with
 engines of its own (one batch at a time per runner), drawing on the same core slots as the worker
@@ -18,21 +15,20 @@ Load shedding: BentoML's batcher answers 503 once a request's estimated wait pas
 here a request that has already waited that long in the queue is answered 503 when its turn comes
 (service.coalesce, `max_wait_s`).
 
-NOTE: the torch engines read the process-wide thread count (`torch.set_num_threads`), so in the
-gateway two streams of a torch engine may run at each other's count, and the gateway's own resizing
-at theirs. `engine: auto` chose OpenVINO for every default variant here (2026-11-27), and OpenVINO and
-ONNX Runtime take their thread count per engine; a torch engine placed in the gateway is not tuned.
+The torch engines read the process-wide thread count (`torch.set_num_threads`), so two streams of a
+torch engine in the gateway may run at each other's count; OpenVINO and ONNX Runtime (what `auto`
+chooses for the default variants) take theirs per engine.
 
 The price: no isolation. An engine that crashes takes the gateway with it (a worker process would be
 restarted alone), and the variant loads inside the gateway process (in a thread, while the gateway
-answers /livez). Keep it for the variants
-whose latency matters more than that.
+answers /livez). Keep it for the variants whose latency matters more than that.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -42,6 +38,7 @@ from bentoml.exceptions import ServiceUnavailable
 
 from . import metrics
 from .config import ServingConfig, VariantConfig, variant_device, variant_threads
+from .results import InferenceResult
 from .workers import VariantRunner
 
 logger = logging.getLogger("effnet.gateway")
@@ -52,10 +49,7 @@ class InProcessVariant:
 
     The runners load in a thread of their own, so that the gateway answers /livez (and 503 with the
     reason on /readyz and on this variant's requests) while they load, as a worker process's gateway
-    does while that process loads. NOTE: loaded in `__init__`, lite0's two streams held the gateway's
-    start-up, /livez included, for as long as their engines took to load and warm up (several
-    seconds here with the engines exported ahead of time, a minute with an export); an orchestrator's
-    liveness probe could kill a gateway that was only loading.
+    does while that process loads: a liveness probe must not kill a gateway that is only loading.
     """
 
     def __init__(self, v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> None:
@@ -104,8 +98,8 @@ class InProcessVariant:
                 "error": self.error or f"variant {v.name!r}: loading in the gateway process "
                                        f"({len(self.runners)} of {self.wanted} streams loaded)"}
 
-    async def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Like the worker's `predict`: float32 (N, K + 1), the scores then the batch's seconds."""
+    async def predict(self, batch: np.ndarray) -> InferenceResult:
+        """Like the worker's `predict`, without the trip through records."""
         if not self.loaded:
             raise ServiceUnavailable(self.status()["error"])
         if self._free is None:
@@ -114,6 +108,7 @@ class InProcessVariant:
                 self._free.put_nowait(r)
         runner = await self._free.get()
         try:
-            return await anyio.to_thread.run_sync(runner.predict, batch)
+            result = await anyio.to_thread.run_sync(runner.run, batch)
+            return replace(result, replica="in_process")
         finally:
             self._free.put_nowait(runner)

@@ -1,4 +1,4 @@
-"""The `effnet_*` Prometheus series (documented in README.md, "Serving metrics").
+"""The `effnet_*` Prometheus series (documented in docs/operations.md).
 
 Plain prometheus_client (`bentoml.metrics` is deprecated). `bentoml serve` starts every process with
 PROMETHEUS_MULTIPROC_DIR set, so these write to its shared files and the gateway's /metrics shows the

@@ -44,10 +44,9 @@ def sticky_pick(route: str, client_id: str, split: dict[str, float]) -> str:
     """The variant a client id gets in a route: weighted rendezvous hashing, P(variant) = its weight.
 
     Every variant draws a stable score from (route, client id, variant), scaled by its weight, and the
-    highest wins. NOTE: cumulative-weight intervals (pick_by_weight on one hash) moved clients between
-    variants whose weights had not changed: 50/25/25 -> 60/20/20 sent 5% of clients from compact to
-    mec, in the middle of an A/B test. Here a weight change moves only the clients that must move,
-    to or from the variants whose weights changed (PATCH /routes/NAME; tests/test_service_units.py).
+    highest wins. Cumulative-weight intervals (pick_by_weight on one hash) would move clients between
+    variants whose weights did not change (50/25/25 -> 60/20/20 sends 5% from compact to mec); here a
+    weight change moves only the clients that must move (PATCH /routes/NAME; tests/service/test_routing.py).
     """
     best, best_score = None, -1.0
     for variant, weight in split.items():

@@ -2,11 +2,8 @@
 
 Why: a batch of eight 224x224 images is 1.2 MB. Sent in the body of the gateway -> worker call, it
 was pickled, written to the socket, read back by the worker in 64 kB pieces (uvicorn's flow control),
-each piece a trip through the worker's event loop, then joined and copied again by BentoML's batcher.
-NOTE: a perf profile of lite0 at 32 clients (2026-11-28 05:44, Xeon host) put the workers' event-loop
-threads at 5% of the machine, a third of it memmove, against 0.05 ms per request of inference
-bookkeeping; sending a 1-byte-per-image stand-in instead of the pixels carried 1-5% more requests
-per second (interleaved, 15 s at 32 clients).
+each piece a trip through the worker's event loop, then joined and copied again by BentoML's batcher:
+5% of the machine at 32 clients, a third of it memmove (benchmarks/serving.md).
 
 How (the idea of Triton's system shared memory, for one host):
 - The gateway owns one arena per variant: an anonymous memory file (memfd) of `slots` batches of up to
@@ -22,9 +19,9 @@ How (the idea of Triton's system shared memory, for one host):
 - Where an arena cannot be made or mapped (no memfd, a worker on another host or in another
   container), the gateway logs it once and sends that variant's batches in the HTTP body, as
   `worker_transport: http` does.
-- NOTE: named files in /dev/shm were the first version. BentoML stops its processes without running
-  their exit handlers, so every stop left the arenas behind (2026-11-28). A memfd has no name: its
-  memory goes when the last process that maps it does.
+- A memfd, not a named file in /dev/shm: BentoML stops its processes without running their exit
+  handlers, so a named file would outlive every stop. A memfd has no name: its memory goes when the
+  last process that maps it does.
 """
 from __future__ import annotations
 
@@ -182,7 +179,7 @@ class ArenaReader:
         refs = np.asarray(refs)
         if refs.ndim != 2 or refs.shape[1] != COLUMNS or len(refs) == 0 or refs.dtype.kind not in "iu":
             raise ValueError(f"expected int64 references of shape (N, {COLUMNS}), got {refs.dtype} {refs.shape}")
-        # NOTE: vectorised per arena, not a loop per row: a fashion batch is 32 rows of 3 kB images.
+        # vectorised per arena, not a loop per row: a fashion batch is 32 rows of 3 kB images.
         parts, checks = [], []
         keys = refs[:, :3]
         one_arena = bool((keys == keys[0]).all())  # the usual case: one gateway process

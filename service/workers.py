@@ -15,10 +15,10 @@ processes, so that the gateway chooses which process each call goes to (`worker_
 - A checkpoint that is missing, corrupted or mismatched does not crash the process (a crash would be
   restarted in a loop): the worker logs the checkpoint and the problem, reports them through
   `status`, stays not ready, and refuses `predict` with 503.
-- `predict` takes uint8 (N, 3, R, R) already cropped by the gateway and returns float32 (N, K + 1):
-  the K softmax scores, then the seconds its batch took, from which the gateway derives queue wait.
-  `predict_shared` answers the same for references to a batch the gateway wrote into shared memory
-  (`worker_transport: shared_memory`, service/shm.py); both are batchable, with the same limits.
+- `predict` takes uint8 (N, 3, R, R) already cropped by the gateway and answers one record per image
+  (`service.results.InferenceResult.to_records`: the softmax scores, the seconds its batch took, the
+  engine). `predict_shared` answers the same for references to a batch the gateway wrote into shared
+  memory (`worker_transport: shared_memory`, service/shm.py); both are batchable, with the same limits.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from .config import (ServingConfig, VariantConfig, cpu_threads, tracing_options,
                      variant_threads)
 from .cpu_slots import CoreSlots
 from .heap import freeze_startup_heap, watch_collector
+from .results import InferenceResult
 from .shm import ArenaMissing, ArenaReader, StaleBatch
 
 logger = logging.getLogger("effnet.worker")
@@ -45,14 +46,12 @@ def dispatch_without_learned_wait() -> bool:
     """Make BentoML's adaptive batcher send a batch as soon as the worker is free, never holding a
     request back for batch-mates by the wait it learned. Returns whether the patch applied.
 
-    NOTE: the batcher (bentoml._internal.marshal.dispatcher, 1.4.30) learns `wait`, the mean time its
-    last 50 batches waited, and holds new requests back while `n * (age + 1 ms + per-item time)` is
-    below it. The wait it measures is the wait it imposes, so after a burst it kept holding lone
-    requests back: lite0 at concurrency 1 answered in 15.9 ms before 32 clients had loaded it for
-    12 s and in 116 ms right after (2026-11-27 17:13); it took minutes of low traffic to unlearn.
-    Batches still form here: requests that arrive while a batch runs go together in the next one,
-    and the gateway already sends what waited for it as one call (service/coalesce.py). The load
-    shedding (503 when max_latency_ms cannot be met) is unchanged.
+    The batcher (bentoml._internal.marshal.dispatcher, 1.4.30) learns `wait`, the mean time its last
+    50 batches waited, and holds new requests back while `n * (age + 1 ms + per-item time)` is below
+    it: the wait it measures is the wait it imposes, so after a burst lone requests stay slow for
+    minutes (lite0 at 1 client: 16 ms before a burst, 116 ms after; benchmarks/serving.md). Batches
+    still form: what arrives while a batch runs goes in the next one, and the gateway already sends
+    what waited as one call (service/coalesce.py). The load shedding is unchanged.
     """
     try:
         from bentoml._internal.marshal.dispatcher import Optimizer
@@ -75,10 +74,9 @@ def dispatch_without_learned_wait() -> bool:
 def cache_media_types() -> bool:
     """Work out each API's response media type once, not at every response. Returns whether it applied.
 
-    NOTE: BentoML 1.4.30 (`_bentoml_sdk.io_models.IOMixin.mime_type`) builds the pydantic JSON schema of
-    an API's return type for every response it sends to tell JSON from text or files: 93 us of the
-    worker's CPU per `predict` call that returns an array (2026-11-28, Xeon host), against about 1 ms of
-    HTTP work per call in all. The answer depends on the class alone.
+    BentoML 1.4.30 (`_bentoml_sdk.io_models.IOMixin.mime_type`) builds the pydantic JSON schema of an
+    API's return type for every response, to tell JSON from text or files: 93 us of worker CPU per
+    call against about 1 ms of HTTP work (benchmarks/serving.md). The answer depends on the class alone.
     """
     try:
         from _bentoml_sdk.io_models import IOMixin
@@ -108,9 +106,8 @@ def loading_slots(slots: CoreSlots | None, v: VariantConfig, device: str, sizes,
     (timing means nothing while other workers compile on the same cores), else one, so that workers
     compile side by side, as many at once as there are slots.
 
-    NOTE: holding every slot for every load made the default five processes load one after another:
-    24 of a start's 61 s (2026-11-27 10:58), with one of the two cores idle. A load's warm-up runs its
-    multi-thread engine once per batch size while holding one slot; that is before the server is ready.
+    Holding every slot for every load makes the processes load one after another (24 of a 61 s start,
+    benchmarks/serving.md). A warm-up runs its multi-thread engine holding one slot, before readiness.
     """
     if slots is None:
         return contextlib.nullcontext()
@@ -125,12 +122,10 @@ def loading_slots(slots: CoreSlots | None, v: VariantConfig, device: str, sizes,
 class DeviceThread:
     """Runs every engine call of a GPU worker (load, warm-up, inference) on one thread of its own.
 
-    NOTE: PyTorch keeps cuDNN's benchmarked execution plans in thread_local caches (Conv_v8.cpp: plans
-    are not thread-safe across engines), and torch.compile's CUDA graph trees are per thread as well.
-    BentoML runs a sync API in a pool of threads, so a warm-up in the loading thread warmed nothing
-    for them: each new (thread, batch size) pair benchmarked every convolution again. On the H200 that
-    was the multi-second stalls at 16 clients (3.2 s apart) and the 3.6 s first request that padding
-    to fixed batch sizes had not removed (benchmarks/gpu/README.md). On the CPU, calls run in place.
+    PyTorch keeps cuDNN's benchmarked plans and torch.compile's CUDA graph trees per thread, and
+    BentoML runs a sync API in a pool of threads: a warm-up elsewhere warms nothing, and each new
+    (thread, batch size) pair benchmarks every convolution again, which stalls requests for seconds
+    (benchmarks/gpu/README.md). On the CPU, calls run in place.
     """
 
     def __init__(self, device: str, name: str = "effnet-device") -> None:
@@ -157,12 +152,10 @@ def worker_names(v: VariantConfig, gpu_present: bool) -> list[str]:
     """One BentoML service name per worker process of `v`: `effnet-worker-<variant>` alone, else
     `effnet-worker-<variant>-1`, `-2`, ...
 
-    NOTE: one service of N processes (BentoML's `workers=N`) shares one socket, and each connection the
-    gateway's client pool opens is accepted by whichever process is first: a server start could put
-    every connection on one process. With lite0's two processes at one thread each, 127 req/s in
-    one start against 191 in another, the second process idle (2026-11-28 02:07, Xeon host); with
-    the default four calls the processes did 42% and 58% of the work. One service per process gives
-    each its own socket, and the gateway sends each call to the replica with the fewest in flight.
+    One service of N processes (BentoML's `workers=N`) shares one socket, and whichever process accepts
+    a pooled connection first gets its calls: a start can leave one process idle (127 against 191 req/s,
+    benchmarks/serving.md). One service per process gives each its own socket, and the gateway sends
+    each call to the replica with the fewest calls in flight.
     """
     n = worker_replicas(v, gpu_present)
     return [service_name(v.name)] if n == 1 else [f"{service_name(v.name)}-{i}" for i in range(1, n + 1)]
@@ -194,9 +187,8 @@ class VariantRunner:
 
             # Static-shape engines compile one graph per size and pad a batch up to the next one.
             sizes = v.batch_sizes
-            # NOTE: the engine is chosen once, at the variant's full thread count (`auto` times
-            # there; `make engines` records it), and the single-thread batches run the same engine
-            # with one thread: no second timing at start-up, and one engine to compare offline.
+            # The engine is chosen once, at the full thread count (`auto` times there; `make engines`
+            # records it); single-thread batches run the same engine with one thread.
             counts = variant_thread_counts(v, cfg, self.device)
             with loading_slots(self.slots, v, self.device, sizes, counts[0]):
                 name = v.engine
@@ -235,18 +227,19 @@ class VariantRunner:
             scores = self._infer(images, n)
             return scores, time.perf_counter() - t0, n
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, 3, R, R) -> float32 (N, K + 1): softmax scores, then the batch's inference seconds."""
+    def run(self, images: np.ndarray) -> InferenceResult:
+        """uint8 (N, 3, R, R) -> softmax scores, with the batch's inference seconds and engine."""
         if self.error is not None:
             raise ServiceUnavailable(self.error)
         scores, seconds, n = self._run(images)
         metrics.INFERENCE_LATENCY.labels(self.v.name, self.device).observe(seconds)
         metrics.BATCH_THREADS.labels(self.v.name, str(n)).inc()
         metrics.BATCH_SIZE.labels(self.v.name).observe(len(images))
-        out = np.empty((len(images), scores.shape[1] + 1), np.float32)
-        out[:, :-1] = scores
-        out[:, -1] = seconds
-        return out
+        return InferenceResult(scores, seconds, engine=getattr(self.engines[n], "name", ""))
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """`run` as the worker API answers it: one record per image (InferenceResult.to_records)."""
+        return self.run(images).to_records()
 
     def predict_shared(self, refs: np.ndarray) -> np.ndarray:
         """`predict` for the batch that `refs` name in the gateway's shared memory (service/shm.py)."""
@@ -329,6 +322,7 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: s
 
         @bentoml.api(batchable=True, max_batch_size=v.max_batch_size, max_latency_ms=v.max_latency_ms)
         def predict(self, images: np.ndarray) -> np.ndarray:
+            """uint8 (N, 3, R, R) -> one record per image (service.results.InferenceResult.to_records)."""
             return self.runner.predict(images)
 
         @bentoml.api(batchable=True, max_batch_size=v.max_batch_size, max_latency_ms=v.max_latency_ms)

@@ -6,6 +6,7 @@ import gc
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,7 @@ def test_only_the_arena_the_call_names_and_of_the_workers_own_variant_is_mapped(
         ArenaReader("b0").gather(gone)
 
 
+@pytest.mark.server
 def test_another_process_reads_the_batch_and_nothing_outlives_the_gateway():
     """The worker is another process; a memfd has no name, so no file is left when the gateway goes
     (BentoML stops its processes without running their exit handlers)."""
@@ -136,7 +138,7 @@ def test_another_process_reads_the_batch_and_nothing_outlives_the_gateway():
             f"refs = np.array({refs.tolist()}, np.int64); images, verify = ArenaReader('lite0').gather(refs); "
             "verify(); sys.stdout.write(images.tobytes().hex())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=Path(__file__).resolve().parents[2])  # the repository root
     assert bytes.fromhex(out.stdout) == b.tobytes()
     link = os.readlink(arena.path)
     assert link.startswith("/memfd:effnet-batch-lite0")  # no file system name to clean up

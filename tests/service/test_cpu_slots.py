@@ -39,6 +39,7 @@ def test_an_idle_machine_gives_a_batch_every_slot(tmp_path):
         assert got == 2
 
 
+@pytest.mark.server  # other processes hold the slots
 def test_a_busy_machine_gives_one_slot_and_stays_single_threaded_for_a_while(tmp_path):
     slots = CoreSlots(2, tmp_path, contended_s=0.5)
     p, done = child(tmp_path, 2, 0.3)  # another process runs a single-thread batch
@@ -53,6 +54,7 @@ def test_a_busy_machine_gives_one_slot_and_stays_single_threaded_for_a_while(tmp
         assert got == 2
 
 
+@pytest.mark.server  # other processes hold the slots
 def test_with_every_slot_taken_a_batch_waits_for_one(tmp_path):
     slots = CoreSlots(2, tmp_path)
     p, done = child(tmp_path, 2, 0.4, k=2)
@@ -72,6 +74,7 @@ def hammer(folder, n, rounds, log):
     os.close(fd)
 
 
+@pytest.mark.server  # other processes hold the slots
 def test_threads_in_use_across_processes_never_exceed_the_slots(tmp_path):
     """Four processes with elastic batches on 2 slots: the threads held at any moment stay <= 2."""
     log = tmp_path / "log"

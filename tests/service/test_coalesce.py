@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from service.coalesce import Coalescer
+from service.results import InferenceResult
 
 
 class FakeWorker:
@@ -16,7 +17,7 @@ class FakeWorker:
         self.delay, self.fail, self.calls = delay, fail, []
         self.active = self.most_active = 0
 
-    async def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+    async def __call__(self, batch: np.ndarray) -> InferenceResult:
         self.calls.append(len(batch))
         self.active += 1
         self.most_active = max(self.most_active, self.active)
@@ -26,7 +27,7 @@ class FakeWorker:
             self.active -= 1
         if self.fail is not None:
             raise self.fail
-        return batch[:, :1, 0, 0].astype(np.float32), 0.01
+        return InferenceResult(batch[:, :1, 0, 0].astype(np.float32), 0.01)
 
 
 def _img(i: int, n: int = 1) -> np.ndarray:
@@ -37,8 +38,8 @@ def test_a_lone_request_is_sent_at_once_and_alone():
     async def go():
         w = FakeWorker()
         c = Coalescer(w, max_batch=8, limit=1)
-        scores, wait = await c(_img(7))
-        return w.calls, scores, wait
+        r = await c(_img(7))
+        return w.calls, r.scores, r.waited
 
     calls, scores, wait = asyncio.run(go())
     assert calls == [1] and scores.tolist() == [[7.0]] and wait >= 0
@@ -54,10 +55,10 @@ def test_requests_that_wait_go_together_and_each_gets_its_own_rows():
     calls, results = asyncio.run(go())
     # the first goes alone; the five that queued behind it (8 images) go as one call
     assert calls == [1, 8]
-    for i, (scores, wait) in enumerate(results):
-        assert scores.tolist() == [[float(i)]] * (1 + i % 2)
-        assert wait >= 0
-    assert results[5][1] > results[0][1]  # the queued ones waited for the first call
+    for i, r in enumerate(results):
+        assert r.scores.tolist() == [[float(i)]] * (1 + i % 2)
+        assert r.waited >= 0
+    assert results[5].waited > results[0].waited  # the queued ones waited for the first call
 
 
 def test_a_call_never_exceeds_max_batch_and_a_large_request_goes_alone():
@@ -69,7 +70,7 @@ def test_a_call_never_exceeds_max_batch_and_a_large_request_goes_alone():
 
     calls, results = asyncio.run(go())
     assert calls == [1, 4, 2, 6] and max(calls[:-1]) <= 4
-    assert results[-1][0].shape == (6, 1)
+    assert results[-1].scores.shape == (6, 1)
 
 
 def test_up_to_limit_calls_run_at_once_and_never_more():
@@ -94,7 +95,7 @@ def test_a_failed_call_fails_every_request_it_carried_and_the_next_ones_still_go
 
     first, after, in_flight = asyncio.run(go())
     assert all(isinstance(e, RuntimeError) and "capacity" in str(e) for e in first)
-    assert after[0].tolist() == [[5.0]] and in_flight == 0
+    assert after.scores.tolist() == [[5.0]] and in_flight == 0
 
 
 def test_a_request_whose_client_went_away_is_not_sent():
@@ -107,7 +108,7 @@ def test_a_request_whose_client_went_away_is_not_sent():
         await asyncio.sleep(0.02)
         gone.cancel()
         await asyncio.gather(first, kept)
-        return w.calls, kept.result()[0]
+        return w.calls, kept.result().scores
 
     calls, kept = asyncio.run(go())
     assert calls == [1, 1] and kept.tolist() == [[3.0]]
@@ -136,7 +137,7 @@ def test_with_max_wait_a_request_that_waited_too_long_is_refused_not_run():
 
     calls, (first, queued), after = asyncio.run(go())
     assert calls == [1, 1]  # the late request was never sent
-    assert first[0].tolist() == [[1.0]] and isinstance(queued, Late) and after[0].tolist() == [[3.0]]
+    assert first.scores.tolist() == [[1.0]] and isinstance(queued, Late) and after.scores.tolist() == [[3.0]]
 
 
 def test_with_max_wait_a_request_that_could_not_be_answered_in_time_is_refused_at_once():

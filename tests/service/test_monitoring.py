@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 RULES = ROOT / "service" / "prometheus-rules.yml"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
@@ -22,11 +23,11 @@ needs_prometheus = pytest.mark.skipif(not Path(PROMTOOL).exists() or not Path("/
 def test_the_rules_are_valid_and_pass_their_promtool_unit_tests():
     check = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "SUCCESS" in check.stdout, check.stdout + check.stderr
-    # tests/prometheus-rules-test.yml: each alert fires on the series it is for, and not on the others
-    unit = subprocess.run([PROMTOOL, "test", "rules", "prometheus-rules-test.yml"], cwd=ROOT / "tests",
+    # tests/service/prometheus-rules-test.yml: each alert fires on the series it is for, and not on the others
+    unit = subprocess.run([PROMTOOL, "test", "rules", "prometheus-rules-test.yml"], cwd=HERE,
                           capture_output=True, text=True, timeout=120)
     assert unit.returncode == 0 and "SUCCESS" in unit.stdout, unit.stdout + unit.stderr
-    tested = set(re.findall(r"alertname: (\w+)", (ROOT / "tests" / "prometheus-rules-test.yml").read_text()))
+    tested = set(re.findall(r"alertname: (\w+)", (HERE / "prometheus-rules-test.yml").read_text()))
     assert tested == set(re.findall(r"- alert: (\w+)", RULES.read_text()))  # every alert has a case
 
 
@@ -63,6 +64,7 @@ class _Exporter(http.server.BaseHTTPRequestHandler):
 
 
 @needs_prometheus
+@pytest.mark.server
 def test_a_real_prometheus_evaluates_the_rules_and_the_load_test_reads_the_alerts(tmp_path):
     from loadtest.prometheus import PrometheusServer
 

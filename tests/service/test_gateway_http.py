@@ -20,7 +20,7 @@ from PIL import Image
 from service.images import decode_image
 from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint, write_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 IMAGENET_CLASSES = [f"class-{i}" for i in range(12)]
 
@@ -37,7 +37,8 @@ def server(tmp_path_factory):
     cfg = write_config(home.parent / "serve.yaml", {
         "server": {"max_body_mb": 1, "max_pixels": 4_000_000, "max_batch_images": 8, "cpu_threads": 2},
         "default_route": "fashion",
-        "variants": {v: {"model": t.split(":")[0] + ":latest", "max_batch_size": 16, "max_latency_ms": 5000,
+        "variants": {v: {"model": t.split(":")[0] + ":latest", "engine": "torch", "max_batch_size": 16,
+                         "max_latency_ms": 5000,
                          **({"workers": 2} if v == "lite0" else {}),  # as in service/config.yaml
                          # served in the gateway process (service/inprocess.py); the tests that name no
                          # variant in particular cover both placements
@@ -158,7 +159,7 @@ def test_two_thousand_client_ids_split_within_4_points_of_the_weights(server):
 
 
 def huge_header_png():
-    from tests.test_service_units import huge_png
+    from tests.service.fakes import huge_png
 
     return huge_png(5000, 5000)
 
@@ -317,11 +318,20 @@ def test_variants_and_routes_describe_the_configuration(server):
     assert metric(text, "effnet_variant_ready", variant="compact") == 1
     routes = server.client.get("/routes").json()
     assert routes["default_route"] == "fashion" and routes["routes"]["fashion"]["shadow"]["variant"] == "mec"
-    paths = server.client.get("/docs.json").json()["paths"]  # the OpenAPI document behind /docs
-    assert {"/classify", "/classify_batch", "/variants", "/routes", "/readyz"} <= set(paths)
+    spec = server.client.get("/docs.json").json()  # the OpenAPI document behind /docs
+    paths = spec["paths"]
+    assert {"/classify", "/classify_batch", "/variants", "/routes", "/routes/{name}", "/assignment",
+            "/readyz", "/livez", "/metrics"} <= set(paths)
     assert "image" in paths["/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    # our own page: title, version and description, none of BentoML's placeholder
+    from service.openapi import INFO
+
+    assert spec["info"] == INFO and "contact" not in spec["info"]
+    assert "BentoML" not in json.dumps(spec["info"]) and INFO["version"] not in ("None", "")
     docs = server.client.get("/docs", follow_redirects=True)  # the Swagger UI, where users look for it
     assert docs.status_code == 200 and "swagger-ui" in docs.text
+    assert f"<title>{INFO['title']}</title>" in docs.text and "googletagmanager" not in docs.text
+    assert server.client.get("/static_content/swagger-ui-bundle.js").status_code == 200  # what the page loads
 
 
 def metric(text, name, **labels):
@@ -437,7 +447,7 @@ def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(serve
         r = http.patch("/routes/fashion", json={"split": {"compact": 1, "b0": 0}})
         assert r.status_code == 200, r.text
         assert r.json()["split"] == {"compact": 1.0, "b0": 0.0} and r.json()["previous"]["split"] == before["split"]
-        saved = Path(r.json()["saved_in"])  # kept for the next start (restarts: test_service_units.py)
+        saved = Path(r.json()["saved_in"])  # kept for the next start (restarts: tests/service/test_live_routes.py)
         assert saved.is_file() and saved.is_relative_to(server.home.resolve())
         assert http.get("/routes").json()["routes"]["fashion"]["changed_at"] == json.loads(saved.read_text())[
             "routes"]["fashion"]["changed_at"]

@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint, write_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
 @pytest.mark.parametrize("placement", ["worker", "gateway"])
@@ -23,7 +23,8 @@ def test_a_corrupted_checkpoint_leaves_the_service_not_ready_with_the_reason(tmp
     data[-10] ^= 0xFF  # one flipped byte: the sha256 no longer matches the manifest
     weights.write_bytes(bytes(data))
     cfg = write_config(tmp_path / "serve.yaml", {
-        "variants": {"compact": {"model": f"{name}:latest", "placement": placement}},
+        "variants": {"compact": {"model": f"{name}:latest", "engine": "torch", "max_batch_size": 8,
+                                 "max_latency_ms": 2000, "placement": placement}},
         "routes": {"fashion": {"split": ["compact"]}},
     })
     with Server(home, cfg) as server:
@@ -60,11 +61,12 @@ def test_past_capacity_requests_are_refused_fast_with_retry_after(tmp_path, plac
     tag = make_checkpoint(home, "b0-fashion-mnist", "b0", FASHION_CLASSES, 32, grayscale=True)
     cfg = write_config(tmp_path / "serve.yaml", {
         "server": {"max_inflight": 3, "retry_after_s": 2, "worker_transport": transport},
-        "variants": {"b0": {"model": tag.split(":")[0] + ":latest", "max_batch_size": 4, "max_latency_ms": 30,
+        "variants": {"b0": {"model": tag.split(":")[0] + ":latest", "engine": "torch", "max_batch_size": 4,
+                            "max_latency_ms": 30,
                             "placement": placement}},
         "routes": {"fashion": {"split": ["b0"]}},
     })
-    from tests.test_service_http import png
+    from tests.service.test_gateway_http import png
 
     data = png(seed=1)
     with Server(home, cfg) as server:

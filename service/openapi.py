@@ -1,0 +1,242 @@
+"""The API document (`/docs.json`, shown at `/`): our title, version and description, and every route.
+
+The gateway's routes are plain Starlette routes (service.endpoints), which BentoML does not document:
+each route's entry in the route table carries its document, and `OpenAPIMiddleware` puts them, with
+our own `info`, into the document BentoML serves. BentoML's own `/livez`, `/readyz`, `/healthz` and
+`/metrics` stay as BentoML documents them. The page at `/` is ours too (`API_PAGE`): BentoML's shows
+its own name, hides the document's title, and loads a tag manager and a link to BentoML's repository;
+ours renders the same Swagger UI, from the files BentoML serves, with our title.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .forms import DEFAULT_TOP_K
+
+TITLE = "EfficientNet image classification"
+DESCRIPTION = """\
+Classify images with the EfficientNet variants of the serving configuration.
+
+- `POST /classify` one image, `POST /classify_batch` several; the answer names the route, the variant
+  that answered and the top-k classes.
+- A route splits its traffic between variants by weight; `X-Client-Id` keeps one client on one
+  variant while the weights stay the same (`GET /assignment` says which).
+- `GET /variants` and `GET /routes` describe what is served; `PATCH /routes/{name}` changes a route
+  while serving.
+- Errors are JSON, `{"error": ..., "request_id": ...}`, with the request id also in `X-Request-Id`;
+  429 and 503 come with `Retry-After`.
+"""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("effnet-serving")
+    except PackageNotFoundError:  # served from a copy of the sources (a bento) rather than installed
+        return "dev"
+
+
+INFO = {"title": TITLE, "version": version(), "description": DESCRIPTION}
+TAG = {"name": "Service APIs", "description": "Classification, routes and variants"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route of the gateway: what the Starlette app serves and what the document says of it."""
+    path: str
+    method: str
+    handler: Callable[..., Any]
+    doc: dict[str, Any] = field(repr=False)
+
+
+def paths(endpoints: list[Endpoint]) -> dict[str, dict]:
+    """The OpenAPI `paths` of the route table."""
+    out: dict[str, dict] = {}
+    for e in endpoints:
+        out.setdefault(e.path, {})[e.method.lower()] = {"tags": ["Service APIs"], **e.doc}
+    return out
+
+
+# answers ------------------------------------------------------------------------------------------------
+
+_ERROR_BODY = {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}}}}}
+_MEANING = {
+    "400": "the request is wrong: the message says what to send instead",
+    "401": "the admin token is missing or wrong",
+    "403": "route changes come from the server's machine, or with the admin token",
+    "404": "no such route",
+    "408": "the body did not arrive within server.body_timeout_s",
+    "413": "the body is above server.max_body_mb, or an image above server.max_pixels",
+    "415": "a compressed body (Content-Encoding): send it as it is",
+    "429": "too many requests in the gateway (server.max_inflight, max_uploads); see Retry-After",
+    "500": "a fault of the server's; the message names the request id in its log",
+    "502": "the variant's worker failed",
+    "503": "the variant is not ready or at capacity (max_latency_ms cannot be met); see Retry-After",
+}
+
+
+def errors(*codes: str) -> dict[str, dict]:
+    return {c: {"description": _MEANING[c], "content": _ERROR_BODY} for c in codes}
+
+
+def ok(description: str, schema: dict | None = None) -> dict:
+    return {"200": {"description": description, **({"content": {"application/json": {"schema": schema}}}
+                                                     if schema else {})}}
+
+
+_S, _N, _I = {"type": "string"}, {"type": "number"}, {"type": "integer"}
+_WEIGHTS = {"type": "object", "additionalProperties": _N, "description": "variant -> weight (sums to 1)"}
+_SHADOW = {"type": "object", "nullable": True, "properties": {"variant": _S, "fraction": _N}}
+_PREDICTION = {"type": "object", "properties": {
+    "request_id": _S, "route": _S, "variant": _S, "model": _S,
+    "assignment": {"type": "string", "enum": ["explicit", "split", "default"]},
+    "predictions": {"type": "array", "items": {"type": "object", "properties": {
+        "label": _S, "index": _I, "score": _N}}},
+    "latency_ms": _N}}
+_FIELDS = {"variant": {"type": "string", "description": "explicit variant (GET /variants)"},
+           "route": {"type": "string", "description": "route (GET /routes); default: the default route"},
+           "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}}
+_QUERY_FIELDS = [{"name": n, "in": "query", "required": False, "schema": s,
+                  "description": "as the form field of the same name (give it once)"} for n, s in _FIELDS.items()]
+_CLIENT_ID = {"name": "X-Client-Id", "in": "header", "required": False, "schema": _S,
+              "description": "sticky split key: one client, one variant while the weights stay the same"}
+_CLASSIFY_ERRORS = errors("400", "408", "413", "415", "429", "500", "502", "503")
+
+
+def _multipart(required: str, files: dict) -> dict:
+    return {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": [required], "properties": {required: files, **_FIELDS}}}}}
+
+
+CLASSIFY = {
+    "summary": "Classify one image", "parameters": [_CLIENT_ID, *_QUERY_FIELDS],
+    "requestBody": _multipart("image", {"type": "string", "format": "binary"}),
+    "responses": {**ok("top-k predictions", _PREDICTION), **_CLASSIFY_ERRORS}}
+CLASSIFY_BATCH = {
+    "summary": "Classify several images; a bad image fails only its item",
+    "parameters": [_CLIENT_ID, *_QUERY_FIELDS],
+    "requestBody": _multipart("images", {"type": "array", "items": {"type": "string", "format": "binary"}}),
+    "responses": {**ok("one result per image, in order: the prediction, or the item's status and error", {
+        "type": "object", "properties": {
+            "request_id": _S, "route": _S, "variant": _S, "assignment": _S, "latency_ms": _N,
+            "results": {"type": "array", "items": {"type": "object", "properties": {
+                "index": _I, "filename": _S, "status": _I, "error": _S, **_PREDICTION["properties"]}}}}}),
+        **_CLASSIFY_ERRORS}}
+VARIANTS = {
+    "summary": "Served variants: routes, weights, placement, device, engine, params, MACs, offline top-1, readiness",
+    "responses": ok("variants", {"type": "object", "properties": {"variants": {"type": "array", "items": {
+        "type": "object", "properties": {
+            "variant": _S, "model": _S, "routes": {"type": "array", "items": _S}, "weights": _WEIGHTS,
+            "placement": {"type": "string", "enum": ["worker", "gateway"]},
+            "worker_transport": {"type": "string", "enum": ["shared_memory", "http", "in_process"]},
+            "device": _S, "engine": _S, "precision": _S, "threads": _I, "workers": _I, "workers_loaded": _I,
+            "calls_in_flight": _I, "max_batch_size": _I, "max_latency_ms": _I, "resolution": _I,
+            "num_classes": _I, "params": _I, "macs": _I, "offline_top1": _N, "ready": {"type": "boolean"},
+            "problem": _S}}}}})}
+_ROUTE = {"type": "object", "properties": {
+    "split": _WEIGHTS, "variants": {"type": "array", "items": _S}, "shadow": _SHADOW, "num_classes": _I,
+    "changed_at": {"type": "string", "nullable": True,
+                   "description": "when a live change made the route differ from the configuration file"}}}
+ROUTES = {
+    "summary": "Routes, split weights and shadows",
+    "responses": ok("routes", {"type": "object", "properties": {
+        "default_route": _S, "routes": {"type": "object", "additionalProperties": _ROUTE}, "config": _S,
+        "route_changes": {"type": "string", "enum": ["persist", "memory"]}, "route_changes_file": _S}})}
+CHANGE_ROUTE = {
+    "summary": "Change a route's split weights and/or shadow while serving",
+    "description": "From the server's own machine, or from anywhere with `$EFFNET_ADMIN_TOKEN` sent as "
+                   "`Authorization: Bearer <token>`. With `server.route_changes: persist` (the default) the "
+                   "change is saved and served again after a restart, until the route is edited in the "
+                   "configuration file or `effnet serve --reset-routes` forgets it; with `memory`, a restart "
+                   "serves the configuration file's routes.",
+    "parameters": [{"name": "name", "in": "path", "required": True, "schema": _S},
+                   {"name": "Authorization", "in": "header", "required": False, "schema": _S,
+                    "description": "Bearer <$EFFNET_ADMIN_TOKEN>, where the server sets one"}],
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "properties": {
+        "split": {"type": "object", "additionalProperties": _N,
+                  "description": "variant -> weight (normalised); a list means equal weights"},
+        "shadow": {**_SHADOW, "description": "null removes the shadow"}}}}}},
+    "responses": {**ok("the route as changed, and as it was", {"type": "object", "properties": {
+        "route": _S, "previous": _ROUTE, **_ROUTE["properties"], "saved_in": {"type": "string", "nullable": True}}}),
+        **errors("400", "401", "403", "404", "500"),
+        "413": {"description": "a route change is a small JSON object: the body is above 64 kB", "content": _ERROR_BODY}}}
+ASSIGNMENT = {
+    "summary": "Which variant a client id gets in a route, without classifying anything",
+    "description": "The same hash as /classify, so the answer holds while the route's weights do: what an "
+                   "A/B analysis joins its outcomes on.",
+    "parameters": [{"name": "client_id", "in": "query", "required": False, "schema": _S,
+                    "description": "the client id (or send it as X-Client-Id)"},
+                   {**_CLIENT_ID, "description": "the client id (or send it as ?client_id=)"},
+                   {"name": "route", "in": "query", "required": False, "schema": _S,
+                    "description": "route (GET /routes); default: the default route"}],
+    "responses": {**ok("the client's variant", {"type": "object", "properties": {
+        "client_id": _S, "route": _S, "variant": _S, "model": _S,
+        "assignment": {"type": "string", "enum": ["split", "default"]}, "weights": _WEIGHTS}}),
+        **errors("400")}}
+DOCS = {"summary": "The API page: redirects to /", "responses": {"307": {"description": "to /"}}}
+
+
+API_PAGE = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>{TITLE}</title>
+  <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css">
+  <link rel="icon" type="image/png" href="./static_content/favicon-light-32x32.png" sizes="32x32">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"></script>
+  <script>
+    window.onload = () => {{
+      window.ui = SwaggerUIBundle({{url: "./docs.json", dom_id: "#swagger-ui", deepLinking: true,
+                                   presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout"}});
+    }};
+  </script>
+</body>
+</html>
+""".encode()
+
+
+class OpenAPIMiddleware:
+    """Serves our API page at `/`, and rewrites BentoML's `/docs.json`: our `info` and tag, and our routes'
+    `paths` added to BentoML's own."""
+
+    def __init__(self, app: Any, paths: dict[str, dict], info: dict[str, str] = INFO) -> None:
+        self.app, self.paths, self.info = app, paths, info
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(API_PAGE)).encode())]})
+            await send({"type": "http.response.body", "body": API_PAGE if scope["method"] == "GET" else b""})
+            return None
+        if scope["type"] != "http" or scope["path"] != "/docs.json":
+            return await self.app(scope, receive, send)
+        start, chunks = {}, []
+
+        async def capture(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        try:
+            spec = json.loads(body)
+            spec["info"] = dict(self.info)
+            spec["tags"] = [TAG if t.get("name") == TAG["name"] else t for t in spec.get("tags", [])] or [TAG]
+            spec.setdefault("paths", {}).update(self.paths)
+            body = json.dumps(spec).encode()
+        except ValueError:
+            pass  # not JSON (an error page): pass it through unchanged
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": start.get("status", 200), "headers": headers})
+        await send({"type": "http.response.body", "body": body})
