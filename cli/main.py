@@ -1,7 +1,10 @@
 """`effnet`: train, store, serve, benchmark and load-test EfficientNet-B0 variants.
 
-Each area of the project contributes its subcommands through an `add_commands(subparsers)`
-function; this file only collects them.
+Each module of this package holds the subcommands of one area of the project (`cli/models.py`:
+models and bench; `engines.py`: export; `training.py`: train, train-many, train-bench, store,
+import-pretrained; `serve.py`: serve; `loadtest.py`: loadtest and report) and adds them with
+`add_commands(subparsers)`; this file only collects them. The command sits above every package and
+no package imports it (.importlinter).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ def is_user_error(e: BaseException) -> bool:
     return isinstance(e, USER_ERRORS) or (store is not None and isinstance(e, store.CheckpointError))
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ["models.cli", "engines.cli", "training.cli", "service.cli", "loadtest.cli"]
+COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.serve", "cli.loadtest"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,6 +118,18 @@ def square_jpeg(img, side: int = 224, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+# The photos the serving benchmark sends: a spread of content and JPEG sizes, labelled or not.
+BENCH_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry")
+
+
+def square_photos(side: int = 224) -> list[bytes]:
+    """scikit-image's `BENCH_PHOTOS` as `side` x `side` JPEGs (`square_jpeg`)."""
+    from PIL import Image
+    from skimage import data
+
+    return [square_jpeg(Image.fromarray(getattr(data, name)()), side) for name in BENCH_PHOTOS]
+
+
 def image_set(name: str, n: int = 200) -> tuple[LabelledImage, ...]:
     if name == "fashion-mnist":
         return fashion_mnist(n)

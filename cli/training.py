@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from cli.argtypes import bounded
+from .argtypes import bounded
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import run
+    from training.train import run
 
     return run(args)
 
@@ -50,7 +50,7 @@ def cmd_store(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from store import has_checkpoint
 
-    from .pretrained import IMPORTERS
+    from training.pretrained import IMPORTERS
 
     name, importer = IMPORTERS[args.model]
     # The published weights do not change: a second import only stored an identical version.
@@ -63,8 +63,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_train_many(args: argparse.Namespace, extra: list[str]) -> int:
-    from .parallel import train_many
-    from .train import get_args_parser
+    from training.parallel import train_many
+    from training.train import get_args_parser
 
     # the options go to every child: refuse a typo here, once, rather than in each of them
     get_args_parser().parse_args(["--variant", "b0", *extra])
@@ -83,7 +83,7 @@ def cmd_train_many(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_train_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench import machine, train_step_throughput
+    from training.bench import machine, train_step_throughput
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     rows = train_step_throughput(variants, args.resolution, args.batch_size, args.steps, args.rounds,
@@ -101,7 +101,7 @@ def cmd_train_bench(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from .train import add_train_arguments
+    from training.train import add_train_arguments
 
     p = sub.add_parser(
         "train",
