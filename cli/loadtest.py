@@ -9,7 +9,7 @@ from .argtypes import bounded, existing_dir, int_list
 
 
 def _run_name(text: str) -> str:
-    """argparse type: the run's folder under --reports-dir, so one plain name (`--name ../../etc` wrote
+    """argparse type: the run's folder under --reports-dir, so one plain name (`--name ../../etc` would write
     the report outside the repository)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
         raise argparse.ArgumentTypeError(f"a run name is letters, digits, '.', '_' and '-' (a folder under "

@@ -24,6 +24,19 @@ def is_user_error(e: BaseException) -> bool:
     store = sys.modules.get("store.checkpoint")
     return isinstance(e, USER_ERRORS) or (store is not None and isinstance(e, store.CheckpointError))
 
+DESCRIPTION = """\
+Train, store, serve and load-test EfficientNet-B0 and the variants of the seed slides.
+
+The loop, one command a step:
+  effnet models                  the registered variants, their parameters and MACs
+  effnet train / train-many      train variants into the checkpoint store ($BENTOML_HOME)
+  effnet import-pretrained       store published weights (Lite0 on ImageNet) the same way
+  effnet store                   list the stored checkpoints
+  effnet export                  export and verify a checkpoint's inference engines
+  effnet serve                   serve the configured variants over HTTP (--prepare: engines first)
+  effnet loadtest / report       load the running service and report accuracy, latency, throughput
+  effnet bench / train-bench     time inference and training offline on this machine"""
+
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.serve", "cli.loadtest"]
 
@@ -31,7 +44,7 @@ COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.serve", "cl
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effnet",
-        description="Train, store, serve and load-test EfficientNet-B0 and the variants of the seed slides.",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `effnet COMMAND --help` for each command's options.",
     )

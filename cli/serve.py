@@ -197,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def port_in_use(host: str, port: int) -> str | None:
     """Why `host:port` cannot be listened on, or None. Checked before starting: BentoML's arbiter
-    answered a busy port with a traceback from circus, after the slow imports."""
+    answers a busy port with a traceback from circus, after the slow imports."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -211,7 +211,7 @@ def port_in_use(host: str, port: int) -> str | None:
 
 
 def port_number(text: str) -> int:
-    """argparse type for a TCP port: bentoml serve took --port 99999 and never became ready."""
+    """argparse type for a TCP port: bentoml serve takes --port 99999 and never becomes ready."""
     try:
         port = int(text)
     except ValueError:

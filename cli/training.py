@@ -41,8 +41,8 @@ def cmd_store(args: argparse.Namespace) -> int:
     if broken:
         print(f"{broken} checkpoint(s) marked ! cannot be served: fix or delete their folders")
     if not args.verify:
-        # NOTE: hashing every weights file reads the whole store: sha256 ran at 1.2 s per GB here (in memory,
-        # 2026-11-28), plus the disk reads; too slow for every listing of a large store, so it is asked for.
+        # Hashing every weights file reads the whole store (sha256 alone takes about 1.2 s per GB): too
+        # slow for every listing of a large store, so it is asked for.
         print("weights not verified (sha256); `effnet store --verify` checks them (the service always does)")
     return 0
 
@@ -53,7 +53,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from training.pretrained import IMPORTERS
 
     name, importer = IMPORTERS[args.model]
-    # The published weights do not change: a second import only stored an identical version.
+    # The published weights do not change: a second import would only store an identical version.
     if has_checkpoint(f"{name}:latest"):
         print(f"{name}:latest is already in the store; skipped (delete it with `bentoml models delete {name}` "
               "to import it again)")
@@ -75,7 +75,7 @@ def cmd_train_many(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError("give at least one variant with --variants, e.g. --variants b0,mec,compact")
     from models import get_variant
 
-    for v in variants:  # an unknown one failed in its child process, with a traceback, after the others started
+    for v in variants:  # an unknown one would fail in its child process, with a traceback, after the others started
         get_variant(v)
     return train_many(variants, extra, threads=args.threads)
 
@@ -166,5 +166,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "classes, 224x224 after resizing to 256, mean 0.498 / std 0.502; stored as lite0-imagenet.")
     p.add_argument("model", choices=["lite0"], help="which weights")
     p.add_argument("--skip-existing", action="store_true",
-                   help="do nothing if it is already in the store (now always the case; kept for scripts)")
+                   help="do nothing if it is already in the store (always the case: a second import is skipped; accepted for scripts)")
     p.set_defaults(func=cmd_import)

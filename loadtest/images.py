@@ -29,8 +29,8 @@ FASHION_MNIST_CLASSES = [
 ]
 
 # scikit-image photo -> the ImageNet-1k classes (index, name) a person accepts as its true label.
-# NOTE: ImageNet-1k has several near-identical cat classes and no plain "motorcycle"; every
-# defensible class is accepted rather than one picked arbitrarily. Labels are judged from the
+# ImageNet-1k has several near-identical cat classes and no plain "motorcycle": every defensible
+# class is accepted rather than one picked arbitrarily. Labels are judged from the
 # picture, not from any model's answer (Lite0 gets `clock_motion` wrong, and that is counted).
 # Indices are written out so Locust users need not import torchvision; a test checks the names.
 PHOTO_LABELS: dict[str, tuple[tuple[int, str], ...]] = {
