@@ -14,7 +14,7 @@ DEBS := dataset-fashion-mnist prometheus wrk
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
 	@echo "make test    set up, check the import layers (.importlinter), then run every test, servers included"
-	@echo "make test-fast  the same without the tests marked server or slow (real servers, builds, load runs)"
+	@echo "make test-fast  the same without the tests marked server or slow (real servers and other processes, runs over about 30 s)"
 	@echo "make checkpoints  fill the model store: Lite0 ImageNet + b0/mec/compact on Fashion-MNIST (quick recipe, side by side, ~17 min)"
 	@echo "make engines      export, verify and choose each served variant's engine as its worker will (~5 min the first time)"
 	@echo "make train-full   the full recipe on Fashion-MNIST (VARIANT=b0 NPROC=1)"

@@ -32,6 +32,7 @@ def _requirement_lines(text: str) -> set[str]:
             if line.split("#", 1)[0].strip()}
 
 
+@pytest.mark.server  # runs `bentoml build` in a child process
 def test_bentoml_build_packs_the_service_with_the_runtime_set_of_pyproject(tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true"}
     r = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", "bentofile.yaml", "."], cwd=ROOT, env=env,
