@@ -1,9 +1,9 @@
 """`effnet`: train, store, serve, benchmark and load-test EfficientNet-B0 variants.
 
-Each module of this package holds the subcommands of one area of the project (`cli/models.py`:
-models and bench; `engines.py`: export; `training.py`: train, train-many, train-bench, store,
-import-pretrained; `serve.py`: serve; `loadtest.py`: loadtest and report) and adds them with
-`add_commands(subparsers)`; this file only collects them. The command sits above every package and
+Each module of this package holds the subcommands of one area of the project and adds them with
+`add_commands(subparsers)`: `models.py` (models, bench), `engines.py` (export), `training.py` (train,
+train-many, train-bench, import-pretrained), `store.py` (store), `serve.py` (serve), `loadtest.py`
+(loadtest, report). This file only collects them. The command sits above every package and
 no package imports it (.importlinter).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ The loop, one command a step:
   effnet bench / train-bench     time inference and training offline on this machine"""
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.serve", "cli.loadtest"]
+COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.store", "cli.serve", "cli.loadtest"]
 
 
 def build_parser() -> argparse.ArgumentParser:
