@@ -6,7 +6,7 @@
 #     --build-arg TORCH_INDEX_URL=<the PyTorch CUDA 12.6 wheel index> .
 #   docker run -p 127.0.0.1:3000:3000 -v $HOME/bentoml:/bentoml effnet-serving   # add --gpus all for CUDA
 # The checkpoints are not baked in: mount the model store (make checkpoints fills it) at /bentoml.
-# Same runtime packages as bentofile.yaml. NOTE: never built here (no Docker engine on these machines).
+# The packages are the runtime set, requirements.txt, which pyproject.toml and bentofile.yaml read too.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 ARG TORCH_INDEX_URL=""
@@ -18,9 +18,11 @@ RUN if ! command -v python3 >/dev/null; then \
     fi && python3 -m venv /opt/venv
 
 WORKDIR /app
-RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.14.1 torchvision==0.29.1 \
- && pip install --no-cache-dir bentoml==1.4.30 "pillow>=10" "simplejpeg>=1.8" "prometheus-client>=0.20" "safetensors>=0.4" "pyyaml>=6" numpy \
-      "onnx>=1.17" "onnxscript>=0.5" "onnxruntime>=1.20" "openvino>=2025.0" "uvloop>=0.19" "httptools>=0.6"
+COPY requirements.txt .
+# torch and torchvision first, from TORCH_INDEX_URL when given (the CUDA wheels); the rest from PyPI.
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+      $(grep -E '^(torch|torchvision)==' requirements.txt) \
+ && pip install --no-cache-dir -r requirements.txt
 COPY models/ models/
 COPY store/ store/
 COPY engines/ engines/

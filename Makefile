@@ -9,25 +9,27 @@ STAMP := $(VENV)/.installed
 # serving benchmark's load generator: C, a tenth of the CPU a Python generator takes from the server).
 DEBS := dataset-fashion-mnist prometheus wrk
 
-.PHONY: setup system-deps test models bench serve clean help checkpoints train-full loadtest engines
+.PHONY: setup system-deps test test-fast models bench serve clean help checkpoints train-full loadtest engines
 
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
-	@echo "make test    set up, then run the test suite"
+	@echo "make test    set up, check the import layers (.importlinter), then run every test, servers included"
+	@echo "make test-fast  the same without the tests marked server or slow (real servers and other processes, runs over about 30 s)"
 	@echo "make checkpoints  fill the model store: Lite0 ImageNet + b0/mec/compact on Fashion-MNIST (quick recipe, side by side, ~17 min)"
 	@echo "make engines      export, verify and choose each served variant's engine as its worker will (~5 min the first time)"
 	@echo "make train-full   the full recipe on Fashion-MNIST (VARIANT=b0 NPROC=1)"
 	@echo "make models  print the variant table (parameters, MACs, the slides' figures)"
-	@echo "make bench   time the main variants offline and record the figures in benchmarks/"
+	@echo "make bench   time the main variants offline; the figures go to benchmarks/results/<date>-<host>/"
 	@echo "make loadtest  Locust + Prometheus against the served variants; report in reports/<run>/ (<= 10 min)"
 
 setup: $(STAMP) system-deps
 
-# Re-installs only when pyproject.toml changed; torch/torchvision come from this machine's disk.
-$(STAMP): pyproject.toml
+# The runtime set (requirements.txt) and every extra: training, load tests, tests. Re-installs only when
+# either file changed; torch/torchvision come from this machine's disk.
+$(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e '.[train,loadtest,test]'
 	touch $(STAMP)
 
 system-deps:
@@ -41,17 +43,25 @@ system-deps:
 	  fi; \
 	fi
 
+# The layers first: a contract break fails in a second, before minutes of tests.
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
+
+test-fast: setup
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -m "not server and not slow"
 
 models: setup
 	$(EFFNET) models
 
+# Raw results go under benchmarks/results/<UTC date>-<short host name>/ (benchmarks/RESULTS.md is the index).
+RESULTS_DIR = benchmarks/results/$(shell date -u +%Y%m%d)-$(shell hostname -s)
 bench: setup
-	$(EFFNET) bench --record benchmarks/bench-$$(date -u +%Y%m%d-%H%M).json
+	$(EFFNET) bench --record $(RESULTS_DIR)/bench-$$(date -u +%H%M).json
 
 # The default store ($BENTOML_HOME, else ~/bentoml): the Lite0 ImageNet import, then b0, mec and compact
-# on Fashion-MNIST with the quick recipe, side by side (~18 min on these 2-core AVX2 machines). Skips what is stored.
+# on Fashion-MNIST with the quick recipe, side by side (about 17 min on 2 cores). Skips what is stored.
 QUICK_VARIANTS ?= b0 mec compact
 checkpoints: setup
 	$(EFFNET) import-pretrained lite0 --skip-existing

@@ -1,8 +1,8 @@
 """argparse types shared by the commands: a value out of range is refused while parsing, before a
 model loads or a server starts, with argparse's usual `error: argument --x: ...` and exit code 2.
 
-Without them `effnet bench --resolution 0` and `effnet models --num-classes 0` ended in tracebacks from
-deep inside PyTorch, and `effnet bench --batches 0` printed a row of zeros as if it had measured.
+Without them `effnet bench --resolution 0` and `effnet models --num-classes 0` end in tracebacks from
+deep inside PyTorch, and `effnet bench --batches 0` prints a row of zeros as if it had measured.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def int_list(lo: int, hi: int, what: str = "value"):
 
 def existing_dir(what: str):
     """A folder that must already exist: a store given by path is read, and reading it must not create
-    it (BentoML's model store makes its folder on first use, so a typo left an empty store behind)."""
+    it (BentoML's model store makes its folder on first use, so a typo would leave an empty store behind)."""
     def parse(text: str) -> str:
         from pathlib import Path
 

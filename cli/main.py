@@ -1,7 +1,10 @@
 """`effnet`: train, store, serve, benchmark and load-test EfficientNet-B0 variants.
 
-Each area of the project contributes its subcommands through an `add_commands(subparsers)`
-function; this file only collects them.
+Each module of this package holds the subcommands of one area of the project and adds them with
+`add_commands(subparsers)`: `models.py` (models, bench), `engines.py` (export), `training.py` (train,
+train-many, train-bench, import-pretrained), `store.py` (store), `serve.py` (serve), `loadtest.py`
+(loadtest, report). This file only collects them. The command sits above every package and
+no package imports it (.importlinter).
 """
 from __future__ import annotations
 
@@ -21,14 +24,27 @@ def is_user_error(e: BaseException) -> bool:
     store = sys.modules.get("store.checkpoint")
     return isinstance(e, USER_ERRORS) or (store is not None and isinstance(e, store.CheckpointError))
 
+DESCRIPTION = """\
+Train, store, serve and load-test EfficientNet-B0 and the variants of the seed slides.
+
+The loop, one command a step:
+  effnet models                  the registered variants, their parameters and MACs
+  effnet train / train-many      train variants into the checkpoint store ($BENTOML_HOME)
+  effnet import-pretrained       store published weights (Lite0 on ImageNet) the same way
+  effnet store                   list the stored checkpoints
+  effnet export                  export and verify a checkpoint's inference engines
+  effnet serve                   serve the configured variants over HTTP (--prepare: engines first)
+  effnet loadtest / report       load the running service and report accuracy, latency, throughput
+  effnet bench / train-bench     time inference and training offline on this machine"""
+
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ["models.cli", "engines.cli", "training.cli", "service.cli", "loadtest.cli"]
+COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.store", "cli.serve", "cli.loadtest"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="effnet",
-        description="Train, store, serve and load-test EfficientNet-B0 and the variants of the seed slides.",
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `effnet COMMAND --help` for each command's options.",
     )

@@ -13,7 +13,7 @@ Engines (`ENGINES`): `torch` (eager reference), `torch-compile`, `onnxruntime`, 
 `openvino`, `openvino-bf16` (where the CPU has bf16), `openvino-int8`; plus `auto`. Modules:
 `base` (interface, reference), `export` (ONNX / OpenVINO IR / int8 artefacts and their cache),
 `calibration`, `verify`, `onnxrt`, `openvino_rt`, `torch_compile`, `threads`, `loader`
-(`load_engine`, auto-selection), `bench` (every engine timed), `cli` (`effnet export`); and two
+(`load_engine`, auto-selection), `bench` (every engine timed), `prepare` (export, verify and choose ahead of serving: `make engines`, `effnet export`); and two
 helpers for the jobs above them: `progress` (bars on a terminal, plain lines in logs) and
 `side_by_side` (commands run at once, their lines prefixed).
 """

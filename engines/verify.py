@@ -196,5 +196,5 @@ def verify(engine: Engine, ref: Reference, cache: Path | None) -> Verdict:
 
 
 def read_records(cache: Path) -> dict[str, Any]:
-    """Every recorded verification of a checkpoint's engines (for `effnet export` and the README table)."""
+    """Every recorded verification of a checkpoint's engines (for `effnet export` and docs/engines.md)."""
     return _read(cache / RECORD_FILE)

@@ -7,6 +7,7 @@ server scrapes it; the report puts accuracy under load beside latency and throug
 - `promql`: the per-step queries (latency quantiles, throughput, batch size, errors);
 - `processes`, `service_api`: the service under test, started and stopped, and its catalog;
 - `offline`: the same images classified outside the service (the reference for accuracy);
-- `run`: the step-load run that ties them together; `report`: report.md, tradeoff.png, results.json;
-- `cli`: `effnet loadtest` and `effnet report`.
+- `run`: the step-load run that ties them together; `report`: report.md, tradeoff.png, results.json.
+
+The commands are `effnet loadtest` and `effnet report` (cli/loadtest.py).
 """

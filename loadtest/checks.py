@@ -1,4 +1,4 @@
-"""What a correct /classify answer looks like (issue 4's API), checked on every answer under load.
+"""What a correct /classify answer looks like (the API of service/), checked on every answer under load.
 
 Kept apart from the locustfile: importing Locust monkey-patches the whole process with gevent, which
 tests and the CLI must not suffer.

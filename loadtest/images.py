@@ -14,23 +14,15 @@ record can be matched with the offline evaluation of the very same bytes.
 """
 from __future__ import annotations
 
-import gzip
 import io
 import random
-import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-# Index order of the Fashion-MNIST labels (Zalando's README).
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
-
 # scikit-image photo -> the ImageNet-1k classes (index, name) a person accepts as its true label.
-# NOTE: ImageNet-1k has several near-identical cat classes and no plain "motorcycle"; every
-# defensible class is accepted rather than one picked arbitrarily. Labels are judged from the
+# ImageNet-1k has several near-identical cat classes and no plain "motorcycle": every defensible
+# class is accepted rather than one picked arbitrarily. Labels are judged from the
 # picture, not from any model's answer (Lite0 gets `clock_motion` wrong, and that is counted).
 # Indices are written out so Locust users need not import torchvision; a test checks the names.
 PHOTO_LABELS: dict[str, tuple[tuple[int, str], ...]] = {
@@ -60,33 +52,22 @@ class LabelledImage:
         return bool(self.labels)
 
 
-def _read_idx(path: Path) -> tuple[tuple[int, ...], bytes]:
-    """An idx file (gzip) -> (shape, raw uint8 payload)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path}: not a uint8 idx file")
-    shape = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
-    return shape, raw[4 + 4 * ndim :]
-
-
 @lru_cache(maxsize=4)
-def fashion_mnist(n: int = 200, root: str | Path = FASHION_MNIST_DIR) -> tuple[LabelledImage, ...]:
-    """The first `n` Fashion-MNIST test images as PNG files, with their labels."""
+def fashion_mnist(n: int = 200, root: str | Path | None = None) -> tuple[LabelledImage, ...]:
+    """The first `n` Fashion-MNIST test images as PNG files, with their labels (`root`: the dataset's
+    folder, default `store.fashion_mnist.data_dir()`)."""
     from PIL import Image
 
-    root = Path(root)
-    shape, pixels = _read_idx(root / "t10k-images-idx3-ubyte.gz")
-    _, labels = _read_idx(root / "t10k-labels-idx1-ubyte.gz")
-    count, h, w = shape
+    # Imported here: the store brings torch, which a Locust process needs only for this one read.
+    from store import fashion_mnist as dataset
+
+    images, labels = dataset.load("test", folder=root)
     out = []
-    for i in range(min(n, count)):
-        img = Image.frombytes("L", (w, h), pixels[i * h * w : (i + 1) * h * w])
+    for i in range(min(n, len(images))):
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        Image.fromarray(images[i].numpy()).save(buf, format="PNG")
         out.append(LabelledImage(f"fashion-mnist/{i}", buf.getvalue(), f"fmnist-{i}.png", "image/png",
-                                 frozenset({labels[i]})))
+                                 frozenset({int(labels[i])})))
     return tuple(out)
 
 
@@ -116,6 +97,18 @@ def square_jpeg(img, side: int = 224, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.resize((side, side), Image.BILINEAR).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+# The photos the serving benchmark sends: a spread of content and JPEG sizes, labelled or not.
+BENCH_PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry")
+
+
+def square_photos(side: int = 224) -> list[bytes]:
+    """scikit-image's `BENCH_PHOTOS` as `side` x `side` JPEGs (`square_jpeg`)."""
+    from PIL import Image
+    from skimage import data
+
+    return [square_jpeg(Image.fromarray(getattr(data, name)()), side) for name in BENCH_PHOTOS]
 
 
 def image_set(name: str, n: int = 200) -> tuple[LabelledImage, ...]:

@@ -20,7 +20,6 @@ a 4xx is their success, anything else a failure. Locust's statistics name reques
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 import threading

@@ -45,7 +45,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> int | None:
 
 def private_bentoml_home(store_home: Path, prefix: str = "effnet-lt-home-") -> Path:
     """A fresh BENTOML_HOME whose `models` is the real store's: BentoML wipes
-    `$BENTOML_HOME/prometheus_multiproc_dir` at start (FACTS.md), so the load-test server must not
+    `$BENTOML_HOME/prometheus_multiproc_dir` at start, so the load-test server must not
     share a home with `make serve` or with another test server, yet it must serve the same models."""
     home = Path(tempfile.mkdtemp(prefix=prefix))
     models = Path(store_home) / "models"

@@ -106,26 +106,14 @@ def _versions(prom: PrometheusServer | None) -> dict:
 
 
 def machine() -> dict:
+    """The machine of the run (models.bench.machine_info, the one description of a host) and its memory."""
     import psutil
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    try:
-        import torch
+    from models.bench import machine_info
 
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except Exception:
-        pass
-    return {"host": platform.node(), "os": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": gpu}
+    info = machine_info()
+    return {"host": info["host"], "os": platform.platform(), "cpu": info["cpu"], "cores": info["cores"],
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": info.get("gpu")}
 
 
 def read_locust_csv(prefix: Path) -> dict[str, dict]:

@@ -20,6 +20,8 @@ REFERENCE = "torchvision-b0"
 
 
 def machine_info() -> dict:
+    """The machine a figure is measured on (date, host, CPU model, cores, torch, GPU): the one description
+    of a host that the benchmarks and the load-test records use."""
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:

@@ -4,7 +4,7 @@ Modules, one concern each: `config` (every default, with its reason), `data` (da
 `loop` (train_one_epoch, evaluate, LR schedule, EMA, distillation), `state` (resumable state as
 safetensors + JSON), `distributed` (torchrun), `report` (epoch log, confusion matrix), `train`
 (main, run), `options` (get_args_parser: the flags and their help), `parallel` (train-many),
-`pretrained` (`effnet import-pretrained`), `cli` (the subcommands).
+`pretrained` (`effnet import-pretrained`). The commands themselves are in `cli/training.py`.
 """
 from .config import RECIPES, TrainConfig, resolve_config
 

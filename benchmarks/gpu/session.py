@@ -296,7 +296,7 @@ def pack_store(home: Path, out: Path, names: list[str]) -> None:
 
 
 def photos_224() -> list:
-    """The labelled scikit-image photos as 224x224 JPEGs, as `service.bench` sends them: the originals are
+    """The labelled scikit-image photos as 224x224 JPEGs, as `benchmarks/serve_bench.py` sends them: the originals are
     PNGs of up to 640x427 whose decoding in the gateway would be what is measured."""
     import dataclasses
     import io
@@ -343,7 +343,7 @@ def serve_check(home: Path, out: Path, env: dict, deadline: float, b0: str, comp
         cfg["routes"]["imagenet"] = {"split": {"lite0": 1.0}}
     cfg_file = Path("/tmp/serve-gpu.yaml")
     cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    images = fashion_mnist(200, root=env.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+    images = fashion_mnist(200, root=env.get("FASHION_MNIST_DIR") or None)
     route_of = {v: r for r, rc in cfg["routes"].items() for v in rc["split"]} | {"compact": "fashion"}
     photo_set = photos_224() if lite0 else ()
     inputs = {v: ([photo_set[i % len(photo_set)] for i in range(200)] if v == "lite0" else images) for v in cfg["variants"]}

@@ -413,9 +413,9 @@ def test_32_concurrent_clients_get_no_failures(server):
 
 @pytest.mark.skipif(not __import__("shutil").which("wrk"), reason="wrk is not installed (make setup installs it)")
 def test_the_benchmarks_wrk_generator_counts_answers_by_status(server):
-    """service.bench's load generator: its forms are ones the gateway accepts, and refusals are counted
+    """The serving benchmark's load generator: its forms are ones the gateway accepts, and refusals are counted
     as such, not as throughput."""
-    from service.bench import load_wrk
+    from benchmarks.serve_bench import load_wrk
 
     good = load_wrk(server.url, [png(seed=i) for i in range(3)], 4, 1, {"route": "fashion", "variant": "mec"})
     assert set(good["statuses"]) == {"200"} and good["ok"] > 10, good
@@ -428,7 +428,7 @@ def test_the_benchmarks_wrk_generator_counts_answers_by_status(server):
 def test_the_server_keeps_its_temporary_files_in_a_folder_of_its_store(server):
     """BentoML's clients between services leave a temporary folder each when stopped by a signal;
     they go to one folder per store, which the next start empties, instead of piling up in /tmp."""
-    from service.cli import server_env, server_tmp_dir
+    from cli.serve import server_env, server_tmp_dir
 
     assert any(server_tmp_dir(server.home).glob("bentoml-client-*"))
     other = server.home.parent / "other-store"

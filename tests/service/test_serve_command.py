@@ -1,4 +1,4 @@
-"""`effnet serve` (service.cli): checks before starting, --prepare, --reset-routes, ports."""
+"""`effnet serve` (cli/serve.py): checks before starting, --prepare, --reset-routes, ports."""
 import os
 
 import pytest
@@ -10,7 +10,7 @@ from tests.service.fakes import CFG, gateway_on_file
 def test_effnet_serve_reset_routes_forgets_saved_changes(bentoml_home, tmp_path, capsys):
     import argparse
 
-    from service.cli import cmd_serve
+    from cli.serve import cmd_serve
     from tests.support.serving import write_config
 
     path = write_config(tmp_path / "serving.yaml", CFG)
@@ -24,7 +24,7 @@ def test_effnet_serve_reset_routes_forgets_saved_changes(bentoml_home, tmp_path,
 def test_effnet_serve_refuses_a_route_whose_variants_disagree_on_classes(bentoml_home, tmp_path, capsys):
     import argparse
 
-    from service.cli import cmd_serve
+    from cli.serve import cmd_serve
     from tests.support.serving import make_checkpoint, write_config
 
     make_checkpoint(bentoml_home, "compact-a", "compact", ["cat", "dog"], 32)
@@ -44,7 +44,7 @@ def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tm
     import argparse
 
     from engines import load_engine
-    from service.cli import cmd_serve
+    from cli.serve import cmd_serve
     from tests.support.serving import make_checkpoint, write_config
 
     make_checkpoint(bentoml_home, "compact-a", "compact", ["cat", "dog"], 32)
@@ -79,7 +79,7 @@ def test_serve_prepare_records_the_engine_each_worker_will_load(bentoml_home, tm
 def test_serve_takes_only_real_port_numbers(text, ok):
     import argparse
 
-    from service.cli import port_number
+    from cli.serve import port_number
 
     if ok:
         assert port_number(text) == int(text)
@@ -91,7 +91,7 @@ def test_serve_takes_only_real_port_numbers(text, ok):
 def test_serve_says_when_its_port_is_taken():
     import socket
 
-    from service.cli import port_in_use
+    from cli.serve import port_in_use
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,7 +104,7 @@ def test_serve_says_when_its_port_is_taken():
 def test_effnet_serve_says_which_variants_run_inside_the_gateway(bentoml_home, tmp_path, capsys, monkeypatch):
     import argparse
 
-    from service import cli
+    from cli import serve as cli
     from tests.support.serving import write_config
 
     started = []

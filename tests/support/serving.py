@@ -1,8 +1,8 @@
-"""Helpers for tests and the benchmark: tiny fake checkpoints and a real `bentoml serve` subprocess.
+"""Helpers for tests and the benchmarks: tiny fake checkpoints and a real `bentoml serve` subprocess.
 
 Every server gets its own BENTOML_HOME and port: `bentoml serve` wipes
 `$BENTOML_HOME/prometheus_multiproc_dir` at start, so two servers sharing a home lose each other's
-metrics (FACTS.md).
+metrics.
 """
 from __future__ import annotations
 
@@ -10,47 +10,60 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+from store.fashion_mnist import CLASSES as FASHION_CLASSES  # noqa: F401 (the tests import it from here)
 
 
 def make_checkpoint(home: Path, name: str, variant: str, classes: list[str], resolution: int,
-                    grayscale: bool = False, seed: int = 0) -> str:
-    """A checkpoint with random weights (a classifier scaled so that scores differ between classes)."""
+                    grayscale: bool = False, seed: int = 0, *, dataset: str = "fake",
+                    calibrate_on: Sequence[bytes] | None = None) -> str:
+    """A checkpoint with random weights whose answers differ from image to image; returns its tag.
+
+    Untrained networks answer every class alike (zero-initialised BN gammas and head), which would make
+    order checks vacuous: BN gets unit-scale gammas, the head a scaled normal init, and BN statistics
+    are recomputed (one cumulative pass in training mode) on random batches, or on `calibrate_on`
+    (encoded images, decoded and cropped as the service does), which gives each of those images its
+    own, decisive answer.
+    """
     import torch
 
-    from models import count_params, create_model, model_config
-    from store import Manifest, save_checkpoint
+    from models import count_macs, count_params, create_model, model_config
+    from store import InputNormalizer, Manifest, resize_crop, save_checkpoint
 
     torch.manual_seed(seed)
     model = create_model(variant, num_classes=len(classes))
-    # Untrained networks answer every class alike (zero-initialised BN gammas and head), which would
-    # make order checks vacuous: give BN unit-scale gammas, fit BN statistics on random "fake data"
-    # batches and scale the head, so that different images get different, confident-ish answers.
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-            m.momentum = None  # cumulative average over the batches below
+            m.momentum = None  # cumulative average over the calibration batches
             m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(16, 3, resolution, resolution) * 4 - 2)
-    model.eval()
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     torch.nn.init.normal_(last.weight, std=3.0 / last.in_features ** 0.5)
     man = Manifest(variant=variant, config=model_config(variant).to_dict(), num_classes=len(classes),
-                   classes=list(classes), dataset="fake", resolution=resolution, grayscale=grayscale,
+                   classes=list(classes), dataset=dataset, resolution=resolution, grayscale=grayscale,
                    mean=[0.5] * 3 if grayscale else [0.485, 0.456, 0.406],
                    std=[0.5] * 3 if grayscale else [0.229, 0.224, 0.225],
-                   metrics={"top1": 0.1 + seed / 100}, params=count_params(model))
+                   metrics={"top1": 0.1 + seed / 100}, params=count_params(model),
+                   training={"fake": "random weights, BatchNorm statistics from "
+                             + ("the images it is tested on" if calibrate_on else "random batches")})
+    if calibrate_on:
+        from loadtest.offline import decode
+
+        x = torch.cat([resize_crop(decode(data, man), man) for data in calibrate_on])
+        batches = [InputNormalizer(man)(x)]
+    else:
+        batches = [torch.rand(16, 3, resolution, resolution) * 4 - 2 for _ in range(3)]
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    model.eval()
+    man.macs = count_macs(model, resolution)
     return save_checkpoint(model, man, name=name, home=home)
 
 
@@ -76,14 +89,12 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Server":
-        from service.cli import server_env
+        from cli.serve import serve_command, server_env
 
         env = {**server_env(self.home), "EFFNET_SERVE_CONFIG": str(self.config)}
         self._logf = open(self.log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", "127.0.0.1",
-             "--port", str(self.port), "--working-dir", str(ROOT)],
-            env=env, stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True,
+            serve_command("127.0.0.1", self.port), env=env, stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self
 
@@ -116,7 +127,7 @@ class Server:
             self._logf.close()
         import shutil
 
-        from service.cli import server_tmp_dir
+        from cli.serve import server_tmp_dir
 
         shutil.rmtree(server_tmp_dir(self.home), ignore_errors=True)  # a test store is never served again
 

@@ -150,7 +150,7 @@ def test_summary_counts_accuracy_against_offline_and_compare_shows_the_change(tm
 def test_loadtest_options_out_of_range_are_refused_before_anything_starts(argv, message, capsys):
     import argparse
 
-    from loadtest.cli import add_commands
+    from cli.loadtest import add_commands
 
     parser = argparse.ArgumentParser(prog="effnet")
     add_commands(parser.add_subparsers())

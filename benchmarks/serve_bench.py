@@ -1,30 +1,29 @@
 """Serving benchmark (not a test): lite0 on the imagenet route and the fashion route, through HTTP.
 
-    .venv/bin/python -m service.bench                 # the default store ($BENTOML_HOME or ~/bentoml)
-    .venv/bin/python -m service.bench --prepare DIR   # a private store: real Lite0 ImageNet weights,
-                                                      # random-weight 32x32 fashion models (same compute)
+    .venv/bin/python -m benchmarks.serve_bench                 # the default store ($BENTOML_HOME or ~/bentoml)
+    .venv/bin/python -m benchmarks.serve_bench --prepare DIR   # a private store: real Lite0 ImageNet weights,
+                                                               # random-weight 32x32 fashion models (same compute)
+
+Run from the repository root. Results and their narrative: benchmarks/serving.md.
 
 1. Offline, before the server starts: lite0 through the same engine the worker uses
    (`engines.load_engine`, same threads), batch-1 median latency and the best images/s over batches;
    then single-thread streams side by side, one per core (what the workers do under load).
 2. A real `bentoml serve` with the configuration, then a load generator (wrk where it is installed, the
-   Debian package `make setup` adds; else aiohttp in this process):
-   imagenet route at concurrency 1, at saturation, and at concurrency 1 again right after, with real photos (scikit-image's, re-encoded as
-   224x224 JPEGs), the fashion route at saturation with 28x28 PNGs (Fashion-MNIST's when the Debian
-   package is installed), split between its variants and then sent to compact alone; each loaded
-   phase at `--saturation` clients and then at 32. Saturation throughput is the better of the two
-   levels that had no errors. The generator shares the cores with the server: its CPU share is reported
-   (wrk: under 1% of the machine; aiohttp: about 3%, see `load_wrk`).
-3. Offline again once the server has stopped: these VMs' speed drifts by 10-20% within an hour (lite0's
-   offline best went from 283 to 327 images/s between two runs 30 min apart, 2026-11-28), so the ratio
-   is also given against the mean of the two offline figures, and their drift is recorded.
+   Debian package `make setup` adds; else aiohttp in this process): the imagenet route at concurrency 1,
+   at saturation, and at concurrency 1 again right after, with real photos (scikit-image's, re-encoded
+   as 224x224 JPEGs); the fashion route at saturation with 28x28 PNGs (Fashion-MNIST's when the Debian
+   package is installed), split between its variants and then sent to compact alone; each loaded phase
+   at `--saturation` clients and then at 32. Saturation throughput is the better of the two levels
+   that had no errors. The generator shares the cores with the server: its CPU share is reported.
+3. Offline again once the server has stopped: the machine's speed drifts between runs, so the ratio is
+   also given against the mean of the two offline figures, and their drift is recorded.
 Prints a summary and writes JSON (`--record`).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import resource
@@ -33,41 +32,28 @@ import sys
 import time
 from pathlib import Path
 
+from loadtest.images import fashion_mnist, square_photos
+from service.config import cpu_threads, load_config
 from store.paths import bentoml_home
-
-import numpy as np
-
-from .config import cpu_threads, load_config
 from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint
 
 
-def photos(side: int = 224) -> list[bytes]:
-    from PIL import Image
-    from skimage import data
-
-    from loadtest.images import square_jpeg
-
-    return [square_jpeg(Image.fromarray(getattr(data, name)()), side)
-            for name in ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry")]
-
-
 def fashion_images(n: int = 64) -> list[bytes]:
-    import gzip
+    """Fashion-MNIST test images as PNGs; random 28x28 ones where the dataset is not installed."""
+    try:
+        return [im.data for im in fashion_mnist(n)]
+    except FileNotFoundError:
+        import io
 
-    from PIL import Image
+        import numpy as np
+        from PIL import Image
 
-    path = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-    if path.is_file():
-        raw = gzip.decompress(path.read_bytes())
-        arr = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:n]
-    else:
-        arr = np.random.default_rng(0).integers(0, 255, (n, 28, 28), dtype=np.uint8)
-    out = []
-    for a in arr:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
+        out = []
+        for a in np.random.default_rng(0).integers(0, 255, (n, 28, 28), dtype=np.uint8):
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, "PNG")
+            out.append(buf.getvalue())
+        return out
 
 
 def prepare_store(home: Path) -> None:
@@ -232,10 +218,9 @@ def load_wrk(url: str, images: list[bytes], concurrency: int, seconds: float, fi
     """The same load as `load`, generated by wrk (C, one thread, one connection per client): about a
     tenth of the aiohttp generator's CPU, which otherwise comes out of the two cores being measured.
 
-    NOTE: the aiohttp generator took 3.2% of the machine at 209 req/s (0.3 ms per request, a perf
-    profile of lite0 at 32 clients, 2026-11-28), the server's whole idle time was 3.3%: on 2 cores
-    the load generator is a measurable part of what is measured. wrk is what a user would point at an
-    HTTP endpoint to find its ceiling; the Locust load test (loadtest/) stays the behavioural test.
+    On 2 cores the aiohttp generator takes about as much of the machine as the server leaves idle
+    (benchmarks/serving.md); wrk is what a user would point at an HTTP endpoint to find its ceiling. The
+    Locust load test (loadtest/) stays the behavioural test.
     """
     import subprocess
     import tempfile
@@ -264,8 +249,8 @@ def load_wrk(url: str, images: list[bytes], concurrency: int, seconds: float, fi
     statuses = dict(sorted(r["statuses"].items()))
     if r["socket_errors"]:
         statuses["socket_error"] = r["socket_errors"]
-    # NOTE: wrk's percentiles cover every answer, not only the 200s; a phase with errors is not a
-    # saturation figure anyway (main() takes only levels with 200s alone).
+    # wrk's percentiles cover every answer, not only the 200s; a phase with errors is not a saturation
+    # figure anyway (main() takes only levels with 200s alone).
     return {"concurrency": concurrency, "seconds": round(duration, 1), "ok": ok, "statuses": statuses,
             "req_per_s": round(ok / duration, 1), "p50_ms": round(r["p50_us"] / 1e3, 1),
             "p90_ms": round(r["p90_us"] / 1e3, 1), "p99_ms": round(r["p99_us"] / 1e3, 1),
@@ -274,7 +259,7 @@ def load_wrk(url: str, images: list[bytes], concurrency: int, seconds: float, fi
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="serving configuration (default service/config.yaml)")
     p.add_argument("--prepare", metavar="DIR", help="use a private BENTOML_HOME at DIR, filled as described above")
     p.add_argument("--seconds", type=float, default=20, help="per load phase (default 20)")
@@ -312,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with Server(home, config_path, log=home / "bench-server.log") as server:
         server.wait("/readyz")
-        imagenet, fashion = photos(), fashion_images()
+        imagenet, fashion = square_photos(), fashion_images()
 
         async def measure(images: list[bytes], concurrency: int, seconds: float, fields: dict) -> dict:
             if generator == "wrk":
@@ -325,13 +310,13 @@ def main(argv: list[str] | None = None) -> int:
             results["imagenet_saturation"] = await measure(imagenet, args.saturation, args.seconds, {"route": "imagenet"})
             results["imagenet_c32"] = await measure(imagenet, 32, args.seconds / 2, {"route": "imagenet"})
             # a lone client right after the burst: the batcher must not hold it back by what it learned
-            # under load (service.workers.dispatch_without_learned_wait: 116 ms here before, 19 ms after)
+            # under load (service.workers.dispatch_without_learned_wait)
             results["imagenet_c1_after_burst"] = await measure(imagenet, 1, args.seconds / 2, {"route": "imagenet"})
             await load(server.url, fashion, 4, 5, {})
             results["fashion_c1"] = await measure(fashion, 1, args.seconds / 2, {})
             results["fashion_saturation"] = await measure(fashion, args.saturation, args.seconds, {})
             results["fashion_c32"] = await measure(fashion, 32, args.seconds / 2, {})
-            # the issue's figure: the fashion route served by compact (explicit choice; its shadow still mirrors)
+            # the fashion route served by compact alone (explicit choice; its shadow still mirrors)
             compact = {"route": "fashion", "variant": "compact"}
             results["fashion_compact_saturation"] = await measure(fashion, args.saturation, args.seconds, compact)
             results["fashion_compact_c32"] = await measure(fashion, 32, args.seconds / 2, compact)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
-from cli.argtypes import bounded, existing_dir, int_list
+from .argtypes import bounded, existing_dir, int_list
 
 
 def _run_name(text: str) -> str:
-    """argparse type: the run's folder under --reports-dir, so one plain name (`--name ../../etc` wrote
+    """argparse type: the run's folder under --reports-dir, so one plain name (`--name ../../etc` would write
     the report outside the repository)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
         raise argparse.ArgumentTypeError(f"a run name is letters, digits, '.', '_' and '-' (a folder under "
@@ -18,7 +19,7 @@ def _run_name(text: str) -> str:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from .run import RunConfig, execute
+    from loadtest.run import RunConfig, execute
 
     cfg = RunConfig(
         url=args.url, config=args.config, store_home=args.store, steps=args.steps, step_s=args.step_seconds,
@@ -44,7 +45,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import compare, load, render
+    from loadtest.report import compare, load, render
 
     if args.compare:
         print(compare(args.compare[0], args.compare[1], args.reports_dir), end="")
@@ -55,9 +56,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     folder, _ = load(args.run, args.reports_dir)
     render(folder)
     if args.publish:
-        from .report import publish
+        from loadtest.report import publish
 
-        md, png = publish(folder, args.publish)
+        md, png = publish(folder, args.publish, stem=f"loadtest-{Path(folder).name}")
         print(f"published {md} and {png}")
         return 0
     print((folder / "report.md").read_text(), end="")
@@ -83,14 +84,17 @@ def add_commands(sub) -> None:
     p.add_argument("--fashion-images", type=bounded(int, 1, 10000), default=200, help="Fashion-MNIST test images sent (default 200)")
     p.add_argument("--scrape-interval", type=bounded(float, 0.1, 60, " s"), default=1.0, help="Prometheus scrape interval, s (default 1)")
     p.add_argument("--max-seconds", type=bounded(float, 11, 3600, " s"), default=570.0, help="hard bound on the whole run; steps that do not fit are skipped and noted (default 570)")
-    p.add_argument("--reports-dir", default="reports")
+    p.add_argument("--reports-dir", default="reports", help="folder of the runs' reports (default: %(default)s)")
     p.add_argument("--name", type=_run_name, help="run name, a folder under --reports-dir (default: UTC date-time)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the image order, broken uploads and client ids, so runs compare (default 0)")
     p.set_defaults(func=cmd_loadtest)
 
-    r = sub.add_parser("report", help="re-render a load-test report, or compare two runs (--compare A B)")
+    r = sub.add_parser("report", help="re-render a load-test report, or compare two runs (--compare A B)",
+                       description="Render report.md and tradeoff.png of a load-test run again from its results.json "
+                       "and print the report, or print two runs side by side (--compare A B).")
     r.add_argument("run", nargs="?", help="run folder or name under reports/")
     r.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two runs side by side")
-    r.add_argument("--publish", metavar="DIR", help="also copy report.md and tradeoff.png into DIR (e.g. docs)")
-    r.add_argument("--reports-dir", default="reports")
+    r.add_argument("--publish", metavar="DIR", help="also copy report.md and tradeoff.png into DIR as loadtest-RUN.md (e.g. benchmarks/results/DATE-HOST)")
+    r.add_argument("--reports-dir", default="reports", help="folder of the runs' reports (default: %(default)s)")
     r.set_defaults(func=cmd_report)

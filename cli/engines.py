@@ -5,55 +5,37 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from cli.argtypes import bounded, existing_dir, int_list
+from .argtypes import bounded, existing_dir, int_list
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import cache_dir
-    from .loader import ENGINES, _Checkpoint, _try, _why, auto_candidates
-    from .threads import set_threads
-
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     import torch
+
+    from engines.prepare import engine_selection, export_and_verify
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA GPU is visible to PyTorch here", file=sys.stderr)
         return 2
-    names = [n.strip() for n in args.engine.split(",") if n.strip()]
-    if names == ["all"]:
-        names = [n for n in ENGINES if n != "torch"]
-    elif names == ["auto"]:
-        names = [n for n in auto_candidates(args.device) if n != "torch"]
-    for n in names:
-        if n not in ENGINES:
-            print(f"unknown engine {n!r}; available: all, auto, {', '.join(ENGINES)}", file=sys.stderr)
-            return 2
-    threads = set_threads(args.threads or None)
-    ck = _Checkpoint(args.tag, args.home, args.device, threads, sorted(set(args.batch_sizes)))
-    rows, failed = [], 0
-    for n in names:
-        eng, result = _try(n, ck)
-        row = {"engine": n, "ok": eng is not None, "reason": _why(result)}
-        if not isinstance(result, str):
-            row.update(precision=result.precision, **{k: result.metrics.get(k) for k in
-                       ("max_abs_diff", "agreement", "test_top1", "test_top1_reference")})
-        else:
-            row["precision"] = ENGINES[n].precision
-        failed += not row["ok"]
-        rows.append(row)
-    out = {"checkpoint": str(ck.folder), "cache": str(cache_dir(ck.folder, ck.manifest)),
-           "calibration": ck.calibration.source, "engines": rows}
+    try:
+        names = engine_selection(args.engine, args.device)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    report = export_and_verify(args.tag, names, device=args.device, threads=args.threads or None,
+                               batch_sizes=args.batch_sizes, home=args.home)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(f"{ck.manifest.variant} {ck.folder.name}: artefacts in {out['cache']}")
-        print(f"calibration: {out['calibration']}")
-        for r in rows:
-            print(f"  {'ok     ' if r['ok'] else 'REFUSED'} {r['engine']:<17} {r['precision']:<5} {r['reason']}")
+        print(f"{report.variant} {Path(report.checkpoint).name}: artefacts in {report.cache}")
+        print(f"calibration: {report.calibration}")
+        for e in report.engines:
+            print(f"  {'ok     ' if e.ok else 'REFUSED'} {e.engine:<17} {e.precision:<5} {e.reason}")
     # Refusals are normal (bf16 on a CPU without it, int8 of an untrained model): exit 0 unless
     # every requested engine failed.
-    return 1 if failed == len(rows) else 0
+    return 1 if report.all_failed else 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-from cli.argtypes import bounded, int_list
+from .argtypes import bounded, int_list
+
+
+def progress_printer(stream):
+    """A progress callback: one line rewritten in place on a terminal, plain lines in a log or CI."""
+    if stream.isatty():
+        return lambda s: print(f"\r{s:<60}", end="", file=stream, flush=True)
+    return lambda s: print(s, file=stream, flush=True)
 
 
 def _variant_rows(resolution: int, num_classes: int, family: str | None) -> list[dict]:
@@ -74,7 +81,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if n != REFERENCE:
             get_variant(n)  # fail fast with the list of known names
     batches = args.batches or ([1, 8] if args.engines else [1, 8, 32])
-    progress = None if args.json or args.quiet else (lambda s: print(f"\r{s:<60}", end="", file=sys.stderr, flush=True))
+    progress = None if args.json or args.quiet else progress_printer(sys.stderr)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA GPU is visible to PyTorch here; use --device cpu", file=sys.stderr)
@@ -89,7 +96,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         format_table = format_engine_table  # noqa: F811 - the engines' table for these rows
     else:
         rows = run_bench(names, batches, args.resolution, args.rounds, args.seconds, device=device, progress=progress)
-    if progress:
+    if progress and sys.stderr.isatty():
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
     info = machine_info()
     info.update(device=device, resolution=args.resolution, rounds=args.rounds, layout="channels_last, inference_mode, eager")

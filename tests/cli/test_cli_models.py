@@ -80,3 +80,12 @@ def test_out_of_range_options_are_refused_while_parsing(argv, message, capsys):
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists("/no/such/store")
+
+
+def test_bench_progress_is_plain_lines_when_stderr_is_not_a_terminal(capsys):
+    argv = ["bench", "--models", "compact", "--batches", "1", "--resolution", "32", "--rounds", "2",
+            "--seconds", "0.01"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines()[:2] == ["round 1/2 compact batch 1", "round 2/2 compact batch 1"]

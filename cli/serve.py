@@ -5,8 +5,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from store.paths import bentoml_home
+
+if TYPE_CHECKING:
+    from engines.prepare import VariantEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,13 +27,12 @@ def server_tmp_dir(home: Path) -> Path:
 def server_env(home: Path | None = None) -> dict[str, str]:
     """The environment of a `bentoml serve` on the store at `home` (default: $BENTOML_HOME or ~/bentoml).
 
-    TMPDIR is a folder of its own per store, emptied at every start. NOTE: every BentoML client
-    between services makes a temporary directory that only its finalizer removes, and workers stopped
-    by a signal never run it: /tmp held 1,993 empty `bentoml-client-*` folders after a few days of
-    tests and starts (2026-11-27). A start means the previous server of this store is gone (bentoml
-    serve wipes its metrics folder too), so what is left there is litter. The folder is in the system's
-    temporary folder, named by a hash of the store, not inside the store: BentoML puts its Unix
-    sockets there, and a socket path must stay under 108 characters.
+    TMPDIR is a folder of its own per store, emptied at every start: every BentoML client between
+    services makes a temporary folder that only its finalizer removes, and workers stopped by a signal
+    never run it, so what a previous server of this store left there is litter (a start means that
+    server is gone). The folder is named by a hash of the store and kept in the system's temporary
+    folder, not inside the store: BentoML puts its Unix sockets there, and a socket path must stay
+    under 108 characters.
     """
     import getpass
     import shutil
@@ -40,11 +43,17 @@ def server_env(home: Path | None = None) -> dict[str, str]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "BENTOML_HOME": str(home), "TMPDIR": str(tmp)}
-    # torch.compile's cache lives under the temporary folder by default: keep it where it was, so that
+    # torch.compile's cache lives under the temporary folder by default: keep it in the system's, so that
     # a GPU worker's compiled graphs survive restarts instead of being emptied with the litter.
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
-    env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no network here; skip usage analytics
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")  # no usage analytics from a server
     return env
+
+
+def serve_command(host: str, port: int) -> list[str]:
+    """The command line of the server: BentoML's arbiter, the gateway and one worker per variant."""
+    return [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", host, "--port", str(port),
+            "--working-dir", str(ROOT)]
 
 
 def preflight(cfg) -> list[str]:
@@ -55,7 +64,7 @@ def preflight(cfg) -> list[str]:
     """
     from store import CheckpointError, read_manifest
 
-    from .config import check_label_spaces
+    from service.config import check_label_spaces
 
     problems, classes = [], {}
     for name, v in cfg.variants.items():
@@ -75,90 +84,60 @@ def example_curl(host: str, port: int) -> str:
             f"  curl -s http://{shown}:{port}/variants   # also /routes, /readyz, /metrics, /docs")
 
 
-def prepare_engines(cfg) -> int:
-    """Export, verify and choose every served variant's engine exactly as its worker will (same engine
-    setting, threads, device and batch sizes), so that auto's choice is recorded and the server's
-    first start only loads the winners. 1 if some variant has no engine (its reason is printed)."""
-    import time
-
+def variant_engines(cfg) -> list[VariantEngine]:
+    """Each served variant's engine with the engine setting, device, threads and batch sizes its
+    worker uses (a single-thread batch runs the same engine with one thread: only the full thread
+    count is chosen and recorded)."""
     import torch
 
-    from cli.parallel import run_side_by_side
-    from engines import load_engine
-
-    from .config import cpu_threads, variant_device, variant_threads
+    from engines.prepare import VariantEngine
+    from service.config import variant_device, variant_threads
 
     cuda = torch.cuda.is_available()
+    return [VariantEngine(name, v.model, v.engine, variant_device(v, cuda), variant_threads(v, cfg),
+                          tuple(v.batch_sizes)) for name, v in cfg.variants.items()]
 
+
+def prepare_engines(cfg) -> int:
+    """Export, verify and choose every served variant's engine exactly as its worker will, so that
+    auto's choice is recorded and the server's first start only loads the winners. 1 if some variant
+    has no engine (its reason is printed)."""
+    from engines.prepare import choose
+    from service.config import cpu_threads
+
+    from engines.side_by_side import run_side_by_side
+
+    variants = variant_engines(cfg)
     # 1) Export and verify, one single-threaded process per variant, as many at once as there are cores:
-    # exports are mostly single-threaded Python. NOTE: one after another this took 341 s for the default
-    # four here (2026-11-27). Verdicts are cached by the artefacts' sha256, not by threads, so step 2
-    # reuses them. Every batch size is built here although verification needs one: the int8 engine's
-    # compiled models go into OpenVINO's cache (engines/openvino_rt.py), and compiling them here, two
-    # processes at once, beats compiling them in step 2, one variant at a time. NOTE: verifying at the
-    # largest size only made `make engines` 5 min 35 s against 5 min 19 s (2026-11-27 10:28 and 09:51).
-    print("exporting and verifying the engines of " + ", ".join(cfg.variants) + " side by side", flush=True)
-    run_side_by_side({name: [sys.executable, "-m", "cli", "export", v.model, "--engine", v.engine, "--threads", "1",
-                             "--device", variant_device(v, cuda), "--batch-sizes", ",".join(map(str, v.batch_sizes))]
-                      for name, v in cfg.variants.items()}, max_jobs=max(1, cpu_threads(cfg)))
+    # exports are mostly single-threaded Python. Verdicts are cached by the artefacts' sha256, not by
+    # threads, so step 2 reuses them. Every batch size is built here: the int8 engine's compiled models
+    # go into OpenVINO's cache (engines/openvino_rt.py), and compiling them here, side by side, beats
+    # compiling them in step 2, one variant at a time.
+    print("exporting and verifying the engines of " + ", ".join(v.name for v in variants) + " side by side",
+          flush=True)
+    run_side_by_side({v.name: [sys.executable, "-m", "cli", "export", v.model, "--engine", v.engine, "--threads", "1",
+                               "--device", v.device, "--batch-sizes", ",".join(map(str, v.batch_sizes))]
+                      for v in variants}, max_jobs=max(1, cpu_threads(cfg)))
     # 2) One variant at a time, alone on the machine: auto's timing must not share the cores.
     print("choosing each variant's engine as its worker will", flush=True)
     failed = 0
-    for name, v in cfg.variants.items():
-        # The worker's single-thread batches run the same engine with one thread (service/workers.py):
-        # only the full thread count is chosen and recorded.
-        device, threads = variant_device(v, cuda), variant_threads(v, cfg)
-        t0 = time.perf_counter()
+    for v in variants:
         try:
-            eng, _ = load_engine(v.model, engine=v.engine, threads=threads, device=device, batch_sizes=v.batch_sizes)
+            c = choose(v)
         except Exception as e:  # a missing checkpoint, or no engine at all
-            print(f"{name:<10} FAILED: {e}", flush=True)
+            print(f"{v.name:<10} FAILED: {e}", flush=True)
             failed += 1
             continue
-        d = eng.describe()
-        print(f"{name:<10} {d.get('engine')} {d.get('precision')} on {device}, {threads} thread(s), batch sizes "
-              f"{list(v.batch_sizes)} ({time.perf_counter() - t0:.0f} s)\n           {d.get('reason')}", flush=True)
+        d = c.description
+        print(f"{v.name:<10} {d.get('engine')} {d.get('precision')} on {v.device}, {v.threads} thread(s), batch sizes "
+              f"{list(v.batch_sizes)} ({c.seconds:.0f} s)\n           {d.get('reason')}", flush=True)
         for refused, why in (d.get("refused") or {}).items():
             print(f"           refused {refused}: {why}", flush=True)
     return 1 if failed else 0
 
 
-def unprepared(cfg) -> list[str]:
-    """What `make checkpoints` / `make engines` would still have to do for this configuration, one line
-    per variant (empty: every checkpoint is stored and every worker's engine choice is recorded).
-
-    Reads manifests and records only, so `make serve` on a prepared store starts serving in seconds
-    rather than re-running the no-op steps (about 70 s of Python start-ups and re-verification).
-    """
-    import torch
-
-    from engines.export import cache_dir
-    from engines.loader import AUTO, recorded_choice
-    from engines.verify import read_records
-    from store import CheckpointError, read_manifest
-
-    from .config import variant_device, variant_threads
-
-    cuda = torch.cuda.is_available()
-    todo = []
-    for name, v in cfg.variants.items():
-        try:
-            manifest, folder = read_manifest(v.model)
-        except CheckpointError as e:
-            todo.append(f"variant {name!r}: {e}")
-            continue
-        device, threads = variant_device(v, cuda), variant_threads(v, cfg)
-        if v.engine == AUTO:
-            if recorded_choice(v.model, threads=threads, device=device, batch_sizes=v.batch_sizes) is None:
-                todo.append(f"variant {name!r}: engine auto has not chosen for {device}, {threads} thread(s), "
-                            f"batch sizes {list(v.batch_sizes)}")
-        elif v.engine != "torch" and v.engine not in read_records(cache_dir(folder, manifest)):
-            todo.append(f"variant {name!r}: engine {v.engine} is not exported and verified yet")
-    return todo
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import CONFIG_ENV, ConfigError, config_path, load_config
+    from service.config import CONFIG_ENV, ConfigError, config_path, load_config
 
     path = config_path(args.config).resolve()
     try:
@@ -168,13 +147,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"effnet serve: {e}", file=sys.stderr)
         return 2
     if getattr(args, "reset_routes", False):
-        from .route_state import forget
+        from service.route_state import forget
 
         gone = forget(str(path))
         print(f"effnet serve: forgot the route changes saved in {gone}; serving the routes of {path}" if gone
               else f"effnet serve: no saved route changes for {path}", flush=True)
     if getattr(args, "check", False):
-        todo = unprepared(cfg)
+        from engines.prepare import unprepared
+
+        todo = unprepared(variant_engines(cfg))
         for line in todo:
             print(f"effnet serve --check: {line}", file=sys.stderr)
         return 1 if todo else 0
@@ -196,28 +177,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "`make checkpoints` fills the default store", file=sys.stderr)
     routes = ", ".join(f"{r.name}: {'/'.join(r.split)}" + (f" (shadow {r.shadow.variant})" if r.shadow else "")
                        for r in cfg.routes.values())
-    print(f"serving {path} on http://{args.host}:{args.port} (store: {os.environ.get('BENTOML_HOME', '~/bentoml')})\n"
+    print(f"serving {path} on http://{args.host}:{args.port} (store: {bentoml_home()})\n"
           f"routes: {routes}; default route: {cfg.default_route}\ntry:\n{example_curl(args.host, args.port)}",
           flush=True)
     inside = [n for n, v in cfg.variants.items() if v.placement == "gateway"]
     if inside:
         print(f"served inside the gateway process (placement: gateway, no HTTP hop): {', '.join(inside)}", flush=True)
     if cfg.server.route_changes == "persist":
-        from .route_state import load, state_path
+        from service.route_state import load, state_path
 
         saved = load(state_path(str(path)))
         if saved:
             print(f"saved route changes for {', '.join(saved)} (PATCH /routes, {state_path(str(path))}) are served "
                   "instead of the file's where the file has not changed since; --reset-routes drops them", flush=True)
     env = {**server_env(), CONFIG_ENV: str(path)}
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", args.host,
-           "--port", str(args.port), "--working-dir", str(ROOT)]
+    cmd = serve_command(args.host, args.port)
     os.execvpe(cmd[0], cmd, env)  # bentoml's arbiter takes over this process: Ctrl-C stops everything
 
 
 def port_in_use(host: str, port: int) -> str | None:
     """Why `host:port` cannot be listened on, or None. Checked before starting: BentoML's arbiter
-    answered a busy port with a traceback from circus, after the slow imports."""
+    answers a busy port with a traceback from circus, after the slow imports."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -231,7 +211,7 @@ def port_in_use(host: str, port: int) -> str | None:
 
 
 def port_number(text: str) -> int:
-    """argparse type for a TCP port: bentoml serve took --port 99999 and never became ready."""
+    """argparse type for a TCP port: bentoml serve takes --port 99999 and never becomes ready."""
     try:
         port = int(text)
     except ValueError:

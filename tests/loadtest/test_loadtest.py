@@ -6,6 +6,7 @@ variant, accuracy under load equal to the offline evaluation of the same images 
 and Prometheus's request counts equal to Locust's.
 """
 import json
+import os
 import shutil
 import time
 
@@ -14,10 +15,11 @@ import pytest
 from loadtest.run import RunConfig, execute
 from tests.support.fake_store import make_fake_store
 
-pytestmark = pytest.mark.skipif(not shutil.which("prometheus") and not __import__("os").path.exists(
-    "/usr/bin/prometheus"), reason="the Debian package prometheus is not installed (make setup installs it)")
+pytestmark = pytest.mark.skipif(not shutil.which("prometheus") and not os.path.exists("/usr/bin/prometheus"),
+                                reason="the Debian package prometheus is not installed (make setup installs it)")
 
 
+@pytest.mark.server
 @pytest.mark.slow
 def test_smoke_run_reports_every_variant_with_offline_accuracy_and_matching_counts(tmp_path, bentoml_home):
     t = time.monotonic()

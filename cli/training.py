@@ -1,59 +1,25 @@
-"""`effnet train`, `effnet store` and `effnet import-pretrained`."""
+"""`effnet train`, `effnet train-many`, `effnet train-bench` and `effnet import-pretrained`."""
 from __future__ import annotations
 
 import argparse
 import json
 
-from cli.argtypes import bounded
+from .argtypes import bounded
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import run
+    from training.train import run
 
     return run(args)
-
-
-def cmd_store(args: argparse.Namespace) -> int:
-    from store import list_checkpoints
-
-    rows = list_checkpoints(include_broken=True, verify=args.verify)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("the store is empty; `make checkpoints` fills it")
-        return 0
-
-    def num(value, width: int, spec: str = "") -> str:  # a broken manifest may hold anything
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return f"{format(value, spec) if ok else '-':>{width}}"
-
-    print(f"  {'tag':<44} {'variant':<18} {'dataset':<14} {'classes':>7} {'res':>4} {'top-1':>7} {'params':>10}"
-          "  created")
-    for r in rows:
-        mark = "! " if r["problem"] else "  "
-        print(f"{mark}{r['tag']:<44} {str(r['variant'] or '-'):<18} {str(r['dataset'] or '-'):<14} "
-              f"{num(r['classes'], 7)} {num(r['resolution'], 4)} {num(r['top1'], 7, '.2%')} "
-              f"{num(r['params'], 10, ',')}  {r['created'] or '-'}")
-        if r["problem"]:
-            print(f"    ! {r['problem']}")
-    broken = sum(1 for r in rows if r["problem"])
-    if broken:
-        print(f"{broken} checkpoint(s) marked ! cannot be served: fix or delete their folders")
-    if not args.verify:
-        # NOTE: hashing every weights file reads the whole store: sha256 ran at 1.2 s per GB here (in memory,
-        # 2026-11-28), plus the disk reads; too slow for every listing of a large store, so it is asked for.
-        print("weights not verified (sha256); `effnet store --verify` checks them (the service always does)")
-    return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from store import has_checkpoint
 
-    from .pretrained import IMPORTERS
+    from training.pretrained import IMPORTERS
 
     name, importer = IMPORTERS[args.model]
-    # The published weights do not change: a second import only stored an identical version.
+    # The published weights do not change: a second import would only store an identical version.
     if has_checkpoint(f"{name}:latest"):
         print(f"{name}:latest is already in the store; skipped (delete it with `bentoml models delete {name}` "
               "to import it again)")
@@ -63,8 +29,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_train_many(args: argparse.Namespace, extra: list[str]) -> int:
-    from .parallel import train_many
-    from .options import get_args_parser
+    from training.options import get_args_parser
+    from training.parallel import train_many
 
     # the options go to every child: refuse a typo here, once, rather than in each of them
     get_args_parser().parse_args(["--variant", "b0", *extra])
@@ -75,7 +41,7 @@ def cmd_train_many(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError("give at least one variant with --variants, e.g. --variants b0,mec,compact")
     from models import get_variant
 
-    for v in variants:  # an unknown one failed in its child process, with a traceback, after the others started
+    for v in variants:  # an unknown one would fail in its child process, with a traceback, after the others started
         get_variant(v)
     return train_many(variants, extra, threads=args.threads)
 
@@ -83,7 +49,7 @@ def cmd_train_many(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_train_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench import machine, train_step_throughput
+    from training.bench import machine, train_step_throughput
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     rows = train_step_throughput(variants, args.resolution, args.batch_size, args.steps, args.rounds,
@@ -101,7 +67,7 @@ def cmd_train_bench(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from .options import add_train_arguments
+    from training.options import add_train_arguments
 
     p = sub.add_parser(
         "train",
@@ -149,16 +115,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--record", metavar="FILE.json", help="also write machine info and rows to FILE.json")
     p.set_defaults(func=cmd_train_bench)
 
-    p = sub.add_parser("store", help="list the checkpoints in the store",
-                       description="List stored checkpoints ($BENTOML_HOME/models): tag, variant, dataset, number of "
-                       "classes, resolution, top-1, parameters, creation time.")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list (tag, variant, dataset, classes, resolution, top1 as a fraction, params, "
-                   "created, path, problem: why it cannot be served or null, verified: sha256 checked, null without "
-                   "--verify)")
-    p.add_argument("--verify", action="store_true",
-                   help="also check every weights file against its manifest's sha256 (reads the whole store)")
-    p.set_defaults(func=cmd_store)
 
     p = sub.add_parser("import-pretrained", help="store published pretrained weights as a checkpoint (lite0: ImageNet)",
                        description="Put published weights into the store the same way training does. lite0: the "
@@ -166,5 +122,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "classes, 224x224 after resizing to 256, mean 0.498 / std 0.502; stored as lite0-imagenet.")
     p.add_argument("model", choices=["lite0"], help="which weights")
     p.add_argument("--skip-existing", action="store_true",
-                   help="do nothing if it is already in the store (now always the case; kept for scripts)")
+                   help="do nothing if it is already in the store (always the case: a second import is skipped; accepted for scripts)")
     p.set_defaults(func=cmd_import)
