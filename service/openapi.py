@@ -178,6 +178,18 @@ ASSIGNMENT = {
         "client_id": _S, "route": _S, "variant": _S, "model": _S,
         "assignment": {"type": "string", "enum": ["split", "default"]}, "weights": _WEIGHTS}}),
         **errors("400")}}
+READYZ_VARIANT = {
+    "summary": "Whether one variant serves now, and each worker replica's mark",
+    "description": "200 while the variant is ready (a replica that answers its health checks serves it), 503 "
+                   "with the reason while it is not; GET /readyz answers for the whole gateway "
+                   "(server.readiness). Reads the last health checks: never waits on a worker.",
+    "parameters": [{"name": "variant", "in": "path", "required": True, "schema": _S,
+                    "description": "a served variant (GET /variants)"}],
+    "responses": {**ok("the variant is ready", {"type": "object", "properties": {
+        "variant": _S, "ready": {"type": "boolean"}, "problem": {**_S, "nullable": True},
+        "replicas": {"type": "array", "items": {"type": "object"}}}}),
+        "503": {"description": "the variant is not ready: `problem` says why (the same body as 200)"},
+        **errors("404")}}
 DOCS = {"summary": "The API page: redirects to /", "responses": {"307": {"description": "to /"}}}
 
 
