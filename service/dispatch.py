@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -171,7 +172,7 @@ class Dispatcher:
                                 records = await replicas[i].to_async.predict(batch)
                         finally:
                             replica.calls.discard(timer)
-                    answered = True
+                    answered, replica.called_at = True, time.monotonic()
                     metrics.WORKER_CALLS.labels(variant, "http" if lease is None else "shared_memory").inc()
                     return InferenceResult.from_records(records, replica=f"worker {i + 1}")
                 except (httpx.TimeoutException, TimeoutError):  # before the next clause: aiohttp's are both

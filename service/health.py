@@ -5,8 +5,9 @@ Why: a killed worker's listening socket stays open under BentoML's supervisor, s
 accepted by the kernel and wait for their deadline instead of failing; and a stopped (hung) process
 looks the same. So the gateway decides who answers:
 - every `server.health_interval_s` it asks each replica for its status, with `server.health_timeout_s`
-  to answer; no answer, or a failed connection, marks the replica down; an answer marks it up again
-  (a down replica is asked at the same pace: that is its probe back);
+  to answer; no answer (unless a call to it succeeded within that time: busy is not hung), or a failed
+  connection, marks the replica down; an answer marks it up again (a down replica is asked at the same
+  pace: that is its probe back);
 - a replica's status names its process id: the gateway opens a pidfd on it, and the event loop marks
   the replica down the moment that process exits, before any check or call would notice;
 - a call that passes its deadline, or whose connection fails for good, marks its replica down too
@@ -50,6 +51,7 @@ class Replica:
     pid: int | None = None  # its process, watched through `watch_fd`
     watch_fd: int | None = None
     calls: set = field(default_factory=set)  # the asyncio.Timeout of each call in flight to it
+    called_at: float = 0.0  # when a call to it last succeeded (service/dispatch.py)
 
     @property
     def serving(self) -> bool:
@@ -148,6 +150,10 @@ class Health:
             async with asyncio.timeout(self.timeout_s):
                 status = await self.check_fn(variant, i)
         except TimeoutError:
+            if time.monotonic() - r.called_at < self.timeout_s:  # busy, not hung: it answered a call just now
+                logger.info("variant %s: worker replica %d was slow to answer its health check, but answers calls",
+                            variant, i + 1)
+                return
             self.mark_down(variant, i, "health_check", f"worker replica {i + 1} did not answer its health check "
                            f"within {self.timeout_s:g} s" if r.answered else
                            f"worker replica {i + 1} is not answering yet (starting)")

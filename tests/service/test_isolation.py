@@ -183,6 +183,22 @@ def test_a_check_that_hangs_marks_the_replica_down_within_its_timeout():
     assert h.is_down("b0") and took < 0.5 and "not answering yet (starting)" in h.replicas["b0"][0].reason
 
 
+def test_a_replica_that_answers_calls_is_busy_not_hung_when_its_check_is_slow():
+    async def check(variant, i):
+        await asyncio.sleep(3600)
+
+    async def go():
+        h = Health({"b0": 1}, check, timeout_s=0.2)
+        h.record("b0", 0, {"ready": True})
+        h.replicas["b0"][0].called_at = time.monotonic()
+        await h.check("b0", 0)
+        busy = h.is_down("b0")
+        await h.check("b0", 0)  # no call answered since: hung
+        return busy, h.is_down("b0")
+
+    assert asyncio.run(go()) == (False, True)
+
+
 def test_a_worker_process_that_exits_is_marked_down_at_once():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
