@@ -145,12 +145,12 @@ class Health:
     # checks -----------------------------------------------------------------------------------------
 
     async def check(self, variant: str, i: int) -> None:
-        r = self.replicas[variant][i]
+        r, started = self.replicas[variant][i], time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
                 status = await self.check_fn(variant, i)
         except TimeoutError:
-            if time.monotonic() - r.called_at < self.timeout_s:  # busy, not hung: it answered a call just now
+            if r.called_at >= started:  # busy, not hung: it answered a call while this check waited
                 logger.info("variant %s: worker replica %d was slow to answer its health check, but answers calls",
                             variant, i + 1)
                 return

@@ -190,8 +190,12 @@ def test_a_replica_that_answers_calls_is_busy_not_hung_when_its_check_is_slow():
     async def go():
         h = Health({"b0": 1}, check, timeout_s=0.2)
         h.record("b0", 0, {"ready": True})
-        h.replicas["b0"][0].called_at = time.monotonic()
-        await h.check("b0", 0)
+
+        async def answer_a_call():
+            await asyncio.sleep(0.05)
+            h.replicas["b0"][0].called_at = time.monotonic()
+
+        await asyncio.gather(h.check("b0", 0), answer_a_call())
         busy = h.is_down("b0")
         await h.check("b0", 0)  # no call answered since: hung
         return busy, h.is_down("b0")
