@@ -184,7 +184,8 @@ class GatewayService:
                 if a.shadow:
                     self.shadows.mirror(a, batch, [results[i]["predictions"][0]["index"] for i, _ in good])
             return {"request_id": rid, "route": a.route, "variant": a.variant, "assignment": a.how,
-                    **({"instead_of": a.instead_of} if a.instead_of else {}), "results": results, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+                    **({"instead_of": a.instead_of} if a.instead_of else {}), "results": results,
+                    "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
         return await self._respond("classify_batch", several)
 

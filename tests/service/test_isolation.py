@@ -396,3 +396,12 @@ def test_a_down_variant_is_answered_by_its_fallback_or_503_when_named(two_routes
     two_routes.gw.health.record("b0", 0, {"ready": True})
     r, _ = post(two_routes, route="fashion")
     assert r.status_code == 200 and (r.json()["variant"], r.json()["assignment"]) == ("b0", "default")
+
+
+def test_a_live_route_change_keeps_the_routes_fallback():
+    from tests.service.fakes import gateway_for_routes
+
+    cfg = parse_config({**CFG, "routes": {**CFG["routes"], "fashion": {**CFG["routes"]["fashion"], "fallback": "compact"}}})
+    gw = gateway_for_routes(cfg=cfg)
+    out = gw.change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
+    assert out["fallback"] == "compact" and gw.cfg.routes["fashion"].fallback == "compact"
