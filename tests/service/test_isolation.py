@@ -41,12 +41,10 @@ def test_a_variant_past_its_places_and_its_share_of_the_pool_does_not_refuse_ano
 
 def test_a_place_is_given_back_whatever_the_request_ends_with():
     adm = Admission({"b0": 1}, burst=0, share=0.5, retry_after_s=1)
-    with pytest.raises(RuntimeError):
-        with adm.hold("b0"):
-            raise RuntimeError("the request failed")
-    with adm.hold("b0"):
-        with pytest.raises(ClientError, match="its 1 places"):
-            adm.admit("b0")
+    with pytest.raises(RuntimeError), adm.hold("b0"):
+        raise RuntimeError("the request failed")
+    with adm.hold("b0"), pytest.raises(ClientError, match="its 1 places"):
+        adm.admit("b0")
     assert adm.held("b0") == 0
 
 
