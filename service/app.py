@@ -57,6 +57,9 @@ def build_gateway(cfg):
         traffic={"timeout": cfg.server.timeout_s},
         tracing=tracing_options(cfg.server),
         workers=1,
+        # /readyz is the gateway's own health marks (service/readiness.py); BentoML's probe of every
+        # dependency would wait up to 5 s on a worker that is gone
+        runner_probe={"enabled": False, "timeout": 1, "period": 10},
     )(bentoml.asgi_app(http_app, path="/")(cls))
     svc.add_asgi_middleware(OpenAPIMiddleware, paths=paths(ENDPOINTS))
     svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,

@@ -21,7 +21,7 @@ from . import openapi
 from .errors import ClientError, error_response, request_id
 from .live_routes import ADMIN_TOKEN_ENV, MAX_CHANGE_BYTES, admin_refusal
 from .openapi import Endpoint
-from .routing import RoutingError
+from .routing import RoutingError, shown
 
 
 def _gateway() -> Any:
@@ -86,6 +86,17 @@ async def change_route(request: Request) -> JSONResponse:
         return error_response(rid, e.status, str(e))
 
 
+async def variant_ready(request: Request) -> JSONResponse:
+    """GET /readyz/VARIANT: 200 while the variant serves, else 503 with why (service/readiness.py)."""
+    name = request.path_params["variant"]
+    try:
+        body = _gateway().variant_readiness(name)
+    except KeyError:
+        return error_response(request_id(), 404, f"unknown variant {shown(name)}; variants: "
+                                                  f"{', '.join(_gateway().cfg.variants)}")
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
 async def docs(request: Request) -> RedirectResponse:
     """BentoML 1.4 shows its Swagger UI at `/` (the document at `/docs.json`); `/docs` is where FastAPI
     and most services put it."""
@@ -109,6 +120,7 @@ ENDPOINTS = [
     Endpoint("/routes/{name}", "PATCH", change_route, openapi.CHANGE_ROUTE),
     Endpoint("/assignment", "GET", assignment, openapi.ASSIGNMENT),
     Endpoint("/docs", "GET", docs, openapi.DOCS),
+    Endpoint("/readyz/{variant}", "GET", variant_ready, openapi.READYZ_VARIANT),
 ]
 
 http_app = Starlette(exception_handlers={405: method_not_allowed},

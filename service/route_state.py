@@ -40,7 +40,8 @@ def state_path(config_source: str, home: str | os.PathLike | None = None) -> Pat
 def route_dict(r: RouteConfig) -> dict:
     """A route as the configuration file and PATCH write it (weights already normalised)."""
     return {"split": dict(r.split),
-            "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None}
+            "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None,
+            **({"fallback": r.fallback} if r.fallback else {})}
 
 
 def same_route(a: dict, b: dict) -> bool:
