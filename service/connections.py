@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # File descriptors kept for everything but client connections: worker sockets, shared memory, logs.
 RESERVED_FDS = 256
+# A connection refused above the cap is read (and dropped) this long after its 503 before it is closed:
+# closing with its request unread would reset it, and the client would never see the 503.
+REFUSED_LINGER_S = 1.0
 
 
 def _plain_answer(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> bytes:
@@ -66,6 +69,7 @@ class LimitedConnection:
 
     limits: ConnectionLimits  # set on the subclass
     _header_timer: asyncio.TimerHandle | None = None
+    _refused = False
 
     # -- waiting for a request (headers not complete, or idle) ------------------------------------
     def _start_waiting(self, headers: bool) -> None:
@@ -98,11 +102,18 @@ class LimitedConnection:
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections and not self._push_out_one():
             self.limits.refused += 1
+            self._refused = True
             transport.write(_plain_answer(503, "Service Unavailable", "too many connections; retry later",
                                           {"retry-after": str(self.limits.retry_after_s)}))
-            transport.close()
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.loop.call_later(REFUSED_LINGER_S, transport.close)
             return
         self._start_waiting(headers=True)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:  # a refused connection's request is only drained
+            super().data_received(data)
 
     def _push_out_one(self) -> bool:
         """Close the connection that has waited longest for a request; False if none is waiting."""

@@ -4,6 +4,9 @@ import asyncio
 import json
 import time
 
+import pytest
+
+from service.config import ConfigError, parse_config
 from service.http_limits import BodyBudget, LimitsMiddleware, discard_body
 
 
@@ -124,3 +127,16 @@ def test_the_budget_refuses_only_what_does_not_fit():
     assert a.grow_to(60) and not b.grow_to(50) and b.grow_to(40) and budget.used == 100
     a.release()
     assert budget.used == 40 and b.grow_to(90) and budget.used == 90
+
+
+def test_the_connection_and_buffer_keys_are_read_and_checked():
+    from tests.service.fakes import CFG
+
+    cfg = parse_config({**CFG, "server": {"header_timeout_s": 2.5, "keepalive_timeout_s": 1, "max_connections": 100,
+                                          "max_buffered_mb": 64}})
+    s = cfg.server
+    assert (s.header_timeout_s, s.keepalive_timeout_s, s.max_connections, s.max_buffered_bytes) == (2.5, 1, 100, 64 << 20)
+    with pytest.raises(ConfigError, match="max_buffered_mb .* must be at least server.max_body_mb"):
+        parse_config({**CFG, "server": {"max_buffered_mb": 5, "max_body_mb": 10}})
+    with pytest.raises(ConfigError, match="server.max_connections: expected an integer"):
+        parse_config({**CFG, "server": {"max_connections": 1.5}})
