@@ -75,7 +75,7 @@ def test_curl_and_httpx_still_see_the_413(server, tmp_path):
     path = tmp_path / "body"
     path.write_bytes(body)
     out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", "-H", f"Content-Type: {ctype}", "--data-binary",
-                          f"@{path}", server.url + "/classify"], capture_output=True, text=True, timeout=60)
+                          f"@{path}", server.url + "/classify"], capture_output=True, text=True, timeout=60, check=True)
     text, status = out.stdout.rsplit("\n", 1)
     assert status == "413" and LIMIT in json.loads(text)["error"]
     r = httpx.post(server.url + "/classify", content=body, headers={"Content-Type": ctype}, timeout=60)
