@@ -9,6 +9,7 @@ from __future__ import annotations
 import bentoml
 
 from .config import load_config, tracing_options
+from .connections import install as install_connection_limits
 from .endpoints import ENDPOINTS, http_app
 from .gateway import GatewayService
 from .http_limits import LimitsMiddleware
@@ -64,9 +65,11 @@ def build_gateway(cfg):
     svc.add_asgi_middleware(OpenAPIMiddleware, paths=paths(ENDPOINTS))
     svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,
                             max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s,
-                            body_timeout_s=cfg.server.body_timeout_s, max_uploads=cfg.server.max_uploads)
+                            body_timeout_s=cfg.server.body_timeout_s, max_uploads=cfg.server.max_uploads,
+                            max_buffered_bytes=cfg.server.max_buffered_bytes)
     return svc
 
 
 CONFIG = load_config()
+install_connection_limits(CONFIG.server)  # header deadline, idle limit, connection cap (uvicorn)
 Gateway = build_gateway(CONFIG)

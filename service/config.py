@@ -171,10 +171,25 @@ class ServerConfig:
     # GET /readyz overall: "all" (every variant serves) or "routes" (every route has a variant that serves,
     # its fallback included); GET /readyz/VARIANT answers for one variant either way.
     readiness: str = "all"
+    # Seconds a connection may take to send its request line and headers (none in uvicorn): slow or
+    # stalled clients otherwise hold a file descriptor each, forever (service/connections.py).
+    header_timeout_s: float = 10
+    # Seconds an idle keep-alive connection stays open between requests (uvicorn's timeout_keep_alive).
+    keepalive_timeout_s: float = 5
+    # Open client connections to the gateway; a new one above it closes the connection that has waited
+    # longest for its headers or idled longest, else gets 503: file descriptors stay for the workers.
+    max_connections: int = 2048
+    # Request bodies buffered in the gateway at once, in MiB; a body that would go above it gets 429 +
+    # Retry-After, as max_uploads does: max_uploads x max_body_mb (2.5 GB) is more than a host may have.
+    max_buffered_mb: float = 256
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        return int(self.max_buffered_mb * 1024 * 1024)
 
 
 def tracing_options(server: "ServerConfig") -> dict:
@@ -304,7 +319,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         "max_body_mb", "max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight",
         "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
         "tracing", "worker_transport", "burst_inflight", "burst_share", "health_interval_s", "health_timeout_s",
-        "connect_timeout_s", "readiness"})
+        "connect_timeout_s", "readiness", "header_timeout_s", "keepalive_timeout_s", "max_connections",
+        "max_buffered_mb"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_mb"] = _number("server.max_body_mb", server_raw["max_body_mb"], positive=True)
@@ -342,7 +358,16 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         if not isinstance(server_raw["tracing"], bool):
             raise ConfigError(f"{source}: server.tracing: expected true or false, got {server_raw['tracing']!r}")
         s["tracing"] = server_raw["tracing"]
+    for key in ("header_timeout_s", "keepalive_timeout_s", "max_buffered_mb"):
+        if key in server_raw:
+            s[key] = _number(f"server.{key}", server_raw[key], positive=True)
+    if "max_connections" in server_raw:
+        s["max_connections"] = _number("server.max_connections", server_raw["max_connections"], integer=True,
+                                       positive=True)
     server = ServerConfig(**s)
+    if server.max_buffered_bytes < server.max_body_bytes:
+        raise ConfigError(f"{source}: server.max_buffered_mb ({server.max_buffered_mb:g}) must be at least "
+                          f"server.max_body_mb ({server.max_body_mb:g}), or a body at the limit is never accepted")
     if server.body_timeout_s >= server.timeout_s:
         raise ConfigError(f"{source}: server.body_timeout_s ({server.body_timeout_s:g}) must be below server.timeout_s "
                           f"({server.timeout_s:g}), or BentoML's 504 answers slow uploads before the 408 does")
