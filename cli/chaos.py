@@ -18,8 +18,8 @@ after_s):
   slow-headers      --slow-connections connections sending half a request line, held --slow-hold seconds
   max-uploads       --uploads maximum-size uploads (max_body_mb) at once
   kill-gateway      kill -9 of the gateway process
-  read-only-store   the server restarted on a read-only copy of the store
-  sigterm           SIGTERM of the server under load (ends the server: last)
+  sigterm           SIGTERM of the server under load (ends the server)
+  read-only-store   a server started on a read-only copy of the store, under load
 
 pass criteria (the issue's "Done when"): untouched streams 0 errors and p99 within 25% or 20 ms of
 before (outside the restart seconds); the touched variant answers 200 (itself or its fallback) or a

@@ -46,13 +46,13 @@ class ChaosConfig:
     window_s: float = 20.0  # the longest wait for the touched streams to answer 200 again
     settle_s: float = 2.0  # after the recovery, still in the fault window
     hang_s: float = 5.0  # SIGSTOP to SIGCONT
-    rebuild_s: float = 60.0  # the longest wait for a worker that rebuilds a damaged cache
+    rebuild_s: float = 30.0  # the longest wait for a worker that rebuilds a damaged cache
     slow_connections: int = 5000
     slow_hold_s: float = 15.0
     uploads: int = 256
     request_timeout_s: float = 30.0
     retry_cap_s: float = 2.0  # the longest Retry-After the clients honour
-    sigterm_wait_s: float = 40.0  # how long the stopping server is watched
+    sigterm_wait_s: float = 35.0  # how long the stopping server is watched (its drain grace is 25 s)
     max_total_s: float = 570.0
     ready_timeout_s: float = 240.0
     reports_dir: str = "reports"
@@ -220,7 +220,7 @@ class LoadClients:
         try:
             self.proc.stdin.write(b"stop\n")
             self.proc.stdin.close()
-            self.proc.wait(self.timeout_s + 15)
+            self.proc.wait(30)
         except (OSError, subprocess.TimeoutExpired):
             stop_process(self.proc, timeout=5)
         self._log.close()

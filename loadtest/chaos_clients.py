@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 # What a failed request without an HTTP answer was; "reset" is the one the criteria count.
-ERROR_KINDS = ("reset", "refused", "timeout", "connect-timeout", "other")
+ERROR_KINDS = ("reset", "refused", "timeout", "connect-timeout", "unfinished", "other")
 
 
 def error_kind(exc: BaseException) -> str:
@@ -72,7 +72,12 @@ async def _client(stream: dict, idx: int, client, url: str, stop: asyncio.Event,
         n += 1
         files = {"image": (stream.get("filename", "image"), image, stream.get("content_type", "image/png"))}
         t0, m0 = time.time(), time.monotonic()
-        status, err, fields, rh = await _post(client, url, files, data, headers)
+        try:
+            status, err, fields, rh = await _post(client, url, files, data, headers)
+        except asyncio.CancelledError:  # still waiting when the run ended: counted, with its wait so far
+            record({"s": stream["name"], "t": round(t0, 4), "dt": round(time.monotonic() - m0, 5), "st": 0,
+                    "e": "unfinished"})
+            raise
         record({"s": stream["name"], "t": round(t0, 4), "dt": round(time.monotonic() - m0, 5), "st": status,
                 "e": err, **fields})
         if status in (429, 503):
@@ -123,10 +128,12 @@ async def run_load(spec: dict, out: Path) -> None:
                   for i in range(n)]
     print("started", flush=True)
     await stop.wait()
-    # In-flight requests finish (each within its timeout), so every request sent is counted with its outcome.
-    await asyncio.wait(tasks, timeout=spec.get("timeout_s", 30.0) + 5)
+    # In-flight requests get `finish_s` to end; those still waiting then are recorded as unfinished, so
+    # every request sent is counted and a hung server cannot hold the run for a whole request timeout.
+    await asyncio.wait(tasks, timeout=spec.get("finish_s", 3.0))
     for t in tasks:
         t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     for c in clients:
         await c.aclose()
     sink.close()

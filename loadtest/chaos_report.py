@@ -68,7 +68,7 @@ def analyse(sc: dict) -> dict:
     if any(v is None for v in recovery.values()):
         down_until = marks["end"]
     out["recovery_s"] = recovery
-    restart = (fault, down_until + RESTART_MARGIN_S)
+    restart = (fault, down_until + RESTART_MARGIN_S) if touched | shared else (fault, fault)
     for s, recs in by_stream.items():
         # A request still in flight at the fault belongs to the fault window, whenever it was sent.
         w = {"before": [r for r in recs if r["t"] + r["dt"] < fault],

@@ -2,8 +2,8 @@
 
 Each runs inside one window of steady load (chaos.Harness.load) with the /readyz poller on:
 before_s of steady load, then the fault (`marks["fault"]`), the fault window until the touched streams
-answer 200 again (at most `window_s`) plus `settle_s`, then after_s. Their order matters: the last ones
-restart the server on a read-only store and then stop it with SIGTERM.
+answer 200 again (at most `window_s`) plus `settle_s`, then after_s. Their order matters: `sigterm` ends
+the server, and `read-only-store`, the costliest (a whole start), comes last and starts its own.
 """
 from __future__ import annotations
 
@@ -52,10 +52,10 @@ SCENARIOS = {s.name: s for s in [
     Scenario("max-uploads", "burst", "a burst of `uploads` maximum-size uploads (max_body_mb) at once on the "
              "imagenet route", "lite0"),
     Scenario("kill-gateway", "gateway", "kill -9 of the gateway process: does BentoML restart it, and how soon"),
-    Scenario("read-only-store", "readonly", "the server restarted on a read-only copy of the store: it must "
-             "become ready and serve every route without writing there"),
     Scenario("sigterm", "sigterm", "SIGTERM of the server's main process under load (what a container runtime "
              "sends): admitted requests finish, /readyz turns 503, the process stops within its grace"),
+    Scenario("read-only-store", "readonly", "the server restarted on a read-only copy of the store: it must "
+             "become ready and serve every route without writing there"),
 ]}
 
 
@@ -216,7 +216,7 @@ def _burst(h, sc, marks, load, entry) -> dict:
         statuses[key] = statuses.get(key, 0) + 1
     bad = {k: n for k, n in statuses.items() if k not in ("200", "413", "429", "503")}
     info = {"uploads": h.cfg.uploads, "bytes_each": len(body), "statuses": statuses,
-            "server_rss_mib_before": rss0, "server_rss_mib_peak": sampler.peak}
+            "server_pss_mib_before": rss0, "server_pss_mib_peak": sampler.peak}
     entry["extra_criteria"]["every upload answered 200 or a clear refusal, no reset"] = {"pass": not bad, "value": info}
     return info
 
@@ -300,19 +300,21 @@ def _max_upload(image: bytes, limit: int, route: str | None) -> tuple[bytes, str
 
 
 def _rss_mib(h) -> float:
+    """The server's memory: the sum of its processes' PSS (RSS would count the shared batch memory
+    and the shared libraries once per process)."""
     import psutil
 
     total = 0
     for pid in h.service.pids():
         try:
-            total += psutil.Process(pid).memory_info().rss
-        except psutil.Error:
+            total += psutil.Process(pid).memory_full_info().pss
+        except (psutil.Error, AttributeError):
             pass
     return round(total / 2**20, 1)
 
 
 class _RssSampler:
-    """The server's total RSS every 200 ms while a burst runs; its peak."""
+    """The server's memory (`_rss_mib`) every 500 ms while a burst runs; its peak."""
 
     def __init__(self, h) -> None:
         import threading
@@ -322,7 +324,7 @@ class _RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(0.5):
             self.peak = max(self.peak, _rss_mib(self.h))
 
     def __enter__(self):

@@ -105,6 +105,13 @@ def _criterion(sc: dict, name: str) -> dict:
     return sc["analysis"]["criteria"][name]
 
 
+# The behaviour below is delivered by the isolation (per-variant dispatch, health checks, readiness) and
+# lifecycle (drain on SIGTERM) work; without it these fail, sometimes (strict=False: they pass by luck too).
+NEEDS_ISOLATION = pytest.mark.xfail(strict=False, reason="needs per-variant isolation, health checks and truthful "
+                                    "readiness (service/dispatch.py, service/health.py, service/readiness.py)")
+NEEDS_DRAIN = pytest.mark.xfail(strict=False, reason="needs the graceful drain on SIGTERM (service/drain.py)")
+
+
 @pytest.mark.server
 def test_the_short_run_writes_its_report_and_runs_every_scenario(short_run):
     out, scenarios, results = short_run
@@ -116,6 +123,7 @@ def test_the_short_run_writes_its_report_and_runs_every_scenario(short_run):
     assert set(results["streams"]) == {"fashion", "b0", "compact"}
 
 
+@NEEDS_ISOLATION
 @pytest.mark.server
 @pytest.mark.parametrize("name", ["kill-worker", "hang-worker"])
 def test_a_failed_worker_costs_no_other_variant_an_error(short_run, name):
@@ -124,6 +132,7 @@ def test_a_failed_worker_costs_no_other_variant_an_error(short_run, name):
     assert _criterion(sc, "untouched: 0 errors")["pass"], _criterion(sc, "untouched: 0 errors")
 
 
+@NEEDS_ISOLATION
 @pytest.mark.server
 @pytest.mark.parametrize("name", ["kill-worker", "hang-worker"])
 def test_a_failed_worker_answers_its_own_requests_with_503_not_a_hang_or_a_reset(short_run, name):
@@ -133,6 +142,7 @@ def test_a_failed_worker_answers_its_own_requests_with_503_not_a_hang_or_a_reset
     assert set(during) <= {"200", "503", "429"}, during
 
 
+@NEEDS_ISOLATION
 @pytest.mark.server
 @pytest.mark.parametrize("name", ["kill-worker", "hang-worker"])
 def test_a_failed_worker_serves_again_once_restarted_or_resumed(short_run, name):
@@ -140,6 +150,7 @@ def test_a_failed_worker_serves_again_once_restarted_or_resumed(short_run, name)
     assert sc["analysis"]["recovery_s"]["b0"] is not None, sc["analysis"]["recovery_s"]
 
 
+@NEEDS_ISOLATION
 @pytest.mark.server
 @pytest.mark.parametrize("name", ["kill-worker", "hang-worker"])
 def test_readyz_answers_in_time_and_is_not_ready_while_a_worker_is_down(short_run, name):
@@ -147,6 +158,7 @@ def test_readyz_answers_in_time_and_is_not_ready_while_a_worker_is_down(short_ru
     assert v["timeouts"] == 0 and v["ready while down"] == 0, v
 
 
+@NEEDS_DRAIN
 @pytest.mark.server
 def test_sigterm_under_load_resets_no_admitted_request_and_readyz_turns_unready(short_run):
     sc = short_run[1]["sigterm"]
