@@ -14,9 +14,9 @@ after_s):
   kill-worker-70    the same with 70 clients on b0
   kill-one-of-two   kill -9 of one of lite0's two workers
   hang-worker       SIGSTOP of b0's worker for --hang-seconds, then SIGCONT
-  truncated-cache   an engine cache file of b0 cut in half, then its worker killed: rebuilt, served?
   slow-headers      --slow-connections connections sending half a request line, held --slow-hold seconds
   max-uploads       --uploads maximum-size uploads (max_body_mb) at once
+  truncated-cache   an engine cache file of b0 cut in half, then its worker killed: rebuilt, served?
   kill-gateway      kill -9 of the gateway process
   sigterm           SIGTERM of the server under load (ends the server)
   read-only-store   a server started on a read-only copy of the store, under load

@@ -118,6 +118,20 @@ class Harness:
                 time.sleep(0.5)
         return not pending
 
+    def wait_readyz(self, timeout: float) -> bool:
+        """/readyz 200 within `timeout` (bounded: a server whose readiness never turns is measured as it is)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.alive():
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2.0).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        return False
+
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
 

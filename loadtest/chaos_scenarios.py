@@ -45,12 +45,12 @@ SCENARIOS = {s.name: s for s in [
     Scenario("kill-worker-70", "kill", "the same with 70 clients on b0", "b0", {"b0": 70}),
     Scenario("kill-one-of-two", "kill", "kill -9 of one of lite0's two worker processes", "lite0"),
     Scenario("hang-worker", "hang", "SIGSTOP of b0's worker for hang_s seconds, then SIGCONT", "b0", {"b0": 24}),
-    Scenario("truncated-cache", "truncate", "an engine cache file of b0 cut to half its size, then b0's worker "
-             "killed: it must rebuild the cache (or fall back to another engine) and serve again", "b0"),
     Scenario("slow-headers", "slow", "slow_connections connections that send half a request line and stall for "
              "slow_hold_s seconds, then close"),
     Scenario("max-uploads", "burst", "a burst of `uploads` maximum-size uploads (max_body_mb) at once on the "
              "imagenet route", "lite0"),
+    Scenario("truncated-cache", "truncate", "an engine cache file of b0 cut to half its size, then b0's worker "
+             "killed: it must rebuild the cache (or fall back to another engine) and serve again", "b0"),
     Scenario("kill-gateway", "gateway", "kill -9 of the gateway process: does BentoML restart it, and how soon"),
     Scenario("sigterm", "sigterm", "SIGTERM of the server's main process under load (what a container runtime "
              "sends): admitted requests finish, /readyz turns 503, the process stops within its grace"),
@@ -68,6 +68,8 @@ def run_one(h, sc: Scenario) -> dict:
         h.start_server(h.served_home)
         if not h.healthy(60):
             raise RuntimeError("a freshly started server did not answer every stream")
+    if sc.kind != "readonly":  # a replica still starting after the previous scenario is not "before"
+        h.wait_readyz(20)
     if sc.variant and sc.variant not in h.variants:
         raise RuntimeError(f"variant {sc.variant!r} is not served here (served: {', '.join(h.variants)})")
     if sc.kind == "readonly":
@@ -125,6 +127,7 @@ def _pids(h, sc: Scenario) -> list[int]:
 def _kill(h, sc, marks, load, entry) -> dict:
     pids = _pids(h, sc)
     pid = pids[min(sc.replica, len(pids) - 1)]
+    marks["fault"] = time.time()  # at the signal: finding the processes takes a while on a busy machine
     faults.send(pid, signal.SIGKILL)
     return {"signal": "SIGKILL", "pid": pid, "replicas": len(pids), "restarted_s": _restarted(h, sc, pids)}
 
@@ -141,6 +144,7 @@ def _restarted(h, sc, before: list[int], timeout: float = 10.0) -> float | None:
 
 def _hang(h, sc, marks, load, entry) -> dict:
     pid = _pids(h, sc)[0]
+    marks["fault"] = time.time()
     faults.send(pid, signal.SIGSTOP)
     try:
         time.sleep(h.cfg.hang_s)
@@ -154,6 +158,7 @@ def _gateway(h, sc, marks, load, entry) -> dict:
     pids = faults.gateway_pids(h.root_pid)
     if not pids:
         raise RuntimeError(f"no gateway process under the server ({faults.service_processes(h.root_pid)})")
+    marks["fault"] = time.time()
     for pid in pids:
         faults.send(pid, signal.SIGKILL)
     t0, new = time.monotonic(), None
@@ -169,13 +174,18 @@ def _truncate(h, sc, marks, load, entry) -> dict:
     path = faults.engine_cache_file(h.home, model)
     if path is None:
         raise RuntimeError(f"no engine cache file of {model} in the store copy (engines not prepared?)")
-    cut = h.scope.enter_context(faults.truncated(path))  # put back when the scenario ends
     pids = _pids(h, sc)
+    # Runs after the file is put back (callbacks unwind in reverse): a worker that could not load it is
+    # killed once more, so it loads the whole file and the next scenario needs no fresh server.
+    state = {"back": None}
+    h.scope.callback(lambda: state["back"] is None and [faults.send(p, signal.SIGKILL) for p in _pids(h, sc)])
+    cut = h.scope.enter_context(faults.truncated(path))  # put back when the scenario ends
+    marks["fault"] = time.time()
     for pid in pids:
         faults.send(pid, signal.SIGKILL)
     entry["recovery_limit_s"] = h.cfg.rebuild_s
     info = {**cut, "signal": "SIGKILL", "pids": pids, "restarted_s": _restarted(h, sc, pids)}
-    back = load.wait_200(entry["touched"] + entry["shared"], marks["fault"], h.cfg.rebuild_s, h.alive)
+    back = state["back"] = load.wait_200(entry["touched"] + entry["shared"], marks["fault"], h.cfg.rebuild_s, h.alive)
     marks["during_end"] = (back or time.time()) + h.cfg.settle_s
     time.sleep(max(0.0, marks["during_end"] - time.time()))
     info["size_after"] = path.stat().st_size if path.exists() else None
@@ -223,6 +233,7 @@ def _burst(h, sc, marks, load, entry) -> dict:
 
 def _sigterm(h, sc, marks, load, entry) -> dict:
     proc = h.service.proc
+    marks["fault"] = time.time()
     proc.send_signal(signal.SIGTERM)
     try:
         code = proc.wait(h.cfg.sigterm_wait_s)
