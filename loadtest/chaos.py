@@ -72,6 +72,7 @@ class Harness:
         self.variants: dict = {}
         self.routes: dict = {}
         self.n = 0
+        self.scope: ExitStack | None = None  # the running scenario's: what its fault must put back
 
     # -- the server --------------------------------------------------------------------------------------
     def start_server(self, home: Path | None = None) -> float:
