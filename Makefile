@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # serving benchmark's load generator: C, a tenth of the CPU a Python generator takes from the server).
 DEBS := dataset-fashion-mnist prometheus wrk
 
-.PHONY: setup system-deps test test-fast models bench serve clean help checkpoints train-full loadtest engines
+.PHONY: setup system-deps test test-fast models bench serve clean help checkpoints train-full loadtest engines chaos
 
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
@@ -21,6 +21,7 @@ help:
 	@echo "make models  print the variant table (parameters, MACs, the slides' figures)"
 	@echo "make bench   time the main variants offline; the figures go to benchmarks/results/<date>-<host>/"
 	@echo "make loadtest  Locust + Prometheus against the served variants; report in reports/<run>/ (<= 10 min)"
+	@echo "make chaos   kills, hangs, SIGTERM, slow clients, big uploads, a damaged store under load; reports/chaos-<run>/ (<= 10 min)"
 
 setup: $(STAMP) system-deps
 
@@ -97,6 +98,14 @@ LOADTEST_ARGS ?=
 loadtest: setup
 	@$(EFFNET) serve --check || $(MAKE) --no-print-directory checkpoints engines
 	$(EFFNET) loadtest $(LOADTEST_ARGS)
+
+# Fills the default store if empty, then serves a private copy of it under steady load on every route and
+# runs the fault scenarios one after another (docs/loadtest.md, "Chaos run"); fails if one fails.
+# CHAOS_ARGS passes options (e.g. --scenarios kill-worker,sigterm, or --allow-fail to record a run).
+CHAOS_ARGS ?=
+chaos: setup
+	@$(EFFNET) serve --check || $(MAKE) --no-print-directory checkpoints engines
+	$(EFFNET) chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
