@@ -17,8 +17,11 @@ always interrupted by HTTP work.
 half the time, and the other then waits (benchmarks/serving.md).
 
 flock locks belong to the open file, so they die with the process: a killed worker never leaves a
-slot taken. Only non-blocking tries are made while holding a slot, and a blocking wait is made only
-while holding none (or, for `hold_all`, in index order), so no two holders can deadlock.
+slot taken. A stopped or hung one does, so a wait for a slot is bounded (`max_wait_s`): past it the
+batch runs without a slot, one thread, rather than let one variant's hung process stall every other
+variant's inference; while that lasts, waits are short (`STUCK_WAIT_S`). Only non-blocking tries are
+made while holding a slot, and a wait is made only while holding none (or, for `hold_all`, in index
+order), so no two holders can deadlock.
 """
 from __future__ import annotations
 
@@ -35,6 +38,11 @@ from typing import Iterator
 
 SLOTS_ENV = "EFFNET_CPU_SLOTS"
 CONTENDED_S = 0.2  # after seeing a busy slot, run single-threaded for this long (about 10 busy batches)
+# A slot held longer than any batch takes (lite0's batch of 8 on one thread is about 0.1 s) is held by a
+# stopped or hung process: run without it. Once seen, later waits give up sooner, for STUCK_FOR_S.
+MAX_WAIT_S = 1.0
+STUCK_WAIT_S = 0.05
+STUCK_FOR_S = 2.0
 
 
 def slots_dir() -> Path:
@@ -46,7 +54,8 @@ def slots_dir() -> Path:
 class CoreSlots:
     """`n` cross-process slots; `hold(most)` yields how many this batch got (1 or `most`)."""
 
-    def __init__(self, n: int, folder: Path | None = None, contended_s: float = CONTENDED_S) -> None:
+    def __init__(self, n: int, folder: Path | None = None, contended_s: float = CONTENDED_S,
+                 max_wait_s: float = MAX_WAIT_S) -> None:
         if n < 1:
             raise ValueError(f"need at least one CPU slot, got {n}")
         folder = folder or slots_dir()
@@ -57,6 +66,9 @@ class CoreSlots:
         self._local = threading.Lock()
         self.contended_s = contended_s
         self.contended_at = -1e9  # monotonic time this process last found a slot busy
+        self.max_wait_s = max_wait_s
+        self.stuck_at = -1e9  # monotonic time a wait last ran out (a slot held by a stopped or hung process)
+        self.unslotted = 0  # batches that ran without a slot because the wait ran out
 
     def _try(self, i: int) -> bool:
         try:
@@ -98,17 +110,33 @@ class CoreSlots:
             # may use, and {1, most} is two engines (on 2 cores, the only two counts there are).
             self._release(held[1:])
             return held[:1]
-        i = start
-        fcntl.flock(self.fds[i], fcntl.LOCK_EX)  # none free: wait for one, holding nothing
-        return [i]
+        return self._wait_for_one(start)
+
+    def _wait_for_one(self, start: int) -> list[int]:
+        """Holding nothing, wait for any slot; [] when the wait runs out (see the module docstring)."""
+        now = time.monotonic()
+        limit = STUCK_WAIT_S if now - self.stuck_at < STUCK_FOR_S else self.max_wait_s
+        deadline, pause = now + limit, 0.0005
+        while True:
+            for k in range(self.n):
+                i = (start + k) % self.n
+                if self._try(i):
+                    return [i]
+            if time.monotonic() >= deadline:
+                self.stuck_at = time.monotonic()
+                self.unslotted += 1
+                return []
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)  # a hand-off costs at most ~2 ms of a batch's wait
 
     @contextmanager
     def hold(self, most: int) -> Iterator[int]:
-        """Hold `most` slots if the machine is idle (see above), else one (waiting for it if need be)."""
+        """Hold `most` slots if the machine is idle (see above), else one (waiting for it if need be);
+        yields the thread count to run with (1 without a slot, when the wait ran out)."""
         with self._local:
             held = self._acquire(most)
             try:
-                yield len(held)
+                yield max(1, len(held))
             finally:
                 self._release(held)
 

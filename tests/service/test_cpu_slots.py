@@ -97,3 +97,22 @@ def test_threads_in_use_across_processes_never_exceed_the_slots(tmp_path):
 def test_no_slots_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="at least one"):
         CoreSlots(0, tmp_path)
+
+
+@pytest.mark.server  # another process holds the slots
+def test_a_stopped_worker_holding_every_slot_does_not_stall_the_others(tmp_path):
+    slots = CoreSlots(2, tmp_path, max_wait_s=0.3)
+    p, done = child(tmp_path, 2, 60, k=2)  # holds both slots far longer than any batch: stopped or hung
+    try:
+        with slots.hold(2) as got:
+            assert not done.is_set() and got == 1  # ran while the other still holds both: one thread, no slot
+        assert slots.unslotted == 1
+        with slots.hold(1) as got:  # still stuck: the next batch does not wait the whole time again
+            assert got == 1 and not done.is_set()
+        assert slots.unslotted == 2
+    finally:
+        p.terminate()
+        p.join()
+    with slots.hold(2) as got:  # the holder is gone: its locks died with it
+        assert got >= 1
+    assert slots.unslotted == 2
