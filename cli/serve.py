@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -191,8 +195,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"saved route changes for {', '.join(saved)} (PATCH /routes, {state_path(str(path))}) are served "
                   "instead of the file's where the file has not changed since; --reset-routes drops them", flush=True)
     env = {**server_env(), CONFIG_ENV: str(path)}
-    cmd = serve_command(args.host, args.port)
-    os.execvpe(cmd[0], cmd, env)  # bentoml's arbiter takes over this process: Ctrl-C stops everything
+    return run_server(serve_command(args.host, args.port), env, cfg.server.drain_grace_s)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it if `effnet serve` dies (even by SIGKILL), so no server is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to do
+        pass
+
+
+def run_server(cmd: list[str], env: dict[str, str], grace_s: float) -> int:
+    """Run the server as a child in a session of its own and exit with it.
+
+    The first SIGTERM or SIGINT (Ctrl-C) is passed on once, as SIGTERM, to BentoML's arbiter, which
+    stops its processes while they drain (service/drain.py); a second SIGINT is sent to every process of
+    the server (stop now); a third, or the server still running `grace_s` + 15 s after the first signal,
+    kills them. A child of its own session gets no terminal signals of its own, so each is sent once.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    signals: list[int] = []
+
+    def forward(sig: int, frame: object) -> None:
+        signals.append(sig)
+        try:
+            if len(signals) == 1:
+                proc.send_signal(signal.SIGTERM)
+            elif len(signals) == 2 and sig == signal.SIGINT:
+                os.killpg(proc.pid, signal.SIGINT)
+            elif len(signals) > 2:
+                os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    deadline = None
+    while True:
+        try:
+            code = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if signals and deadline is None:
+            deadline = time.monotonic() + grace_s + 15
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"effnet serve: the server is still running {grace_s + 15:.0f} s after the signal; killing it",
+                  file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            deadline = float("inf")
+    # The arbiter's processes are in its session: none may outlive it.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return 128 - code if code < 0 else code
 
 
 def port_in_use(host: str, port: int) -> str | None:

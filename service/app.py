@@ -9,6 +9,7 @@ from __future__ import annotations
 import bentoml
 
 from .config import load_config, tracing_options
+from .drain import DrainMiddleware
 from .endpoints import ENDPOINTS, http_app
 from .gateway import GatewayService
 from .http_limits import LimitsMiddleware
@@ -34,6 +35,9 @@ def build_gateway(cfg):
     for name, v in remote.items():
         worker_attrs[name] = []
         for i, svc in enumerate(make_workers(v, cfg, gpu), 1):
+            # A worker serves on after SIGTERM until the gateway has drained (service/drain.py).
+            svc.add_asgi_middleware(DrainMiddleware, role="worker", grace_s=cfg.server.drain_grace_s,
+                                    retry_after_s=cfg.server.retry_after_s)
             attr = f"w_{name.replace('-', '_')}_{i}"
             attrs[attr] = bentoml.depends(svc)
             worker_attrs[name].append(attr)
@@ -58,6 +62,9 @@ def build_gateway(cfg):
         tracing=tracing_options(cfg.server),
         workers=1,
     )(bentoml.asgi_app(http_app, path="/")(cls))
+    # Outermost of ours: on SIGTERM, refuse new requests and let the admitted ones finish (service/drain.py).
+    svc.add_asgi_middleware(DrainMiddleware, role="gateway", grace_s=cfg.server.drain_grace_s,
+                            retry_after_s=cfg.server.retry_after_s)
     svc.add_asgi_middleware(OpenAPIMiddleware, paths=paths(ENDPOINTS))
     svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,
                             max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s,

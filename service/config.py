@@ -133,6 +133,9 @@ class ServerConfig:
     # memory falls back to http, with a log line, where it cannot be used (no memfd, a worker on another
     # host or in another container).
     worker_transport: str = "shared_memory"
+    # On SIGTERM, seconds to finish the admitted requests before stopping (service/drain.py): under
+    # Kubernetes' default 30 s termination grace, so the pod ends before it would be killed.
+    drain_grace_s: float = 25
 
     @property
     def max_body_bytes(self) -> int:
@@ -258,7 +261,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     server_raw = _keys(f"{source}: server", top.get("server") or {}, {
         "max_body_mb", "max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight",
         "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
-        "tracing", "worker_transport"})
+        "tracing", "worker_transport", "drain_grace_s"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_mb"] = _number("server.max_body_mb", server_raw["max_body_mb"], positive=True)
@@ -266,7 +269,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
                 "retry_after_s"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], integer=True, positive=True)
-    for key in ("timeout_s", "body_timeout_s"):
+    for key in ("timeout_s", "body_timeout_s", "drain_grace_s"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], positive=True)
     if "cpu_threads" in server_raw and server_raw["cpu_threads"] not in (None, "auto"):
