@@ -9,8 +9,9 @@ own entry for that route is what it was when the change was made. Edit the route
 the file wins, with a log line that says so. `effnet serve --reset-routes` forgets every saved
 change; `server.route_changes: memory` never saves them.
 
-The file lives under `$BENTOML_HOME/effnet/route-changes/`, one per configuration file (keyed by
-its absolute path), so servers on different stores or configurations never share changes.
+The file lives in the service's state folder (`store.paths.state_dir`: `$EFFNET_STATE_DIR`, else
+`$BENTOML_HOME/effnet-state`) under `route-changes/`, one per configuration file (keyed by its absolute
+path), so servers on different stores or configurations never share changes.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
-from store.paths import bentoml_home
+from store.durable import write_atomic
+from store.paths import state_dir
 
 from .config import RouteConfig
 
@@ -32,9 +33,8 @@ VERSION = 1
 def state_path(config_source: str, home: str | os.PathLike | None = None) -> Path:
     """Where the changes of the configuration at `config_source` are kept."""
     src = Path(config_source).resolve()
-    home = bentoml_home(home)
     key = hashlib.sha256(str(src).encode()).hexdigest()[:12]
-    return home / "effnet" / "route-changes" / f"{src.stem}-{key}.json"
+    return state_dir(home) / "route-changes" / f"{src.stem}-{key}.json"
 
 
 def route_dict(r: RouteConfig) -> dict:
@@ -84,16 +84,7 @@ def save(path: Path, entries: dict[str, dict], config_source: str) -> None:
         return
     body = json.dumps({"version": VERSION, "config": str(Path(config_source).resolve()), "routes": entries},
                       indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, body)
 
 
 def forget(config_source: str) -> Path | None:
