@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from store.paths import bentoml_home
+from store.paths import STATE_ENV, bentoml_home, state_dir
 
 if TYPE_CHECKING:
     from engines.prepare import VariantEngine
@@ -47,6 +47,12 @@ def server_env(home: Path | None = None) -> dict[str, str]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "BENTOML_HOME": str(home), "TMPDIR": str(tmp)}
+    # One state folder for every process of the server (store.paths.state_dir), with the admin token in it:
+    # route changes are closed without one (service/audit.py).
+    from service.audit import ensure_token_file
+
+    env[STATE_ENV] = str(Path(os.environ.get(STATE_ENV) or state_dir(home)).resolve())
+    ensure_token_file(env[STATE_ENV])
     # torch.compile's cache lives under the temporary folder by default: keep it in the system's, so that
     # a GPU worker's compiled graphs survive restarts instead of being emptied with the litter.
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
@@ -195,6 +201,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"saved route changes for {', '.join(saved)} (PATCH /routes, {state_path(str(path))}) are served "
                   "instead of the file's where the file has not changed since; --reset-routes drops them", flush=True)
     env = {**server_env(), CONFIG_ENV: str(path)}
+    from service.audit import ADMIN_TOKEN_ENV, audit_path, token_path
+
+    state = env[STATE_ENV]
+    print(f"state folder: {state}\nroute changes (PATCH /routes) need 'Authorization: Bearer <token>' with "
+          + (f"${ADMIN_TOKEN_ENV}" if os.environ.get(ADMIN_TOKEN_ENV) else f"the token in {token_path(state)}")
+          + f"; every attempt is logged to {audit_path(state)}", flush=True)
     return run_server(serve_command(args.host, args.port), env, cfg.server.drain_grace_s)
 
 
