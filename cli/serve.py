@@ -19,31 +19,33 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def server_tmp_dir(home: Path) -> Path:
-    """The temporary folder of the servers of the store at `home` (see server_env)."""
+def server_tmp_dir(home: Path, port: int | None = None) -> Path:
+    """The runtime folder of the server of the store at `home` on `port` (see server_env)."""
     import hashlib
     import tempfile
 
     digest = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"effnet-serve-{digest}"
+    return Path(tempfile.gettempdir()) / (f"effnet-serve-{digest}" + (f"-{port}" if port else ""))
 
 
-def server_env(home: Path | None = None) -> dict[str, str]:
+def server_env(home: Path | None = None, port: int | None = None) -> dict[str, str]:
     """The environment of a `bentoml serve` on the store at `home` (default: $BENTOML_HOME or ~/bentoml).
 
-    TMPDIR is a folder of its own per store, emptied at every start: every BentoML client between
-    services makes a temporary folder that only its finalizer removes, and workers stopped by a signal
-    never run it, so what a previous server of this store left there is litter (a start means that
-    server is gone). The folder is named by a hash of the store and kept in the system's temporary
-    folder, not inside the store: BentoML puts its Unix sockets there, and a socket path must stay
-    under 108 characters.
+    TMPDIR is a runtime folder private to the server, per store and port, emptied at every start: every
+    BentoML client between services makes a temporary folder that only its finalizer removes, and
+    workers stopped by a signal never run it, so what a previous server there left is litter. `effnet
+    serve` holds the port's lock (`port_lock`) while it serves, so a start means the previous server of
+    that store and port is gone, and a second server of the store, on another port, has a folder of its
+    own. The folder is named by a hash of the store and kept in the system's temporary folder, not
+    inside the store: BentoML puts its Unix sockets there, and a socket path must stay under 108
+    characters.
     """
     import getpass
     import shutil
     import tempfile
 
     home = bentoml_home(home)
-    tmp = server_tmp_dir(home)
+    tmp = server_tmp_dir(home, port)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "BENTOML_HOME": str(home), "TMPDIR": str(tmp)}
@@ -175,6 +177,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return prepare_engines(cfg)
+    lock, holder = port_lock(args.port)
+    if lock is None:
+        print(f"effnet serve: port {args.port} is taken by another effnet serve ({holder}); stop it, or choose "
+              "another port with --port", file=sys.stderr)
+        return 2
     busy = port_in_use(args.host, args.port)
     if busy:
         hint = ("Another server may be running there (stop it), or choose another port with --port"
@@ -200,14 +207,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if saved:
             print(f"saved route changes for {', '.join(saved)} (PATCH /routes, {state_path(str(path))}) are served "
                   "instead of the file's where the file has not changed since; --reset-routes drops them", flush=True)
-    env = {**server_env(), CONFIG_ENV: str(path)}
+    env = {**server_env(port=args.port), CONFIG_ENV: str(path)}
     from service.audit import ADMIN_TOKEN_ENV, audit_path, token_path
 
     state = env[STATE_ENV]
     print(f"state folder: {state}\nroute changes (PATCH /routes) need 'Authorization: Bearer <token>' with "
           + (f"${ADMIN_TOKEN_ENV}" if os.environ.get(ADMIN_TOKEN_ENV) else f"the token in {token_path(state)}")
           + f"; every attempt is logged to {audit_path(state)}", flush=True)
-    return run_server(serve_command(args.host, args.port), env, cfg.server.drain_grace_s)
+    try:
+        return run_server(serve_command(args.host, args.port), env, cfg.server.drain_grace_s)
+    finally:
+        import shutil
+
+        shutil.rmtree(env["TMPDIR"], ignore_errors=True)  # the server is gone: its sockets and litter with it
+        os.close(lock)
+
+
+def port_lock(port: int, folder: str | os.PathLike | None = None) -> tuple[int | None, str]:
+    """Hold the lock of `port` for as long as this process lives (the descriptor; closing it lets go), or
+    (None, who holds it). Two servers started at once on one port would both pass the check that the
+    port is free (the arbiter binds it only after slow imports) and then fight over it, the second
+    emptying the first's runtime folder; the lock decides which one serves."""
+    import fcntl
+    import tempfile
+
+    path = Path(folder or tempfile.gettempdir()) / f"effnet-serve-port-{port}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}, store {bentoml_home()}".encode(), 0)
+    return fd, ""
 
 
 def _die_with_parent() -> None:
