@@ -14,6 +14,7 @@ from .endpoints import ENDPOINTS, http_app
 from .gateway import GatewayService
 from .http_limits import LimitsMiddleware
 from .openapi import OpenAPIMiddleware, paths
+from .request_log import RequestLogMiddleware
 from .workers import make_workers
 
 
@@ -36,6 +37,7 @@ def build_gateway(cfg):
         worker_attrs[name] = []
         for i, svc in enumerate(make_workers(v, cfg, gpu), 1):
             # A worker serves on after SIGTERM until the gateway has drained (service/drain.py).
+            svc.add_asgi_middleware(RequestLogMiddleware, log_format=cfg.server.log_format, ids=False)
             svc.add_asgi_middleware(DrainMiddleware, role="worker", grace_s=cfg.server.drain_grace_s,
                                     retry_after_s=cfg.server.retry_after_s)
             attr = f"w_{name.replace('-', '_')}_{i}"
@@ -62,7 +64,9 @@ def build_gateway(cfg):
         tracing=tracing_options(cfg.server),
         workers=1,
     )(bentoml.asgi_app(http_app, path="/")(cls))
-    # Outermost of ours: on SIGTERM, refuse new requests and let the admitted ones finish (service/drain.py).
+    # Outermost: the request's id, on the answer and every log line about it (service/request_log.py).
+    svc.add_asgi_middleware(RequestLogMiddleware, log_format=cfg.server.log_format)
+    # Then, on SIGTERM, refuse new requests and let the admitted ones finish (service/drain.py).
     svc.add_asgi_middleware(DrainMiddleware, role="gateway", grace_s=cfg.server.drain_grace_s,
                             retry_after_s=cfg.server.retry_after_s)
     svc.add_asgi_middleware(OpenAPIMiddleware, paths=paths(ENDPOINTS))

@@ -136,6 +136,9 @@ class ServerConfig:
     # On SIGTERM, seconds to finish the admitted requests before stopping (service/drain.py): under
     # Kubernetes' default 30 s termination grace, so the pod ends before it would be killed.
     drain_grace_s: float = 25
+    # Log lines as BentoML writes them ("text", with the request's ids appended) or one JSON object a line
+    # ("json"), for a log pipeline that parses fields (service/request_log.py).
+    log_format: str = "text"
 
     @property
     def max_body_bytes(self) -> int:
@@ -261,7 +264,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     server_raw = _keys(f"{source}: server", top.get("server") or {}, {
         "max_body_mb", "max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight",
         "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
-        "tracing", "worker_transport", "drain_grace_s"})
+        "tracing", "worker_transport", "drain_grace_s", "log_format"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_mb"] = _number("server.max_body_mb", server_raw["max_body_mb"], positive=True)
@@ -288,6 +291,10 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         if not isinstance(server_raw["tracing"], bool):
             raise ConfigError(f"{source}: server.tracing: expected true or false, got {server_raw['tracing']!r}")
         s["tracing"] = server_raw["tracing"]
+    if "log_format" in server_raw:
+        if server_raw["log_format"] not in ("text", "json"):
+            raise ConfigError(f"{source}: server.log_format: expected text or json, got {server_raw['log_format']!r}")
+        s["log_format"] = server_raw["log_format"]
     server = ServerConfig(**s)
     if server.body_timeout_s >= server.timeout_s:
         raise ConfigError(f"{source}: server.body_timeout_s ({server.body_timeout_s:g}) must be below server.timeout_s "
