@@ -258,12 +258,14 @@ def run_server(cmd: list[str], env: dict[str, str], grace_s: float) -> int:
     """Run the server as a child in a session of its own and exit with it.
 
     The first SIGTERM or SIGINT (Ctrl-C) is passed on once, as SIGTERM, to BentoML's arbiter, which
-    stops its processes while they drain (service/drain.py); a second SIGINT is sent to every process of
-    the server (stop now); a third, or the server still running `grace_s` + 15 s after the first signal,
-    kills them. A child of its own session gets no terminal signals of its own, so each is sent once.
+    stops its processes while they drain (service/drain.py); a second SIGINT is sent to every process
+    of the server (stop now); a third, or the server still running `grace_s` + 15 s after the first signal,
+    kills the arbiter and every process it started. A child of its own session gets no terminal signals
+    of its own, so each is sent once.
     """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
     signals: list[int] = []
+    tree: dict[int, float] = {}  # every process the server has started (pid -> start time), to end them all
 
     def forward(sig: int, frame: object) -> None:
         signals.append(sig)
@@ -271,9 +273,12 @@ def run_server(cmd: list[str], env: dict[str, str], grace_s: float) -> int:
             if len(signals) == 1:
                 proc.send_signal(signal.SIGTERM)
             elif len(signals) == 2 and sig == signal.SIGINT:
-                os.killpg(proc.pid, signal.SIGINT)
+                for pid in [proc.pid, *tree]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGINT)
             elif len(signals) > 2:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill(tree)
+                proc.kill()
         except ProcessLookupError:
             pass
 
@@ -286,18 +291,39 @@ def run_server(cmd: list[str], env: dict[str, str], grace_s: float) -> int:
             break
         except subprocess.TimeoutExpired:
             pass
+        tree.update(_descendants(proc.pid))
         if signals and deadline is None:
             deadline = time.monotonic() + grace_s + 15
         if deadline is not None and time.monotonic() > deadline:
             print(f"effnet serve: the server is still running {grace_s + 15:.0f} s after the signal; killing it",
                   file=sys.stderr, flush=True)
+            _kill(tree)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
             deadline = float("inf")
-    # The arbiter's processes are in its session: none may outlive it.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    # BentoML starts each process in a session of its own: none may outlive the arbiter.
+    _kill(tree)
     return 128 - code if code < 0 else code
+
+
+def _descendants(pid: int) -> dict[int, float]:
+    import psutil
+
+    try:
+        return {p.pid: p.create_time() for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def _kill(tree: dict[int, float]) -> None:
+    """SIGKILL the processes of `tree` still running (the same process: same pid and start time)."""
+    import psutil
+
+    for pid, started in tree.items():
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if p.create_time() == started:
+                p.kill()
 
 
 def port_in_use(host: str, port: int) -> str | None:

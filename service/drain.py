@@ -190,11 +190,24 @@ class Drain:
                 logger.error("cannot write %s: %s; workers will not wait for this gateway to drain", self.file, e)
 
 
+def _die_with_parent() -> None:
+    """SIGTERM this process (and so drain it) when the arbiter that started it dies, even by SIGKILL: BentoML
+    starts each process in a session of its own, where a signal to the arbiter's group does not reach it,
+    and an orphaned worker would hold its cores and memory for good."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+
+
 def install(drain: Drain, loop: asyncio.AbstractEventLoop) -> bool:
     """Wrap this process's SIGTERM and SIGINT handlers (uvicorn's, installed before the app starts) so that
     the first signal drains and then hands on. Only in the main thread (where signals are handled)."""
     if threading.current_thread() is not threading.main_thread():
         return False
+    _die_with_parent()
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
 
     def hand_on(sig: int) -> None:
@@ -209,6 +222,11 @@ def install(drain: Drain, loop: asyncio.AbstractEventLoop) -> bool:
             hand_on(sig)
             return
         if drain.begin():
+            # A watchdog apart from the event loop: a loop blocked (a worker still loading its engine)
+            # never runs the drain, and the process must end within its grace all the same.
+            watchdog = threading.Timer(drain.deadline() - drain.clock() + FORCE_AFTER_S, _force_exit)
+            watchdog.daemon = True
+            watchdog.start()
             loop.call_soon_threadsafe(lambda: loop.create_task(_finish(drain, lambda: hand_on(sig))))
 
     for sig in SIGNALS:
@@ -219,14 +237,13 @@ def install(drain: Drain, loop: asyncio.AbstractEventLoop) -> bool:
 async def _finish(drain: Drain, hand_on: Callable[[], None]) -> None:
     await drain.wait()
     drain.end()
-    hand_on()
     # uvicorn now waits for open connections; one that never closes (a client that stopped mid-request)
-    # must not hold the process past its grace.
-    threading.Timer(FORCE_AFTER_S, _force_exit).start()
+    # is ended by the watchdog that the signal started.
+    hand_on()
 
 
 def _force_exit() -> None:
-    logger.error("process %d still running %.0f s after draining; ending it", os.getpid(), FORCE_AFTER_S)
+    logger.error("process %d still running %.0f s after its grace period; ending it", os.getpid(), FORCE_AFTER_S)
     logging.shutdown()
     os._exit(1)
 

@@ -172,6 +172,10 @@ def test_sigterm_finishes_admitted_requests_and_refuses_new_ones_then_stops(tmp_
             s.sendall(first)
             admitted.append((s, rest))
         time.sleep(0.5)  # the gateway has read their headers
+        import psutil
+
+        server_processes = psutil.Process(proc.pid).children(recursive=True)
+        assert len(server_processes) >= 3  # the arbiter, the gateway, the worker
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
 
@@ -195,7 +199,8 @@ def test_sigterm_finishes_admitted_requests_and_refuses_new_ones_then_stops(tmp_
             assert status == 200, head
 
         proc.wait(timeout=grace + 10)
-        assert time.monotonic() - t0 < grace + 10
+        assert time.monotonic() - t0 < grace + 10 and proc.returncode == 0, proc.returncode
+        assert not [p for p in server_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/readyz", timeout=2)
         out = (tmp_path / "server.log").read_text()
