@@ -21,6 +21,7 @@ A second SIGINT (Ctrl-C twice) stops at once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -221,13 +222,16 @@ def install(drain: Drain, loop: asyncio.AbstractEventLoop) -> bool:
         if drain.done or (drain.draining and sig == signal.SIGINT):  # stopping already, or Ctrl-C twice
             hand_on(sig)
             return
-        if drain.begin():
+        # The handler runs in whatever request's context the main thread was in: the drain is nobody's
+        # request (service/request_log.py), so its log lines and task start from an empty context.
+        if contextvars.Context().run(drain.begin):
             # A watchdog apart from the event loop: a loop blocked (a worker still loading its engine)
             # never runs the drain, and the process must end within its grace all the same.
             watchdog = threading.Timer(drain.deadline() - drain.clock() + FORCE_AFTER_S, _force_exit)
             watchdog.daemon = True
             watchdog.start()
-            loop.call_soon_threadsafe(lambda: loop.create_task(_finish(drain, lambda: hand_on(sig))))
+            loop.call_soon_threadsafe(lambda: loop.create_task(_finish(drain, lambda: hand_on(sig))),
+                                      context=contextvars.Context())
 
     for sig in SIGNALS:
         signal.signal(sig, on_signal)

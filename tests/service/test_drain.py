@@ -210,3 +210,46 @@ def test_sigterm_finishes_admitted_requests_and_refuses_new_ones_then_stops(tmp_
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
+
+
+def test_the_drain_belongs_to_no_request(tmp_path, monkeypatch):
+    """The signal interrupts whatever request the main thread was handling; the drain's log lines and task
+    must not carry that request's id."""
+    import asyncio
+    import logging
+
+    from service.request_log import REQUEST_ID
+
+    seen = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            seen.append(REQUEST_ID.get())
+
+    handler = Grab()
+    drain.logger.addHandler(handler)
+    handlers = {}
+    monkeypatch.setattr(drain.signal, "signal", lambda sig, h: handlers.setdefault(sig, h))
+    monkeypatch.setattr(drain, "_die_with_parent", lambda: None)
+    monkeypatch.setattr(drain.threading, "Timer", lambda *a: type("T", (), {"start": lambda s: None, "daemon": 0})())
+    handed_on = []
+
+    async def main():
+        d = drain.Drain("worker", grace_s=0.2, retry_after_s=1, runtime_dir=str(tmp_path))
+        monkeypatch.setattr(drain.signal, "getsignal", lambda sig: lambda s, f: handed_on.append(s))  # uvicorn's
+        assert drain.install(d, asyncio.get_running_loop())
+        token = REQUEST_ID.set("a-request")
+        try:
+            handlers[signal.SIGTERM](signal.SIGTERM, None)
+        finally:
+            REQUEST_ID.reset(token)
+        deadline = time.monotonic() + 5
+        while not d.done and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert d.done
+
+    try:
+        asyncio.run(main())
+    finally:
+        drain.logger.removeHandler(handler)
+    assert handed_on == [signal.SIGTERM] and seen and set(seen) == {None}
