@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from store.durable import write_atomic
-from store.paths import state_dir
+from store.paths import bentoml_home, state_dir
 
 from .config import RouteConfig
 
@@ -35,6 +35,12 @@ def state_path(config_source: str, home: str | os.PathLike | None = None) -> Pat
     src = Path(config_source).resolve()
     key = hashlib.sha256(str(src).encode()).hexdigest()[:12]
     return state_dir(home) / "route-changes" / f"{src.stem}-{key}.json"
+
+
+def legacy_path(path: Path, home: str | os.PathLike | None = None) -> Path:
+    """Where a server without a state folder kept the same file (`$BENTOML_HOME/effnet/route-changes/`):
+    read when the state folder has none, so an upgrade does not quietly put a ramped canary back."""
+    return bentoml_home(home) / "effnet" / "route-changes" / path.name
 
 
 def route_dict(r: RouteConfig) -> dict:
@@ -60,6 +66,9 @@ def same_route(a: dict, b: dict) -> bool:
 def load(path: Path) -> dict[str, dict]:
     """route -> {"base", "route", "changed_at"}; a missing file is no change, an unreadable one is
     logged and ignored (the file's routes are then served)."""
+    if not path.exists() and legacy_path(path).is_file():
+        logger.warning("reading saved route changes from %s; the next change saves them in %s", legacy_path(path), path)
+        path = legacy_path(path)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -79,6 +88,7 @@ def load(path: Path) -> dict[str, dict]:
 def save(path: Path, entries: dict[str, dict], config_source: str) -> None:
     """Write all saved changes at once, atomically: a crash mid-write leaves the old file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    legacy_path(path).unlink(missing_ok=True)  # from now on the state folder's file is the one
     if not entries:
         path.unlink(missing_ok=True)
         return
@@ -90,7 +100,9 @@ def save(path: Path, entries: dict[str, dict], config_source: str) -> None:
 def forget(config_source: str) -> Path | None:
     """Delete the saved changes of a configuration; the path if there were any."""
     path = state_path(config_source)
-    if path.exists():
-        path.unlink()
-        return path
-    return None
+    gone = None
+    for p in (legacy_path(path), path):
+        if p.exists():
+            p.unlink()
+            gone = p
+    return gone

@@ -210,3 +210,18 @@ def test_the_audit_log_names_a_token_by_its_fingerprint_only(tmp_path):
     entries = audit.read(tmp_path / "audit.jsonl")
     assert len(entries) == 1 and entries[0]["route"] == "fashion" and entries[0]["result"] == {"status": 200}
     assert "s3cret" not in (tmp_path / "audit.jsonl").read_text() and entries[0]["token"] == audit.fingerprint("s3cret")
+
+
+def test_route_changes_saved_before_the_state_folder_are_still_served(bentoml_home, tmp_path):
+    from service import route_state
+    from tests.support.serving import write_config
+
+    path = write_config(tmp_path / "serving.yaml", CFG)
+    gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
+    new = route_state.state_path(str(path))
+    old = route_state.legacy_path(new)
+    old.parent.mkdir(parents=True)
+    new.rename(old)  # as a server without a state folder left it
+    assert gateway_on_file(path).cfg.routes["fashion"].split["b0"] == pytest.approx(1 / 3)
+    gateway_on_file(path).change_route("fashion", {"split": {"b0": 2, "mec": 1, "compact": 1}})
+    assert new.is_file() and not old.exists()
