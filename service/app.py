@@ -9,6 +9,7 @@ from __future__ import annotations
 import bentoml
 
 from .config import load_config, tracing_options
+from .connections import install as install_connection_limits
 from .drain import DrainMiddleware
 from .endpoints import ENDPOINTS, http_app
 from .gateway import GatewayService
@@ -63,6 +64,9 @@ def build_gateway(cfg):
         traffic={"timeout": cfg.server.timeout_s},
         tracing=tracing_options(cfg.server),
         workers=1,
+        # /readyz is the gateway's own health marks (service/readiness.py); BentoML's probe of every
+        # dependency would wait up to 5 s on a worker that is gone
+        runner_probe={"enabled": False, "timeout": 1, "period": 10},
     )(bentoml.asgi_app(http_app, path="/")(cls))
     # Outermost: the request's id, on the answer and every log line about it (service/request_log.py).
     svc.add_asgi_middleware(RequestLogMiddleware, log_format=cfg.server.log_format)
@@ -72,9 +76,11 @@ def build_gateway(cfg):
     svc.add_asgi_middleware(OpenAPIMiddleware, paths=paths(ENDPOINTS))
     svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,
                             max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s,
-                            body_timeout_s=cfg.server.body_timeout_s, max_uploads=cfg.server.max_uploads)
+                            body_timeout_s=cfg.server.body_timeout_s, max_uploads=cfg.server.max_uploads,
+                            max_buffered_bytes=cfg.server.max_buffered_bytes)
     return svc
 
 
 CONFIG = load_config()
+install_connection_limits(CONFIG.server)  # header deadline, idle limit, connection cap (uvicorn)
 Gateway = build_gateway(CONFIG)

@@ -28,6 +28,8 @@ class ConfigError(ValueError):
 
 
 PLACEMENTS = ("worker", "gateway")  # VariantConfig.placement
+CALL_DEADLINE_MARGIN_S = 1.0  # VariantConfig.call_deadline_s: transport on top of the latency budget
+READINESS_POLICIES = ("all", "routes")  # ServerConfig.readiness
 EXACT_BATCH_SIZES = 8  # a variant batching at most this many compiles every size (see VariantConfig.batch_sizes)
 
 
@@ -54,6 +56,22 @@ class VariantConfig:
     # Where inference runs: "worker" (its own BentoML service processes, behind an HTTP hop) or
     # "gateway" (`workers` streams inside the gateway process: no hop, no isolation; service/inprocess.py).
     placement: str = "worker"
+    # Requests admitted to this variant at once, from routing to the answer (service/admission.py); more
+    # borrow from the server's burst pool, then get 429. 0 = what its calls carry in one round:
+    # calls_in_flight x max_batch_size (the coalescer sheds by time what that round cannot answer).
+    max_inflight: int = 0
+
+    @property
+    def resolved_max_inflight(self) -> int:
+        """`max_inflight`, with 0 resolved to its default."""
+        return self.max_inflight or self.resolved_calls_in_flight * self.max_batch_size
+
+    @property
+    def call_deadline_s(self) -> float:
+        """How long one gateway -> worker call may take: the variant's whole latency budget plus a second
+        of transport; a call past it means a hung or dead worker, not a slow one, since the worker's
+        batcher refuses (503) what it cannot start within max_latency_ms."""
+        return self.max_latency_ms / 1000 + CALL_DEADLINE_MARGIN_S
 
     @property
     def resolved_calls_in_flight(self) -> int:
@@ -93,13 +111,16 @@ class RouteConfig:
     name: str
     split: dict[str, float]  # variant -> weight, normalised to sum 1
     shadow: ShadowConfig | None = None
+    # The variant that answers a down variant's share of the route until it recovers (service/health.py)
+    fallback: str | None = None
 
     @property
     def variants(self) -> list[str]:
-        """Every variant that may answer in this route: the split's, then the shadow."""
+        """Every variant that may answer in this route: the split's, then the shadow, then the fallback."""
         names = list(self.split)
-        if self.shadow and self.shadow.variant not in names:
-            names.append(self.shadow.variant)
+        for extra in (self.shadow.variant if self.shadow else None, self.fallback):
+            if extra and extra not in names:
+                names.append(extra)
         return names
 
 
@@ -112,7 +133,10 @@ class ServerConfig:
     max_decoding_pixels: int = 100_000_000
     max_batch_images: int = 32  # images in one /classify_batch request
     max_top_k: int = 100  # top_k is also capped by the model's class count
-    max_inflight: int = 64  # concurrent classify requests in the gateway; above -> 429
+    # Classify requests in the gateway at once, all variants together; above -> 429. A backstop only:
+    # 0 = the variants' own caps plus the burst pool (service/admission.py), so it never refuses one route
+    # because another is busy.
+    max_inflight: int = 0
     # Requests still receiving their bodies (they hold no in-flight slot); above -> 429. A body that
     # has not fully arrived after body_timeout_s is answered 408.
     max_uploads: int = 256
@@ -133,6 +157,31 @@ class ServerConfig:
     # memory falls back to http, with a log line, where it cannot be used (no memfd, a worker on another
     # host or in another container).
     worker_transport: str = "shared_memory"
+    # Requests that variants past their own max_inflight may borrow; one variant may hold at most
+    # burst_share of it, so a burst on one route always leaves room for the others (service/admission.py).
+    burst_inflight: int = 64
+    burst_share: float = 0.5
+    # How often every worker replica is asked whether it answers, and how long it has to answer before it
+    # is marked down (service/health.py): a hung worker is down within the two together. A down replica is
+    # asked again at the same pace (probed back); a busy one that answers calls is not marked down.
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 1.0
+    # Connecting to a worker: a listening socket that accepts nothing fails the call after this.
+    connect_timeout_s: float = 1.0
+    # GET /readyz overall: "all" (every variant serves) or "routes" (every route has a variant that serves,
+    # its fallback included); GET /readyz/VARIANT answers for one variant either way.
+    readiness: str = "all"
+    # Seconds a connection may take to send its request line and headers (none in uvicorn): slow or
+    # stalled clients otherwise hold a file descriptor each, forever (service/connections.py).
+    header_timeout_s: float = 10
+    # Seconds an idle keep-alive connection stays open between requests (uvicorn's timeout_keep_alive).
+    keepalive_timeout_s: float = 5
+    # Open client connections to the gateway; a new one above it closes the connection that has waited
+    # longest for its headers or idled longest, else gets 503: file descriptors stay for the workers.
+    max_connections: int = 2048
+    # Request bodies buffered in the gateway at once, in MiB; a body that would go above it gets 429 +
+    # Retry-After, as max_uploads does: max_uploads x max_body_mb (2.5 GB) is more than a host may have.
+    max_buffered_mb: float = 256
     # On SIGTERM, seconds to finish the admitted requests before stopping (service/drain.py): under
     # Kubernetes' default 30 s termination grace, so the pod ends before it would be killed.
     drain_grace_s: float = 25
@@ -143,6 +192,10 @@ class ServerConfig:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        return int(self.max_buffered_mb * 1024 * 1024)
 
 
 def tracing_options(server: "ServerConfig") -> dict:
@@ -220,7 +273,7 @@ def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None =
     """One route's settings ({"split": ..., "shadow": ...}) -> RouteConfig; raises ConfigError naming the key.
     Used for the configuration file and for live changes (PATCH /routes/NAME)."""
     where = where or f"routes.{name}"
-    r = _keys(where, r, {"split", "shadow"}, {"split"})
+    r = _keys(where, r, {"split", "shadow", "fallback"}, {"split"})
     split = r["split"]
     if isinstance(split, list):  # a plain list means equal weights
         split = {v: 1 for v in split}
@@ -249,7 +302,14 @@ def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None =
                               "route (the whole split), so it has nothing to be compared with; shadow another "
                               "variant, or drop the shadow")
         shadow = ShadowConfig(sh["variant"], float(frac))
-    return RouteConfig(name, split, shadow)
+    fallback = r.get("fallback")
+    if fallback is not None:
+        if fallback not in variants:
+            raise ConfigError(f"{where}.fallback: unknown variant {fallback!r}; variants: {sorted(variants)}")
+        if {v for v, w in split.items() if w > 0} == {fallback}:
+            raise ConfigError(f"{where}.fallback: {fallback!r} is the whole split, so it cannot stand in for "
+                              "itself; name another variant with the same classes, or drop the fallback")
+    return RouteConfig(name, split, shadow, fallback)
 
 
 def unrouted(variants: dict[str, Any], routes: dict[str, RouteConfig]) -> list[str]:
@@ -264,15 +324,29 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     server_raw = _keys(f"{source}: server", top.get("server") or {}, {
         "max_body_mb", "max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight",
         "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
-        "tracing", "worker_transport", "drain_grace_s", "log_format"})
+        "tracing", "worker_transport", "burst_inflight", "burst_share", "health_interval_s", "health_timeout_s",
+        "connect_timeout_s", "readiness", "header_timeout_s", "keepalive_timeout_s", "max_connections",
+        "max_buffered_mb", "drain_grace_s", "log_format"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_mb"] = _number("server.max_body_mb", server_raw["max_body_mb"], positive=True)
     for key in ("max_pixels", "max_decoding_pixels", "max_batch_images", "max_top_k", "max_inflight", "max_uploads",
                 "retry_after_s"):
         if key in server_raw:
-            s[key] = _number(f"server.{key}", server_raw[key], integer=True, positive=True)
-    for key in ("timeout_s", "body_timeout_s", "drain_grace_s"):
+            s[key] = _number(f"server.{key}", server_raw[key], integer=True, positive=key != "max_inflight")
+    if "burst_inflight" in server_raw:
+        s["burst_inflight"] = _number("server.burst_inflight", server_raw["burst_inflight"], integer=True)
+    if "burst_share" in server_raw:
+        s["burst_share"] = _number("server.burst_share", server_raw["burst_share"])
+        if s["burst_share"] > 1:
+            raise ConfigError(f"{source}: server.burst_share: expected 0..1, got {s['burst_share']}")
+    if "readiness" in server_raw:
+        if server_raw["readiness"] not in READINESS_POLICIES:
+            raise ConfigError(f"{source}: server.readiness: expected {' or '.join(READINESS_POLICIES)}, got "
+                              f"{server_raw['readiness']!r}")
+        s["readiness"] = server_raw["readiness"]
+    for key in ("timeout_s", "body_timeout_s", "health_interval_s", "health_timeout_s", "connect_timeout_s",
+                "drain_grace_s"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], positive=True)
     if "cpu_threads" in server_raw and server_raw["cpu_threads"] not in (None, "auto"):
@@ -291,11 +365,20 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         if not isinstance(server_raw["tracing"], bool):
             raise ConfigError(f"{source}: server.tracing: expected true or false, got {server_raw['tracing']!r}")
         s["tracing"] = server_raw["tracing"]
+    for key in ("header_timeout_s", "keepalive_timeout_s", "max_buffered_mb"):
+        if key in server_raw:
+            s[key] = _number(f"server.{key}", server_raw[key], positive=True)
+    if "max_connections" in server_raw:
+        s["max_connections"] = _number("server.max_connections", server_raw["max_connections"], integer=True,
+                                       positive=True)
     if "log_format" in server_raw:
         if server_raw["log_format"] not in ("text", "json"):
             raise ConfigError(f"{source}: server.log_format: expected text or json, got {server_raw['log_format']!r}")
         s["log_format"] = server_raw["log_format"]
     server = ServerConfig(**s)
+    if server.max_buffered_bytes < server.max_body_bytes:
+        raise ConfigError(f"{source}: server.max_buffered_mb ({server.max_buffered_mb:g}) must be at least "
+                          f"server.max_body_mb ({server.max_body_mb:g}), or a body at the limit is never accepted")
     if server.body_timeout_s >= server.timeout_s:
         raise ConfigError(f"{source}: server.body_timeout_s ({server.body_timeout_s:g}) must be below server.timeout_s "
                           f"({server.timeout_s:g}), or BentoML's 504 answers slow uploads before the 408 does")
@@ -309,7 +392,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: variant names are letters, digits, '-' and '_'")
         v = _keys(where, v, {"model", "engine", "gpu", "threads", "workers", "max_batch_size",
-                                   "max_latency_ms", "calls_in_flight", "placement"}, {"model"})
+                                   "max_latency_ms", "calls_in_flight", "placement", "max_inflight"}, {"model"})
         if not isinstance(v["model"], str) or not v["model"]:
             raise ConfigError(f"{where}.model: expected a store tag such as 'b0-fashion-mnist:latest'")
         kw: dict[str, Any] = {"name": name, "model": v["model"]}
@@ -325,7 +408,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             kw["placement"] = v["placement"]
         if "threads" in v:
             kw["threads"] = _number(f"{where}.threads", v["threads"], integer=True)
-        for key in ("workers", "max_batch_size", "max_latency_ms", "calls_in_flight"):
+        for key in ("workers", "max_batch_size", "max_latency_ms", "calls_in_flight", "max_inflight"):
             if key in v:
                 kw[key] = _number(f"{where}.{key}", v[key], integer=True, positive=True)
         variants[name] = VariantConfig(**kw)
@@ -353,6 +436,9 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             log.warning("variants.%s.workers: %d processes on %d CPU threads; each batch needs one, so only %d "
                         "can run at once: using %d", name, v.workers, budget, budget, budget)
             variants[name] = replace(v, workers=budget)
+    if not server.max_inflight:  # the backstop sits above every variant's share (service/admission.py)
+        server = replace(server, max_inflight=sum(v.resolved_max_inflight for v in variants.values())
+                         + server.burst_inflight)
     return ServingConfig(variants=variants, routes=routes, default_route=default_route, server=server, source=source)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
-from .images import DecodeBudget, open_image, to_rgb_array
+from .images import BYTES_PER_BUDGET_PIXEL, DecodeBudget, decode_bytes, open_image, to_rgb_array
 
 # A small image decodes faster (a 28x28 PNG: ~0.1 ms) than a thread hand-off, whose GIL hand-offs stall
 # the loop (benchmarks/serving.md); 224x224, the ImageNet input, is ~1 ms as a JPEG. Larger: a thread.
@@ -27,14 +27,15 @@ class Decoder:
 
     The header is read on the event loop (cheap, and it enforces `max_pixels`). Images of at most
     INLINE_DECODE_PIXELS are decoded there too; larger ones in a thread, so a big photo never stalls
-    the loop, and only while the decoding budget (`max_decoding_pixels`) has room for their declared
-    pixels, so that many large images at once cannot exhaust the memory.
+    the loop, and only while the decoding budget (`max_decoding_pixels`, as bytes of RGB pixels) has
+    room for what their decoding takes by mode and size, so that many large images at once cannot
+    exhaust the memory.
     """
 
     def __init__(self, manifests: dict[str, Any], max_pixels: int, max_decoding_pixels: int) -> None:
         self.manifests = manifests  # variant -> its checkpoint manifest (resolution, resize, mean/std)
         self.max_pixels = max_pixels
-        self.budget = DecodeBudget(max_decoding_pixels)
+        self.budget = DecodeBudget(max_decoding_pixels * BYTES_PER_BUDGET_PIXEL)
 
     async def prepare(self, data: bytes, variant: str) -> np.ndarray:
         """Bytes -> uint8 (1, 3, R, R) at the variant's resolution; raises ImageError (4xx)."""
@@ -42,7 +43,8 @@ class Decoder:
         w, h = img.size
         if w * h <= INLINE_DECODE_PIXELS:
             return self._pixels(img, variant, data)
-        async with self.budget.take(w * h):
+        m = self.manifests[variant]
+        async with self.budget.take(decode_bytes(img, m.resize or m.resolution)):
             return await anyio.to_thread.run_sync(self._pixels, img, variant, data)
 
     def _pixels(self, img: Any, variant: str, data: bytes | None = None) -> np.ndarray:

@@ -8,7 +8,8 @@ from .config import RouteConfig, ServingConfig
 
 
 def variants(cfg: ServingConfig, manifests: dict[str, Any], status: dict[str, dict], problems: dict[str, str],
-             transport: Callable[[str], str]) -> list[dict]:
+             transport: Callable[[str], str], replicas: Callable[[str], list[dict]] = lambda v: [],
+             admitted: Callable[[str], int] = lambda v: 0) -> list[dict]:
     rows = []
     for name, v in cfg.variants.items():
         m, st = manifests.get(name), status.get(name, {})
@@ -41,6 +42,10 @@ def variants(cfg: ServingConfig, manifests: dict[str, Any], status: dict[str, di
             "params": m.params if m else None, "macs": m.macs if m else None,
             "offline_top1": m.metrics.get("top1") if m else None,
             "ready": name in status and name not in problems, "problem": problems.get(name),
+            # each worker replica's mark from the gateway's health checks (service/health.py)
+            "replicas": replicas(name),
+            # requests admitted to it now, and its own places (service/admission.py)
+            "inflight": admitted(name), "max_inflight": v.resolved_max_inflight,
         })
     return rows
 
@@ -49,6 +54,7 @@ def routes_of(routes: Iterable[RouteConfig], manifests: dict[str, Any], changed_
     return {
         r.name: {"split": r.split, "variants": r.variants,
                  "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None,
+                 "fallback": r.fallback,
                  "num_classes": manifests[r.variants[0]].num_classes if r.variants[0] in manifests else None,
                  # when a live change made the route differ from the configuration file (null: as the file)
                  "changed_at": changed_at.get(r.name)}

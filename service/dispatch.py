@@ -2,13 +2,19 @@
 
 Requests that wait for one variant go together as one call (service.coalesce). A call goes to the
 variant's streams in this process (`placement: gateway`, service.inprocess), or to the worker replica
-with the fewest calls in flight, its batch in shared memory (service.shm) or in the HTTP body. A dropped
-connection is tried again, on another replica first (inference has no side effects); a timeout or a
-busy worker is 503 + Retry-After; any other worker failure is 502.
+with the fewest calls in flight among those not marked down (service.health), its batch in shared
+memory (service.shm) or in the HTTP body. Each call has a deadline (the variant's max_latency_ms plus a
+second) and a short connect timeout. A dropped connection is tried again, on another replica first
+(inference has no side effects); a connection that cannot be made, or that fails every retry, marks its
+replica down, and so does a call past its deadline. A timeout, a busy worker or a variant whose every
+replica is down is 503 + Retry-After; any other worker failure is 502.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -17,6 +23,7 @@ from . import metrics
 from .coalesce import Coalescer
 from .config import ServingConfig
 from .errors import ClientError, retry_later
+from .health import DOWN, Health
 from .inprocess import InProcessVariant
 from .results import InferenceResult
 from .shm import Arena, Lease
@@ -41,6 +48,38 @@ class Dispatcher:
         self.replica_calls: dict[str, list[int]] = {name: [0] * n for name, n in replica_count.items()}
         # variant -> its shared-memory arena, made at its first call; None: batches go in the HTTP body
         self.arenas: dict[str, Arena | None] = {}
+        # Each worker replica's mark (up/down), checked periodically once `health.start()` runs; the
+        # in-process variants have one stand-in replica each, whose check is their status.
+        self.health = Health({**replica_count, **{name: 1 for name in local}}, self.check_replica,
+                             cfg.server.health_interval_s, cfg.server.health_timeout_s)
+        self._connect_set: set[int] = set()  # the worker clients whose connect timeout is set
+
+    async def check_replica(self, variant: str, i: int) -> dict:
+        """Replica `i` of `variant`: its status (service.workers.VariantRunner.status), for service.health."""
+        if variant in self.local:
+            return self.local[variant].status()
+        return await self.replicas(variant)[i].to_async.status()
+
+    def down(self, variant: str) -> ClientError:
+        """The answer for a variant whose every replica is marked down."""
+        return retry_later(f"variant {variant!r} is down: {self.health.down_reason(variant)}; retry later",
+                           self.cfg.server.retry_after_s)
+
+    def _short_connect(self, client: Any) -> None:
+        """Give a worker client (bentoml's aiohttp session) the short connect timeout, once; its total
+        timeout stays BentoML's backstop, as each call has its own deadline."""
+        if id(client) in self._connect_set:
+            return
+        self._connect_set.add(id(client))
+        if not isinstance(getattr(type(client), "client", None), functools.cached_property):
+            return  # not bentoml's client (a stand-in)
+        try:
+            import attr
+
+            session = client.client
+            session._timeout = attr.evolve(session._timeout, sock_connect=self.cfg.server.connect_timeout_s)
+        except Exception as e:  # noqa: BLE001 - another aiohttp layout: the call deadline still bounds it
+            logger.warning("worker calls keep their default connect timeout: %s", e)
 
     async def infer(self, variant: str, batch: np.ndarray) -> InferenceResult:
         """The scores for a uint8 batch, with the seconds it waited before its inference started."""
@@ -107,32 +146,59 @@ class Dispatcher:
         import httpx
         from bentoml.exceptions import BentoMLException
 
-        replicas, calls = self.replicas(variant), self.replica_calls[variant]
+        replicas, calls, health = self.replicas(variant), self.replica_calls[variant], self.health
+        deadline = self.cfg.variants[variant].call_deadline_s
         failed: set[int] = set()
         lease, answered, attempt = self._lease(variant, batch), False, 0
         try:
             while True:
-                # the replica with the fewest calls in flight, among those this call has not seen fail;
-                # among equals, the first (a lone request always meets the same warm process)
-                candidates = [k for k in range(len(calls)) if k not in failed] or list(range(len(calls)))
+                usable = health.usable(variant)
+                if not usable:
+                    raise self.down(variant) if health.is_down(variant) else self.not_serving(variant)
+                # the replica with the fewest calls in flight, among those not marked down and not seen to
+                # fail by this call; among equals, the first (a lone request always meets the same process)
+                candidates = [k for k in usable if k not in failed] or usable
                 i = min(candidates, key=calls.__getitem__)
+                replica = health.replicas[variant][i]
+                self._short_connect(replicas[i].to_async)
                 calls[i] += 1
                 try:
-                    if lease is not None:
-                        records = await replicas[i].to_async.predict_shared(lease.refs)
-                    else:
-                        records = await replicas[i].to_async.predict(batch)
-                    answered = True
+                    async with asyncio.timeout(deadline) as timer:
+                        replica.calls.add(timer)  # service.health ends it at once if the replica goes down
+                        try:
+                            if lease is not None:
+                                records = await replicas[i].to_async.predict_shared(lease.refs)
+                            else:
+                                records = await replicas[i].to_async.predict(batch)
+                        finally:
+                            replica.calls.discard(timer)
+                    answered, replica.called_at = True, time.monotonic()
                     metrics.WORKER_CALLS.labels(variant, "http" if lease is None else "shared_memory").inc()
                     return InferenceResult.from_records(records, replica=f"worker {i + 1}")
                 except (httpx.TimeoutException, TimeoutError):  # before the next clause: aiohttp's are both
-                    raise retry_later(f"variant {variant!r} did not answer in time; retry later",
-                                      self.cfg.server.retry_after_s) from None
+                    if not timer.expired():  # the client's own timeout (BentoML's backstop)
+                        raise retry_later(f"variant {variant!r} did not answer in time; retry later",
+                                          self.cfg.server.retry_after_s) from None
+                    if replica.state == DOWN:  # marked down while this call waited: another replica, or 503
+                        failed.add(i)
+                        if attempt < WORKER_RETRIES and [k for k in health.usable(variant) if k not in failed]:
+                            attempt += 1
+                            continue
+                        raise self.down(variant) from None
+                    health.mark_down(variant, i, "deadline", f"a call took longer than its deadline of {deadline:g} s")
+                    raise retry_later(f"variant {variant!r} did not answer within its deadline of {deadline:g} s; "
+                                      "retry later", self.cfg.server.retry_after_s) from None
                 except (httpx.TransportError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                    if attempt == WORKER_RETRIES:
-                        raise ClientError(f"variant {variant!r}: worker connection failed ({type(e).__name__})", 502) from None
-                    attempt += 1
                     failed.add(i)  # a process that is gone or restarting: try another one first
+                    refused = isinstance(e, (aiohttp.ClientConnectorError, httpx.ConnectError))
+                    if refused or attempt == WORKER_RETRIES:
+                        health.mark_down(variant, i, "connection", f"its connection failed ({type(e).__name__})")
+                        if not refused:
+                            raise ClientError(f"variant {variant!r}: worker connection failed ({type(e).__name__})",
+                                              502) from None
+                        if attempt == WORKER_RETRIES or not health.usable(variant):
+                            raise self.down(variant) from None
+                    attempt += 1
                     logger.warning("variant %s: retrying after %s", variant, type(e).__name__)
                 except BentoMLException as e:
                     answered = True  # the worker answered: it no longer reads the slot
@@ -154,3 +220,9 @@ class Dispatcher:
         finally:
             if lease is not None:
                 lease.release(answered)
+
+    def not_serving(self, variant: str) -> ClientError:
+        """The answer for a variant whose replicas answer but have not loaded (or cannot load) its checkpoint."""
+        errors = [r.status.get("error") for r in self.health.replicas[variant] if r.status and r.status.get("error")]
+        why = errors[0] if errors else "its worker processes have not loaded"
+        return retry_later(f"variant {variant!r} is not ready: {why}", self.cfg.server.retry_after_s)

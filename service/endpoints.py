@@ -22,7 +22,7 @@ from .audit import AuditLog, configured_token, fingerprint
 from .errors import ClientError, error_response, request_id
 from .live_routes import MAX_CHANGE_BYTES, admin_refusal
 from .openapi import Endpoint
-from .routing import RoutingError
+from .routing import RoutingError, shown
 
 logger = logging.getLogger("effnet.gateway")
 
@@ -112,6 +112,17 @@ async def change_route(request: Request) -> JSONResponse:
     return JSONResponse(answer, headers={"X-Request-Id": rid})
 
 
+async def variant_ready(request: Request) -> JSONResponse:
+    """GET /readyz/VARIANT: 200 while the variant serves, else 503 with why (service/readiness.py)."""
+    name = request.path_params["variant"]
+    try:
+        body = _gateway().variant_readiness(name)
+    except KeyError:
+        return error_response(request_id(), 404, f"unknown variant {shown(name)}; variants: "
+                                                  f"{', '.join(_gateway().cfg.variants)}")
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
 async def docs(request: Request) -> RedirectResponse:
     """BentoML 1.4 shows its Swagger UI at `/` (the document at `/docs.json`); `/docs` is where FastAPI
     and most services put it."""
@@ -135,6 +146,7 @@ ENDPOINTS = [
     Endpoint("/routes/{name}", "PATCH", change_route, openapi.CHANGE_ROUTE),
     Endpoint("/assignment", "GET", assignment, openapi.ASSIGNMENT),
     Endpoint("/docs", "GET", docs, openapi.DOCS),
+    Endpoint("/readyz/{variant}", "GET", variant_ready, openapi.READYZ_VARIANT),
 ]
 
 http_app = Starlette(exception_handlers={405: method_not_allowed},

@@ -1,10 +1,12 @@
 """The gateway's request path: parse -> route -> decode -> dispatch -> answer.
 
-Each step is a module of its own: `http_limits` (body size and time, in-flight limits, before this
-runs), `forms` (the multipart form and its fields), `routing` (which variant answers), `decode` (bytes
--> the variant's input), `dispatch` (coalescing, replicas, retries, transport), `shadow` (mirrored
-requests). Around it: `readiness`, `live_routes` (PATCH /routes), `describe` (GET /variants, /routes),
-and `endpoints`, the route table. `app.py` builds the BentoML service class on `GatewayService`.
+Each step is a module of its own: `http_limits` (body size and time, the total in-flight backstop,
+before this runs), `forms` (the multipart form and its fields), `routing` (which variant answers, its
+fallback while it is down), `admission` (a place among the variant's own in-flight requests),
+`decode` (bytes -> the variant's input), `dispatch` (coalescing, replicas, deadlines, retries,
+transport), `shadow` (mirrored requests). Around it: `health` (which worker replicas answer, checked in
+the background), `readiness`, `live_routes` (PATCH /routes), `describe` (GET /variants, /routes), and
+`endpoints`, the route table. `app.py` builds the BentoML service class on `GatewayService`.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+import bentoml
 import numpy as np
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -20,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import describe, forms, metrics
+from .admission import Admission
 from .config import ConfigError, ServingConfig, check_label_spaces
 from .decode import Decoder
 from .dispatch import Dispatcher
@@ -31,7 +35,6 @@ from .live_routes import LiveRoutes, publish_splits
 from .readiness import Readiness, VariantInfo
 from .routing import Assignment, Router, RoutingError
 from .shadow import Shadows
-from .workers import combine_status
 
 logger = logging.getLogger("effnet.gateway")
 
@@ -76,11 +79,14 @@ class GatewayService:
                                      {name: len(attrs) for name, attrs in self.worker_attrs.items()})
         self.decoder = Decoder(self.manifests, self.cfg.server.max_pixels, self.cfg.server.max_decoding_pixels)
         self.shadows = Shadows(self.dispatcher, self.manifests)
-        self.readiness = Readiness(list(self.cfg.variants), self.variant_status, problems)
+        self.health = self.dispatcher.health
+        self.health.after_round = self._after_health_round
+        self.admission = Admission.from_config(self.cfg)
         self.info = VariantInfo()
         classes = {n: m.classes for n, m in self.manifests.items()}
         self.live = LiveRoutes(self.cfg)
         self.cfg = self.live.restore(self.cfg, classes)
+        self.readiness = Readiness(self.cfg, self.health, problems)
         self.router = Router(self.cfg)
         publish_splits(self.cfg, self.cfg.routes.values())
         try:
@@ -93,24 +99,37 @@ class GatewayService:
         """The proxies of a variant's worker processes (service.workers.worker_names)."""
         return [getattr(self, attr) for attr in self.worker_attrs[variant]]
 
-    async def variant_status(self, variant: str) -> dict:
-        """The variant's status, from its streams here or each of its replicas (raises when one is not reachable)."""
-        if variant in self.dispatcher.local:
-            return self.dispatcher.local[variant].status()
-        return combine_status([await w.to_async.status() for w in self.replicas(variant)])
+    @bentoml.on_startup
+    def start_health_checks(self) -> None:
+        """Check every worker replica in the background from now on (service/health.py)."""
+        self.health.start()
+
+    @bentoml.on_shutdown
+    async def stop_health_checks(self) -> None:
+        await self.health.stop()
+
+    def _after_health_round(self) -> None:
+        reasons = self.readiness.refresh()
+        if not reasons and not self.readiness.published:
+            self.readiness.published = True
+            self.info.publish(self.cfg, self.manifests, self.readiness.status)
+            # Everything start-up built stays for the life of the process: out of the collector's full
+            # passes with it (service/heap.py).
+            freeze_startup_heap("effnet-gateway", "none")
 
     async def __is_ready__(self) -> bool:
-        """Ready once every variant has loaded and verified its checkpoint; else 503 with the reasons."""
-        if self.readiness.ready:
-            return True
-        reasons = await self.readiness.reasons()
-        if reasons:
-            raise HTTPException(status_code=503, detail="not ready: " + "; ".join(reasons))
-        self.info.publish(self.cfg, self.manifests, self.readiness.status)
-        # Everything start-up built stays for the life of the process: out of the collector's full
-        # passes with it (service/heap.py).
-        freeze_startup_heap("effnet-gateway", "none")
+        """Ready under `server.readiness` as the last health checks found it; else 503 with the reasons.
+        Never waits on a worker (service/readiness.py)."""
+        reasons = self.readiness.refresh()
+        if reasons or not self.readiness.published:
+            raise HTTPException(status_code=503, detail="not ready: " + ("; ".join(reasons) or "first checks running"))
         return True
+
+    def variant_readiness(self, variant: str) -> dict:
+        """GET /readyz/VARIANT (raises KeyError for an unknown variant)."""
+        if variant not in self.cfg.variants:
+            raise KeyError(variant)
+        return self.readiness.variant(variant)
 
     # the request path ---------------------------------------------------------------------------------
 
@@ -119,9 +138,10 @@ class GatewayService:
             form, a, top_k = await self._route(request, forms.CLASSIFY_FIELDS)
             labels[:] = [a.route, a.variant]
             image = forms.one_image(form)
-            self.dispatcher.check_capacity(a.variant, 1)
-            batch = await self.decoder.prepare(await image.read(), a.variant)
-            result = await self.dispatcher.infer(a.variant, batch)
+            with self.admission.hold(a.variant):
+                self.dispatcher.check_capacity(a.variant, 1)
+                batch = await self.decoder.prepare(await image.read(), a.variant)
+                result = await self.dispatcher.infer(a.variant, batch)
             metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(result.waited)
             metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
             body = self._answer(rid, a, result.scores[0], top_k, t0)
@@ -136,6 +156,10 @@ class GatewayService:
             form, a, top_k = await self._route(request, forms.BATCH_FIELDS)
             labels[:] = [a.route, a.variant]
             files = forms.batch_images(form, self.cfg.server.max_batch_images)
+            with self.admission.hold(a.variant):
+                return await classify_images(rid, t0, a, top_k, files)
+
+        async def classify_images(rid: str, t0: float, a: Assignment, top_k: int, files: list) -> dict:
             self.dispatcher.check_capacity(a.variant, len(files))
             results: list[dict | None] = [None] * len(files)
             good: list[tuple[int, np.ndarray]] = []
@@ -160,7 +184,8 @@ class GatewayService:
                 if a.shadow:
                     self.shadows.mirror(a, batch, [results[i]["predictions"][0]["index"] for i, _ in good])
             return {"request_id": rid, "route": a.route, "variant": a.variant, "assignment": a.how,
-                    "results": results, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+                    **({"instead_of": a.instead_of} if a.instead_of else {}), "results": results,
+                    "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
         return await self._respond("classify_batch", several)
 
@@ -168,14 +193,11 @@ class GatewayService:
         """Parse and route: the form, the variant's assignment, and top_k checked against its classes."""
         f = await forms.read_form(request, allowed, self.cfg.server.max_batch_images)
         try:
-            a = self.router.assign(f.route, f.variant, f.client_id)
+            a = self.router.assign(f.route, f.variant, f.client_id, self.health.down_variants())
         except RoutingError as e:
             raise ClientError(str(e)) from None
-        if self.readiness.due():  # learn the workers' problems (a bad checkpoint) before calling them
-            try:
-                await self.__is_ready__()
-            except HTTPException:
-                pass
+        if self.health.is_down(a.variant):  # answered now, not after a call's deadline
+            raise self.dispatcher.down(a.variant)
         if (why := self.readiness.problem(a.variant, self.manifests)) is not None:
             raise retry_later(f"variant {a.variant!r} is not ready: {why}", self.cfg.server.retry_after_s)
         m = self.manifests[a.variant]
@@ -187,7 +209,7 @@ class GatewayService:
         preds = [{"label": classes[i], "index": int(i), "score": round(float(scores[i]), 6)} for i in idx]
         metrics.TOP1_SCORE.labels(a.route, a.variant).observe(preds[0]["score"])
         return {"request_id": rid, "route": a.route, "variant": a.variant, "model": self.cfg.variants[a.variant].model,
-                "assignment": a.how, "predictions": preds, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+                "assignment": a.how, **({"instead_of": a.instead_of} if a.instead_of else {}), "predictions": preds, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     async def _respond(self, endpoint: str, handle: Callable[[str, float, list[str]], Awaitable[dict]]) -> JSONResponse:
         """Run `handle` and answer: 200 with its body, a refusal's status and message, or 500 for a fault of
@@ -221,16 +243,18 @@ class GatewayService:
         previous = describe.routes_of([old], self.manifests, self.live.changed_at)[name] if old else None
         route, self.cfg = self.live.change(self.cfg, name, change, {n: m.classes for n, m in self.manifests.items()},
                                            lambda v: self.readiness.problem(v, self.manifests))
-        self.router.cfg = self.cfg
-        if self.readiness.ready:
+        self.router.cfg = self.readiness.cfg = self.cfg
+        if self.readiness.published:
             self.info.publish(self.cfg, self.manifests, self.readiness.status)
         saved_in = str(self.live.file) if self.live.file else None
         return {"route": name, "previous": previous, **describe.routes_of([route], self.manifests, self.live.changed_at)[name],
                 "saved_in": saved_in}
 
     def describe_variants(self) -> list[dict]:
+        self.readiness.refresh()
         return describe.variants(self.cfg, self.manifests, self.readiness.status, self.readiness.problems,
-                                 self.dispatcher.transport)
+                                 self.dispatcher.transport, lambda v: self.readiness.variant(v)["replicas"],
+                                 self.admission.held)
 
     def describe_routes(self) -> dict:
         return describe.routes(self.cfg, self.manifests, self.live.changed_at, self.live.file)

@@ -2,8 +2,10 @@
 
 - 413: the body is above `server.max_body_mb` (checked on Content-Length and while streaming);
 - 408: the body did not arrive within `server.body_timeout_s`;
-- 429 + Retry-After: more than `server.max_inflight` classify requests in the gateway at once, or more
-  than `server.max_uploads` still receiving their bodies;
+- 429 + Retry-After: more than `server.max_inflight` classify requests in the gateway at once, more
+  than `server.max_uploads` still receiving their bodies, or a body that would take the bodies buffered
+  in the gateway above `server.max_buffered_mb`;
+- a refusal sent before the whole body arrived is followed by a lingering close (`answer_and_linger`);
 - a client that leaves before its answer has its request cancelled (counted as 499 by the handler).
 """
 from __future__ import annotations
@@ -15,6 +17,83 @@ from . import metrics
 from .errors import error_response, request_id
 
 CLASSIFY_PATHS = ("/classify", "/classify_batch")
+# Lingering close after an early refusal, as nginx's lingering_close: what the client still sends is read
+# and dropped, up to these bounds, so that a client that reads only once it has sent everything (Python's
+# urllib) sees the answer instead of a reset.
+LINGER_BYTES = 64 * 1024 * 1024
+LINGER_S = 5.0
+
+
+async def discard_body(receive: Any, max_bytes: int = LINGER_BYTES, max_s: float = LINGER_S) -> int:
+    """Receive and drop the rest of a request body, up to `max_bytes` or `max_s`; returns the bytes read."""
+    read = 0
+    try:
+        async with asyncio.timeout(max_s):
+            while read <= max_bytes:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                read += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+    except TimeoutError:
+        pass
+    return read
+
+
+async def answer_and_linger(response: Any, receive: Any, send: Any) -> None:
+    """Send a complete answer, then drop the rest of the body (bounded), then close the connection.
+
+    Closing a socket with unread data makes the kernel send a reset, which destroys the answer the
+    client has not read yet: a client that sends its whole body before reading (urllib, and curl or
+    requests on slow links) then sees "connection reset" instead of a 413. Draining must happen before
+    the answer is complete, because uvicorn closes a `Connection: close` connection as soon as the last
+    body message is sent and answers every later receive() with a disconnect. So the answer goes out
+    whole, with its Content-Length, on a message that says more follows (the client can read it at
+    once); the body is drained; an empty last message then lets uvicorn close a connection that has
+    nothing unread.
+    """
+    await send({"type": "http.response.start", "status": response.status_code,
+                "headers": [*response.raw_headers, (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
+    await discard_body(receive)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class BodyBudget:
+    """Bytes of request bodies buffered in the gateway at once, across requests (`max_buffered_mb`).
+
+    A body takes room as it arrives (at once for its Content-Length) and keeps it until its request
+    is answered: the body, its parsed form and its decoded images live that long.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+
+    def hold(self) -> "BodyHold":
+        return BodyHold(self)
+
+
+class BodyHold:
+    """One request's share of a BodyBudget."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget, self.bytes = budget, 0
+
+    def grow_to(self, n: int) -> bool:
+        """Hold `n` bytes in all; False (holding what it held) if the budget has no room for them."""
+        extra = n - self.bytes
+        if extra > 0:
+            if self.budget.used + extra > self.budget.capacity:
+                return False
+            self.budget.used += extra
+            self.bytes = n
+        return True
+
+    def release(self) -> None:
+        self.budget.used -= self.bytes
+        self.bytes = 0
 
 
 class LimitsMiddleware:
@@ -28,7 +107,7 @@ class LimitsMiddleware:
     """
 
     def __init__(self, app: Any, max_body_bytes: int, max_inflight: int, retry_after_s: int,
-                 body_timeout_s: float = 30.0, max_uploads: int = 256) -> None:
+                 body_timeout_s: float = 30.0, max_uploads: int = 256, max_buffered_bytes: int | None = None) -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.max_inflight = max_inflight
@@ -37,15 +116,27 @@ class LimitsMiddleware:
         self.max_uploads = max_uploads
         self.inflight = 0
         self.uploading = 0
+        self.buffered = BodyBudget(max_buffered_bytes or 256 * max_body_bytes)
 
-    async def _refuse(self, send: Any, status: int, message: str, endpoint: str, headers: dict | None = None) -> None:
+    async def _refuse(self, send: Any, status: int, message: str, endpoint: str, headers: dict | None = None,
+                      unread: Any = None) -> None:
+        """Answer `status`; `unread`: the receive() of a body not (wholly) read yet, then drained first."""
         metrics.REQUESTS.labels(endpoint, "none", "none", str(status)).inc()
-        await error_response(request_id(), status, message, headers)({"type": "http"}, None, send)
+        response = error_response(request_id(), status, message, headers)
+        if unread is None:
+            return await response({"type": "http"}, None, send)
+        await answer_and_linger(response, unread, send)
 
-    async def _receive_body(self, receive: Any) -> tuple[list[dict] | None, str | None]:
-        """Every body message, or None and why not: "large", "slow", or "gone" (the client left)."""
+    def _full(self) -> str:
+        return (f"overloaded: {self.buffered.used / 2**20:,.1f} MiB of request bodies buffered (limit "
+                f"{self.buffered.capacity / 2**20:,.0f} MiB); retry later")
+
+    async def _receive_body(self, receive: Any, hold: BodyHold | None = None) -> tuple[list[dict] | None, str | None]:
+        """Every body message, or None and why not: "large", "full" (no room in the byte budget), "slow",
+        or "gone" (the client left)."""
         messages: list[dict] = []
         received = 0
+        hold = hold or self.buffered.hold()
         try:
             async with asyncio.timeout(self.body_timeout):  # one deadline for the whole body, no task per chunk
                 while True:
@@ -55,6 +146,8 @@ class LimitsMiddleware:
                     received += len(message.get("body", b""))
                     if received > self.max_body:
                         return None, "large"
+                    if not hold.grow_to(received):
+                        return None, "full"
                     messages.append(message)
                     if not message.get("more_body"):
                         return messages, None
@@ -64,28 +157,45 @@ class LimitsMiddleware:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] not in CLASSIFY_PATHS or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        hold = self.buffered.hold()
+        try:
+            await self._classify(scope, receive, send, hold)
+        finally:
+            hold.release()
+
+    async def _classify(self, scope: Any, receive: Any, send: Any, hold: BodyHold) -> None:
         endpoint = scope["path"].lstrip("/")
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        # A client that sent `Expect: 100-continue` sends no body after an early answer: nothing to drain.
+        unread = None if headers.get(b"expect", b"").lower() == b"100-continue" else receive
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return await self._refuse(send, 413, f"request body of {int(length):,} bytes is above the limit of "
-                                      f"{self.max_body:,} bytes", endpoint)
+                                      f"{self.max_body:,} bytes", endpoint, unread=unread)
         if self.inflight >= self.max_inflight or self.uploading >= self.max_uploads:
             busy = (f"{self.inflight} requests in flight" if self.inflight >= self.max_inflight
                     else f"{self.uploading} uploads in progress")
             return await self._refuse(send, 429, f"overloaded: {busy}; retry later",
-                                      endpoint, {"Retry-After": self.retry_after})
+                                      endpoint, {"Retry-After": self.retry_after}, unread=unread)
+        if length is not None and length.isdigit() and not hold.grow_to(int(length)):
+            return await self._refuse(send, 429, self._full(), endpoint, {"Retry-After": self.retry_after},
+                                      unread=unread)
         self.uploading += 1
         metrics.IN_GATEWAY.labels("uploading").inc()
         try:
-            body, problem = await self._receive_body(receive)
+            body, problem = await self._receive_body(receive, hold)
         finally:
             self.uploading -= 1
             metrics.IN_GATEWAY.labels("uploading").dec()
         if problem == "large":
-            return await self._refuse(send, 413, f"request body is above the limit of {self.max_body:,} bytes", endpoint)
+            return await self._refuse(send, 413, f"request body is above the limit of {self.max_body:,} bytes", endpoint,
+                                      unread=receive)
+        if problem == "full":
+            return await self._refuse(send, 429, self._full(), endpoint, {"Retry-After": self.retry_after},
+                                      unread=receive)
         if problem == "slow":
             return await self._refuse(send, 408, f"the request body did not arrive within {self.body_timeout:g} s; "
-                                      "send it at once, or a smaller image", endpoint)
+                                      "send it at once, or a smaller image", endpoint, unread=receive)
         if problem == "gone":
             return None  # nobody to answer
         if self.inflight >= self.max_inflight:  # the slots may have filled while this body arrived

@@ -144,7 +144,8 @@ class LiveRoutes:
         old = cfg.routes[name]
         raw = {"split": change.get("split", old.split),
                "shadow": change["shadow"] if "shadow" in change else (
-                   {"variant": old.shadow.variant, "fraction": old.shadow.fraction} if old.shadow else None)}
+                   {"variant": old.shadow.variant, "fraction": old.shadow.fraction} if old.shadow else None),
+               **({"fallback": old.fallback} if old.fallback else {})}  # kept: the file sets it
         try:
             route, new = with_route(cfg, name, raw, classes)
         except ConfigError as e:

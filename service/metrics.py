@@ -64,8 +64,22 @@ WORKER_CALLS = Counter(
     ["variant", "transport"],
 )
 VARIANT_READY = Gauge(
-    "effnet_variant_ready", "1 when the variant's worker has loaded and verified its checkpoint, else 0",
+    "effnet_variant_ready", "1 when the variant's worker has loaded and verified its checkpoint and the gateway's "
+    "health check finds it serving, else 0",
     ["variant"], multiprocess_mode="min",  # min: 0 until every process of the variant has loaded
+)
+VARIANT_INFLIGHT = Gauge(
+    "effnet_variant_inflight", "Classify requests admitted to each variant now, its own places and those borrowed "
+    "from the burst pool together (service/admission.py)", ["variant"], multiprocess_mode="livesum",
+)
+REPLICA_UP = Gauge(
+    "effnet_replica_up", "1 while a worker replica answers the gateway's health checks and calls, 0 while it is "
+    "marked down (service/health.py); replica is 1, 2, ... in service.workers.worker_names order",
+    ["variant", "replica"], multiprocess_mode="livemax",
+)
+REPLICA_DOWN = Counter(
+    "effnet_replica_down", "Times a worker replica was marked down, by why (exited, health_check, deadline, "
+    "connection)", ["variant", "why"],
 )
 # every process (service/heap.py)
 GC_PAUSE = Histogram(

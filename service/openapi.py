@@ -73,10 +73,11 @@ _MEANING = {
     "408": "the body did not arrive within server.body_timeout_s",
     "413": "the body is above server.max_body_mb, or an image above server.max_pixels",
     "415": "a compressed body (Content-Encoding): send it as it is",
-    "429": "too many requests in the gateway (server.max_inflight, max_uploads); see Retry-After",
+    "429": "too many requests for the variant (variants.X.max_inflight and its share of server.burst_inflight) "
+           "or uploading (max_uploads); see Retry-After",
     "500": "a fault of the server's; the message names the request id in its log",
     "502": "the variant's worker failed",
-    "503": "the variant is not ready or at capacity (max_latency_ms cannot be met); see Retry-After",
+    "503": "the variant is down, not ready or at capacity (max_latency_ms cannot be met); see Retry-After",
 }
 
 
@@ -94,7 +95,8 @@ _WEIGHTS = {"type": "object", "additionalProperties": _N, "description": "varian
 _SHADOW = {"type": "object", "nullable": True, "properties": {"variant": _S, "fraction": _N}}
 _PREDICTION = {"type": "object", "properties": {
     "request_id": _S, "route": _S, "variant": _S, "model": _S,
-    "assignment": {"type": "string", "enum": ["explicit", "split", "default"]},
+    "assignment": {"type": "string", "enum": ["explicit", "split", "default", "fallback"]},
+    "instead_of": {**_S, "description": "with assignment fallback: the variant picked, which is down"},
     "predictions": {"type": "array", "items": {"type": "object", "properties": {
         "label": _S, "index": _I, "score": _N}}},
     "latency_ms": _N}}
@@ -180,6 +182,18 @@ ASSIGNMENT = {
         "client_id": _S, "route": _S, "variant": _S, "model": _S,
         "assignment": {"type": "string", "enum": ["split", "default"]}, "weights": _WEIGHTS}}),
         **errors("400")}}
+READYZ_VARIANT = {
+    "summary": "Whether one variant serves now, and each worker replica's mark",
+    "description": "200 while the variant is ready (a replica that answers its health checks serves it), 503 "
+                   "with the reason while it is not; GET /readyz answers for the whole gateway "
+                   "(server.readiness). Reads the last health checks: never waits on a worker.",
+    "parameters": [{"name": "variant", "in": "path", "required": True, "schema": _S,
+                    "description": "a served variant (GET /variants)"}],
+    "responses": {**ok("the variant is ready", {"type": "object", "properties": {
+        "variant": _S, "ready": {"type": "boolean"}, "problem": {**_S, "nullable": True},
+        "replicas": {"type": "array", "items": {"type": "object"}}}}),
+        "503": {"description": "the variant is not ready: `problem` says why (the same body as 200)"},
+        **errors("404")}}
 DOCS = {"summary": "The API page: redirects to /", "responses": {"307": {"description": "to /"}}}
 
 

@@ -1,62 +1,108 @@
-"""Whether the gateway can serve: every variant's checkpoint loaded and verified by whoever runs it.
+"""Whether the gateway and each variant can serve, from what the health checks find now (service.health).
 
-`/readyz` answers 503 with the reasons until then (a bad checkpoint is named with its problem), and a
-classify request for a variant that is not ready is answered 503 with that variant's reason.
+A variant is ready when its checkpoint was loaded and verified by whoever runs it and a replica that
+answers its checks serves it; at start-up, once every one of its replicas has loaded (so a start is
+complete before /readyz says so), and from then on while at least one serves. Nothing latches: a
+variant whose replicas are all down is not ready until one answers again.
+
+Overall (`GET /readyz`), by `server.readiness`: `all` (every variant is ready) or `routes` (every
+route has a ready variant in its split, or its fallback is ready). `GET /readyz/VARIANT` answers for
+one. Neither waits on a worker: they read the marks of the last checks (at most
+`health_interval_s + health_timeout_s` old). A classify request for a variant that cannot serve is
+answered 503 with that variant's reason.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from . import metrics
 from .config import ServingConfig
+from .health import DOWN, UNKNOWN, UP, Health
 
 
 class Readiness:
-    """Each variant's status (from its workers or its in-process streams) and its problem, if any."""
-
-    def __init__(self, variants: list[str], status_of: Callable[[str], Awaitable[dict]],
-                 problems: dict[str, str], config_error: str | None = None) -> None:
-        self.variants = variants
-        self.status_of = status_of  # variant -> its status (raises while its workers are not reachable)
-        self.problems = problems  # variant -> why it cannot serve (from its manifest or its worker)
-        self.status: dict[str, dict] = {}  # variant -> its status once ready
+    def __init__(self, cfg: ServingConfig, health: Health, problems: dict[str, str],
+                 config_error: str | None = None) -> None:
+        self.cfg = cfg  # its routes change with PATCH /routes (service.gateway.change_route)
+        self.health = health
+        self.start_problems = dict(problems)  # variant -> why it cannot serve, found at start (its manifest)
         self.config_error = config_error
-        self.ready = False
-        self.checked_at = 0.0  # the last check made on a request's behalf
+        self.loaded_once: set[str] = set()  # variants whose every replica has loaded at some point
+        self.status: dict[str, dict] = {}  # variant -> its status, as the last checks found it
+        self.problems: dict[str, str] = dict(problems)  # variant -> why it is not ready now
+        self.ready = False  # as of the last refresh
+        self.published = False  # the first ready's work (variant info, heap freeze) is done
 
-    async def reasons(self) -> list[str]:
-        """Why the gateway is not ready (empty once it is; it stays ready from then on)."""
-        if self.ready:
-            return []
+    def why_not_ready(self, variant: str) -> str | None:
+        """Why `variant` is not ready now (for /readyz), or None."""
+        if variant in self.start_problems:
+            return self.start_problems[variant]
+        reps = self.health.replicas.get(variant, [])
+        serving = [r for r in reps if r.state == UP and r.status and r.status.get("ready")]
+        if serving and (variant in self.loaded_once or len(serving) == len(reps)):
+            self.loaded_once.add(variant)
+            return None
+        if serving:
+            return f"variant {variant!r}: {len(serving)} of {len(reps)} worker processes loaded"
+        errors = [r.status["error"] for r in reps if r.state == UP and r.status and r.status.get("error")]
+        if errors:  # a checkpoint that failed its checks, or a variant still loading in the gateway
+            return errors[0]
+        if reps and all(r.state == DOWN for r in reps):
+            return f"variant {variant!r} is down: {self.health.down_reason(variant)}"
+        if any(r.state == UNKNOWN for r in reps):
+            return f"variant {variant!r}: not checked yet"
+        return f"variant {variant!r}: not loaded"
+
+    def problem(self, variant: str, manifests: dict[str, Any]) -> str | None:
+        """Why a request for `variant` cannot be served now ("loading" while its manifest is unknown), or
+        None. Lenient where /readyz is strict: a replica not checked yet may still be called."""
+        if variant in self.start_problems or variant not in manifests:
+            return self.start_problems.get(variant, "loading")
+        if self.health.usable(variant) or not self.health.replicas.get(variant):
+            return None
+        return self.why_not_ready(variant)
+
+    def reasons(self) -> list[str]:
+        """Why the gateway is not ready under `server.readiness` (empty: ready)."""
         reasons = [self.config_error] if self.config_error else []
-        for name in self.variants:
-            try:
-                st = await self.status_of(name)
-            except Exception as e:
-                reasons.append(self.problems.get(name) or f"variant {name!r}: worker not reachable yet ({type(e).__name__})")
-                continue
-            if not st.get("ready"):
-                self.problems[name] = st.get("error") or self.problems.get(name) or f"variant {name!r}: not loaded"
-                reasons.append(self.problems[name])
+        why = {v: self.why_not_ready(v) for v in self.cfg.variants}
+        if self.cfg.server.readiness == "all":
+            return reasons + [w for w in why.values() if w]
+        for route in self.cfg.routes.values():
+            candidates = [v for v, w in route.split.items() if w > 0] + ([route.fallback] if route.fallback else [])
+            if all(why[v] for v in candidates):
+                reasons.append(f"route {route.name!r} has no variant that serves: "
+                               + "; ".join(why[v] for v in candidates))
+        return reasons
+
+    def refresh(self) -> list[str]:
+        """Recompute the status, problems, gauges and overall readiness from the health marks; the reasons."""
+        for v in self.cfg.variants:
+            reps = self.health.replicas.get(v, [])
+            known = [r.status for r in reps if r.status]
+            why = self.why_not_ready(v)
+            if known:
+                serving = sum(1 for r in reps if r.state == UP and r.status and r.status.get("ready"))
+                self.status[v] = {**known[0], "workers": len(reps), "workers_loaded": serving,
+                                  "ready": why is None, "error": why}
+            if why is None:
+                self.problems.pop(v, None)
             else:
-                self.status[name] = st
-                self.problems.pop(name, None)  # e.g. "1 of 2 worker processes loaded" while it started
+                self.problems[v] = why
+            metrics.VARIANT_READY.labels(v).set(0 if why else 1)
+        reasons = self.reasons()
         self.ready = not reasons
         return reasons
 
-    def due(self) -> bool:
-        """Whether a request should check readiness on its way: while not ready, at most once a second."""
-        if self.ready or time.monotonic() - self.checked_at <= 1.0:
-            return False
-        self.checked_at = time.monotonic()
-        return True
-
-    def problem(self, variant: str, manifests: dict[str, Any]) -> str | None:
-        """Why `variant` cannot answer now ("loading" while its manifest is unknown), or None."""
-        if variant in self.problems or variant not in manifests:
-            return self.problems.get(variant, "loading")
-        return None
+    def variant(self, variant: str) -> dict:
+        """GET /readyz/VARIANT: whether it is ready, why not, and each replica's mark."""
+        now = time.monotonic()
+        why = self.why_not_ready(variant)
+        reps = self.health.replicas.get(variant, [])
+        return {"variant": variant, "ready": why is None, "problem": why,
+                "replicas": [{"replica": i + 1, "state": r.state, "reason": r.reason, "pid": r.pid,
+                              "for_s": round(now - r.since, 1)} for i, r in enumerate(reps)]}
 
 
 class VariantInfo:
@@ -68,7 +114,9 @@ class VariantInfo:
 
     def publish(self, cfg: ServingConfig, manifests: dict[str, Any], status: dict[str, dict]) -> None:
         for name, v in cfg.variants.items():
-            m, st = manifests[name], status[name]
+            if name not in manifests:  # it has no checkpoint to describe
+                continue
+            m, st = manifests[name], status.get(name, {})
             eng = st.get("engine") or {}
             now = (name, ",".join(cfg.routes_of(name)), v.model, str(m.params), str(m.macs),
                    str(m.metrics.get("top1", "")), str(m.resolution), st.get("device", ""),
@@ -77,4 +125,3 @@ class VariantInfo:
                 metrics.VARIANT_INFO.labels(*self.labels[name]).set(0)
             metrics.VARIANT_INFO.labels(*now).set(1)
             self.labels[name] = now
-

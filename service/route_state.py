@@ -46,7 +46,8 @@ def legacy_path(path: Path, home: str | os.PathLike | None = None) -> Path:
 def route_dict(r: RouteConfig) -> dict:
     """A route as the configuration file and PATCH write it (weights already normalised)."""
     return {"split": dict(r.split),
-            "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None}
+            "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None,
+            **({"fallback": r.fallback} if r.fallback else {})}
 
 
 def same_route(a: dict, b: dict) -> bool:

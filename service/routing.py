@@ -5,7 +5,12 @@
    lands on the same variant while the weights stay the same, and a weight change moves only the
    clients it must); without one, at random by weight.
 3. No route given: the variant's route (explicit variant), else the default route.
-Shadowing picks, independently of the primary choice, whether a request is mirrored.
+4. A variant that is down (the caller passes the set: service/health.py) keeps its share: the route's
+   `fallback` answers that share while it is down (assignment "fallback"), and since the pick itself
+   never changes, a sticky client returns to its own variant once it is back. Without a fallback, or
+   with the fallback down too, the pick stands and its variant answers 503. An explicit variant is
+   never replaced: a client that names a variant wants that model's answer.
+Shadowing picks, independently of the primary choice, whether a request is mirrored (never to a down one).
 """
 from __future__ import annotations
 
@@ -36,8 +41,9 @@ class RoutingError(ValueError):
 class Assignment:
     route: str
     variant: str
-    how: str  # "explicit", "split" or "default" (the route has one variant: nothing was chosen)
+    how: str  # "explicit", "split", "default" (the route has one variant) or "fallback" (instead of a down one)
     shadow: str | None = None  # the variant to mirror this request to, if any
+    instead_of: str | None = None  # with "fallback": the variant that was picked and is down
 
 
 def sticky_pick(route: str, client_id: str, split: dict[str, float]) -> str:
@@ -85,7 +91,8 @@ class Router:
         except KeyError:
             raise RoutingError(f"unknown route {shown(name)}; routes: {', '.join(self.cfg.routes)}") from None
 
-    def assign(self, route: str | None = None, variant: str | None = None, client_id: str | None = None) -> Assignment:
+    def assign(self, route: str | None = None, variant: str | None = None, client_id: str | None = None,
+               down: frozenset[str] = frozenset()) -> Assignment:
         if variant is not None:
             if variant not in self.cfg.variants:
                 raise RoutingError(f"unknown variant {shown(variant)}; variants: {', '.join(self.cfg.variants)}")
@@ -97,7 +104,7 @@ class Router:
                     )
             else:
                 r = self._route(self.cfg.route_of(variant))
-            return Assignment(r.name, variant, "explicit", self._shadow(r, variant))
+            return Assignment(r.name, variant, "explicit", self._shadow(r, variant, down))
         r = self._route(route if route is not None else self.cfg.default_route)
         live = {v: w for v, w in r.split.items() if w > 0}
         if len(live) == 1:
@@ -105,10 +112,12 @@ class Router:
         else:
             chosen = sticky_pick(r.name, client_id, live) if client_id else pick_by_weight(live, self.rng.random())
             how = "split"
-        return Assignment(r.name, chosen, how, self._shadow(r, chosen))
+        if chosen in down and r.fallback is not None and r.fallback not in down:
+            return Assignment(r.name, r.fallback, "fallback", self._shadow(r, r.fallback, down), instead_of=chosen)
+        return Assignment(r.name, chosen, how, self._shadow(r, chosen, down))
 
-    def _shadow(self, r: RouteConfig, primary: str) -> str | None:
+    def _shadow(self, r: RouteConfig, primary: str, down: frozenset[str] = frozenset()) -> str | None:
         sh = r.shadow
-        if sh is None or sh.variant == primary or sh.fraction <= 0:
+        if sh is None or sh.variant == primary or sh.fraction <= 0 or sh.variant in down:
             return None
         return sh.variant if self.rng.random() < sh.fraction else None

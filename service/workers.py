@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -35,6 +36,7 @@ from . import metrics
 from .config import (ServingConfig, VariantConfig, cpu_threads, tracing_options, variant_device, variant_thread_counts,
                      variant_threads)
 from .cpu_slots import CoreSlots
+from .health import pid_namespace
 from .heap import freeze_startup_heap, watch_collector
 from .results import InferenceResult
 from .shm import ArenaMissing, ArenaReader, StaleBatch
@@ -317,8 +319,10 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: s
 
         @bentoml.api
         def status(self) -> dict:
-            """This process's status; the gateway adds up its variant's replicas (`combine_status`)."""
-            return self.runner.status(threads, int(self.runner.error is None), 1)
+            """This process's status, with its process id: the gateway's health checks call it and watch the
+            process's exit (service/health.py)."""
+            return {**self.runner.status(threads, int(self.runner.error is None), 1), "pid": os.getpid(),
+                    "pid_namespace": pid_namespace()}
 
         @bentoml.api(batchable=True, max_batch_size=v.max_batch_size, max_latency_ms=v.max_latency_ms)
         def predict(self, images: np.ndarray) -> np.ndarray:

@@ -99,14 +99,22 @@ class ImageError(ValueError):
         self.status = status
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _white_level(img: Image.Image) -> float:
+    """The value that becomes 255 for 16/32-bit integer and float grayscale: read from the whole image,
+    so that strips converted one by one (`_reduced_rgb`) are scaled alike."""
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    _, high = img.getextrema()
+    if img.mode == "F":
+        return 1.0 if high <= 1.0 else 255.0
+    return 65535.0 if high > 255 else 255.0
+
+
+def _to_rgb(img: Image.Image, white: float | None = None) -> Image.Image:
     mode = img.mode
     if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale
         a = np.asarray(img, dtype=np.float64)
-        if mode == "F":
-            top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
-        else:
-            top = 65535.0 if mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+        top = white or _white_level(img)
         a = np.nan_to_num(a / top * 255.0 + 0.5, nan=0.0)
         img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     elif mode == "P" or mode == "PA":
@@ -118,6 +126,57 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background.alpha_composite(rgba)
         img = background
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# Pixels converted at a time when a large image of another mode than RGB or L is reduced before its
+# conversion: 16-bit grayscale takes 8 bytes per pixel three times over in `_to_rgb` (float64), so a
+# strip costs about 6 MB however large the image (a 6000x6000 16-bit PNG: 79 MiB peak instead of 1,072;
+# benchmarks/serving.md).
+STRIP_PIXELS = 1 << 18
+# Bytes per pixel of an image as PIL holds it decoded (multi-band modes take 4, RGB included), and the
+# extra bytes per pixel that `_to_rgb` allocates when it converts a whole image at once: palette and
+# alpha images go through two RGBA copies and RGB, 16/32-bit gray through three float64 arrays.
+STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+CONVERSION_BYTES = {"RGB": 0, "P": 12, "PA": 12, "RGBA": 12, "LA": 12, "RGBa": 12, "La": 12, "I": 25, "F": 25,
+                    "I;16": 25, "I;16L": 25, "I;16B": 25, "I;16N": 25}
+
+
+def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
+    """The box reduction that keeps the shorter side at 2 x min_side or more (1: none)."""
+    return max(1, min(size) // (2 * min_side)) if min_side else 1
+
+
+def decode_bytes(img: Image.Image, min_side: int | None = None) -> int:
+    """About the most memory that `to_rgb_array` takes for `img` (from `open_image`), from its header.
+
+    The decoded pixels at full size (bytes per pixel of the mode), plus, for an image converted whole,
+    its conversion to RGB and the returned array; a large image is reduced before its conversion, and
+    then its decoded pixels are nearly all it costs. A JPEG decoded at a reduced scale costs less.
+    """
+    w, h = img.size
+    stored = STORED_BYTES.get(img.mode, 4)
+    if _reduce_factor(img.size, min_side) > 1:
+        return w * h * stored
+    return w * h * (stored + CONVERSION_BYTES.get(img.mode, 4) + 6)  # 6: the (H, W, 3) array and its transpose
+
+
+def _reduced_rgb(img: Image.Image, factor: int) -> Image.Image:
+    """`img` (any mode but RGB and L) as RGB, box-reduced by `factor`, converted one strip at a time.
+
+    Converting a 36 MP palette or RGBA image whole takes three 4-byte copies of it, a 16-bit one three
+    float64 arrays (about 1 GB); strips bound that to STRIP_PIXELS. PIL cannot reduce P and I;16
+    images itself, and resizing P (nearest only) would alias. Box-reducing to at least twice the size
+    the caller needs, then resizing with antialiasing, gives what resizing the whole image does to
+    within a grey level or two.
+    """
+    w, h = img.size
+    white = _white_level(img) if img.mode.startswith("I") or img.mode == "F" else None
+    rows = factor * max(1, STRIP_PIXELS // (w * factor))
+    out = Image.new("RGB", (-(-w // factor), -(-h // factor)))
+    for top in range(0, h, rows):
+        strip = _to_rgb(img.crop((0, top, w, min(h, top + rows))), white)
+        out.paste(strip.reduce(factor), (0, top // factor))
+    return out
 
 
 def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -219,6 +278,12 @@ def to_rgb_array(img: Image.Image, *, min_side: int | None = None, data: bytes |
         except Exception as e:  # truncated or corrupt pixel data; PIL raises OSError, SyntaxError, ValueError...
             raise ImageError(f"the {fmt} image is truncated or corrupt: {e}") from None
         orientation = _orientation(img)  # after loading: a PNG may keep its eXIf chunk after the pixels
+        factor = _reduce_factor(img.size, min_side)
+        if factor > 1 and img.mode not in ("RGB", "L"):
+            try:
+                img = _reduced_rgb(img, factor)
+            except Exception as e:
+                raise ImageError(f"the {fmt} image in mode {img.mode} cannot be converted to RGB: {e}") from None
     if min_side and min(img.size) > 2 * min_side and img.mode in ("RGB", "L"):
         # Large images are resized here, by PIL, to the size store.resize_crop would give them, which then
         # has nothing to resize: PIL's antialiased bilinear and torchvision's agree within one grey level

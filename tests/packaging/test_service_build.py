@@ -62,7 +62,7 @@ def test_the_runtime_set_is_one_list_that_pyproject_the_bentofile_and_the_docker
     assert not re.search(r"pip install [^\n]*==", docker)
     # Test and load-test tools are not runtime packages.
     assert not {_norm(re.split(r"[<>=!~\[ ]", r)[0]) for r in runtime} & {"pytest", "locust", "scikit-image",
-                                                                        "matplotlib", "tqdm", "psutil"}
+                                                                        "matplotlib", "psutil"}
 
 
 def test_uvicorn_under_bentoml_serve_picks_the_c_parser_and_loop():

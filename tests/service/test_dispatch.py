@@ -103,11 +103,13 @@ def test_an_unexpected_fault_is_answered_500_with_the_request_id(endpoint):
 
     from service import metrics
 
+    from service.admission import Admission
     from service.gateway import GatewayService
 
     gw = object.__new__(GatewayService)  # no server: only the request path is under test
     gw.cfg = parse_config(CFG)
     gw.dispatcher = dispatcher_with(FlakyWorker(0, RuntimeError("a bug of ours")), cfg=gw.cfg)
+    gw.admission = Admission.from_config(gw.cfg)
     a = types.SimpleNamespace(route="fashion", variant="b0", how="explicit", shadow=None)
     field = "image" if endpoint == "classify" else "images"
     form = FormData([(field, UploadFile(io.BytesIO(b"png"), filename="x.png"))])

@@ -33,7 +33,7 @@ def test_a_route_change_updates_the_variant_info_series():
     gw = gateway(cfg, {v: types.SimpleNamespace(classes=list("abcdefghij") if v != "lite0" else list(range(1000)),
                                                 num_classes=10, params=1, macs=2, metrics={"top1": 0.9}, resolution=32)
                        for v in CFG["variants"]})
-    gw.readiness.ready = True
+    gw.readiness.published = True  # its first ready has been announced
     gw.readiness.status = {v: {"device": "cpu", "engine": {"engine": "openvino", "precision": "fp32"}}
                            for v in CFG["variants"]}
     gw.info.publish(gw.cfg, gw.manifests, gw.readiness.status)
