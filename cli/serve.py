@@ -64,7 +64,8 @@ def server_env(home: Path | None = None, port: int | None = None) -> dict[str, s
 
 def serve_command(host: str, port: int) -> list[str]:
     """The command line of the server: BentoML's arbiter, the gateway and one worker per variant."""
-    return [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", host, "--port", str(port),
+    # cli.bentoml_serve: `bentoml serve` that keeps its workers' sockets while they drain.
+    return [sys.executable, "-m", "cli.bentoml_serve", "serve", "service.app:Gateway", "--host", host, "--port", str(port),
             "--working-dir", str(ROOT)]
 
 
