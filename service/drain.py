@@ -9,8 +9,9 @@ process's signal handler is wrapped here (`DrainMiddleware`, installed on every 
 
 - the **gateway** turns draining at once: `/readyz` answers 503, new requests 503 + Retry-After and
   `Connection: close`, while the requests admitted before the signal run on; once none is left (or
-  `server.drain_grace_s` has passed) it closes the listening socket for every process that shares it
-  (later connections are refused, not left waiting), and hands the signal to uvicorn, which stops;
+  `server.drain_grace_s` has passed) it closes the listening socket for every process that shares it,
+  when the workers stop too (later connections are refused, not left waiting; a gateway stopped alone
+  leaves the socket to the one the arbiter starts next), and hands the signal to uvicorn, which stops;
 - a **worker** keeps serving until the gateway has drained (or gone), so that the gateway's admitted
   requests still have somewhere to run, and its own calls in flight have finished; then it stops.
 
@@ -21,6 +22,7 @@ A second SIGINT (Ctrl-C twice) stops at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -73,6 +75,12 @@ def gateway_state(path: Path) -> str | None:
     if not isinstance(data, dict) or not _alive(int(data.get("pid", 0) or 0)):
         return None
     return data.get("state")
+
+
+def worker_marks(gateway: Path) -> list[Path]:
+    """The marks of this server's workers that are draining now (see `Drain.begin`)."""
+    return [p for p in gateway.parent.glob(gateway.name.replace("effnet-gateway-", "effnet-worker-").replace(
+        ".json", "-*.draining")) if _alive(int(p.stem.rsplit("-", 1)[-1] or 0))]
 
 
 def _write_state(path: Path, state: str) -> None:
@@ -148,6 +156,9 @@ class Drain:
                 _write_state(self.file, "draining")
             except OSError as e:  # the workers then wait for this process to end instead
                 logger.error("cannot write %s: %s", self.file, e)
+        else:  # says the whole server stops, not the gateway alone (see end)
+            with contextlib.suppress(OSError):
+                self.mark().touch()
         logger.warning("%s %d: draining (%d request(s) in flight); stopping within %.0f s", self.role, os.getpid(),
                        self.inflight, self.deadline() - self.since)
         return True
@@ -174,13 +185,21 @@ class Drain:
         self.done = True
         late = self.inflight
         if self.role == "gateway":
-            stop_listening(listening_fd())
-            try:
+            # The listening socket is shared with the arbiter, and a gateway restarted alone (a SIGTERM to it
+            # only) inherits it: it is closed for everyone only when the workers stop too.
+            if worker_marks(self.file):
+                stop_listening(listening_fd())
+            with contextlib.suppress(OSError):
                 self.file.unlink(missing_ok=True)
-            except OSError:
-                pass
+        else:
+            with contextlib.suppress(OSError):
+                self.mark().unlink(missing_ok=True)
         logger.warning("%s %d: drained in %.1f s%s; stopping", self.role, os.getpid(), self.clock() - (self.since or 0),
                        f", {late} request(s) still running at the end of the grace period" if late else "")
+
+    def mark(self) -> Path:
+        return self.file.with_name(self.file.name.replace("effnet-gateway-", "effnet-worker-").replace(
+            ".json", f"-{os.getpid()}.draining"))
 
     def started(self) -> None:
         """The gateway says it serves (its workers then wait for it on a signal)."""

@@ -81,6 +81,25 @@ def test_a_worker_stopped_alone_waits_only_for_its_own_calls(tmp_path):
     assert w.finished()
 
 
+def test_the_listener_is_closed_for_everyone_only_when_the_workers_stop_too(tmp_path, monkeypatch):
+    closed = []
+    monkeypatch.setattr(drain, "stop_listening", lambda fd: closed.append(fd))
+    monkeypatch.setattr(drain, "listening_fd", lambda: 7)
+    gw = drain.Drain("gateway", grace_s=10, retry_after_s=1, runtime_dir=str(tmp_path))
+    gw.begin()
+    gw.end()  # the gateway alone: the arbiter restarts it on the same socket
+    assert closed == []
+    w = drain.Drain("worker", grace_s=10, retry_after_s=1, runtime_dir=str(tmp_path))
+    w.begin()
+    assert drain.worker_marks(gw.file) == [w.mark()]
+    gw.since = None
+    gw.begin()
+    gw.end()  # the whole server stops
+    assert closed == [7]
+    w.end()
+    assert drain.worker_marks(gw.file) == []
+
+
 def test_a_dead_gateway_does_not_hold_its_workers(tmp_path):
     path = drain.gateway_file(tmp_path, 1234)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
