@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from store.paths import bentoml_home
+from store.paths import STATE_ENV, bentoml_home, state_dir
 
 if TYPE_CHECKING:
     from engines.prepare import VariantEngine
@@ -15,34 +19,42 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def server_tmp_dir(home: Path) -> Path:
-    """The temporary folder of the servers of the store at `home` (see server_env)."""
+def server_tmp_dir(home: Path, port: int | None = None) -> Path:
+    """The runtime folder of the server of the store at `home` on `port` (see server_env)."""
     import hashlib
     import tempfile
 
     digest = hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"effnet-serve-{digest}"
+    return Path(tempfile.gettempdir()) / (f"effnet-serve-{digest}" + (f"-{port}" if port else ""))
 
 
-def server_env(home: Path | None = None) -> dict[str, str]:
+def server_env(home: Path | None = None, port: int | None = None) -> dict[str, str]:
     """The environment of a `bentoml serve` on the store at `home` (default: $BENTOML_HOME or ~/bentoml).
 
-    TMPDIR is a folder of its own per store, emptied at every start: every BentoML client between
-    services makes a temporary folder that only its finalizer removes, and workers stopped by a signal
-    never run it, so what a previous server of this store left there is litter (a start means that
-    server is gone). The folder is named by a hash of the store and kept in the system's temporary
-    folder, not inside the store: BentoML puts its Unix sockets there, and a socket path must stay
-    under 108 characters.
+    TMPDIR is a runtime folder private to the server, per store and port, emptied at every start: every
+    BentoML client between services makes a temporary folder that only its finalizer removes, and
+    workers stopped by a signal never run it, so what a previous server there left is litter. `effnet
+    serve` holds the port's lock (`port_lock`) while it serves, so a start means the previous server of
+    that store and port is gone, and a second server of the store, on another port, has a folder of its
+    own. The folder is named by a hash of the store and kept in the system's temporary folder, not
+    inside the store: BentoML puts its Unix sockets there, and a socket path must stay under 108
+    characters.
     """
     import getpass
     import shutil
     import tempfile
 
     home = bentoml_home(home)
-    tmp = server_tmp_dir(home)
+    tmp = server_tmp_dir(home, port)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "BENTOML_HOME": str(home), "TMPDIR": str(tmp)}
+    # One state folder for every process of the server (store.paths.state_dir), with the admin token in it:
+    # route changes are closed without one (service/audit.py).
+    from service.audit import ensure_token_file
+
+    env[STATE_ENV] = str(Path(os.environ.get(STATE_ENV) or state_dir(home)).resolve())
+    ensure_token_file(env[STATE_ENV])
     # torch.compile's cache lives under the temporary folder by default: keep it in the system's, so that
     # a GPU worker's compiled graphs survive restarts instead of being emptied with the litter.
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"))
@@ -52,7 +64,8 @@ def server_env(home: Path | None = None) -> dict[str, str]:
 
 def serve_command(host: str, port: int) -> list[str]:
     """The command line of the server: BentoML's arbiter, the gateway and one worker per variant."""
-    return [sys.executable, "-m", "bentoml", "serve", "service.app:Gateway", "--host", host, "--port", str(port),
+    # cli.bentoml_serve: `bentoml serve` that keeps its workers' sockets while they drain.
+    return [sys.executable, "-m", "cli.bentoml_serve", "serve", "service.app:Gateway", "--host", host, "--port", str(port),
             "--working-dir", str(ROOT)]
 
 
@@ -165,6 +178,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return prepare_engines(cfg)
+    lock, holder = port_lock(args.port)
+    if lock is None:
+        print(f"effnet serve: port {args.port} is taken by another effnet serve ({holder}); stop it, or choose "
+              "another port with --port", file=sys.stderr)
+        return 2
     busy = port_in_use(args.host, args.port)
     if busy:
         hint = ("Another server may be running there (stop it), or choose another port with --port"
@@ -190,9 +208,123 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if saved:
             print(f"saved route changes for {', '.join(saved)} (PATCH /routes, {state_path(str(path))}) are served "
                   "instead of the file's where the file has not changed since; --reset-routes drops them", flush=True)
-    env = {**server_env(), CONFIG_ENV: str(path)}
-    cmd = serve_command(args.host, args.port)
-    os.execvpe(cmd[0], cmd, env)  # bentoml's arbiter takes over this process: Ctrl-C stops everything
+    env = {**server_env(port=args.port), CONFIG_ENV: str(path)}
+    from service.audit import ADMIN_TOKEN_ENV, audit_path, token_path
+
+    state = env[STATE_ENV]
+    print(f"state folder: {state}\nroute changes (PATCH /routes) need 'Authorization: Bearer <token>' with "
+          + (f"${ADMIN_TOKEN_ENV}" if os.environ.get(ADMIN_TOKEN_ENV) else f"the token in {token_path(state)}")
+          + f"; every attempt is logged to {audit_path(state)}", flush=True)
+    try:
+        return run_server(serve_command(args.host, args.port), env, cfg.server.drain_grace_s)
+    finally:
+        import shutil
+
+        shutil.rmtree(env["TMPDIR"], ignore_errors=True)  # the server is gone: its sockets and litter with it
+        os.close(lock)
+
+
+def port_lock(port: int, folder: str | os.PathLike | None = None) -> tuple[int | None, str]:
+    """Hold the lock of `port` for as long as this process lives (the descriptor; closing it lets go), or
+    (None, who holds it). Two servers started at once on one port would both pass the check that the
+    port is free (the arbiter binds it only after slow imports) and then fight over it, the second
+    emptying the first's runtime folder; the lock decides which one serves."""
+    import fcntl
+    import tempfile
+
+    path = Path(folder or tempfile.gettempdir()) / f"effnet-serve-port-{port}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}, store {bentoml_home()}".encode(), 0)
+    return fd, ""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it if `effnet serve` dies (even by SIGKILL), so no server is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to do
+        pass
+
+
+def run_server(cmd: list[str], env: dict[str, str], grace_s: float) -> int:
+    """Run the server as a child in a session of its own and exit with it.
+
+    The first SIGTERM or SIGINT (Ctrl-C) is passed on once, as SIGTERM, to BentoML's arbiter, which
+    stops its processes while they drain (service/drain.py); a second SIGINT is sent to every process
+    of the server (stop now); a third, or the server still running `grace_s` + 15 s after the first signal,
+    kills the arbiter and every process it started. A child of its own session gets no terminal signals
+    of its own, so each is sent once.
+    """
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    signals: list[int] = []
+    tree: dict[int, float] = {}  # every process the server has started (pid -> start time), to end them all
+
+    def forward(sig: int, frame: object) -> None:
+        signals.append(sig)
+        try:
+            if len(signals) == 1:
+                proc.send_signal(signal.SIGTERM)
+            elif len(signals) == 2 and sig == signal.SIGINT:
+                for pid in [proc.pid, *tree]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGINT)
+            elif len(signals) > 2:
+                _kill(tree)
+                proc.kill()
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    deadline = None
+    while True:
+        try:
+            code = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        tree.update(_descendants(proc.pid))
+        if signals and deadline is None:
+            deadline = time.monotonic() + grace_s + 15
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"effnet serve: the server is still running {grace_s + 15:.0f} s after the signal; killing it",
+                  file=sys.stderr, flush=True)
+            _kill(tree)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            deadline = float("inf")
+    # BentoML starts each process in a session of its own: none may outlive the arbiter.
+    _kill(tree)
+    return 128 - code if code < 0 else code
+
+
+def _descendants(pid: int) -> dict[int, float]:
+    import psutil
+
+    try:
+        return {p.pid: p.create_time() for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def _kill(tree: dict[int, float]) -> None:
+    """SIGKILL the processes of `tree` still running (the same process: same pid and start time)."""
+    import psutil
+
+    for pid, started in tree.items():
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if p.create_time() == started:
+                p.kill()
 
 
 def port_in_use(host: str, port: int) -> str | None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from store import Manifest, fashion_mnist as fmnist, resize_crop
+from store.durable import intact, sidecar, write_checked
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ def save_calibration(
 
     `images` must already be at the checkpoint's resolution (`store.resize_crop`), uint8.
     """
-    from safetensors.torch import save_file
-
     from store import read_manifest
 
     manifest, folder = read_manifest(tag_or_folder, home)
@@ -89,8 +88,31 @@ def save_calibration(
     if labels is not None:
         tensors["labels"] = labels.to(torch.int64).contiguous()
     path = Path(folder) / CALIBRATION_FILE
-    save_file(tensors, str(path), metadata={"source": "training data subset"})
+    _write(path, tensors, "training data subset")
     return path
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """A calibration file, whole or not at all (a temporary file renamed), with its size and sha256 beside it."""
+    from safetensors.torch import save
+
+    write_checked(path, save(tensors, metadata={"source": source}))
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], str | None] | None:
+    """A calibration file's tensors and recorded source, or None (logged) when it is truncated or damaged:
+    it is then generated again rather than read by every later start."""
+    from safetensors import safe_open
+
+    if sidecar(path).exists() and not intact(path):
+        log.warning("%s does not match its recorded size and sha256 (truncated?); not using it", path)
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get("source")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a cut file
+        log.warning("%s cannot be read (%s: %s); not using it", path, type(e).__name__, e)
+        return None
 
 
 def fashion_mnist(split: str, manifest: Manifest, limit: int | None = None, seed: int = 0) -> CalibrationSet | None:
@@ -151,17 +173,12 @@ def synthetic_batch(manifest: Manifest, n: int = VERIFY_BATCH, seed: int = 0) ->
 
 def load_calibration(folder: Path, manifest: Manifest, cache: Path | None = None) -> CalibrationSet:
     """The checkpoint's calibration set, else the documented fallback (see the module docstring)."""
-    from safetensors.torch import load_file, save_file
-
     for path in (folder / CALIBRATION_FILE, cache / CALIBRATION_FILE if cache else None):
-        if path is not None and path.is_file():
-            t = load_file(str(path))
+        if path is not None and path.is_file() and (got := _read(path)) is not None:
+            t, recorded = got
             source = f"checkpoint calibration set ({CALIBRATION_FILE}, {len(t['images'])} images)"
             if path.parent != folder:  # generated earlier: the same words as when it was made
-                from safetensors import safe_open
-
-                with safe_open(str(path), "pt") as f:
-                    source = (f.metadata() or {}).get("source", "generated calibration set")
+                source = recorded or "generated calibration set"
             return CalibrationSet(t["images"], t.get("labels"), source)
     if _is_fashion(manifest):
         calib = fashion_mnist("train", manifest, limit=CALIBRATION_SIZE)
@@ -169,21 +186,27 @@ def load_calibration(folder: Path, manifest: Manifest, cache: Path | None = None
             log.info("%s: no %s; generated %d images from the %s", folder.name, CALIBRATION_FILE,
                      len(calib.images), calib.source)
             calib.source = f"generated from the {calib.source} (checkpoint has no {CALIBRATION_FILE})"
-            if cache is not None:
-                cache.mkdir(parents=True, exist_ok=True)
-                tensors = {"images": calib.images, "labels": calib.labels}
-                save_file(tensors, str(cache / CALIBRATION_FILE), metadata={"source": calib.source})
+            _cache(cache, {"images": calib.images, "labels": calib.labels}, calib.source)
             return calib
     if manifest.dataset.lower().startswith("imagenet"):
         calib = photo_crops(manifest, CALIBRATION_SIZE)
         if calib is not None:
-            if cache is not None:
-                cache.mkdir(parents=True, exist_ok=True)
-                save_file({"images": calib.images}, str(cache / CALIBRATION_FILE), metadata={"source": calib.source})
+            _cache(cache, {"images": calib.images}, calib.source)
             return calib
     return CalibrationSet(synthetic_batch(manifest, CALIBRATION_SIZE), None,
                           f"synthetic uint8 noise (checkpoint has no {CALIBRATION_FILE} and dataset "
                           f"{manifest.dataset!r} is not available offline)")
+
+
+def _cache(cache: Path | None, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Keep a generated set for the next start; one that cannot be written (a read-only folder) is only
+    generated again then."""
+    if cache is None:
+        return
+    try:
+        _write(cache / CALIBRATION_FILE, tensors, source)
+    except OSError as e:
+        log.warning("cannot cache the generated calibration set in %s: %s", cache, e)
 
 
 def _is_fashion(manifest: Manifest) -> bool:

@@ -6,7 +6,13 @@ where the key names the artefact's format version and the library versions that 
 restart finds them (no second export) and a new weights file, exporter or runtime never reuses a
 stale one. A lock file per artefact folder makes concurrent workers export once: the others wait
 and then read the finished file. Files are written under a temporary name and renamed into place,
-so a killed export never leaves a half-written artefact that looks finished.
+so a killed export never leaves a half-written artefact that looks finished; each file's size and
+sha256 are recorded beside it (`NAME.sha256`, store.durable), so one damaged afterwards (truncated by
+a full disk or by hand) is exported again instead of being loaded by every later start.
+
+Where the checkpoint's folder cannot be written (the store mounted read-only), new artefacts go to
+the state folder instead (`store.paths.state_dir()/engines/NAME-VERSION/...`), and the ones already
+beside the weights (`make engines` before the store was frozen) are still read from there.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from pathlib import Path
 import torch
 
 from store import Manifest
+from store.durable import intact, record, sidecar, writable
+from store.paths import state_dir
 
 from .base import ServingGraph
 from .calibration import CalibrationSet
@@ -60,9 +68,47 @@ def int8_key(calib: CalibrationSet) -> str:
     return f"{onnx_key()}-int8qdq{INT8_RECIPE}-ort{_version('onnxruntime')}-calib{digest}"
 
 
-def cache_dir(folder: Path, manifest: Manifest) -> Path:
-    """The engines folder of this checkpoint's weights (keyed by their sha256)."""
+def own_cache_dir(folder: Path, manifest: Manifest) -> Path:
+    """The engines folder of this checkpoint's weights (keyed by their sha256), beside them."""
     return Path(folder) / ENGINES_DIR / (manifest.sha256[:16] or "unhashed")
+
+
+def state_cache_dir(folder: Path, manifest: Manifest) -> Path:
+    """The same in the state folder, for a store that cannot be written."""
+    folder = Path(folder)
+    return state_dir() / ENGINES_DIR / f"{folder.parent.name}-{folder.name}" / (manifest.sha256[:16] or "unhashed")
+
+
+def cache_dir(folder: Path, manifest: Manifest) -> Path:
+    """Where this checkpoint's engine artefacts and records are written: beside the weights, else (a
+    read-only store) in the state folder."""
+    own = own_cache_dir(folder, manifest)
+    return own if writable(own) else state_cache_dir(folder, manifest)
+
+
+def cache_dirs(folder: Path, manifest: Manifest) -> list[Path]:
+    """Where they are looked for: beside the weights first, then the state folder."""
+    own, state = own_cache_dir(folder, manifest), state_cache_dir(folder, manifest)
+    return [own] if own == state else [own, state]
+
+
+def whole(path: Path) -> bool:
+    """The file is there and, where its size and sha256 were recorded, matches them."""
+    if not path.is_file():
+        return False
+    if sidecar(path).exists() and not intact(path):
+        log.warning("%s does not match its recorded size and sha256 (truncated or changed): building it again",
+                    path)
+        return False
+    return True
+
+
+def _found(folder: Path, manifest: Manifest, key: str, *names: str) -> Path | None:
+    """The first cache folder whose `key` holds every one of `names`, whole."""
+    for d in cache_dirs(folder, manifest):
+        if all(whole(d / key / n) for n in names):
+            return d / key
+    return None
 
 
 @contextlib.contextmanager
@@ -75,6 +121,7 @@ def _locked(path: Path):
 
 def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
+    record(final)
 
 
 def export_onnx(model: torch.nn.Module, manifest: Manifest, out: Path) -> Path:
@@ -107,12 +154,13 @@ def export_onnx(model: torch.nn.Module, manifest: Manifest, out: Path) -> Path:
 
 def onnx_path(model_fn, manifest: Manifest, folder: Path) -> Path:
     """The cached ONNX file of this checkpoint, exported on first use. `model_fn()` builds the model."""
+    found = _found(folder, manifest, onnx_key(), "model.onnx")
+    if found is not None:
+        return found / "model.onnx"
     d = cache_dir(folder, manifest) / onnx_key()
     out = d / "model.onnx"
-    if out.is_file():
-        return out
     with _locked(d):
-        if not out.is_file():  # another worker may have finished it while we waited
+        if not whole(out):  # another worker may have finished it while we waited
             export_onnx(model_fn(), manifest, out)
     return out
 
@@ -121,12 +169,13 @@ def openvino_path(onnx_file: Path, manifest: Manifest, folder: Path) -> Path:
     """The cached OpenVINO IR (`model.xml` + `model.bin`, fp32 weights) converted from the ONNX file."""
     import openvino as ov
 
+    found = _found(folder, manifest, openvino_key(), "model.xml", "model.bin")
+    if found is not None:
+        return found / "model.xml"
     d = cache_dir(folder, manifest) / openvino_key()
     out = d / "model.xml"
-    if out.is_file() and out.with_suffix(".bin").is_file():
-        return out
     with _locked(d):
-        if not (out.is_file() and out.with_suffix(".bin").is_file()):
+        if not (whole(out) and whole(out.with_suffix(".bin"))):
             t0 = time.perf_counter()
             tmp = d / f"tmp{os.getpid()}"
             tmp.mkdir(exist_ok=True)
@@ -193,12 +242,13 @@ def quantize_int8(onnx_file: Path, calib: CalibrationSet, out: Path) -> Path:
 
 
 def int8_path(onnx_file: Path, calib: CalibrationSet, manifest: Manifest, folder: Path) -> Path:
+    found = _found(folder, manifest, int8_key(calib), "model.int8.onnx")
+    if found is not None:
+        return found / "model.int8.onnx"
     d = cache_dir(folder, manifest) / int8_key(calib)
     out = d / "model.int8.onnx"
-    if out.is_file():
-        return out
     with _locked(d):
-        if not out.is_file():
+        if not whole(out):
             quantize_int8(onnx_file, calib, out)
     return out
 

@@ -25,7 +25,7 @@ from store import Manifest, load_checkpoint, read_manifest
 
 from .base import BuildContext, Engine, TorchEngine, TorchFp16Engine
 from .calibration import load_calibration, load_test_set, test_set_source
-from .export import cache_dir
+from .export import cache_dir, cache_dirs
 from .onnxrt import OnnxRuntimeEngine, OnnxRuntimeInt8Engine
 from .openvino_rt import OpenVinoBf16Engine, OpenVinoEngine, OpenVinoInt8Engine
 from .threads import available_cores, set_threads
@@ -266,12 +266,14 @@ def recorded_choice(tag_or_path: str, threads: int | None = None, device: str = 
     manifest, folder = read_manifest(tag_or_path, home)
     names = list(candidates or auto_candidates(device))
     key = _auto_key(sorted(set(batch_sizes)), device, names, threads or available_cores())
-    rec = next((r for r in _read_records(cache_dir(folder, manifest)) if r.get("key") == key), None)
+    rec = next((r for d in cache_dirs(folder, manifest) for r in _read_records(d) if r.get("key") == key), None)
     return rec.get("engine") if rec is not None and rec.get("engine") in ENGINES else None
 
 
 def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
-    rec = next((r for r in _read_records(ck.cache) if r.get("key") == key), None)
+    # The record beside the weights first (`make engines`), then the state folder's (a read-only store).
+    rec = next((r for d in cache_dirs(ck.folder, ck.manifest) for r in _read_records(d) if r.get("key") == key),
+               None)
     if rec is None or rec.get("engine") not in ENGINES:
         return None
     eng, result = _try(rec["engine"], ck)

@@ -10,10 +10,12 @@ import bentoml
 
 from .config import load_config, tracing_options
 from .connections import install as install_connection_limits
+from .drain import DrainMiddleware
 from .endpoints import ENDPOINTS, http_app
 from .gateway import GatewayService
 from .http_limits import LimitsMiddleware
 from .openapi import OpenAPIMiddleware, paths
+from .request_log import RequestLogMiddleware
 from .workers import make_workers
 
 
@@ -35,6 +37,10 @@ def build_gateway(cfg):
     for name, v in remote.items():
         worker_attrs[name] = []
         for i, svc in enumerate(make_workers(v, cfg, gpu), 1):
+            # A worker serves on after SIGTERM until the gateway has drained (service/drain.py).
+            svc.add_asgi_middleware(RequestLogMiddleware, log_format=cfg.server.log_format, ids=False)
+            svc.add_asgi_middleware(DrainMiddleware, role="worker", grace_s=cfg.server.drain_grace_s,
+                                    retry_after_s=cfg.server.retry_after_s)
             attr = f"w_{name.replace('-', '_')}_{i}"
             attrs[attr] = bentoml.depends(svc)
             worker_attrs[name].append(attr)
@@ -62,6 +68,11 @@ def build_gateway(cfg):
         # dependency would wait up to 5 s on a worker that is gone
         runner_probe={"enabled": False, "timeout": 1, "period": 10},
     )(bentoml.asgi_app(http_app, path="/")(cls))
+    # Outermost: the request's id, on the answer and every log line about it (service/request_log.py).
+    svc.add_asgi_middleware(RequestLogMiddleware, log_format=cfg.server.log_format)
+    # Then, on SIGTERM, refuse new requests and let the admitted ones finish (service/drain.py).
+    svc.add_asgi_middleware(DrainMiddleware, role="gateway", grace_s=cfg.server.drain_grace_s,
+                            retry_after_s=cfg.server.retry_after_s)
     svc.add_asgi_middleware(OpenAPIMiddleware, paths=paths(ENDPOINTS))
     svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,
                             max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s,

@@ -182,6 +182,12 @@ class ServerConfig:
     # Request bodies buffered in the gateway at once, in MiB; a body that would go above it gets 429 +
     # Retry-After, as max_uploads does: max_uploads x max_body_mb (2.5 GB) is more than a host may have.
     max_buffered_mb: float = 256
+    # On SIGTERM, seconds to finish the admitted requests before stopping (service/drain.py): under
+    # Kubernetes' default 30 s termination grace, so the pod ends before it would be killed.
+    drain_grace_s: float = 25
+    # Log lines as BentoML writes them ("text", with the request's ids appended) or one JSON object a line
+    # ("json"), for a log pipeline that parses fields (service/request_log.py).
+    log_format: str = "text"
 
     @property
     def max_body_bytes(self) -> int:
@@ -320,7 +326,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
         "tracing", "worker_transport", "burst_inflight", "burst_share", "health_interval_s", "health_timeout_s",
         "connect_timeout_s", "readiness", "header_timeout_s", "keepalive_timeout_s", "max_connections",
-        "max_buffered_mb"})
+        "max_buffered_mb", "drain_grace_s", "log_format"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_mb"] = _number("server.max_body_mb", server_raw["max_body_mb"], positive=True)
@@ -339,7 +345,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             raise ConfigError(f"{source}: server.readiness: expected {' or '.join(READINESS_POLICIES)}, got "
                               f"{server_raw['readiness']!r}")
         s["readiness"] = server_raw["readiness"]
-    for key in ("timeout_s", "body_timeout_s", "health_interval_s", "health_timeout_s", "connect_timeout_s"):
+    for key in ("timeout_s", "body_timeout_s", "health_interval_s", "health_timeout_s", "connect_timeout_s",
+                "drain_grace_s"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], positive=True)
     if "cpu_threads" in server_raw and server_raw["cpu_threads"] not in (None, "auto"):
@@ -364,6 +371,10 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     if "max_connections" in server_raw:
         s["max_connections"] = _number("server.max_connections", server_raw["max_connections"], integer=True,
                                        positive=True)
+    if "log_format" in server_raw:
+        if server_raw["log_format"] not in ("text", "json"):
+            raise ConfigError(f"{source}: server.log_format: expected text or json, got {server_raw['log_format']!r}")
+        s["log_format"] = server_raw["log_format"]
     server = ServerConfig(**s)
     if server.max_buffered_bytes < server.max_body_bytes:
         raise ConfigError(f"{source}: server.max_buffered_mb ({server.max_buffered_mb:g}) must be at least "

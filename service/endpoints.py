@@ -9,7 +9,7 @@ here every failure has its status and message. BentoML still serves /livez, /rea
 from __future__ import annotations
 
 import json
-import os
+import logging
 from typing import Any
 
 from starlette.applications import Starlette
@@ -17,11 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
-from . import openapi
+from . import openapi, route_state
+from .audit import AuditLog, configured_token, fingerprint
 from .errors import ClientError, error_response, request_id
-from .live_routes import ADMIN_TOKEN_ENV, MAX_CHANGE_BYTES, admin_refusal
+from .live_routes import MAX_CHANGE_BYTES, admin_refusal
 from .openapi import Endpoint
 from .routing import RoutingError, shown
+
+logger = logging.getLogger("effnet.gateway")
 
 
 def _gateway() -> Any:
@@ -66,24 +69,47 @@ async def assignment(request: Request) -> JSONResponse:
                          "weights": gw.cfg.routes[a.route].split})
 
 
+def _audit(request: Request, rid: str, name: str, before: dict | None, after: Any, status: int,
+           error: str | None = None) -> None:
+    """One line of the audit log (service.audit) for a route-change attempt; a log that cannot be written
+    is an error in the server log, not the client's problem."""
+    given = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip() or None
+    try:
+        AuditLog().write(client=request.client.host if request.client else None,
+                         forwarded_for=request.headers.get("x-forwarded-for"), token=fingerprint(given),
+                         host=request.headers.get("host"), route=name, before=before, after=after,
+                         result={"status": status, **({"error": error} if error else {})}, request_id=rid)
+    except OSError as e:
+        logger.error("route change %s (%s): the audit log cannot be written: %s", rid, status, e)
+
+
 async def change_route(request: Request) -> JSONResponse:
-    gw, rid = _gateway(), request_id()
-    proxied = any(h in request.headers for h in ("forwarded", "x-forwarded-for", "x-real-ip"))
-    refused = admin_refusal(request.client.host if request.client else None,
-                            request.headers.get("authorization"), os.environ.get(ADMIN_TOKEN_ENV), proxied)
+    gw, rid, name = _gateway(), request_id(), request.path_params["name"]
+    old = gw.cfg.routes.get(name)
+    before = route_state.route_dict(old) if old else None
+
+    def refuse(status: int, message: str, after: Any = None) -> JSONResponse:
+        _audit(request, rid, name, before, after, status, message)
+        return error_response(rid, status, message)
+
+    local = (request.scope.get("server") or (None,))[0]
+    refused = admin_refusal(request.headers.get("host"), local, request.headers.get("authorization"),
+                            configured_token())
     if refused:
-        return error_response(rid, *refused)
+        return refuse(*refused)
     body = await request.body()
     if len(body) > MAX_CHANGE_BYTES:
-        return error_response(rid, 413, "a route change is a small JSON object; this body is above 64 kB")
+        return refuse(413, "a route change is a small JSON object; this body is above 64 kB")
     try:
         change = json.loads(body or b"null")
     except ValueError as e:
-        return error_response(rid, 400, f"the body is not JSON: {e}")
+        return refuse(400, f"the body is not JSON: {e}")
     try:
-        return JSONResponse(gw.change_route(request.path_params["name"], change), headers={"X-Request-Id": rid})
+        answer = gw.change_route(name, change)
     except ClientError as e:
-        return error_response(rid, e.status, str(e))
+        return refuse(e.status, str(e), change)
+    _audit(request, rid, name, before, route_state.route_dict(gw.cfg.routes[name]), 200)
+    return JSONResponse(answer, headers={"X-Request-Id": rid})
 
 
 async def variant_ready(request: Request) -> JSONResponse:

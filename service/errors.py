@@ -5,6 +5,8 @@ import uuid
 
 from starlette.responses import JSONResponse
 
+from .request_log import REQUEST_ID
+
 
 class ClientError(Exception):
     """Answered with `status` and the message as {"error": ...}; `headers` such as Retry-After."""
@@ -16,7 +18,9 @@ class ClientError(Exception):
 
 
 def request_id() -> str:
-    return uuid.uuid4().hex
+    """The id of the request being handled (service.request_log sets it as the request arrives, so that the
+    answer and every log line about it carry the same one), else a new one."""
+    return REQUEST_ID.get() or uuid.uuid4().hex
 
 
 def error_response(rid: str, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

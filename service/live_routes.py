@@ -16,31 +16,55 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from . import metrics, route_state
+from .audit import ADMIN_HOSTS_ENV, ADMIN_TOKEN_ENV
 from .config import ConfigError, RouteConfig, ServingConfig, check_label_spaces, parse_route, unrouted
 from .errors import ClientError
 from .routing import shown
 
 logger = logging.getLogger("effnet.gateway")
 
-ADMIN_TOKEN_ENV = "EFFNET_ADMIN_TOKEN"  # when set, PATCH /routes/NAME needs "Authorization: Bearer <it>"
-LOOPBACK = ("127.0.0.1", "::1")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 MAX_CHANGE_BYTES = 64 * 1024
 
 
-def admin_refusal(client_host: str | None, authorization: str | None, token: str | None,
-                  proxied: bool = False) -> tuple[int, str] | None:
-    """Who may change routes: with a token ($EFFNET_ADMIN_TOKEN), whoever sends it; without one, only
-    clients on this machine (the server binds 127.0.0.1 by default, and `--host 0.0.0.0` must not
-    open traffic control to the network). `proxied`: the request carries forwarding headers, so a
-    reverse proxy on this machine passed it on from elsewhere: not local, whatever its address."""
-    if token:
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return 401, f"send the header 'Authorization: Bearer <token>' with the server's ${ADMIN_TOKEN_ENV}"
-        return None
-    if client_host not in LOOPBACK or proxied:
-        return 403, (f"routes can be changed from the server's own machine only; set ${ADMIN_TOKEN_ENV} on the "
-                     "server to allow others that send it")
+def host_name(header: str | None) -> str:
+    """The host of a Host header, without its port or IPv6 brackets, lower-case."""
+    h = (header or "").strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def own_hosts(local_address: str | None) -> set[str]:
+    """The names this server answers admin requests under: loopback, this machine's names, the address
+    the request came in on, and `$EFFNET_ADMIN_HOSTS` (a proxy's public name)."""
+    import socket
+
+    names = {*LOOPBACK_NAMES, socket.gethostname().lower(), socket.getfqdn().lower()}
+    if local_address:
+        names.add(local_address.lower())
+    names.update(n.strip().lower() for n in os.environ.get(ADMIN_HOSTS_ENV, "").split(",") if n.strip())
+    return names
+
+
+def admin_refusal(host_header: str | None, local_address: str | None, authorization: str | None,
+                  token: str | None) -> tuple[int, str] | None:
+    """Who may change routes: whoever sends the configured token (service.audit: `$EFFNET_ADMIN_TOKEN`
+    or the state folder's token file), with a Host header that names this server. With no token
+    configured, nobody: a process on this machine, an SSH tunnel or a proxy that forwards no headers
+    is not proof of an operator. The Host check stops DNS rebinding (a web page whose name resolves to
+    127.0.0.1, sending the browser's requests here with its own name as Host)."""
+    host = host_name(host_header)
+    if host not in own_hosts(local_address):
+        return 403, (f"the Host header {host!r} is not a name of this server; send a name or address of it, or "
+                     f"list the name in ${ADMIN_HOSTS_ENV} on the server")
+    if not token:
+        return 403, (f"route changes are closed: the server has no admin token; set ${ADMIN_TOKEN_ENV} on the "
+                     "server, or start it with `effnet serve`, which makes a token file and names it")
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return 401, (f"send the header 'Authorization: Bearer <token>' with the server's ${ADMIN_TOKEN_ENV} or the "
+                     "token in the file that `effnet serve` names at start")
     return None
 
 

@@ -68,7 +68,7 @@ _ERROR_BODY = {"application/json": {"schema": {
 _MEANING = {
     "400": "the request is wrong: the message says what to send instead",
     "401": "the admin token is missing or wrong",
-    "403": "route changes come from the server's machine, or with the admin token",
+    "403": "no admin token is configured (changes are closed), or the Host header names another server",
     "404": "no such route",
     "408": "the body did not arrive within server.body_timeout_s",
     "413": "the body is above server.max_body_mb, or an image above server.max_pixels",
@@ -151,14 +151,16 @@ ROUTES = {
         "route_changes": {"type": "string", "enum": ["persist", "memory"]}, "route_changes_file": _S}})}
 CHANGE_ROUTE = {
     "summary": "Change a route's split weights and/or shadow while serving",
-    "description": "From the server's own machine, or from anywhere with `$EFFNET_ADMIN_TOKEN` sent as "
-                   "`Authorization: Bearer <token>`. With `server.route_changes: persist` (the default) the "
+    "description": "With the admin token (`$EFFNET_ADMIN_TOKEN`, else the token file that `effnet serve` "
+                   "names at start) sent as `Authorization: Bearer <token>`, and a Host header that names "
+                   "this server; closed when no token is configured. Every attempt is written to the audit "
+                   "log in the state folder. With `server.route_changes: persist` (the default) the "
                    "change is saved and served again after a restart, until the route is edited in the "
                    "configuration file or `effnet serve --reset-routes` forgets it; with `memory`, a restart "
                    "serves the configuration file's routes.",
     "parameters": [{"name": "name", "in": "path", "required": True, "schema": _S},
-                   {"name": "Authorization", "in": "header", "required": False, "schema": _S,
-                    "description": "Bearer <$EFFNET_ADMIN_TOKEN>, where the server sets one"}],
+                   {"name": "Authorization", "in": "header", "required": True, "schema": _S,
+                    "description": "Bearer <the admin token>"}],
     "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "properties": {
         "split": {"type": "object", "additionalProperties": _N,
                   "description": "variant -> weight (normalised); a list means equal weights"},

@@ -9,8 +9,9 @@ own entry for that route is what it was when the change was made. Edit the route
 the file wins, with a log line that says so. `effnet serve --reset-routes` forgets every saved
 change; `server.route_changes: memory` never saves them.
 
-The file lives under `$BENTOML_HOME/effnet/route-changes/`, one per configuration file (keyed by
-its absolute path), so servers on different stores or configurations never share changes.
+The file lives in the service's state folder (`store.paths.state_dir`: `$EFFNET_STATE_DIR`, else
+`$BENTOML_HOME/effnet-state`) under `route-changes/`, one per configuration file (keyed by its absolute
+path), so servers on different stores or configurations never share changes.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
-from store.paths import bentoml_home
+from store.durable import write_atomic
+from store.paths import bentoml_home, state_dir
 
 from .config import RouteConfig
 
@@ -32,9 +33,14 @@ VERSION = 1
 def state_path(config_source: str, home: str | os.PathLike | None = None) -> Path:
     """Where the changes of the configuration at `config_source` are kept."""
     src = Path(config_source).resolve()
-    home = bentoml_home(home)
     key = hashlib.sha256(str(src).encode()).hexdigest()[:12]
-    return home / "effnet" / "route-changes" / f"{src.stem}-{key}.json"
+    return state_dir(home) / "route-changes" / f"{src.stem}-{key}.json"
+
+
+def legacy_path(path: Path, home: str | os.PathLike | None = None) -> Path:
+    """Where a server without a state folder kept the same file (`$BENTOML_HOME/effnet/route-changes/`):
+    read when the state folder has none, so an upgrade does not quietly put a ramped canary back."""
+    return bentoml_home(home) / "effnet" / "route-changes" / path.name
 
 
 def route_dict(r: RouteConfig) -> dict:
@@ -61,6 +67,9 @@ def same_route(a: dict, b: dict) -> bool:
 def load(path: Path) -> dict[str, dict]:
     """route -> {"base", "route", "changed_at"}; a missing file is no change, an unreadable one is
     logged and ignored (the file's routes are then served)."""
+    if not path.exists() and legacy_path(path).is_file():
+        logger.warning("reading saved route changes from %s; the next change saves them in %s", legacy_path(path), path)
+        path = legacy_path(path)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -80,27 +89,21 @@ def load(path: Path) -> dict[str, dict]:
 def save(path: Path, entries: dict[str, dict], config_source: str) -> None:
     """Write all saved changes at once, atomically: a crash mid-write leaves the old file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    legacy_path(path).unlink(missing_ok=True)  # from now on the state folder's file is the one
     if not entries:
         path.unlink(missing_ok=True)
         return
     body = json.dumps({"version": VERSION, "config": str(Path(config_source).resolve()), "routes": entries},
                       indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, body)
 
 
 def forget(config_source: str) -> Path | None:
     """Delete the saved changes of a configuration; the path if there were any."""
     path = state_path(config_source)
-    if path.exists():
-        path.unlink()
-        return path
-    return None
+    gone = None
+    for p in (legacy_path(path), path):
+        if p.exists():
+            p.unlink()
+            gone = p
+    return gone

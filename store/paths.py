@@ -1,7 +1,7 @@
 """Where things live on disk: one meaning of `$BENTOML_HOME` for the store, the server and the tools.
 
 BentoML's own rule: `$BENTOML_HOME` when it is set and not empty, else `~/bentoml`. Every path the
-project keeps under it (the model store, training runs, live route changes, CPU slots) starts here.
+project keeps under it (the model store, training runs, CPU slots, the service's state) starts here.
 """
 from __future__ import annotations
 
@@ -21,3 +21,21 @@ def bentoml_home(home: str | os.PathLike | None = None) -> Path:
 def models_dir(home: str | os.PathLike | None = None) -> Path:
     """BentoML's model store, where checkpoints live."""
     return bentoml_home(home) / "models"
+
+
+STATE_ENV = "EFFNET_STATE_DIR"
+
+
+def state_dir(home: str | os.PathLike | None = None) -> Path:
+    """Everything the service writes for itself: live route changes, the admin token and audit log, the
+    engine caches it builds when the checkpoint's folder cannot be written. `$EFFNET_STATE_DIR` when set,
+    else `$BENTOML_HOME/effnet-state`.
+
+    Apart from the model store (`models_dir`), so that the store can be mounted read-only; inside
+    `$BENTOML_HOME` by default, so that servers of different stores keep different state with no setting
+    (BentoML writes its metrics folder under `$BENTOML_HOME` anyway, so that folder is writable).
+    """
+    given = os.environ.get(STATE_ENV)
+    if given and home is None:
+        return Path(given).expanduser().resolve()
+    return bentoml_home(home) / "effnet-state"

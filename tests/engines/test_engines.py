@@ -152,6 +152,8 @@ def test_a_perturbed_exported_model_is_refused_and_the_next_engine_serves(store,
     import onnx
     from onnx import numpy_helper
 
+    from store.durable import record
+
     home, tag = store
     home = _copy_store(home, tmp_path)
     man, folder = read_manifest(tag, home)
@@ -161,6 +163,7 @@ def test_a_perturbed_exported_model_is_refused_and_the_next_engine_serves(store,
     w = numpy_helper.to_array(biggest)
     biggest.CopyFrom(numpy_helper.from_array((w * 1.05).astype(w.dtype), biggest.name))  # a 5% error
     onnx.save(proto, str(path))
+    record(path)  # a wrong export written whole (not a damaged file, which is exported again): verification's job
 
     with caplog.at_level(logging.WARNING, logger="engines"):
         eng, _ = load_engine(tag, engine="onnxruntime", threads=2, home=str(home))

@@ -442,9 +442,18 @@ def test_the_server_keeps_its_temporary_files_in_a_folder_of_its_store(server):
 
 
 def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(server):
+    from service import audit
+
+    state = server.home / "effnet-state"  # made by cli.serve.server_env, with the admin token's file in it
+    token = audit.token_path(state).read_text().strip()
     http, before = server.client, server.client.get("/routes").json()["routes"]["fashion"]
+    admin = {"Authorization": f"Bearer {token}"}
     try:
-        r = http.patch("/routes/fashion", json={"split": {"compact": 1, "b0": 0}})
+        r = http.patch("/routes/fashion", json={"split": {"b0": 1}})
+        assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]
+        r = http.patch("/routes/fashion", json={"split": {"b0": 1}}, headers={**admin, "Host": "rebound.example"})
+        assert r.status_code == 403 and "Host" in r.json()["error"]
+        r = http.patch("/routes/fashion", json={"split": {"compact": 1, "b0": 0}}, headers=admin)
         assert r.status_code == 200, r.text
         assert r.json()["split"] == {"compact": 1.0, "b0": 0.0} and r.json()["previous"]["split"] == before["split"]
         saved = Path(r.json()["saved_in"])  # kept for the next start (restarts: tests/service/test_live_routes.py)
@@ -458,15 +467,18 @@ def test_a_route_change_moves_live_traffic_and_shows_in_routes_and_metrics(serve
         text = http.get("/metrics").text
         assert re.search(r'effnet_split_weight\{route="fashion",variant="compact"\} 1\.0', text)
         assert re.search(r'effnet_split_weight\{route="fashion",variant="mec"\} 0\.0', text)
-        r = http.patch("/routes/fashion", json={"split": {"b0": 1}}, headers={"X-Forwarded-For": "203.0.113.9"})
-        assert r.status_code == 403 and "EFFNET_ADMIN_TOKEN" in r.json()["error"]
-        r = http.patch("/routes/fashion", content=b"{not json", headers={"content-type": "application/json"})
+        r = http.patch("/routes/fashion", content=b"{not json", headers={"content-type": "application/json", **admin})
         assert r.status_code == 400 and "not JSON" in r.json()["error"]
-        r = http.patch("/routes/fashion", json={"split": {"lite0": 1, "b0": 1, "compact": 1}})
+        r = http.patch("/routes/fashion", json={"split": {"lite0": 1, "b0": 1, "compact": 1}}, headers=admin)
         assert r.status_code == 400 and "lite0" in r.json()["error"] and "classes" in r.json()["error"]
     finally:
-        r = http.patch("/routes/fashion", json={"split": before["split"], "shadow": before["shadow"]})
+        r = http.patch("/routes/fashion", json={"split": before["split"], "shadow": before["shadow"]}, headers=admin)
         assert r.status_code == 200 and r.json()["split"] == before["split"]
+        entries = [e for e in audit.read(audit.audit_path(state)) if e["route"] == "fashion"]
+        assert [e["result"]["status"] for e in entries][:5] == [401, 403, 200, 400, 400]
+        assert entries[2]["after"]["split"] == {"compact": 1.0, "b0": 0.0} and entries[2]["before"]["split"]
+        assert entries[2]["token"] == audit.fingerprint(token) and entries[0]["token"] is None
+        assert entries[2]["client"] == "127.0.0.1" and token not in audit.audit_path(state).read_text()
         assert r.json()["changed_at"] is None and not Path(r.json()["saved_in"]).exists()  # as the file: forgotten
 
 

@@ -152,20 +152,76 @@ def test_route_changes_in_memory_are_not_saved(bentoml_home, tmp_path):
 
     path = write_config(tmp_path / "serving.yaml", {**CFG, "server": {"route_changes": "memory"}})
     out = gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
-    assert out["saved_in"] is None and not (bentoml_home / "effnet").exists()
+    assert out["saved_in"] is None and not (bentoml_home / "effnet-state" / "route-changes").exists()
     assert gateway_on_file(path).cfg.routes["fashion"].split["b0"] == 0.5
     with pytest.raises(ConfigError, match="route_changes: expected persist or memory"):
         parse_config({**CFG, "server": {"route_changes": "disk"}})
 
 
-@pytest.mark.parametrize("host, auth, token, proxied, status", [
-    ("127.0.0.1", None, None, False, None), ("::1", None, None, False, None), ("10.1.2.3", None, None, False, 403),
-    ("127.0.0.1", None, None, True, 403),  # a reverse proxy on this machine passing on a remote client
-    ("10.1.2.3", "Bearer s3cret", "s3cret", False, None), ("127.0.0.1", None, "s3cret", False, 401),
-    ("127.0.0.1", "Bearer wrong", "s3cret", False, 401), ("10.1.2.3", "s3cret", "s3cret", True, None),
+@pytest.mark.parametrize("host, local, auth, token, status", [
+    ("127.0.0.1:3000", "127.0.0.1", None, None, 403),  # no token configured: closed, even on this machine
+    ("127.0.0.1:3000", "127.0.0.1", "Bearer s3cret", "s3cret", None),
+    ("localhost:3000", "127.0.0.1", "Bearer s3cret", "s3cret", None),
+    ("[::1]:3000", "::1", "Bearer s3cret", "s3cret", None),
+    ("10.1.2.3:3000", "10.1.2.3", "Bearer s3cret", "s3cret", None),  # the address the request came in on
+    ("127.0.0.1", "127.0.0.1", None, "s3cret", 401), ("127.0.0.1", "127.0.0.1", "Bearer wrong", "s3cret", 401),
+    ("rebound.example:3000", "127.0.0.1", "Bearer s3cret", "s3cret", 403),  # DNS rebinding
+    (None, "127.0.0.1", "Bearer s3cret", "s3cret", 403),
 ])
-def test_route_changes_need_this_machine_or_the_admin_token(host, auth, token, proxied, status):
+def test_route_changes_need_the_admin_token_and_a_host_header_naming_this_server(host, local, auth, token, status):
     from service.live_routes import admin_refusal
 
-    refusal = admin_refusal(host, auth, token, proxied)
-    assert (refusal[0] if refusal else None) == status
+    refusal = admin_refusal(host, local, auth, token)
+    assert (refusal[0] if refusal else None) == status, refusal
+
+
+def test_a_proxy_name_can_be_allowed_as_host(monkeypatch):
+    from service.live_routes import admin_refusal
+
+    assert admin_refusal("models.example.org", "127.0.0.1", "Bearer t", "t")[0] == 403
+    monkeypatch.setenv("EFFNET_ADMIN_HOSTS", "models.example.org, other.example")
+    assert admin_refusal("models.example.org:443", "127.0.0.1", "Bearer t", "t") is None
+
+
+def test_the_admin_token_comes_from_the_environment_else_the_state_folders_file(tmp_path, monkeypatch):
+    import stat
+
+    from service import audit
+
+    monkeypatch.delenv("EFFNET_ADMIN_TOKEN", raising=False)
+    assert audit.configured_token(tmp_path) is None
+    path = audit.ensure_token_file(tmp_path)
+    token = path.read_text().strip()
+    assert len(token) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert audit.ensure_token_file(tmp_path).read_text().strip() == token  # kept across restarts
+    assert audit.configured_token(tmp_path) == token
+    monkeypatch.setenv("EFFNET_ADMIN_TOKEN", "from-env")
+    assert audit.configured_token(tmp_path) == "from-env"
+
+
+def test_the_audit_log_names_a_token_by_its_fingerprint_only(tmp_path):
+    from service import audit
+
+    log = audit.AuditLog(tmp_path / "audit.jsonl")
+    log.write(client="127.0.0.1", token=audit.fingerprint("s3cret"), route="fashion", before={"split": {"b0": 1}},
+              after={"split": {"mec": 1}}, result={"status": 200})
+    with open(tmp_path / "audit.jsonl", "a") as f:
+        f.write('{"cut by a cra')  # a line cut by a crash is skipped, the others read
+    entries = audit.read(tmp_path / "audit.jsonl")
+    assert len(entries) == 1 and entries[0]["route"] == "fashion" and entries[0]["result"] == {"status": 200}
+    assert "s3cret" not in (tmp_path / "audit.jsonl").read_text() and entries[0]["token"] == audit.fingerprint("s3cret")
+
+
+def test_route_changes_saved_before_the_state_folder_are_still_served(bentoml_home, tmp_path):
+    from service import route_state
+    from tests.support.serving import write_config
+
+    path = write_config(tmp_path / "serving.yaml", CFG)
+    gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "mec": 1, "compact": 1}})
+    new = route_state.state_path(str(path))
+    old = route_state.legacy_path(new)
+    old.parent.mkdir(parents=True)
+    new.rename(old)  # as a server without a state folder left it
+    assert gateway_on_file(path).cfg.routes["fashion"].split["b0"] == pytest.approx(1 / 3)
+    gateway_on_file(path).change_route("fashion", {"split": {"b0": 1, "mec": 2, "compact": 1}})
+    assert new.is_file() and not old.exists()

@@ -1,5 +1,6 @@
 """`effnet serve` (cli/serve.py): checks before starting, --prepare, --reset-routes, ports."""
 import os
+import shutil
 
 import pytest
 
@@ -108,7 +109,7 @@ def test_effnet_serve_says_which_variants_run_inside_the_gateway(bentoml_home, t
     from tests.support.serving import write_config
 
     started = []
-    monkeypatch.setattr(cli.os, "execvpe", lambda *a: started.append(a))  # stop short of `bentoml serve`
+    monkeypatch.setattr(cli, "run_server", lambda *a: started.append(a) or 0)  # stop short of `bentoml serve`
     cfg = {**CFG, "variants": {**CFG["variants"], "mec": {**CFG["variants"]["mec"], "placement": "gateway"}}}
     path = write_config(tmp_path / "serving.yaml", cfg)
     cli.cmd_serve(argparse.Namespace(config=str(path), host="127.0.0.1", port=free_port()))
@@ -125,3 +126,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_two_servers_of_one_store_have_runtime_folders_of_their_own(tmp_path):
+    from cli.serve import server_env
+
+    home = tmp_path / "store"
+    first = server_env(home, port=3001)["TMPDIR"]
+    (open(os.path.join(first, "worker.sock"), "w")).close()  # what the first server's workers listen on
+    second = server_env(home, port=3002)["TMPDIR"]
+    assert first != second and os.path.exists(os.path.join(first, "worker.sock"))
+    # One store, one state folder: route changes and the admin token are the store's, not the port's.
+    assert server_env(home, port=3001)["EFFNET_STATE_DIR"] == server_env(home, port=3002)["EFFNET_STATE_DIR"]
+    for folder in (first, second):
+        shutil.rmtree(folder)
+
+
+def test_a_port_is_served_by_one_effnet_serve_at_a_time(tmp_path):
+    from cli.serve import port_lock
+
+    fd, _ = port_lock(3005, tmp_path)
+    assert fd is not None
+    again, holder = port_lock(3005, tmp_path)
+    assert again is None and f"pid {os.getpid()}" in holder
+    other, _ = port_lock(3006, tmp_path)
+    assert other is not None
+    os.close(fd)
+    os.close(other)
+    fd, _ = port_lock(3005, tmp_path)  # let go when its holder ends
+    assert fd is not None
+    os.close(fd)
+
+
+def test_effnet_serve_says_who_holds_the_port_it_was_asked_for(bentoml_home, tmp_path, capsys):
+    import argparse
+
+    from cli.serve import cmd_serve, port_lock
+    from tests.support.serving import write_config
+
+    port = free_port()
+    fd, _ = port_lock(port)
+    try:
+        code = cmd_serve(argparse.Namespace(config=str(write_config(tmp_path / "s.yaml", CFG)), host="127.0.0.1",
+                                            port=port))
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert code == 2 and f"port {port} is taken by another effnet serve (pid {os.getpid()}" in err
