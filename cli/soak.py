@@ -56,6 +56,10 @@ def cmd_soak(args: argparse.Namespace) -> int:
                      ready_timeout_s=args.ready_timeout)
     out, results = execute(cfg, log=lambda msg: print(msg, flush=True))
     print(f"\nreport: {out / 'report.md'}\nplot:   {out / 'rss.png'}\ndata:   {out / 'results.json'}")
+    if args.publish:
+        from loadtest.soak_report import publish
+
+        print("published " + ", ".join(str(p) for p in publish(out, args.publish)))
     v = results["verdict"]
     print("verdict: " + ("PASS" if v["pass"] else "FAIL: " + "; ".join(v["reasons"])))
     if any("interrupted" in n for n in results["notes"]):
@@ -82,6 +86,8 @@ def add_commands(sub) -> None:
     p.add_argument("--store", type=existing_dir("store"), help="BENTOML_HOME holding the models (default: $BENTOML_HOME or ~/bentoml)")
     p.add_argument("--ready-timeout", type=bounded(float, 10, 3600, " s"), default=600.0,
                    help="seconds to wait for the service to be ready (a first start prepares engines; default 600)")
+    p.add_argument("--publish", metavar="DIR", help="also copy the report, data and plot into DIR as soak-RUN.md/.json/.png "
+                                                    "(e.g. benchmarks/results/DATE-HOST)")
     p.add_argument("--reports-dir", default="reports", help="folder of the reports (default: %(default)s)")
     p.add_argument("--name", type=_run_name, help="run name: the report goes to REPORTS_DIR/soak-NAME (default: UTC date-time)")
     p.set_defaults(func=cmd_soak)

@@ -110,3 +110,18 @@ def write_report(folder: Path, results: dict | None = None) -> Path:
         plotted = "rss.png"
     (folder / "report.md").write_text(markdown(r, plotted))
     return folder / "report.md"
+
+
+def publish(folder: Path, dest: Path) -> list[Path]:
+    """Copy a run's report, data and plot into `dest` (e.g. benchmarks/results/DATE-HOST) as soak-RUN.md,
+    .json and .png, the report's plot link following the new name."""
+    folder, dest = Path(folder), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = folder.name if folder.name.startswith("soak-") else f"soak-{folder.name}"
+    out = [dest / f"{stem}.md", dest / f"{stem}.json"]
+    out[0].write_text((folder / "report.md").read_text().replace("](rss.png)", f"]({stem}.png)"))
+    out[1].write_text((folder / "results.json").read_text())
+    if (folder / "rss.png").is_file():
+        out.append(dest / f"{stem}.png")
+        out[-1].write_bytes((folder / "rss.png").read_bytes())
+    return out

@@ -217,3 +217,34 @@ def test_the_sampled_tree_holds_the_children_of_the_process_it_starts_from():
         parent.wait()
         subprocess.run(["kill", str(child)], check=False)
     assert read_process(2**22 + 12345) is None  # no such process
+
+
+def test_soak_options_out_of_bounds_are_refused_before_anything_starts(capsys):
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["soak", "--duration", "25h"])
+    assert e.value.code == 2 and "10 s .. 24 h" in capsys.readouterr().err
+    assert main(["soak", "--duration", "60s", "--interval", "30"]) == 2
+    assert "fewer than 3 samples" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_still_renders_a_report_that_says_so():
+    results = {"run": "x", "date": "d", "warmup_s": 120, "machine": {}, "config": SoakConfig().__dict__,
+               "notes": ["interrupted (Ctrl-C): the figures cover the run until then"],
+               "verdict": {"pass": False, "reasons": ["interrupted after 0 s of 3600 s"]}}
+    text = markdown(results, plot=None)
+    assert text.startswith("# Soak run x: FAIL") and "interrupted after 0 s" in text and "## Notes" in text
+
+
+def test_a_published_report_links_its_renamed_plot(tmp_path):
+    from loadtest.soak_report import publish
+
+    run = tmp_path / "reports" / "soak-20261207-1600"
+    run.mkdir(parents=True)
+    (run / "report.md").write_text("# Soak\n\n![RSS](rss.png)\n")
+    (run / "results.json").write_text("{}")
+    (run / "rss.png").write_bytes(b"png")
+    files = publish(run, tmp_path / "results")
+    assert [f.name for f in files] == ["soak-20261207-1600.md", "soak-20261207-1600.json", "soak-20261207-1600.png"]
+    assert "![RSS](soak-20261207-1600.png)" in files[0].read_text()
