@@ -210,7 +210,7 @@ def test_the_sampled_tree_holds_the_children_of_the_process_it_starts_from():
         child = int(parent.stdout.readline())
         assert process_tree(parent.pid) == [parent.pid, child]
         figures = read_process(child)
-        assert figures["rss_bytes"] > 1 * MB and figures["threads"] >= 1 and figures["fds"] >= 3
+        assert figures["rss_bytes"] > 0 and figures["threads"] >= 1 and figures["fds"] >= 3
         assert set(sample_tree(parent.pid)) == {parent.pid, child}
     finally:
         parent.kill()
