@@ -38,15 +38,15 @@ def markdown(r: dict, plot: str | None = "rss.png") -> str:
         lines += ["Why it fails:", ""] + [f"- {x}" for x in v["reasons"]] + [""]
     lines += ["## Processes", "",
               "Growth per hour is the slope of a least-squares line through the samples after the warm-up.", "",
-              ("| process | pid | samples | RSS first -> last MB | RSS MB/h | fds first -> last (max) | fds /h "
+              ("| process | pid | samples | RSS first -> last MB | RSS MB/h | anonymous RSS MB/h | fds first -> last (max) | fds /h "
               "| threads first -> last (max) | threads /h | RSS | fds | threads |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in r.get("processes", []):
         rss, fds, th = p["rss"], p["fds"], p["threads"]
         lines.append(
             f"| {p['label']} | {p['pid']} | {p['judged_samples']}/{p['samples']} | "
             f"{_num(rss.get('first_mb'), '{:.0f}')} -> {_num(rss.get('last_mb'), '{:.0f}')} | "
-            f"{_num(rss.get('mb_per_hour'))} | {fds.get('first', '-')} -> {fds.get('last', '-')} ({fds.get('max', '-')}) | "
+            f"{_num(rss.get('mb_per_hour'))} | {_num((p.get('rss_anon') or {}).get('mb_per_hour'))} | {fds.get('first', '-')} -> {fds.get('last', '-')} ({fds.get('max', '-')}) | "
             f"{_num(fds.get('per_hour'))} | {th.get('first', '-')} -> {th.get('last', '-')} ({th.get('max', '-')}) | "
             f"{_num(th.get('per_hour'))} | {_mark(rss['pass'])} | {_mark(fds['pass'])} | {_mark(th['pass'])} |")
     lines += ["", "## Load", ""]
