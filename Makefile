@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # serving benchmark's load generator: C, a tenth of the CPU a Python generator takes from the server).
 DEBS := dataset-fashion-mnist prometheus wrk
 
-.PHONY: setup system-deps test test-fast models bench serve clean help checkpoints train-full loadtest engines chaos
+.PHONY: setup system-deps test test-fast models bench serve clean help checkpoints train-full loadtest engines chaos soak
 
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench   time the main variants offline; the figures go to benchmarks/results/<date>-<host>/"
 	@echo "make loadtest  Locust + Prometheus against the served variants; report in reports/<run>/ (<= 10 min)"
 	@echo "make chaos   kills, hangs, SIGTERM, slow clients, big uploads, a damaged store under load; reports/chaos-<run>/ (<= 10 min)"
+	@echo "make soak    the service at half its capacity for 1 h (SOAK_ARGS=\"--duration 30m\"); RSS/fd/thread growth per process"
 
 setup: $(STAMP) system-deps
 
@@ -106,6 +107,14 @@ CHAOS_ARGS ?=
 chaos: setup
 	@$(EFFNET) serve --check || $(MAKE) --no-print-directory checkpoints engines
 	$(EFFNET) chaos $(CHAOS_ARGS)
+
+# Fills the default store if empty, starts the service, finds its capacity (a short wrk ramp), loads every
+# route at half of it for an hour and samples every server process's RSS, open files and threads; fails
+# when a process grows past the goals (docs/loadtest.md, "Soak"). SOAK_ARGS passes options (--duration 30m).
+SOAK_ARGS ?=
+soak: setup
+	@$(EFFNET) serve --check || $(MAKE) --no-print-directory checkpoints engines
+	$(EFFNET) soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

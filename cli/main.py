@@ -38,7 +38,7 @@ The loop, one command a step:
   effnet bench / train-bench     time inference and training offline on this machine"""
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.store", "cli.serve", "cli.loadtest", "cli.chaos"]
+COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.store", "cli.serve", "cli.loadtest", "cli.chaos", "cli.soak"]
 
 
 def build_parser() -> argparse.ArgumentParser:
