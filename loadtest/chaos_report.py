@@ -91,8 +91,13 @@ def analyse(sc: dict) -> dict:
         worst = None if any(v is None for v in recovery.values()) else max(recovery.values(), default=0.0)
         crit[f"recovery within {limit:g} s"] = {"pass": worst is not None and worst <= limit, "value": recovery}
     if sc.get("readyz") is not None:
-        # A hung process is down until its SIGCONT; a killed one until its successor answers.
-        down = (fault + DETECT_S, cleared if cleared > fault else down_until) if sc.get("counted_down") else None
+        # A hung process is down until its SIGCONT; a killed one until its successor answers, as far as the
+        # clients can tell: until the last of its requests that was refused or failed started. A 200 from
+        # /readyz after that cannot be shown to be a lie (clients that honour Retry-After ask again later).
+        end = cleared if cleared > fault else min(down_until, max(
+            (r["t"] for s in touched for r in by_stream[s] if fault <= r["t"] <= down_until and r["st"] != 200),
+            default=fault))
+        down = (fault + DETECT_S, end) if sc.get("counted_down") else None
         if sc.get("down"):  # (seconds after the fault, end or None: the end of the scenario)
             down = (fault + sc["down"][0], sc["down"][1] or marks["end"])
         crit["/readyz told the truth"] = readyz_verdict(sc["readyz"], fault, down)

@@ -71,6 +71,17 @@ def test_readyz_lies_when_it_times_out_or_says_ready_while_a_variant_is_down():
     assert readyz_verdict(polls[:1] + [{"t": 13.0, "dt": 0.01, "st": "refused"}], 10.0, (12.0, 16.0))["pass"]
 
 
+def test_readyz_may_say_ready_once_the_killed_variant_refuses_no_more_but_not_before():
+    # b0 refuses from 10 to 13 s; its clients wait Retry-After, so its next 200 starts at 14 s.
+    b0 = [r for r in steady("b0") if not 10 <= r["t"] < 14] + [rec("b0", 10 + i * 0.1, 0.005, 503) for i in range(30)]
+    ready_in_the_gap = [{"t": 5.0, "dt": 0.01, "st": 200}, {"t": 13.5, "dt": 0.01, "st": 200}]
+    a = analyse(scenario(steady("compact") + b0, readyz=ready_in_the_gap))
+    assert a["criteria"]["/readyz told the truth"]["pass"], a["criteria"]["/readyz told the truth"]
+    ready_while_refusing = [{"t": 5.0, "dt": 0.01, "st": 200}, {"t": 12.5, "dt": 0.01, "st": 200}]
+    a = analyse(scenario(steady("compact") + b0, readyz=ready_while_refusing))
+    assert a["criteria"]["/readyz told the truth"]["value"]["ready while down"] == 1
+
+
 def test_sigterm_counts_resets_only_of_requests_in_flight_at_the_signal():
     recs = [rec("b0", 9.5, dt=1.0, st=0, e="reset"), rec("b0", 9.9, dt=0.5), rec("b0", 11.0, st=0, e="reset")]
     v = sigterm_verdict(recs, 10.0)
@@ -105,13 +116,6 @@ def _criterion(sc: dict, name: str) -> dict:
     return sc["analysis"]["criteria"][name]
 
 
-# The behaviour below is delivered by the isolation (per-variant dispatch, health checks, readiness) and
-# lifecycle (drain on SIGTERM) work; without it these fail, sometimes (strict=False: they pass by luck too).
-NEEDS_ISOLATION = pytest.mark.xfail(strict=False, reason="needs per-variant isolation, health checks and truthful "
-                                    "readiness (service/dispatch.py, service/health.py, service/readiness.py)")
-NEEDS_DRAIN = pytest.mark.xfail(strict=False, reason="needs the graceful drain on SIGTERM (service/drain.py)")
-
-
 @pytest.mark.server
 def test_the_short_run_writes_its_report_and_runs_every_scenario(short_run):
     out, scenarios, results = short_run
@@ -123,7 +127,6 @@ def test_the_short_run_writes_its_report_and_runs_every_scenario(short_run):
     assert set(results["streams"]) == {"fashion", "b0", "compact"}
 
 
-@NEEDS_ISOLATION
 @pytest.mark.server
 @pytest.mark.parametrize("name", ["kill-worker", "hang-worker"])
 def test_a_failed_worker_costs_no_other_variant_an_error(short_run, name):
@@ -132,7 +135,6 @@ def test_a_failed_worker_costs_no_other_variant_an_error(short_run, name):
     assert _criterion(sc, "untouched: 0 errors")["pass"], _criterion(sc, "untouched: 0 errors")
 
 
-@NEEDS_ISOLATION
 @pytest.mark.server
 @pytest.mark.parametrize("name", ["kill-worker", "hang-worker"])
 def test_a_failed_worker_answers_its_own_requests_with_503_not_a_hang_or_a_reset(short_run, name):
@@ -142,7 +144,6 @@ def test_a_failed_worker_answers_its_own_requests_with_503_not_a_hang_or_a_reset
     assert set(during) <= {"200", "503", "429"}, during
 
 
-@NEEDS_ISOLATION
 @pytest.mark.server
 @pytest.mark.parametrize("name", ["kill-worker", "hang-worker"])
 def test_a_failed_worker_serves_again_once_restarted_or_resumed(short_run, name):
@@ -150,7 +151,6 @@ def test_a_failed_worker_serves_again_once_restarted_or_resumed(short_run, name)
     assert sc["analysis"]["recovery_s"]["b0"] is not None, sc["analysis"]["recovery_s"]
 
 
-@NEEDS_ISOLATION
 @pytest.mark.server
 @pytest.mark.parametrize("name", ["kill-worker", "hang-worker"])
 def test_readyz_answers_in_time_and_is_not_ready_while_a_worker_is_down(short_run, name):
@@ -158,7 +158,6 @@ def test_readyz_answers_in_time_and_is_not_ready_while_a_worker_is_down(short_ru
     assert v["timeouts"] == 0 and v["ready while down"] == 0, v
 
 
-@NEEDS_DRAIN
 @pytest.mark.server
 def test_sigterm_under_load_resets_no_admitted_request_and_readyz_turns_unready(short_run):
     sc = short_run[1]["sigterm"]
