@@ -18,19 +18,25 @@ from .errors import error_response, request_id
 
 CLASSIFY_PATHS = ("/classify", "/classify_batch")
 # Lingering close after an early refusal, as nginx's lingering_close: what the client still sends is read
-# and dropped, up to these bounds, so that a client that reads only once it has sent everything (Python's
-# urllib) sees the answer instead of a reset.
+# and dropped, so that a client that reads only once it has sent everything (Python's urllib) sees the
+# answer instead of a reset. As nginx: a total bound (lingering_time), a bound on each wait for more
+# (lingering_timeout: a client that stops sending is let go), and a byte bound: in a burst of big
+# uploads each body arrives slowly while its client is still sending.
 LINGER_BYTES = 64 * 1024 * 1024
-LINGER_S = 5.0
+LINGER_S = 30.0
+LINGER_IDLE_S = 5.0
 
 
-async def discard_body(receive: Any, max_bytes: int = LINGER_BYTES, max_s: float = LINGER_S) -> int:
-    """Receive and drop the rest of a request body, up to `max_bytes` or `max_s`; returns the bytes read."""
+async def discard_body(receive: Any, max_bytes: int = LINGER_BYTES, max_s: float = LINGER_S,
+                       idle_s: float = LINGER_IDLE_S) -> int:
+    """Receive and drop the rest of a request body, up to `max_bytes` or `max_s` in all, and no longer
+    than `idle_s` waiting for any one message; returns the bytes read."""
     read = 0
     try:
         async with asyncio.timeout(max_s):
             while read <= max_bytes:
-                message = await receive()
+                async with asyncio.timeout(idle_s):
+                    message = await receive()
                 if message["type"] != "http.request":
                     break
                 read += len(message.get("body", b""))

@@ -2,7 +2,6 @@
 pure ASGI with a stand-in app; the real server: test_connection_limits_http.py."""
 import asyncio
 import json
-import time
 
 import pytest
 
@@ -87,10 +86,19 @@ def test_a_client_that_expects_100_continue_is_answered_without_waiting_for_a_bo
 def test_draining_stops_at_its_byte_and_time_bounds():
     up = Upload(chunks=10**6, size=1000)
     assert asyncio.run(discard_body(up.receive, max_bytes=50_000, max_s=5)) == 51_000
-    stalled = Upload(chunks=10, stall_after=2)
-    start = time.monotonic()
+    stalled = Upload(chunks=10, stall_after=2)  # it would wait an hour for the third message
     assert asyncio.run(discard_body(stalled.receive, max_bytes=10**9, max_s=0.2)) == 200
-    assert time.monotonic() - start < 2
+    assert asyncio.run(discard_body(Upload(chunks=10, stall_after=2).receive, max_bytes=10**9, max_s=60,
+                                    idle_s=0.2)) == 200
+
+
+def test_draining_lets_a_slow_client_that_keeps_sending_finish_past_the_idle_bound():
+    class Slow(Upload):
+        async def receive(self):
+            await asyncio.sleep(0.05)  # each message comes sooner than idle_s, all of them later than it
+            return await super().receive()
+
+    assert asyncio.run(discard_body(Slow(chunks=8).receive, max_bytes=10**9, max_s=60, idle_s=0.2)) == 800
 
 
 def test_a_body_that_would_overfill_the_byte_budget_gets_429_and_its_room_is_returned():
