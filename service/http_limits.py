@@ -21,7 +21,8 @@ CLASSIFY_PATHS = ("/classify", "/classify_batch")
 # and dropped, so that a client that reads only once it has sent everything (Python's urllib) sees the
 # answer instead of a reset. As nginx: a total bound (lingering_time), a bound on each wait for more
 # (lingering_timeout: a client that stops sending is let go), and a byte bound: in a burst of big
-# uploads each body arrives slowly while its client is still sending.
+# uploads each body arrives slowly while its client is still sending (256 x 10 MiB: 50 resets with 5 s
+# in all, none with these bounds; benchmarks/RESULTS.md, chaos).
 LINGER_BYTES = 64 * 1024 * 1024
 LINGER_S = 30.0
 LINGER_IDLE_S = 5.0
