@@ -312,7 +312,9 @@ def _write_images(folder: Path) -> dict[str, dict]:
 
 
 def _store_home(cfg: ChaosConfig) -> Path:
-    return Path(cfg.store_home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    from store.paths import bentoml_home
+
+    return bentoml_home(cfg.store_home or None)
 
 
 def execute(cfg: ChaosConfig, log=print) -> tuple[Path, dict]:

@@ -65,7 +65,9 @@ class RunAborted(RuntimeError):
 
 
 def _store_home(cfg: RunConfig) -> Path:
-    return Path(cfg.store_home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    from store.paths import bentoml_home
+
+    return bentoml_home(cfg.store_home or None)
 
 
 def _signals_as_interrupt() -> dict:

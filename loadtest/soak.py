@@ -14,7 +14,6 @@ report in soak_report.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from . import soak_load
 from .processes import ServiceProcess
+from .run import _signals_as_interrupt
 from .soak_measure import (
     RSS_GOAL_MB_PER_H,
     judge,
@@ -53,20 +53,6 @@ class SoakConfig:
     ready_timeout_s: float = 600.0  # a first start prepares the engines
     reports_dir: str = "reports"
     name: str | None = None
-
-
-def _signals_as_interrupt() -> dict:
-    """SIGTERM and SIGINT unwind like Ctrl-C, so everything started is stopped (also from a background job)."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:
-            pass
-    return previous
 
 
 def route_images(url: str, fashion_images: int) -> dict[str, list]:
@@ -159,7 +145,9 @@ def _execute(cfg: SoakConfig, log, started_at: datetime, name: str, out: Path) -
     from .run import machine
     from .soak_report import write_report
 
-    store_home = Path(cfg.store_home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    from store.paths import bentoml_home
+
+    store_home = bentoml_home(cfg.store_home or None)
     warmup_s = cfg.warmup_s if cfg.warmup_s is not None else warmup_seconds(cfg.duration_s)
     results: dict = {"run": name, "date": started_at.isoformat(timespec="seconds"), "config": asdict(cfg),
                      "machine": machine(), "store": str(store_home), "warmup_s": warmup_s, "samples": [],
