@@ -281,19 +281,6 @@ class VariantRunner:
         return info
 
 
-def combine_status(replicas: list[dict]) -> dict:
-    """A variant's status from its replicas' (`Worker.status`): ready when every one is; the first
-    replica's description, with the count of those loaded and the first problem."""
-    out = dict(replicas[0])
-    loaded = sum(int(r.get("workers_loaded", 0)) for r in replicas)
-    out.update(workers=len(replicas), workers_loaded=loaded, ready=all(r.get("ready") for r in replicas))
-    errors = [r["error"] for r in replicas if r.get("error")]
-    out["error"] = errors[0] if errors else None
-    if not errors and loaded < len(replicas):
-        out["error"] = f"variant {out['variant']!r}: {loaded} of {len(replicas)} worker processes loaded"
-    return out
-
-
 def make_workers(v: VariantConfig, cfg: ServingConfig, gpu_present: bool) -> list[Any]:
     """The BentoML service classes that serve variant `v`, one per worker process (`worker_names`)."""
     return [make_worker(v, cfg, gpu_present, name) for name in worker_names(v, gpu_present)]
