@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import soak_load
+from . import soak_load, wrk
 from .processes import ServiceProcess
 from .run import _signals_as_interrupt
 from .soak_measure import (
@@ -127,7 +127,7 @@ def execute(cfg: SoakConfig, log=print) -> tuple[Path, dict]:
     """The whole soak; returns (report folder, results). Raises ValueError on a bad configuration."""
     if not 0 < cfg.duration_s <= MAX_DURATION_S:
         raise ValueError(f"the duration is 1 s .. {MAX_DURATION_S / 3600:g} h, got {cfg.duration_s:g} s")
-    if shutil.which(soak_load.WRK) is None:
+    if shutil.which(wrk.WRK) is None:
         raise FileNotFoundError("wrk is not installed: `apt-get install wrk` (the Makefile's DEBS has it)")
     started_at = datetime.now(UTC)
     name = cfg.name or started_at.strftime("%Y%m%d-%H%M%S")

@@ -12,61 +12,13 @@ of each request, so the pause does not count in it.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WRK = "wrk"
-
-# Cycles through the bodies, pauses `delay_ms` before each request (0: closed loop), counts answers by
-# status and prints the figures from done(), the only callback that sees every thread's counts.
-WRK_SCRIPT = r"""
-local folder, n, boundary, fields_route = %(folder)s, %(n)d, %(boundary)s, %(route)s
-local pause = %(delay_ms)d
-local bodies, i, threads = {}, 0, {}
-counts = {}
-function setup(thread) table.insert(threads, thread) end
-function init(args)
-  for k = 1, n do
-    local f = assert(io.open(folder .. "/body-" .. (k - 1) .. ".bin", "rb"))
-    bodies[k] = f:read("*a"); f:close()
-  end
-end
-function delay() return pause end
-function request()
-  i = i + 1
-  return wrk.format("POST", "/classify", {["Host"] = wrk.headers["Host"],
-    ["Content-Type"] = "multipart/form-data; boundary=" .. boundary,
-    ["X-Client-Id"] = "soak-" .. fields_route .. "-" .. (i %% 64)}, bodies[(i %% n) + 1])
-end
-function response(status, headers, body) counts[status] = (counts[status] or 0) + 1 end
-function done(summary, latency, requests)
-  local all = {}
-  for _, t in ipairs(threads) do
-    for status, c in pairs(t:get("counts")) do all[status] = (all[status] or 0) + c end
-  end
-  local parts = {}
-  for status, c in pairs(all) do table.insert(parts, string.format('"%%d": %%d', status, c)) end
-  local e = summary.errors
-  io.write(string.format('EFFNET_WRK {"duration_us": %%d, "requests": %%d, "statuses": {%%s}, '
-    .. '"p50_us": %%d, "p99_us": %%d, "max_us": %%d, "connect_errors": %%d, "read_errors": %%d, '
-    .. '"write_errors": %%d, "timeouts": %%d}\n',
-    summary.duration, summary.requests, table.concat(parts, ", "), latency:percentile(50),
-    latency:percentile(99), latency.max, e.connect, e.read, e.write, e.timeout))
-end
-"""
-
-
-def multipart_body(image: bytes, filename: str, content_type: str, fields: dict, boundary: str) -> bytes:
-    """One `/classify` form: the text fields and the image, as curl -F sends them."""
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-                 f"Content-Type: {content_type}\r\n\r\n".encode() + image + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+from . import wrk
 
 
 @dataclass
@@ -83,9 +35,7 @@ class RouteLoad:
     def script(self) -> Path:
         path = self.folder / f"load-{self.delay_ms}.lua"
         if not path.exists():
-            path.write_text(WRK_SCRIPT % {"folder": json.dumps(str(self.folder)), "n": self.n,
-                                          "boundary": json.dumps(self.boundary), "route": json.dumps(self.route),
-                                          "delay_ms": self.delay_ms})
+            wrk.write_script(path, self.folder, self.n, self.boundary, f"soak-{self.route}-", 64, self.delay_ms)
         return path
 
 
@@ -97,7 +47,7 @@ def prepare_routes(images: dict[str, list], root: Path) -> dict[str, RouteLoad]:
         boundary = "effnet" + uuid.uuid4().hex
         for k, img in enumerate(imgs):
             (folder / f"body-{k}.bin").write_bytes(
-                multipart_body(img.data, img.filename, img.content_type, {"route": route}, boundary))
+                wrk.multipart_body(img.data, {"route": route}, boundary, img.filename, img.content_type))
         out[route] = RouteLoad(route, folder, len(imgs), boundary)
     return out
 
@@ -105,20 +55,17 @@ def prepare_routes(images: dict[str, list], root: Path) -> dict[str, RouteLoad]:
 def start_wrk(url: str, load: RouteLoad, seconds: float, connections: int | None = None) -> subprocess.Popen:
     """wrk on one route for `seconds` (its own session: stopping it reaches nothing else)."""
     c = connections or load.connections
-    return subprocess.Popen([WRK, "-t1", f"-c{c}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+    return subprocess.Popen([wrk.WRK, "-t1", f"-c{c}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
                              "-s", str(load.script()), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
 
 def parse_wrk(stdout: str, stderr: str = "", returncode: int = 0) -> dict:
     """wrk's EFFNET_WRK line -> {seconds, requests, ok, rps, statuses, p50_ms, p99_ms, max_ms, socket_errors}."""
-    line = next((ln for ln in stdout.splitlines() if ln.startswith("EFFNET_WRK ")), None)
-    if returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed (exit {returncode}): {(stderr or stdout)[-1000:]}")
-    r = json.loads(line.removeprefix("EFFNET_WRK "))
+    r = wrk.read_result(stdout, stderr, returncode)
     seconds = max(r["duration_us"] / 1e6, 1e-6)
     statuses = {str(k): v for k, v in sorted(r["statuses"].items())}
-    socket_errors = {k: r[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts") if r.get(k)}
+    socket_errors = {k: r[k] for k in wrk.SOCKET_ERRORS if r.get(k)}
     answered = sum(statuses.values())
     ok = sum(v for k, v in statuses.items() if k.startswith("2"))
     return {"seconds": round(seconds, 2), "requests": answered, "ok": ok, "rps": round(answered / seconds, 2),
