@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from service.config import parse_config
+from loadtest.processes import free_port
 from tests.service.fakes import CFG, gateway_on_file
 
 
@@ -118,14 +119,6 @@ def test_effnet_serve_says_which_variants_run_inside_the_gateway(bentoml_home, t
     cli.cmd_serve(argparse.Namespace(config=str(write_config(tmp_path / "w.yaml", CFG)), host="127.0.0.1",
                                      port=free_port()))
     assert "inside the gateway" not in capsys.readouterr().out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_servers_of_one_store_have_runtime_folders_of_their_own(tmp_path):

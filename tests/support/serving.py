@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from loadtest.processes import free_port
 from store.fashion_mnist import CLASSES as FASHION_CLASSES  # noqa: F401 (the tests import it from here)
 
 
@@ -65,12 +65,6 @@ def make_checkpoint(home: Path, name: str, variant: str, classes: list[str], res
     model.eval()
     man.macs = count_macs(model, resolution)
     return save_checkpoint(model, man, name=name, home=home)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
