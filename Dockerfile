@@ -27,9 +27,11 @@ COPY models/ models/
 COPY store/ store/
 COPY engines/ engines/
 COPY service/ service/
+COPY cli/__init__.py cli/bentoml_serve.py cli/
 
 EXPOSE 3000
 VOLUME /bentoml
 # Inside a container the server must listen on all interfaces; publish the port on 127.0.0.1 (above)
-# to keep it on the host only.
-CMD ["python", "-m", "bentoml", "serve", "service.app:Gateway", "--host", "0.0.0.0", "--port", "3000"]
+# to keep it on the host only. cli.bentoml_serve is `bentoml serve` with a prompt restart of a crashed
+# worker (inside containers too) and its sockets kept while it drains on SIGTERM.
+CMD ["python", "-m", "cli.bentoml_serve", "serve", "service.app:Gateway", "--host", "0.0.0.0", "--port", "3000"]

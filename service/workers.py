@@ -38,6 +38,7 @@ from .config import (ServingConfig, VariantConfig, cpu_threads, tracing_options,
 from .cpu_slots import CoreSlots
 from .health import pid_namespace
 from .heap import freeze_startup_heap, watch_collector
+from .priority import lower_priority
 from .results import InferenceResult
 from .shm import ArenaMissing, ArenaReader, StaleBatch
 
@@ -296,6 +297,7 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: s
         def __init__(self) -> None:
             import torch
 
+            lower_priority(cfg.server.worker_nice)  # service/priority.py: the gateway keeps its CPU
             watch_collector(name, v.name)
             self.runner = VariantRunner(v, cfg, use_gpu and torch.cuda.is_available())
             metrics.VARIANT_READY.labels(v.name).set(0 if self.runner.error else 1)

@@ -58,6 +58,8 @@ def test_the_runtime_set_is_one_list_that_pyproject_the_bentofile_and_the_docker
     assert yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["requirements_txt"] == "requirements.txt"
     docker = (ROOT / "Dockerfile").read_text()
     assert "COPY requirements.txt" in docker and "pip install --no-cache-dir -r requirements.txt" in docker
+    # The image serves through the wrapper that restarts crashed workers promptly, inside containers too.
+    assert '"-m", "cli.bentoml_serve", "serve"' in docker and "cli/bentoml_serve.py" in docker
     # No package is named in the Dockerfile outside requirements.txt.
     assert not re.search(r"pip install [^\n]*==", docker)
     # Test and load-test tools are not runtime packages.
