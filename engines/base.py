@@ -41,6 +41,7 @@ class Engine:
     precision = "fp32"
     reason = ""
     artefacts: tuple[Path, ...] = ()  # exported files it runs (hashed into its verification record)
+    upgrade: Any = None  # a Future of the engine that replaces this stand-in once rebuilt (engines.loader)
 
     @classmethod
     def unavailable(cls, device: str = "cpu") -> str | None:
@@ -50,6 +51,12 @@ class Engine:
     @classmethod
     def build(cls, ctx: "BuildContext") -> "Engine":  # pragma: no cover - interface
         raise NotImplementedError
+
+    @classmethod
+    def cached(cls, ctx: "BuildContext") -> bool:
+        """Whether `build` would only load stored files (nothing to export, convert or quantize): always
+        for the eager engines; for an exported one, when its files are there and whole."""
+        return True
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -103,7 +103,7 @@ def whole(path: Path) -> bool:
     return True
 
 
-def _found(folder: Path, manifest: Manifest, key: str, *names: str) -> Path | None:
+def find_cached(folder: Path, manifest: Manifest, key: str, *names: str) -> Path | None:
     """The first cache folder whose `key` holds every one of `names`, whole."""
     for d in cache_dirs(folder, manifest):
         if all(whole(d / key / n) for n in names):
@@ -154,7 +154,7 @@ def export_onnx(model: torch.nn.Module, manifest: Manifest, out: Path) -> Path:
 
 def onnx_path(model_fn, manifest: Manifest, folder: Path) -> Path:
     """The cached ONNX file of this checkpoint, exported on first use. `model_fn()` builds the model."""
-    found = _found(folder, manifest, onnx_key(), "model.onnx")
+    found = find_cached(folder, manifest, onnx_key(), "model.onnx")
     if found is not None:
         return found / "model.onnx"
     d = cache_dir(folder, manifest) / onnx_key()
@@ -169,7 +169,7 @@ def openvino_path(onnx_file: Path, manifest: Manifest, folder: Path) -> Path:
     """The cached OpenVINO IR (`model.xml` + `model.bin`, fp32 weights) converted from the ONNX file."""
     import openvino as ov
 
-    found = _found(folder, manifest, openvino_key(), "model.xml", "model.bin")
+    found = find_cached(folder, manifest, openvino_key(), "model.xml", "model.bin")
     if found is not None:
         return found / "model.xml"
     d = cache_dir(folder, manifest) / openvino_key()
@@ -242,7 +242,7 @@ def quantize_int8(onnx_file: Path, calib: CalibrationSet, out: Path) -> Path:
 
 
 def int8_path(onnx_file: Path, calib: CalibrationSet, manifest: Manifest, folder: Path) -> Path:
-    found = _found(folder, manifest, int8_key(calib), "model.int8.onnx")
+    found = find_cached(folder, manifest, int8_key(calib), "model.int8.onnx")
     if found is not None:
         return found / "model.int8.onnx"
     d = cache_dir(folder, manifest) / int8_key(calib)
@@ -251,6 +251,13 @@ def int8_path(onnx_file: Path, calib: CalibrationSet, manifest: Manifest, folder
         if not whole(out):
             quantize_int8(onnx_file, calib, out)
     return out
+
+
+def int8_cached(ctx) -> bool:
+    """The int8 QDQ file and the fp32 export it came from are stored whole (`Engine.cached`)."""
+    if ctx.calibration is None or find_cached(ctx.folder, ctx.manifest, onnx_key(), "model.onnx") is None:
+        return False
+    return find_cached(ctx.folder, ctx.manifest, int8_key(ctx.calibration), "model.int8.onnx") is not None
 
 
 def sha256_of(*files: Path) -> str:

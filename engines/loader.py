@@ -276,6 +276,10 @@ def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
                None)
     if rec is None or rec.get("engine") not in ENGINES:
         return None
+    if not _cached(rec["engine"], ck):
+        stand_in = _stand_in(ck, rec, label)
+        if stand_in is not None:
+            return stand_in
     eng, result = _try(rec["engine"], ck)
     if eng is None:
         log.warning("%s: auto's recorded choice %s is refused now (%s): timing every candidate again",
@@ -289,6 +293,78 @@ def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
                   f"{list(ck.ctx.batch_sizes)} (ms/image: {ranking}); {eng.reason}; verified: {_why(result)}")
     log.info("%s: auto reuses its recorded choice %s %s", label, eng.name, eng.precision)
     return eng
+
+
+def _cached(name: str, ck: _Checkpoint) -> bool:
+    """`Engine.cached`, False where even that cannot be told (the calibration set cannot be read)."""
+    try:
+        if name != "torch":
+            _ = ck.calibration
+        return ENGINES[name].cached(ck.ctx)
+    except Exception as e:  # noqa: BLE001 - the build that follows reports it properly
+        log.debug("cannot tell whether %s is cached: %s", name, e)
+        return False
+
+
+def _stand_in(ck: _Checkpoint, rec: dict, label: str) -> Engine | None:
+    """auto's recorded engine must be built again (its files are damaged or missing): the next fastest
+    engine of the record whose files are whole serves at once, and the recorded one is rebuilt in the
+    background; `Engine.upgrade` holds its future (service/workers.py swaps it in when done). A worker
+    restarted over a damaged cache serves in seconds instead of waiting for a re-export and int8
+    calibration (benchmarks/results/20261207-epyc/chaos-1713.md: 29 s)."""
+    timings = rec.get("timings_ms") or {}
+    others = sorted((n for n in timings if n in ENGINES and n != rec["engine"]), key=lambda n: timings[n])
+    for name in [*others, *([] if "torch" in others or ck.device != "cpu" else ["torch"])]:
+        if not _cached(name, ck):
+            continue
+        eng, result = _try(name, ck)
+        if eng is None:
+            continue
+        eng.warmup(ck.ctx.batch_sizes, ck.manifest.resolution)
+        eng.verification = result
+        eng.timings_ms, eng.refused = timings, rec.get("refused", {})
+        eng.reason = (f"auto: stand-in while its recorded choice {rec['engine']} is rebuilt (its stored files are "
+                      f"damaged or missing); {eng.reason}; verified: {_why(result)}")
+        eng.upgrade = _rebuild_in_background(rec["engine"], ck, label, timings, rec.get("refused", {}))
+        log.warning("%s: auto's recorded choice %s must be rebuilt: serving on %s meanwhile", label, rec["engine"],
+                    name)
+        return eng
+    return None
+
+
+def _rebuild_in_background(name: str, ck: _Checkpoint, label: str, timings: dict, refused: dict):
+    """A Future of the engine `name` rebuilt and verified by a thread at the lowest priority (None if it
+    fails): the requests the stand-in serves meanwhile keep the CPU."""
+    import os
+    import threading
+    from concurrent.futures import Future
+
+    done: Future = Future()
+
+    def rebuild() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread, and those it starts
+        except (OSError, AttributeError):
+            pass
+        try:
+            t0 = time.perf_counter()
+            eng, result = _try(name, ck)
+            if eng is None:
+                log.error("%s: rebuilding %s failed (%s): the stand-in serves on", label, name, _why(result))
+                done.set_result(None)
+                return
+            eng.warmup(ck.ctx.batch_sizes, ck.manifest.resolution)
+            eng.verification, eng.timings_ms, eng.refused = result, timings, refused
+            eng.reason = (f"auto: recorded choice, rebuilt in {time.perf_counter() - t0:.0f} s after its stored "
+                          f"files were found damaged or missing; {eng.reason}; verified: {_why(result)}")
+            log.info("%s: %s rebuilt in %.1f s", label, name, time.perf_counter() - t0)
+            done.set_result(eng)
+        except BaseException as e:  # noqa: BLE001 - a failed rebuild leaves the stand-in serving
+            log.exception("%s: rebuilding %s failed", label, name)
+            done.set_exception(e)
+
+    threading.Thread(target=rebuild, name=f"effnet-rebuild-{name}", daemon=True).start()
+    return done
 
 
 def _read_records(cache: Path) -> list[dict]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .base import BuildContext, Engine, as_rgb
-from .export import int8_path, onnx_path
+from .export import find_cached, int8_cached, int8_path, onnx_key, onnx_path
 
 
 def _providers(device: str) -> list:
@@ -69,6 +69,10 @@ class OnnxRuntimeEngine(Engine):
     def build(cls, ctx: BuildContext) -> "OnnxRuntimeEngine":
         return cls(onnx_path(ctx.model_fn, ctx.manifest, ctx.folder), ctx.threads, ctx.device)
 
+    @classmethod
+    def cached(cls, ctx: BuildContext) -> bool:
+        return find_cached(ctx.folder, ctx.manifest, onnx_key(), "model.onnx") is not None
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(as_rgb(images).numpy())
         return torch.from_numpy(self.session.run(None, {"images": x})[0])
@@ -96,3 +100,7 @@ class OnnxRuntimeInt8Engine(OnnxRuntimeEngine):
             raise RuntimeError(problem)
         fp32 = onnx_path(ctx.model_fn, ctx.manifest, ctx.folder)
         return cls(int8_path(fp32, ctx.calibration, ctx.manifest, ctx.folder), ctx.threads, ctx.device)
+
+    @classmethod
+    def cached(cls, ctx: BuildContext) -> bool:
+        return int8_cached(ctx)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .base import BuildContext, Engine, as_rgb, run_in_buckets
-from .export import _locked, cache_dir, int8_path, onnx_path, openvino_path
+from .export import _locked, cache_dir, find_cached, int8_cached, int8_path, onnx_key, onnx_path, openvino_key, openvino_path
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 comes from the graph's FakeQuantize ops
 # OpenVINO's own cache of compiled models (CACHE_DIR), one folder per checkpoint's weights, beside the
@@ -96,6 +96,11 @@ class OpenVinoEngine(Engine):
         xml = openvino_path(onnx_path(ctx.model_fn, ctx.manifest, ctx.folder), ctx.manifest, ctx.folder)
         return cls(xml, ctx.threads, ctx.batch_sizes, ctx.manifest.resolution)
 
+    @classmethod
+    def cached(cls, ctx: BuildContext) -> bool:
+        return (find_cached(ctx.folder, ctx.manifest, onnx_key(), "model.onnx") is not None
+                and find_cached(ctx.folder, ctx.manifest, openvino_key(), "model.xml", "model.bin") is not None)
+
     def _run(self, x: torch.Tensor, b: int) -> torch.Tensor:
         req = self.requests[b]
         req.infer({0: np.ascontiguousarray(x.numpy())})
@@ -139,3 +144,7 @@ class OpenVinoInt8Engine(OpenVinoEngine):
         q = int8_path(onnx_path(ctx.model_fn, ctx.manifest, ctx.folder), ctx.calibration, ctx.manifest, ctx.folder)
         # OpenVINO reads the QDQ ONNX directly (its FakeQuantize ops become int8 kernels); no IR cached.
         return cls(q, ctx.threads, ctx.batch_sizes, ctx.manifest.resolution, _compiled_dir(ctx))
+
+    @classmethod
+    def cached(cls, ctx: BuildContext) -> bool:
+        return int8_cached(ctx)  # OpenVINO's own compiled-model cache is rebuilt in seconds when missing

@@ -217,7 +217,23 @@ class VariantRunner:
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        up = getattr(self.engines[n], "upgrade", None)
+        if up is not None and up.done():
+            self._upgrade(n)
         return torch.softmax(self.engines[n](x).float(), dim=1).numpy()
+
+    def _upgrade(self, n: int) -> None:
+        """A stand-in engine's rebuilt successor is ready (engines.loader): it serves from this batch on."""
+        old = self.engines[n]
+        up, old.upgrade = old.upgrade, None
+        new = None if up.exception() is not None else up.result()
+        if new is None:
+            return  # logged by the rebuild; the stand-in serves on
+        self.engines[n] = new
+        if self.engine is old:
+            self.engine = new
+        logger.info("variant %s: %s rebuilt, serving on it instead of the stand-in %s (%s threads)", self.v.name,
+                    new.name, old.name, n)
 
     def _run(self, images: np.ndarray) -> tuple[np.ndarray, float, int]:
         if self.slots is None:  # GPU: the device serialises its own work, on the thread that warmed it
