@@ -8,7 +8,7 @@ has ended, after every process has stopped.
 
 BentoML's arbiter also looks for dead processes only every 10 s (`check_delay=10` in
 `create_standalone_arbiter`), so a killed worker came back 0.5 to 10 s later, and a variant's recovery
-after a crash ranged from 7 to 16 s (benchmarks/results/20261207-epyc/chaos-1713.md). Here it looks every
+after a crash ranged from 7 to 16 s (the chaos runs in benchmarks/RESULTS.md). Here it looks every
 `RESPAWN_CHECK_S`, and a tick that finds the arbiter busy with a command of its own (starting the
 watchers, stopping) is skipped, not failed: that conflict is why BentoML chose 10 s. Processes are
 respawned inside containers too (BentoML turns respawning off when BENTOML_CONTAINERIZED is set,
@@ -52,8 +52,8 @@ def respawn_promptly(check_s: float = RESPAWN_CHECK_S) -> None:
     init, manage = arbiter.__init__, CircusArbiter.manage_watchers
 
     def init_checking_often(self, *args, **kwargs):
+        kwargs["check_delay"] = check_s  # read by the controller built in __init__, not later
         init(self, *args, **kwargs)
-        self.check_delay = check_s
 
     def manage_unless_busy(self):
         if self._restarting or self._exclusive_running_command is not None:

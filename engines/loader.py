@@ -112,7 +112,21 @@ def _try(name: str, ck: _Checkpoint) -> tuple[Engine | None, Verdict | str]:
     v = verify(eng, ck.reference(), ck.cache)
     if not v.ok:
         return None, v
+    _record_sidecars(eng)
     return eng, v
+
+
+def _record_sidecars(eng: Engine) -> None:
+    """A verified artefact stored before sizes and hashes were recorded gets its sidecar now, so that
+    damage done to it later is found before loading (store/durable.py), not by the runtime's parser."""
+    from store.durable import record, sidecar, writable
+
+    for path in eng.artefacts:
+        if not sidecar(path).exists() and writable(path.parent):
+            try:
+                record(path)
+            except OSError as e:  # a store that turned read-only meanwhile: it is only not recorded
+                log.debug("could not record %s: %s", path, e)
 
 
 def _why(result: Verdict | str) -> str:
@@ -282,6 +296,11 @@ def _recorded_choice(ck: _Checkpoint, key: dict, label: str) -> Engine | None:
             return stand_in
     eng, result = _try(rec["engine"], ck)
     if eng is None:
+        stand_in = _stand_in(ck, rec, label, rebuild=False)
+        if stand_in is not None:
+            log.warning("%s: auto's recorded choice %s is refused now (%s): serving on %s, its next fastest; "
+                        "`make engines` times them again", label, rec["engine"], _why(result), stand_in.name)
+            return stand_in
         log.warning("%s: auto's recorded choice %s is refused now (%s): timing every candidate again",
                     label, rec["engine"], _why(result))
         return None
@@ -306,12 +325,12 @@ def _cached(name: str, ck: _Checkpoint) -> bool:
         return False
 
 
-def _stand_in(ck: _Checkpoint, rec: dict, label: str) -> Engine | None:
+def _stand_in(ck: _Checkpoint, rec: dict, label: str, rebuild: bool = True) -> Engine | None:
     """auto's recorded engine must be built again (its files are damaged or missing): the next fastest
     engine of the record whose files are whole serves at once, and the recorded one is rebuilt in the
     background; `Engine.upgrade` holds its future (service/workers.py swaps it in when done). A worker
     restarted over a damaged cache serves in seconds instead of waiting for a re-export and int8
-    calibration (benchmarks/results/20261207-epyc/chaos-1713.md: 29 s)."""
+    calibration (the chaos runs in benchmarks/RESULTS.md: 29 s)."""
     timings = rec.get("timings_ms") or {}
     others = sorted((n for n in timings if n in ENGINES and n != rec["engine"]), key=lambda n: timings[n])
     for name in [*others, *([] if "torch" in others or ck.device != "cpu" else ["torch"])]:
@@ -323,6 +342,10 @@ def _stand_in(ck: _Checkpoint, rec: dict, label: str) -> Engine | None:
         eng.warmup(ck.ctx.batch_sizes, ck.manifest.resolution)
         eng.verification = result
         eng.timings_ms, eng.refused = timings, rec.get("refused", {})
+        if not rebuild:
+            eng.reason = (f"auto: next fastest of its record, its recorded choice {rec['engine']} being refused now; "
+                          f"{eng.reason}; verified: {_why(result)}")
+            return eng
         eng.reason = (f"auto: stand-in while its recorded choice {rec['engine']} is rebuilt (its stored files are "
                       f"damaged or missing); {eng.reason}; verified: {_why(result)}")
         eng.upgrade = _rebuild_in_background(rec["engine"], ck, label, timings, rec.get("refused", {}))

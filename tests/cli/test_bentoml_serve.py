@@ -19,7 +19,7 @@ CHILD = textwrap.dedent("""
     keep_sockets_until_stopped(); respawn_promptly(); respawn_promptly()
     w = create_watcher("w", ["-c", "pass"])
     a = create_standalone_arbiter([w])
-    out = {"check": a.check_delay, "want": RESPAWN_CHECK_S, "respawn": w.respawn}
+    out = {"check": a.check_delay, "ctrl_ms": a.ctrl.check_delay, "want": RESPAWN_CHECK_S, "respawn": w.respawn}
     a._exclusive_running_command = "start_watchers"
     out["busy_tick"] = repr(a.manage_watchers())
     a._exclusive_running_command = None
@@ -34,6 +34,7 @@ def test_arbiter_checks_often_skips_busy_ticks_and_respawns_in_containers():
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["check"] == out["want"] < 10
+    assert out["ctrl_ms"] == out["want"] * 1000  # the controller's periodic check is what respawns
     assert out["respawn"] is True  # BentoML alone: False with BENTOML_CONTAINERIZED
     assert out["busy_tick"] == "None"  # not a ConflictError
     assert out["kept"] is True
@@ -45,8 +46,8 @@ def test_bentoml_alone_would_not_respawn_in_a_container():
     code = ("import json; from bentoml.serving import create_watcher; "
             "from bentoml._internal.utils.circus import create_standalone_arbiter; "
             "w = create_watcher('w', ['-c', 'pass']); a = create_standalone_arbiter([w]); "
-            "print(json.dumps([w.respawn, a.check_delay]))")
+            "print(json.dumps([w.respawn, a.check_delay, a.ctrl.check_delay]))")
     env = {**os.environ, "BENTOML_CONTAINERIZED": "true", "BENTOML_DO_NOT_TRACK": "true"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == [False, 10]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [False, 10, 10000]

@@ -1,77 +1,23 @@
 """Compiled engines: export, verification against eager, refusal, auto, the export cache, threads.
 
-One tiny checkpoint (compact, 4 classes, 32x32, briefly trained so its predictions are decisive and
-low precisions can agree with it) is exported once per module: the ONNX exporter takes 15-30 s on
-these 2 cores, so every test shares that store (copied where a test damages it).
+One tiny checkpoint (tests/engines/tiny_store.py) is exported once per session: the ONNX exporter takes
+15-30 s on these 2 cores, so every test shares that store (copied where a test damages it).
 torch-compile is not exercised: its first call compiles for about 45 s per batch size here.
 """
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-import engines
 from engines import ENGINES, load_engine, worker_threads
 from engines.base import run_in_buckets
 from engines.calibration import CALIBRATION_FILE, load_calibration
 from engines.export import cache_dir
-from models import create_model, model_config
-from store import InputNormalizer, Manifest, fashion_mnist, load_checkpoint, read_manifest, save_checkpoint
-
-RES = 32
-RUNNABLE = [n for n in ENGINES if n not in ("torch", "torch-compile") and ENGINES[n].unavailable() is None]
-
-
-def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Four easy classes: which colour channel (or none: gray) is bright, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 4
-    x = torch.randint(0, 90, (n, 3, RES, RES), generator=g)
-    for c in range(3):
-        x[labels == c, c] += 150
-    x[labels == 3] += 100
-    return x.clamp(0, 255).to(torch.uint8), labels
-
-
-def _train_tiny(manifest: Manifest) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = create_model("compact", num_classes=4)
-    norm = InputNormalizer(manifest)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(30):
-        x, y = _images(32, seed=step)
-        loss = torch.nn.functional.cross_entropy(model(norm(x)), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """(home, tag) of a trained tiny checkpoint with its calibration set, exported once."""
-    home = tmp_path_factory.mktemp("engines") / "bentoml"
-    man = Manifest(variant="compact", config=model_config("compact").to_dict(), num_classes=4,
-                   classes=["red", "green", "blue", "gray"], dataset="synthetic-colours", resolution=RES)
-    tag = save_checkpoint(_train_tiny(man), man, home=home)
-    _, folder = read_manifest(tag, home)
-    images, labels = _images(128, seed=1000)  # the checkpoint's "training data"; 99% allows 1 flip
-    engines.save_calibration(folder, images, labels)
-    for name in RUNNABLE:  # export and verify every engine once; tests below read the cache
-        load_engine(tag, engine=name, threads=2, home=str(home))
-    return home, tag
-
-
-def _reference(tag, home, x):
-    model, man = load_checkpoint(tag, home=home)
-    return engines.TorchEngine(model, man)(x)
-
+from store import Manifest, fashion_mnist, read_manifest
+from tests.engines.tiny_store import RES, RUNNABLE, _copy_store, _images, _reference
 
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_every_engine_exports_and_verifies_against_eager(store, name):
@@ -140,11 +86,6 @@ def test_openvino_compiles_without_a_cache_where_the_store_cannot_take_one(tmp_p
         assert cache is None
     with _cache_lock(tmp_path / "ok") as cache:
         assert cache == tmp_path / "ok" and (tmp_path / "ok" / ".lock").is_file()
-
-
-def _copy_store(home: Path, dest: Path) -> Path:
-    shutil.copytree(home, dest / "bentoml")
-    return dest / "bentoml"
 
 
 def test_a_perturbed_exported_model_is_refused_and_the_next_engine_serves(store, tmp_path, caplog):
@@ -430,73 +371,3 @@ def test_the_test_set_is_named_without_loading_it_and_loaded_only_when_needed(mo
     ref = Reference(None, None, lambda: calls.append(1) or loaded, calibration.test_set_source(fashion))
     assert ref.test_source == loaded.source and not calls
     assert ref.test is loaded and ref.test is loaded and calls == [1]  # loaded once, on first use
-
-
-def test_a_damaged_recorded_engine_is_stood_in_for_and_rebuilt_in_the_background(store, tmp_path, monkeypatch):
-    """auto's recorded engine with a truncated file: the next fastest recorded engine whose files are whole
-    serves at once (nothing timed), and the recorded one is rebuilt behind it, whole again."""
-    import engines.loader as loader
-
-    if "onnxruntime-int8" not in RUNNABLE:
-        pytest.skip("onnxruntime-int8 cannot run here")
-    home, tag = store
-    home = _copy_store(home, tmp_path)
-    man, folder = read_manifest(tag, home)
-    load_engine(tag, engine="auto", threads=1, home=str(home), batch_sizes=(1, 4), auto_seconds=0.3)
-    record = cache_dir(folder, man) / loader.AUTO_RECORD
-    data = json.loads(record.read_text())
-    for rec in data["choices"]:  # as if int8 had won, onnxruntime second
-        rec["engine"], rec["timings_ms"] = "onnxruntime-int8", {"onnxruntime-int8": 1.0, "onnxruntime": 2.0,
-                                                                  "torch": 3.0}
-    record.write_text(json.dumps(data))
-    int8 = next(cache_dir(folder, man).rglob("model.int8.onnx"))
-    whole_bytes = int8.read_bytes()
-    with open(int8, "r+b") as f:
-        f.truncate(len(whole_bytes) // 2)
-    monkeypatch.setattr(loader, "time_engines", lambda *a, **k: pytest.fail("a recorded choice must not be timed"))
-
-    eng, _ = load_engine(tag, engine="auto", threads=1, home=str(home), batch_sizes=(1, 4))
-    assert eng.name == "onnxruntime" and "stand-in while its recorded choice onnxruntime-int8" in eng.reason
-    x, _ = _images(4, seed=7)
-    assert eng(x).argmax(1).tolist() == _reference(tag, home, x).argmax(1).tolist()
-    rebuilt = eng.upgrade.result(timeout=300)
-    assert rebuilt is not None and rebuilt.name == "onnxruntime-int8" and "rebuilt in" in rebuilt.reason
-    assert rebuilt.verification.ok and rebuilt(x).shape == (4, 4)
-    from store.durable import intact
-    assert intact(int8)
-    again, _ = load_engine(tag, engine="auto", threads=1, home=str(home), batch_sizes=(1, 4))
-    assert again.name == "onnxruntime-int8" and again.upgrade is None  # the next start loads it directly
-
-
-def test_a_runner_swaps_in_the_rebuilt_engine_at_its_next_batch():
-    """service/workers.py: a stand-in's finished upgrade replaces it; a failed one leaves it serving."""
-    from concurrent.futures import Future
-
-    import numpy as np
-
-    from service.workers import VariantRunner
-
-    class Fake:
-        def __init__(self, name, score):
-            self.name, self.score, self.upgrade = name, score, None
-
-        def __call__(self, x):
-            out = torch.zeros(len(x), 2)
-            out[:, self.score] = 10.0
-            return out
-
-    runner = VariantRunner.__new__(VariantRunner)
-    runner.v = type("V", (), {"name": "b0"})()
-    stand_in, rebuilt = Fake("onnxruntime", 0), Fake("onnxruntime-int8", 1)
-    runner.engines, runner.engine = {1: stand_in}, stand_in
-    stand_in.upgrade = Future()
-    images = np.zeros((2, 3, 4, 4), dtype=np.uint8)
-    assert runner._infer(images, 1).argmax(1).tolist() == [0, 0]  # not done yet: the stand-in serves
-    stand_in.upgrade.set_result(rebuilt)
-    assert runner._infer(images, 1).argmax(1).tolist() == [1, 1]
-    assert runner.engines[1] is rebuilt and runner.engine is rebuilt and stand_in.upgrade is None
-    failed = Fake("torch", 0)
-    failed.upgrade = Future()
-    failed.upgrade.set_exception(RuntimeError("export failed"))
-    runner.engines = {1: failed}
-    assert runner._infer(images, 1).argmax(1).tolist() == [0, 0] and runner.engines[1] is failed
