@@ -24,8 +24,8 @@ after_s):
 pass criteria (the issue's "Done when"): untouched streams 0 errors and p99 within 25% or 20 ms of
 before (outside the restart seconds); the touched variant answers 200 (itself or its fallback) or a
 429/503 within 100 ms from 2 s after the fault until it recovers; recovery within 15 s; /readyz
-(polled every 250 ms, 1 s timeout: a timeout is a lie) never 200 while a counted variant is down;
-SIGTERM: no reset of a request admitted before the signal.
+(polled every 250 ms, 1 s timeout: a timeout is a lie, except while the gateway process is gone)
+never 200 while a counted variant is down; SIGTERM: no reset of a request admitted before the signal.
 
 The server runs on a private copy of the store (--store, default $BENTOML_HOME), which the run may
 damage; the store itself is never written. The clients run in a process of their own and honour
