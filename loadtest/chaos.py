@@ -133,6 +133,21 @@ class Harness:
             time.sleep(0.5)
         return False
 
+    def wait_replicas(self, variant: str, timeout: float) -> float | None:
+        """Epoch time at which every replica of `variant` is up again (GET /readyz/VARIANT), or None."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.alive():
+            try:
+                reps = httpx.get(f"{self.url}/readyz/{variant}", timeout=2.0).json().get("replicas") or []
+                if reps and all(r.get("state") == "up" for r in reps):
+                    return time.time()
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.25)
+        return None
+
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
 

@@ -118,7 +118,8 @@ def _auto_choice(ckpt: Path) -> str:
 
 @contextlib.contextmanager
 def truncated(path: Path, keep: float = 0.5):
-    """`path` cut to `keep` of its size for the duration (a worker killed mid-write), restored afterwards."""
+    """`path` cut to `keep` of its size for the duration (a worker killed mid-write); afterwards the
+    original is put back unless the service rebuilt the file whole."""
     backup = Path(tempfile.mkdtemp(prefix="effnet-chaos-cache-")) / path.name
     shutil.copy2(path, backup)
     size = path.stat().st_size
@@ -130,10 +131,14 @@ def truncated(path: Path, keep: float = 0.5):
         os.replace(tmp, path)
         yield {"file": str(path), "size": size, "truncated_to": int(size * keep)}
     finally:
+        from store.durable import intact, record
+
         with contextlib.suppress(OSError):
-            tmp2 = path.with_name(path.name + ".chaos-restore")
-            shutil.copy2(backup, tmp2)
-            os.replace(tmp2, path)
+            if not intact(path):  # not rebuilt by the service: the original, with its size and hash
+                tmp2 = path.with_name(path.name + ".chaos-restore")
+                shutil.copy2(backup, tmp2)
+                os.replace(tmp2, path)
+                record(path)
         shutil.rmtree(backup.parent, ignore_errors=True)
 
 

@@ -100,7 +100,9 @@ def run_one(h, sc: Scenario) -> dict:
             since = marks.get("cleared", marks["fault"])
             limit = cfg.rebuild_s if sc.kind == "truncate" else cfg.window_s
             back = load.wait_200(touched + shared, since, limit, h.alive) if touched + shared else None
-            marks["during_end"] = max(back or time.time(), marks["fault"] + 1.0) + cfg.settle_s
+            # A replica still loading (one of two killed) belongs to the fault, not to "after".
+            marks["during_end"] = max(back or time.time(), marks.get("replicas_up") or 0.0,
+                                      marks["fault"] + 1.0) + cfg.settle_s
             time.sleep(max(0.0, marks["during_end"] - time.time()))
         time.sleep(cfg.after_s if sc.kind != "sigterm" else 1.0)
         marks["end"] = time.time()
@@ -130,7 +132,11 @@ def _kill(h, sc, marks, load, entry) -> dict:
     pid = pids[min(sc.replica, len(pids) - 1)]
     marks["fault"] = time.time()  # at the signal: finding the processes takes a while on a busy machine
     faults.send(pid, signal.SIGKILL)
-    return {"signal": "SIGKILL", "pid": pid, "replicas": len(pids), "restarted_s": _restarted(h, sc, pids)}
+    info = {"signal": "SIGKILL", "pid": pid, "replicas": len(pids), "restarted_s": _restarted(h, sc, pids)}
+    if len(pids) > 1:  # the variant serves on from the others: the fault lasts until the new one is up
+        up = marks["replicas_up"] = h.wait_replicas(sc.variant, h.cfg.window_s)
+        info["replica_up_s"] = round(up - marks["fault"], 2) if up else None
+    return info
 
 
 def _restarted(h, sc, before: list[int], timeout: float = 10.0) -> float | None:
@@ -187,13 +193,28 @@ def _truncate(h, sc, marks, load, entry) -> dict:
     entry["recovery_limit_s"] = h.cfg.rebuild_s
     info = {**cut, "signal": "SIGKILL", "pids": pids, "restarted_s": _restarted(h, sc, pids)}
     back = state["back"] = load.wait_200(entry["touched"] + entry["shared"], marks["fault"], h.cfg.rebuild_s, h.alive)
-    marks["during_end"] = (back or time.time()) + h.cfg.settle_s
+    # The worker serves on a stand-in engine while it rebuilds the damaged file behind it: the rebuild
+    # belongs to the fault, not to "after".
+    rebuilt = _whole_again(path, marks["fault"] + h.cfg.rebuild_s)
+    info["rebuilt_s"] = round(rebuilt - marks["fault"], 2) if rebuilt else None
+    marks["during_end"] = max(back or time.time(), rebuilt or 0.0) + h.cfg.settle_s
     time.sleep(max(0.0, marks["during_end"] - time.time()))
     info["size_after"] = path.stat().st_size if path.exists() else None
     entry["extra_criteria"]["serves again after the damaged cache"] = {"pass": back is not None, "value": {
         "file": str(path.relative_to(h.home)), "size": cut["size"], "truncated_to": cut["truncated_to"],
         "size at the end": info["size_after"]}}
     return info
+
+
+def _whole_again(path: Path, until: float) -> float | None:
+    """Epoch time at which `path` matches its recorded size and sha256 again (rebuilt), or None by `until`."""
+    from store.durable import intact
+
+    while time.time() < until:
+        if intact(path):
+            return time.time()
+        time.sleep(0.25)
+    return None
 
 
 def _slow(h, sc, marks, load, entry) -> dict:
