@@ -192,6 +192,9 @@ class ServerConfig:
     # every core, the gateway still gets the CPU to refuse, route, health-check and answer /readyz at once.
     # 0 = the same priority.
     worker_nice: int = 5
+    # Gateway threads that decode big uploads run this much nicer than its event loop (service/decode.py):
+    # a burst of big images waits behind the other routes' requests, not ahead of them.
+    decode_nice: int = 5
 
     @property
     def max_body_bytes(self) -> int:
@@ -330,7 +333,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
         "tracing", "worker_transport", "burst_inflight", "burst_share", "health_interval_s", "health_timeout_s",
         "connect_timeout_s", "readiness", "header_timeout_s", "keepalive_timeout_s", "max_connections",
-        "max_buffered_mb", "drain_grace_s", "log_format", "worker_nice"})
+        "max_buffered_mb", "drain_grace_s", "log_format", "worker_nice", "decode_nice"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_mb"] = _number("server.max_body_mb", server_raw["max_body_mb"], positive=True)
@@ -375,10 +378,11 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     if "max_connections" in server_raw:
         s["max_connections"] = _number("server.max_connections", server_raw["max_connections"], integer=True,
                                        positive=True)
-    if "worker_nice" in server_raw:
-        s["worker_nice"] = _number("server.worker_nice", server_raw["worker_nice"], integer=True)
-        if not 0 <= s["worker_nice"] <= 19:
-            raise ConfigError(f"{source}: server.worker_nice: expected 0..19, got {s['worker_nice']}")
+    for key in ("worker_nice", "decode_nice"):
+        if key in server_raw:
+            s[key] = _number(f"server.{key}", server_raw[key], integer=True)
+            if not 0 <= s[key] <= 19:
+                raise ConfigError(f"{source}: server.{key}: expected 0..19, got {s[key]}")
     if "log_format" in server_raw:
         if server_raw["log_format"] not in ("text", "json"):
             raise ConfigError(f"{source}: server.log_format: expected text or json, got {server_raw['log_format']!r}")

@@ -7,6 +7,7 @@ import anyio.to_thread
 import numpy as np
 
 from .images import BYTES_PER_BUDGET_PIXEL, DecodeBudget, decode_bytes, open_image, to_rgb_array
+from .priority import lower_thread_priority
 
 # A small image decodes faster (a 28x28 PNG: ~0.1 ms) than a thread hand-off, whose GIL hand-offs stall
 # the loop (benchmarks/serving.md); 224x224, the ImageNet input, is ~1 ms as a JPEG. Larger: a thread.
@@ -29,13 +30,15 @@ class Decoder:
     INLINE_DECODE_PIXELS are decoded there too; larger ones in a thread, so a big photo never stalls
     the loop, and only while the decoding budget (`max_decoding_pixels`, as bytes of RGB pixels) has
     room for what their decoding takes by mode and size, so that many large images at once cannot
-    exhaust the memory.
+    exhaust the memory. The decoding threads run `nice` steps below the event loop: a burst of big
+    uploads then waits for the CPU behind every other route's requests instead of ahead of them.
     """
 
-    def __init__(self, manifests: dict[str, Any], max_pixels: int, max_decoding_pixels: int) -> None:
+    def __init__(self, manifests: dict[str, Any], max_pixels: int, max_decoding_pixels: int, nice: int = 0) -> None:
         self.manifests = manifests  # variant -> its checkpoint manifest (resolution, resize, mean/std)
         self.max_pixels = max_pixels
         self.budget = DecodeBudget(max_decoding_pixels * BYTES_PER_BUDGET_PIXEL)
+        self.nice = nice
 
     async def prepare(self, data: bytes, variant: str) -> np.ndarray:
         """Bytes -> uint8 (1, 3, R, R) at the variant's resolution; raises ImageError (4xx)."""
@@ -45,7 +48,11 @@ class Decoder:
             return self._pixels(img, variant, data)
         m = self.manifests[variant]
         async with self.budget.take(decode_bytes(img, m.resize or m.resolution)):
-            return await anyio.to_thread.run_sync(self._pixels, img, variant, data)
+            return await anyio.to_thread.run_sync(self._pixels_nicer, img, variant, data)
+
+    def _pixels_nicer(self, img: Any, variant: str, data: bytes | None = None) -> np.ndarray:
+        lower_thread_priority(self.nice)
+        return self._pixels(img, variant, data)
 
     def _pixels(self, img: Any, variant: str, data: bytes | None = None) -> np.ndarray:
         import torch

@@ -77,7 +77,8 @@ class GatewayService:
         self.manifests = manifests
         self.dispatcher = Dispatcher(self.cfg, self.replicas, local,
                                      {name: len(attrs) for name, attrs in self.worker_attrs.items()})
-        self.decoder = Decoder(self.manifests, self.cfg.server.max_pixels, self.cfg.server.max_decoding_pixels)
+        self.decoder = Decoder(self.manifests, self.cfg.server.max_pixels, self.cfg.server.max_decoding_pixels,
+                               self.cfg.server.decode_nice)
         self.shadows = Shadows(self.dispatcher, self.manifests)
         self.health = self.dispatcher.health
         self.health.after_round = self._after_health_round

@@ -1,5 +1,6 @@
-"""Worker processes yield the CPU to the gateway: `lower_priority(n)` makes every thread of this process
-`n` nicer.
+"""Bulk work yields the CPU to the work that answers: `lower_priority(n)` makes every thread of a worker
+process `n` nicer than the gateway; `lower_thread_priority(n)` makes one thread of the gateway (one that
+decodes a big upload) `n` nicer than its event loop.
 
 On a machine whose cores the workers fill with inference, a gateway at the same priority waits for CPU
 like any thread: its refusals, health checks and `/readyz` then take hundreds of milliseconds, and a hung
@@ -34,3 +35,23 @@ def lower_priority(n: int) -> int:
         except OSError as e:  # a thread that ended meanwhile, or a sandbox that forbids it
             log.debug("could not lower the priority of thread %s: %s", tid, e)
     return changed
+
+
+_thread = __import__("threading").local()
+
+
+def lower_thread_priority(n: int) -> bool:
+    """Adds `n` to this thread's nice value, once per thread; True if it changed now. A pool thread
+    stays nicer for whatever it runs later, which is bulk work as well."""
+    import threading
+
+    if n <= 0 or getattr(_thread, "lowered", False):
+        return False
+    _thread.lowered = True
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
+        return True
+    except OSError as e:
+        log.debug("could not lower the priority of thread %s: %s", tid, e)
+        return False

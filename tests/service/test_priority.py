@@ -2,6 +2,7 @@
 after the call, and the configuration bounds the value."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -52,9 +53,51 @@ def _config(**server):
             "routes": {"fashion": {"split": {"b0": 100}}}}
 
 
-def test_worker_nice_is_read_and_bounded():
-    assert parse_config(_config()).server.worker_nice == 5
-    assert parse_config(_config(worker_nice=0)).server.worker_nice == 0
+@pytest.mark.parametrize("key", ["worker_nice", "decode_nice"])
+def test_nice_values_are_read_and_bounded(key):
+    assert getattr(parse_config(_config()).server, key) == 5
+    assert getattr(parse_config(_config(**{key: 0})).server, key) == 0
     for bad in (-1, 20, "high", 2.5):
-        with pytest.raises(ConfigError, match="worker_nice"):
-            parse_config(_config(worker_nice=bad))
+        with pytest.raises(ConfigError, match=key):
+            parse_config(_config(**{key: bad}))
+
+
+def test_a_big_upload_is_decoded_on_a_nicer_thread_and_a_small_one_on_the_loop():
+    """service/decode.py: the thread that decodes a big image is decode_nice nicer than the event loop's."""
+    import asyncio
+    import io
+    import threading
+    import types
+
+    from PIL import Image
+
+    from service import decode
+
+    seen = {}
+    real = decode.Decoder._pixels
+
+    def spy(self, img, variant, data=None):
+        tid = threading.get_native_id()
+        seen.setdefault("sizes", []).append((img.size, os.getpriority(os.PRIO_PROCESS, tid), tid))
+        return real(self, img, variant, data)
+
+    def png(side):
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side), (200, 10, 10)).save(buf, "PNG")
+        return buf.getvalue()
+
+    d = decode.Decoder({"b0": types.SimpleNamespace(resolution=32, resize=None)}, 40_000_000, 100_000_000, nice=3)
+    decode.Decoder._pixels = spy
+    try:
+        async def main():
+            base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            await d.prepare(png(64), "b0")
+            await d.prepare(png(600), "b0")
+            return base, threading.get_native_id()
+        base, loop_tid = asyncio.run(main())
+    finally:
+        decode.Decoder._pixels = real
+    (small, small_nice, small_tid), (big, big_nice, big_tid) = seen["sizes"]
+    assert small_tid == loop_tid and small_nice == base
+    assert big_tid != loop_tid and big_nice == min(19, base + 3)
+    assert os.getpriority(os.PRIO_PROCESS, loop_tid) == base
