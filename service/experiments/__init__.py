@@ -1,0 +1,1 @@
+"""Experiments on live traffic: feedback records, the statistics that decide, and the bandit split."""
