@@ -19,12 +19,14 @@ refused then instead of running. This is the gateway's job, not BentoML's batche
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from typing import Awaitable, Callable
 
 import numpy as np
 
+from . import request_log
 from .results import InferenceResult
 
 # send(batch) -> the batch's scores, with the seconds its inference took
@@ -38,7 +40,8 @@ class Coalescer:
             raise ValueError("max_batch and limit must be at least 1")
         self.send, self.max_batch, self.limit = send, max_batch, limit
         self.max_wait_s, self.too_late = max_wait_s, too_late
-        self.queue: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
+        # (batch, its future, when it was queued, its request's ids: service/request_log.py)
+        self.queue: deque[tuple[np.ndarray, asyncio.Future, float, tuple]] = deque()
         self.in_flight = 0
         self.queued_images = 0  # images in `queue`
         self.in_flight_images = 0  # images in the calls being answered
@@ -62,7 +65,7 @@ class Coalescer:
         if self.overloaded(len(batch)):
             raise self.too_late()
         fut = asyncio.get_running_loop().create_future()
-        self.queue.append((batch, fut, time.perf_counter()))
+        self.queue.append((batch, fut, time.perf_counter(), request_log.current_ids()))
         self.queued_images += len(batch)
         self._pump()
         return await fut
@@ -85,23 +88,27 @@ class Coalescer:
                 continue
             self.in_flight += 1
             self.in_flight_images += n
-            asyncio.get_running_loop().create_task(self._call(items, n))
+            # The call runs with its own requests' ids (logged with it, passed to the worker), not with
+            # those of whichever request's task happened to start it.
+            ctx = contextvars.Context()
+            ctx.run(request_log.bind, [item[3] for item in items])
+            asyncio.get_running_loop().create_task(self._call(items, n), context=ctx)
 
-    async def _call(self, items: list[tuple[np.ndarray, asyncio.Future, float]], n: int) -> None:
+    async def _call(self, items: list[tuple[np.ndarray, asyncio.Future, float, tuple]], n: int) -> None:
         try:
-            batch = items[0][0] if len(items) == 1 else np.concatenate([b for b, _, _ in items])
+            batch = items[0][0] if len(items) == 1 else np.concatenate([item[0] for item in items])
             sent = time.perf_counter()
             result = await self.send(batch)
             done, start = time.perf_counter(), 0
             per_image = (done - sent) / n
             old = self.seconds_per_image
             self.seconds_per_image = per_image if old is None else 0.8 * old + 0.2 * per_image
-            for b, fut, queued in items:
+            for b, fut, queued, _ in items:
                 if not fut.done():
                     fut.set_result(result.rows(start, start + len(b), max(0.0, done - queued - result.seconds)))
                 start += len(b)
         except BaseException as e:  # noqa: BLE001 - handed to every waiting request, cancellation included
-            for _, fut, _ in items:
+            for _, fut, _, _ in items:
                 if not fut.done():
                     fut.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
             if not isinstance(e, Exception):

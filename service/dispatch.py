@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import metrics
+from . import metrics, request_log
 from .coalesce import Coalescer
 from .config import ServingConfig
 from .errors import ClientError, retry_later
@@ -166,10 +166,11 @@ class Dispatcher:
                     async with asyncio.timeout(deadline) as timer:
                         replica.calls.add(timer)  # service.health ends it at once if the replica goes down
                         try:
-                            if lease is not None:
-                                records = await replicas[i].to_async.predict_shared(lease.refs)
-                            else:
-                                records = await replicas[i].to_async.predict(batch)
+                            with request_log.propagated():  # the batch's request ids, to the worker's logs
+                                if lease is not None:
+                                    records = await replicas[i].to_async.predict_shared(lease.refs)
+                                else:
+                                    records = await replicas[i].to_async.predict(batch)
                         finally:
                             replica.calls.discard(timer)
                     answered, replica.called_at = True, time.monotonic()

@@ -487,3 +487,4 @@ def test_the_gateway_reports_requests_in_progress(server):
     for state in ("uploading", "processing", "decode_waiting"):
         if state != "decode_waiting":  # appears once an image has waited for decoding room
             assert re.search(rf'effnet_gateway_requests\{{state="{state}"\}} 0\.0', text), state
+

@@ -102,3 +102,67 @@ def test_the_log_format_is_text_or_json():
     assert parse_config({**CFG, "server": {"log_format": "json"}}).server.log_format == "json"
     with pytest.raises(ConfigError, match="log_format: expected text or json"):
         parse_config({**CFG, "server": {"log_format": "xml"}})
+
+
+def test_a_coalesced_call_carries_its_own_requests_ids_to_the_worker():
+    """Two requests batched into one call: the call's task has both ids (not the ids of whichever
+    request started it), and a worker call made in it sends them as W3C baggage, which the worker's
+    middleware reads back for its own log lines."""
+    import numpy as np
+    from opentelemetry import propagate
+
+    from service.coalesce import Coalescer
+    from service.results import InferenceResult
+
+    seen = {}
+
+    async def send(batch):
+        with request_log.propagated():
+            headers: dict = {}
+            propagate.inject(headers)  # what BentoML's client does with each call's headers
+        seen["ids"], seen["headers"] = request_log.current_ids(), headers
+        await asyncio.sleep(0)
+        return InferenceResult(np.zeros((len(batch), 2), dtype=np.float32), 0.0)
+
+    async def main():
+        c = Coalescer(send, max_batch=8, limit=1)
+
+        async def request(rid, up):
+            request_log.REQUEST_ID.set(rid)
+            request_log.UPSTREAM_ID.set(up)
+            return await c(np.zeros((1, 3), dtype=np.uint8))
+
+        blocker = asyncio.Event()
+
+        async def first_send(batch):  # holds the only call slot so the next two are batched together
+            await blocker.wait()
+            return InferenceResult(np.zeros((len(batch), 2), dtype=np.float32), 0.0)
+
+        c.send = first_send
+        t0 = asyncio.create_task(request("r0", None))
+        await asyncio.sleep(0)
+        t1, t2 = asyncio.create_task(request("r1", "edge-1")), asyncio.create_task(request("r2", None))
+        await asyncio.sleep(0)
+        c.send = send
+        blocker.set()
+        await asyncio.gather(t0, t1, t2)
+
+    asyncio.run(main())
+    assert seen["ids"] == ("r1,r2", "edge-1")
+    baggage = seen["headers"]["baggage"]
+    assert request_log.from_baggage(baggage.encode()) == ("r1,r2", "edge-1")
+
+    got = {}
+
+    async def worker_app(scope, receive, send):
+        got["ids"] = request_log.current_ids()
+
+    mw = request_log.RequestLogMiddleware(worker_app, ids=False)
+    asyncio.run(mw({"type": "http", "headers": [(b"baggage", baggage.encode())]}, None, None))
+    assert got["ids"] == ("r1,r2", "edge-1") and request_log.current_ids() == (None, None)
+
+
+def test_baggage_from_elsewhere_is_ignored_and_ids_are_bounded_and_printable():
+    assert request_log.from_baggage(b"userId=alice,serverNode=DF%2028") == (None, None)
+    rid, up = request_log.from_baggage(b"effnet-request-ids=" + b"a" * 5000 + b",effnet-upstream-ids=x%0Ay%22z")
+    assert len(rid) == request_log.MAX_BAGGAGE and up == "xyz"
