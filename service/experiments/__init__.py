@@ -1,0 +1,1 @@
+"""A/B experiments: the record of answers and their feedback, the statistics that decide, the bandit."""
