@@ -1,29 +1,25 @@
 """The experiment database: every answered request of an experiment, and the feedback that says if it was right.
 
-Two tables (`SCHEMA`): `requests` (request id, route, variant, how it was assigned, a keyed hash of the client
-id, top-1 index, its score, latency, time, and `shadow_of`, the answered request a shadow's record mirrors)
-and `feedback` (request id, label index, whether top-1 was right, time; one row per request id).
-
-- **Off the hot path.** `record()` only appends to a bounded in-memory queue (a full queue drops the record
-  and counts it); one writer thread commits the queue in batches, every `batch_size` records or `flush_ms`.
-- **Feedback is acknowledged once committed.** `add_feedback()` hands the feedback to the writer and returns
-  after the transaction that holds it has committed. The writer writes every queued request before the
-  feedback that follows it, so feedback for an answer whose record is still queued waits for it (at most
-  `feedback_timeout_s`) instead of being called unknown. Unknown, duplicate and late feedback get their own
-  error types (404, 409, 410) and change nothing. Feedback for an answer also labels its shadow's record,
-  written before or after it, so a shadow variant's accuracy is measured on the same requests.
+- **Off the hot path.** `record()` only appends to a bounded in-memory queue (when full it drops and counts);
+  one writer thread commits the queue in batches, every `batch_size` records or after `flush_ms`.
+- **Feedback is acknowledged once committed.** `add_feedback()` hands it to the writer and returns after its
+  transaction commits. The writer writes every queued record before the feedback that follows it, so feedback
+  for an answer whose record is still queued waits for it (bounded) instead of being called unknown. Unknown,
+  duplicate and late feedback raise their own errors (404, 409, 410) and change nothing. An answer's feedback
+  also labels its shadow's record, written before or after it: a shadow is measured on the same requests.
 - **Bounded.** Feedback is taken for `feedback_window_s` after the answer; records are kept `retention_s`,
   then deleted by the writer in chunks of at most `purge_batch` rows, one short transaction each.
-- **A database behind a small interface.** `Backend` is what the rest needs: DB-API connections and the
-  placeholder style. The SQL is the subset SQLite and PostgreSQL share (`ON CONFLICT DO NOTHING`, `DOUBLE
-  PRECISION`), so a PostgreSQL backend for several gateways is one more class. `SQLiteBackend` is the
-  embedded default: `experiments.sqlite3` in the service's state folder, WAL mode, `synchronous=FULL`.
+- **Portable.** `Backend` is all the rest needs (DB-API connections, the placeholder style) and the SQL is what
+  SQLite and PostgreSQL share, so a PostgreSQL backend for several gateways is one more class. The embedded
+  default, `SQLiteBackend`, keeps `experiments.sqlite3` in the state folder, in WAL mode.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -46,26 +42,17 @@ logger = logging.getLogger("effnet.experiments")
 DB_FILE = "experiments.sqlite3"
 DAY_S = 86400.0
 
-SCHEMA = (
+SCHEMA = (  # `at`: seconds since the epoch; `shadow_of`: NULL for an answer, else the answer a shadow mirrored
     """CREATE TABLE IF NOT EXISTS requests (
-        request_id TEXT PRIMARY KEY,
-        route TEXT NOT NULL,
-        variant TEXT NOT NULL,
-        assignment TEXT NOT NULL,
-        client_hash TEXT,
-        top1 INTEGER NOT NULL,
-        score DOUBLE PRECISION NOT NULL,
-        latency_ms DOUBLE PRECISION NOT NULL,
-        at DOUBLE PRECISION NOT NULL,
-        shadow_of TEXT)""",
-    "CREATE INDEX IF NOT EXISTS requests_by_route ON requests (route, variant, at)",
+        request_id TEXT PRIMARY KEY, route TEXT NOT NULL, variant TEXT NOT NULL, assignment TEXT NOT NULL,
+        client_hash TEXT, top1 INTEGER NOT NULL, score DOUBLE PRECISION NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL, at DOUBLE PRECISION NOT NULL, shadow_of TEXT)""",
+    # covers the summary's counts and latencies: it reads the index, never the table
+    "CREATE INDEX IF NOT EXISTS requests_by_route ON requests (route, variant, at, shadow_of, latency_ms)",
     "CREATE INDEX IF NOT EXISTS requests_by_age ON requests (at)",
     "CREATE INDEX IF NOT EXISTS requests_by_shadowed ON requests (shadow_of)",
     """CREATE TABLE IF NOT EXISTS feedback (
-        request_id TEXT PRIMARY KEY,
-        label INTEGER NOT NULL,
-        correct INTEGER NOT NULL,
-        at DOUBLE PRECISION NOT NULL)""",
+        request_id TEXT PRIMARY KEY, label INTEGER NOT NULL, correct INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL)""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
@@ -95,9 +82,8 @@ class RecordSettings:
                              f"({self.feedback_window_s}): feedback needs the record it labels")
 
 
-# errors: each is answered with its status by the gateway (service.errors.ClientError)
-
 class FeedbackError(ClientError):
+    """Feedback refused, answered with `status` by the gateway (service.errors.ClientError); nothing changed."""
     status = 400
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
@@ -121,15 +107,12 @@ class FeedbackTooLate(FeedbackError):
 
 
 class RecordsUnavailable(FeedbackError):
-    """The writer did not commit in time or the database failed; the feedback may be retried (a 409 on the
-    retry means the first attempt was kept)."""
+    """The writer did not commit in time or the database failed: retry (a 409 then means it had been kept)."""
     status = 503
 
     def __init__(self, message: str) -> None:
         super().__init__(message, {"Retry-After": "1"})
 
-
-# results
 
 @dataclass(frozen=True)
 class Feedback:
@@ -169,30 +152,21 @@ class Counters:
     purged: int = 0  # records deleted by retention
 
 
-# backends
-
 class Backend(Protocol):
     """A database for the records: new DB-API 2 connections (transactions ended by commit or rollback, each
-    connection used by one thread at a time), the driver's base error, and its placeholder spelling."""
-    description: str
-    error: type[Exception]
+    connection used by one thread at a time) and the driver's placeholder spelling."""
 
     def connect(self) -> Any: ...
 
-    def sql(self, statement: str) -> str:
-        """`statement` written with `?` placeholders, in the driver's own style."""
-        ...
+    def sql(self, statement: str) -> str: ...  # `statement`, written with `?` placeholders, in the driver's style
 
 
+@dataclass(frozen=True)
 class SQLiteBackend:
     """The embedded default: one file, WAL mode (readers never wait for the writer), `synchronous=FULL` so that
     a committed transaction survives a power cut, not only a killed process."""
-    error = sqlite3.Error
-
-    def __init__(self, path: str | os.PathLike, busy_timeout_ms: int = 5000) -> None:
-        self.path = Path(path)
-        self.busy_timeout_ms = busy_timeout_ms
-        self.description = f"sqlite:{self.path}"
+    path: Path
+    busy_timeout_ms: int = 5000
 
     def connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,39 +194,52 @@ def open_backend(where: str | os.PathLike | Backend | None = None, busy_timeout_
     return SQLiteBackend(Path(where) if where else state_dir() / DB_FILE, busy_timeout_ms)
 
 
-# the SQL, one function per operation, each given a connection
+class Db:
+    """One connection of a backend, used through DB-API 2 cursors only (`conn.execute` is sqlite3's own)."""
 
-def create_schema(conn: Any, b: Backend) -> bytes:
+    def __init__(self, backend: Backend) -> None:
+        self.backend, self.conn = backend, backend.connect()
+
+    def run(self, statement: str, args: tuple = ()) -> Any:
+        cur = self.conn.cursor()
+        cur.execute(self.backend.sql(statement), args)
+        return cur
+
+    def many(self, statement: str, rows: list[tuple]) -> None:
+        if rows:
+            self.conn.cursor().executemany(self.backend.sql(statement), rows)
+
+
+ADD_FEEDBACK = ("INSERT INTO feedback (request_id, label, correct, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (request_id) DO NOTHING")
+
+
+def create_schema(db: Db) -> bytes:
     """The tables, and the key for client hashes (made once, shared by every process on the database)."""
     for statement in SCHEMA:
-        conn.execute(b.sql(statement))
-    conn.execute(b.sql("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"),
-                 ("client_key", secrets.token_hex(16)))
-    key = conn.execute(b.sql("SELECT value FROM meta WHERE key = ?"), ("client_key",)).fetchone()[0]
-    conn.commit()
+        db.run(statement)
+    db.run("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+           ("client_key", secrets.token_hex(16)))
+    key = db.run("SELECT value FROM meta WHERE key = ?", ("client_key",)).fetchone()[0]
+    db.conn.commit()
     return bytes.fromhex(key)
 
 
-def insert_requests(conn: Any, b: Backend, rows: list[tuple]) -> None:
+def insert_requests(db: Db, rows: list[tuple]) -> None:
     """Rows in `requests` column order; a request id already there is kept as it was. A shadow's record
     written after its answer's feedback gets the same label here."""
-    conn.executemany(b.sql("INSERT INTO requests (request_id, route, variant, assignment, client_hash, top1, "
-                           "score, latency_ms, at, shadow_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                           "ON CONFLICT (request_id) DO NOTHING"), rows)
-    shadows = [(r[0],) for r in rows if r[9] is not None]
-    if shadows:
-        conn.executemany(b.sql(
-            "INSERT INTO feedback (request_id, label, correct, at) "
+    db.many("INSERT INTO requests (request_id, route, variant, assignment, client_hash, top1, score, latency_ms, "
+            "at, shadow_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING", rows)
+    db.many("INSERT INTO feedback (request_id, label, correct, at) "
             "SELECT r.request_id, f.label, CASE WHEN r.top1 = f.label THEN 1 ELSE 0 END, f.at "
             "FROM requests r JOIN feedback f ON f.request_id = r.shadow_of WHERE r.request_id = ? "
-            "ON CONFLICT (request_id) DO NOTHING"), shadows)
+            "ON CONFLICT (request_id) DO NOTHING", [(r[0],) for r in rows if r[9] is not None])
 
 
-def apply_feedback(conn: Any, b: Backend, request_id: str, label: int, now: float,
-                   window_s: float) -> Feedback | FeedbackError:
+def apply_feedback(db: Db, request_id: str, label: int, now: float, window_s: float) -> Feedback | FeedbackError:
     """Label one answered request (and its shadows) inside the caller's transaction, or say why not."""
-    row = conn.execute(b.sql("SELECT route, variant, top1, at, shadow_of FROM requests WHERE request_id = ?"),
-                       (request_id,)).fetchone()
+    row = db.run("SELECT route, variant, top1, at, shadow_of FROM requests WHERE request_id = ?",
+                 (request_id,)).fetchone()
     if row is None or row[4] is not None:  # a shadow's record is not an answer anyone was given
         return UnknownRequest(f"no answered request {request_id!r} on record (feedback names the request_id "
                               "of an answer, within the retention window)")
@@ -260,52 +247,46 @@ def apply_feedback(conn: Any, b: Backend, request_id: str, label: int, now: floa
     if now - at > window_s:
         return FeedbackTooLate(f"request {request_id!r} was answered {(now - at) / 3600:.1f} h ago; feedback "
                                f"is taken for {window_s / 3600:.1f} h")
-    cur = conn.execute(b.sql("INSERT INTO feedback (request_id, label, correct, at) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT (request_id) DO NOTHING"), (request_id, label, int(top1 == label), now))
-    if cur.rowcount == 0:  # the insert is the check, so two gateways on one database cannot both succeed
-        kept = conn.execute(b.sql("SELECT label FROM feedback WHERE request_id = ?"), (request_id,)).fetchone()
+    if db.run(ADD_FEEDBACK, (request_id, label, int(top1 == label), now)).rowcount == 0:
+        # the insert is the check, so two gateways on one database cannot both take it
+        kept = db.run("SELECT label FROM feedback WHERE request_id = ?", (request_id,)).fetchone()
         return DuplicateFeedback(f"request {request_id!r} already has feedback (label {kept[0]}); it is kept")
-    shadows = conn.execute(b.sql("SELECT request_id, variant, top1 FROM requests WHERE shadow_of = ?"),
-                           (request_id,)).fetchall()
-    conn.executemany(b.sql("INSERT INTO feedback (request_id, label, correct, at) VALUES (?, ?, ?, ?) "
-                           "ON CONFLICT (request_id) DO NOTHING"),
-                     [(sid, label, int(stop1 == label), now) for sid, _, stop1 in shadows])
+    shadows = db.run("SELECT request_id, variant, top1 FROM requests WHERE shadow_of = ?", (request_id,)).fetchall()
+    db.many(ADD_FEEDBACK, [(sid, label, int(stop1 == label), now) for sid, _, stop1 in shadows])
     return Feedback(request_id, route, variant, label, top1 == label,
                     tuple((sv, stop1 == label) for _, sv, stop1 in shadows))
 
 
-def purge(conn: Any, b: Backend, cutoff: float, limit: int) -> int:
+def purge(db: Db, cutoff: float, limit: int) -> int:
     """Delete at most `limit` records older than `cutoff` (oldest first) and their feedback; commits."""
-    ids = [(r[0],) for r in conn.execute(b.sql("SELECT request_id FROM requests WHERE at < ? ORDER BY at LIMIT ?"),
-                                          (cutoff, limit))]
-    if ids:
-        conn.executemany(b.sql("DELETE FROM feedback WHERE request_id = ?"), ids)
-        conn.executemany(b.sql("DELETE FROM requests WHERE request_id = ?"), ids)
-    conn.commit()
+    ids = db.run("SELECT request_id FROM requests WHERE at < ? ORDER BY at LIMIT ?", (cutoff, limit)).fetchall()
+    db.many("DELETE FROM feedback WHERE request_id = ?", ids)
+    db.many("DELETE FROM requests WHERE request_id = ?", ids)
+    db.conn.commit()
     return len(ids)
 
 
-def summarise(conn: Any, b: Backend, route: str, since: float, latency_window: int) -> list[VariantSummary]:
+def summarise(db: Db, route: str, since: float, latency_window: int) -> list[VariantSummary]:
     """Per variant of `route` (served and shadow apart): requests, labelled, correct, latency percentiles
     (of the latest `latency_window` records, so the cost of a call is bounded however long the test runs)."""
-    groups = conn.execute(b.sql(
-        "SELECT r.variant, CASE WHEN r.shadow_of IS NULL THEN 0 ELSE 1 END AS shadow, COUNT(*), "
-        "COUNT(f.request_id), COALESCE(SUM(f.correct), 0) FROM requests r "
-        "LEFT JOIN feedback f ON f.request_id = r.request_id WHERE r.route = ? AND r.at >= ? "
-        "GROUP BY r.variant, CASE WHEN r.shadow_of IS NULL THEN 0 ELSE 1 END ORDER BY r.variant, shadow"),
-        (route, since)).fetchall()
+    counts = db.run("SELECT variant, COUNT(*) - COUNT(shadow_of), COUNT(shadow_of) FROM requests "
+                    "WHERE route = ? AND at >= ? GROUP BY variant ORDER BY variant", (route, since)).fetchall()
+    # from the (smaller) feedback table to the records: CROSS JOIN keeps that order in SQLite's planner
+    labels = {(v, bool(shadow)): (n, c) for v, shadow, n, c in db.run(
+        "SELECT r.variant, CASE WHEN r.shadow_of IS NULL THEN 0 ELSE 1 END, COUNT(*), SUM(f.correct) FROM feedback f "
+        "CROSS JOIN requests r WHERE r.request_id = f.request_id AND r.route = ? AND r.at >= ? GROUP BY 1, 2",
+        (route, since)).fetchall()}
     out = []
-    for variant, shadow, n, labelled, correct in groups:
-        which = "IS NOT NULL" if shadow else "IS NULL"
-        lat = np.array([r[0] for r in conn.execute(b.sql(
-            f"SELECT latency_ms FROM requests WHERE route = ? AND variant = ? AND at >= ? AND shadow_of {which} "
-            "ORDER BY at DESC LIMIT ?"), (route, variant, since, latency_window))], dtype=float)
-        p50, p95, p99 = (float(x) for x in np.percentile(lat, [50, 95, 99]))
+    groups = [(v, shadow, n) for v, served, mirrored in counts for shadow, n in ((False, served), (True, mirrored))]
+    for variant, shadow, n in [g for g in groups if g[2]]:
+        labelled, correct = labels.get((variant, shadow), (0, 0))
+        lat = db.run("SELECT latency_ms FROM requests WHERE route = ? AND variant = ? AND at >= ? AND shadow_of "
+                     f"{'IS NOT NULL' if shadow else 'IS NULL'} ORDER BY at DESC LIMIT ?",
+                     (route, variant, since, latency_window)).fetchall()
+        p50, p95, p99 = (float(x) for x in np.percentile(np.array(lat, dtype=float), [50, 95, 99]))
         out.append(VariantSummary(variant, bool(shadow), int(n), int(labelled), int(correct), p50, p95, p99))
     return out
 
-
-# the records, their queue and their writer
 
 @dataclass
 class _Op:
@@ -325,29 +306,25 @@ class ExperimentRecords:
                  clock: Callable[[], float] = time.time, start: bool = True) -> None:
         self.settings = settings or RecordSettings()
         self.backend = open_backend(where, self.settings.busy_timeout_ms)
-        self.clock = clock
-        self.counters = Counters()
-        self._cond = threading.Condition()
+        self.clock, self.counters = clock, Counters()
+        self._cond = threading.Condition()  # guards the queue, the ops and the flags; the writer waits on it
         self._queue: deque[tuple] = deque()
-        self._first_queued = 0.0  # monotonic time the oldest queued record arrived
         self._ops: deque[_Op] = deque()
-        self._closing = False
-        self._wconn = self.backend.connect()
-        self._client_key = create_schema(self._wconn, self.backend)
-        self._rconn = self.backend.connect()
-        self._rlock = threading.Lock()
+        self._first_queued = 0.0  # monotonic time the oldest queued record arrived
+        self._closing = self._started = False
+        self._writer_db, self._reader_db = Db(self.backend), Db(self.backend)
+        self._client_key = create_schema(self._writer_db)
+        self._rlock = threading.Lock()  # the reader's connection serves one summary at a time
         self._next_purge = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="effnet-experiment-writer", daemon=True)
-        self._started = False
         if start:
             self.start()
 
     def start(self) -> None:
         with self._cond:
-            if self._started:
-                return
-            self._started = True
-        self._thread.start()
+            started, self._started = self._started, True
+        if not started:
+            self._thread.start()
 
     def __enter__(self) -> ExperimentRecords:
         return self
@@ -413,32 +390,26 @@ class ExperimentRecords:
         try:
             return op.future.result(wait)
         except concurrent.futures.TimeoutError:
-            if op.future.cancel():
-                raise RecordsUnavailable(f"the experiment database did not commit within {wait:g} s; nothing "
-                                         "was recorded, retry") from None
-        try:  # the writer has it in a transaction: its outcome is close
-            return op.future.result(wait)
-        except concurrent.futures.TimeoutError:
-            raise RecordsUnavailable(f"the experiment database did not commit within {2 * wait:g} s; retry (a "
-                                     "409 then means it was kept)") from None
+            kept = "nothing was kept" if op.future.cancel() else "it may yet be kept (a 409 on the retry says so)"
+            raise RecordsUnavailable(f"the experiment database did not commit within {wait:g} s: {kept}; "
+                                     "retry") from None
 
     # reading
 
     def summary(self, route: str, since: float = 0.0) -> list[VariantSummary]:
         """Per variant of `route`, served and shadow apart, records at or after `since` (see `summarise`)."""
-        with self._rlock:
-            try:
-                return summarise(self._rconn, self.backend, route, since, self.settings.latency_window)
-            finally:
-                self._rconn.rollback()  # end the read transaction, so the WAL can be checkpointed past it
+        return self._read(lambda db: summarise(db, route, since, self.settings.latency_window))
 
     def routes(self) -> list[str]:
         """The routes that have records."""
+        return self._read(lambda db: [r[0] for r in db.run("SELECT DISTINCT route FROM requests ORDER BY 1")])
+
+    def _read(self, query: Callable[[Db], Any]) -> Any:
         with self._rlock:
             try:
-                return [r[0] for r in self._rconn.execute("SELECT DISTINCT route FROM requests ORDER BY route")]
+                return query(self._reader_db)
             finally:
-                self._rconn.rollback()
+                self._reader_db.conn.rollback()  # end the read transaction: the WAL can be checkpointed past it
 
     def queued(self) -> int:
         with self._cond:
@@ -450,9 +421,15 @@ class ExperimentRecords:
         while True:
             rows, ops, closing = self._take()
             try:
-                self._write(rows, ops)
+                if rows or ops:
+                    self._write(rows, ops)
                 if time.monotonic() >= self._next_purge:
-                    self._purge_some()
+                    s = self.settings
+                    n = purge(self._writer_db, self.clock() - s.retention_s, s.purge_batch)
+                    self.counters.purged += n
+                    # a full chunk means more are waiting: the next after the next batch, not a minute later
+                    self._next_purge = time.monotonic() + (s.flush_ms / 1000 if n == s.purge_batch
+                                                           else s.purge_every_s)
             except Exception:  # the writer outlives any one failure; what it lost is counted
                 logger.exception("experiment records: write failed")
             if closing and not rows and not ops:
@@ -463,37 +440,28 @@ class ExperimentRecords:
         s = self.settings
         with self._cond:
             while not (self._ops or self._closing or len(self._queue) >= s.batch_size):
-                now = time.monotonic()
-                due = [self._next_purge]
-                if self._queue:
-                    due.append(self._first_queued + s.flush_ms / 1000)
-                if now >= min(due):
+                flush_at = self._first_queued + s.flush_ms / 1000 if self._queue else math.inf
+                left = min(self._next_purge, flush_at) - time.monotonic()
+                if left <= 0:
                     break
-                self._cond.wait(min(due) - now)
-            rows, ops = list(self._queue), list(self._ops)
-            self._queue.clear()
-            self._ops.clear()
+                self._cond.wait(left)
+            rows, ops, self._queue, self._ops = list(self._queue), self._ops, deque(), deque()
             return rows, [op for op in ops if op.future.set_running_or_notify_cancel()], self._closing
 
     def _write(self, rows: list[tuple], ops: list[_Op]) -> None:
-        if not rows and not ops:
-            return
-        conn, b = self._wconn, self.backend
-        now = self.clock()
+        db, now = self._writer_db, self.clock()
         try:
             if rows:
-                insert_requests(conn, b, [self._hashed(r) for r in rows])
-            results = [[apply_feedback(conn, b, rid, label, now, self.settings.feedback_window_s)
+                insert_requests(db, [self._hashed(r) for r in rows])
+            results = [[apply_feedback(db, rid, label, now, self.settings.feedback_window_s)
                         for rid, label in op.items] for op in ops]
-            conn.commit()
+            db.conn.commit()
         except Exception as e:
-            try:
-                conn.rollback()
-            except Exception:
-                pass
+            with contextlib.suppress(Exception):
+                db.conn.rollback()
             self.counters.lost += len(rows)
             for op in ops:
-                op.future.set_exception(RecordsUnavailable(f"the experiment database failed: {type(e).__name__}: {e}"))
+                op.future.set_exception(RecordsUnavailable(f"the experiment database failed: {type(e).__name__}"))
             raise
         self.counters.written += len(rows)
         for op, result in zip(ops, results):
@@ -507,13 +475,6 @@ class ExperimentRecords:
                                      digest_size=8).hexdigest()
         return row[:4] + (client,) + row[5:]
 
-    def _purge_some(self) -> None:
-        s = self.settings
-        n = purge(self._wconn, self.backend, self.clock() - s.retention_s, s.purge_batch)
-        self.counters.purged += n
-        # a full chunk means more are waiting: the next one after the next batch of records, not a minute later
-        self._next_purge = time.monotonic() + (s.flush_ms / 1000 if n == s.purge_batch else s.purge_every_s)
-
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, stop the writer and close the connections; later records are dropped."""
         with self._cond:
@@ -526,8 +487,8 @@ class ExperimentRecords:
         if self._thread.is_alive():
             logger.warning("experiment records: the writer did not finish within %g s", timeout)
             return
-        for conn in (self._wconn, self._rconn):
-            conn.close()
+        for db in (self._writer_db, self._reader_db):
+            db.conn.close()
 
 
 def bad_feedback(request_id: Any, label: Any) -> BadFeedback | None:

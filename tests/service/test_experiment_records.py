@@ -242,14 +242,13 @@ def test_purge_deletes_at_most_its_limit_oldest_first_with_their_feedback(db):
         for i in range(30):
             answer(r, f"r{i:02d}", at=100.0 + i)
         r.add_feedbacks([(f"r{i:02d}", 3) for i in range(30)])
-    b = rec.open_backend(db)
-    conn = b.connect()
-    assert rec.purge(conn, b, cutoff=125.0, limit=10) == 10
+    conn = rec.Db(rec.open_backend(db))
+    assert rec.purge(conn, cutoff=125.0, limit=10) == 10
     assert rows(db, "SELECT MIN(request_id) FROM requests") == [("r10",)]
     assert rows(db, "SELECT COUNT(*) FROM feedback") == [(20,)]
-    assert [rec.purge(conn, b, 125.0, 10), rec.purge(conn, b, 125.0, 10)] == [10, 5]
+    assert [rec.purge(conn, 125.0, 10), rec.purge(conn, 125.0, 10)] == [10, 5]
     assert rows(db) == [(5,)] and rows(db, "SELECT COUNT(*) FROM feedback") == [(5,)]
-    conn.close()
+    conn.conn.close()
 
 
 def test_the_writer_purges_expired_records_in_the_background(db):
