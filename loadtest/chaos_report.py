@@ -73,7 +73,10 @@ def analyse(sc: dict) -> dict:
     served = [r["t"] for s in touched | shared for r in by_stream[s] if r["t"] >= fault and r["st"] == 200
               and r.get("variant", sc.get("variant")) == sc.get("variant") and r.get("assignment") != "fallback"]
     up_at = min([min(served)] if served else [], default=None)
-    restart = (fault, down_until + RESTART_MARGIN_S) if touched | shared else (fault, fault)
+    # The restart lasts until the variant answers again, and until a restarted replica that its route did not
+    # wait for (one of two) is up and a damaged engine rebuilt behind its stand-in (marks from the scenario).
+    restart_end = max(down_until, marks.get("replicas_up") or 0.0, marks.get("rebuilt") or 0.0)
+    restart = (fault, restart_end + RESTART_MARGIN_S) if touched | shared else (fault, fault)
     for s, recs in by_stream.items():
         # A request still in flight at the fault belongs to the fault window, whenever it was sent.
         w = {"before": [r for r in recs if r["t"] + r["dt"] < fault],

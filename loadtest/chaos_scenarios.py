@@ -195,7 +195,7 @@ def _truncate(h, sc, marks, load, entry) -> dict:
     back = state["back"] = load.wait_200(entry["touched"] + entry["shared"], marks["fault"], h.cfg.rebuild_s, h.alive)
     # The worker serves on a stand-in engine while it rebuilds the damaged file behind it: the rebuild
     # belongs to the fault, not to "after".
-    rebuilt = _whole_again(path, marks["fault"] + h.cfg.rebuild_s)
+    rebuilt = marks["rebuilt"] = _whole_again(path, marks["fault"] + h.cfg.rebuild_s)
     info["rebuilt_s"] = round(rebuilt - marks["fault"], 2) if rebuilt else None
     marks["during_end"] = max(back or time.time(), rebuilt or 0.0) + h.cfg.settle_s
     time.sleep(max(0.0, marks["during_end"] - time.time()))

@@ -113,6 +113,9 @@ class RouteConfig:
     shadow: ShadowConfig | None = None
     # The variant that answers a down variant's share of the route until it recovers (service/health.py)
     fallback: str | None = None
+    # The variant the others are compared with: a route with a control runs an experiment, its answers
+    # are recorded and take feedback (POST /feedback, GET /experiments; service/experiments/)
+    control: str | None = None
 
     @property
     def variants(self) -> list[str]:
@@ -191,6 +194,9 @@ class ServerConfig:
     # Worker processes run this much nicer than the gateway (service/priority.py): when inference fills
     # every core, the gateway still gets the CPU to refuse, route, health-check and answer /readyz at once.
     # 0 = the same priority.
+    # Where the experiment records live (answers and their feedback, service/experiments/records.py):
+    # "" = experiments.sqlite3 in the state folder; else a file path or sqlite:///PATH.
+    experiments_db: str = ""
     worker_nice: int = 5
     # Gateway threads that decode big uploads run this much nicer than its event loop (service/decode.py):
     # a burst of big images waits behind the other routes' requests, not ahead of them.
@@ -280,7 +286,7 @@ def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None =
     """One route's settings ({"split": ..., "shadow": ...}) -> RouteConfig; raises ConfigError naming the key.
     Used for the configuration file and for live changes (PATCH /routes/NAME)."""
     where = where or f"routes.{name}"
-    r = _keys(where, r, {"split", "shadow", "fallback"}, {"split"})
+    r = _keys(where, r, {"split", "shadow", "fallback", "control"}, {"split"})
     split = r["split"]
     if isinstance(split, list):  # a plain list means equal weights
         split = {v: 1 for v in split}
@@ -316,7 +322,11 @@ def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None =
         if {v for v, w in split.items() if w > 0} == {fallback}:
             raise ConfigError(f"{where}.fallback: {fallback!r} is the whole split, so it cannot stand in for "
                               "itself; name another variant with the same classes, or drop the fallback")
-    return RouteConfig(name, split, shadow, fallback)
+    control = r.get("control")
+    if control is not None and (not isinstance(control, str) or split.get(control, 0) <= 0):
+        raise ConfigError(f"{where}.control: {control!r} is not a variant of the split; the control is the "
+                          f"variant the others are compared with (split: {', '.join(split)})")
+    return RouteConfig(name, split, shadow, fallback, control)
 
 
 def unrouted(variants: dict[str, Any], routes: dict[str, RouteConfig]) -> list[str]:
@@ -333,7 +343,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
         "tracing", "worker_transport", "burst_inflight", "burst_share", "health_interval_s", "health_timeout_s",
         "connect_timeout_s", "readiness", "header_timeout_s", "keepalive_timeout_s", "max_connections",
-        "max_buffered_mb", "drain_grace_s", "log_format", "worker_nice", "decode_nice"})
+        "max_buffered_mb", "drain_grace_s", "log_format", "worker_nice", "decode_nice", "experiments_db"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_mb"] = _number("server.max_body_mb", server_raw["max_body_mb"], positive=True)
@@ -378,6 +388,11 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     if "max_connections" in server_raw:
         s["max_connections"] = _number("server.max_connections", server_raw["max_connections"], integer=True,
                                        positive=True)
+    if "experiments_db" in server_raw:
+        if not isinstance(server_raw["experiments_db"], str):
+            raise ConfigError(f"{source}: server.experiments_db: expected a path or sqlite:///PATH, got "
+                              f"{server_raw['experiments_db']!r}")
+        s["experiments_db"] = server_raw["experiments_db"]
     for key in ("worker_nice", "decode_nice"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], integer=True)

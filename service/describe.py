@@ -55,6 +55,8 @@ def routes_of(routes: Iterable[RouteConfig], manifests: dict[str, Any], changed_
         r.name: {"split": r.split, "variants": r.variants,
                  "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None,
                  "fallback": r.fallback,
+                 # the experiment's control (GET /experiments/ROUTE), null when the route runs none
+                 "control": r.control,
                  "num_classes": manifests[r.variants[0]].num_classes if r.variants[0] in manifests else None,
                  # when a live change made the route differ from the configuration file (null: as the file)
                  "changed_at": changed_at.get(r.name)}

@@ -123,6 +123,24 @@ async def variant_ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 
+async def feedback(request: Request) -> JSONResponse:
+    """POST /feedback (service/experiments/live.py)."""
+    rid = request_id()
+    try:
+        body = await _gateway().experiments.feedback(await request.body())
+    except ClientError as e:
+        return error_response(rid, e.status, str(e), getattr(e, "headers", None))
+    return JSONResponse(body, headers={"X-Request-Id": rid})
+
+
+async def experiments(request: Request) -> JSONResponse:
+    """GET /experiments and /experiments/ROUTE."""
+    try:
+        return JSONResponse(await _gateway().experiments.results(request.path_params.get("route")))
+    except ClientError as e:
+        return error_response(request_id(), e.status, str(e))
+
+
 async def docs(request: Request) -> RedirectResponse:
     """BentoML 1.4 shows its Swagger UI at `/` (the document at `/docs.json`); `/docs` is where FastAPI
     and most services put it."""
@@ -147,6 +165,9 @@ ENDPOINTS = [
     Endpoint("/assignment", "GET", assignment, openapi.ASSIGNMENT),
     Endpoint("/docs", "GET", docs, openapi.DOCS),
     Endpoint("/readyz/{variant}", "GET", variant_ready, openapi.READYZ_VARIANT),
+    Endpoint("/feedback", "POST", feedback, openapi.FEEDBACK),
+    Endpoint("/experiments", "GET", experiments, openapi.EXPERIMENTS),
+    Endpoint("/experiments/{route}", "GET", experiments, openapi.EXPERIMENT),
 ]
 
 http_app = Starlette(exception_handlers={405: method_not_allowed},

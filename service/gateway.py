@@ -28,6 +28,7 @@ from .config import ConfigError, ServingConfig, check_label_spaces
 from .decode import Decoder
 from .dispatch import Dispatcher
 from .errors import ClientError, error_response, request_id, retry_later
+from .experiments.live import Experiments
 from .heap import freeze_startup_heap, watch_collector
 from .images import ImageError
 from .inprocess import InProcessVariant
@@ -89,6 +90,8 @@ class GatewayService:
         self.cfg = self.live.restore(self.cfg, classes)
         self.readiness = Readiness(self.cfg, self.health, problems)
         self.router = Router(self.cfg)
+        self.experiments = Experiments(self.cfg, classes)
+        self.shadows.answered = self.experiments.shadowed
         publish_splits(self.cfg, self.cfg.routes.values())
         try:
             check_label_spaces(self.cfg, classes)
@@ -108,6 +111,7 @@ class GatewayService:
     @bentoml.on_shutdown
     async def stop_health_checks(self) -> None:
         await self.health.stop()
+        self.experiments.close()  # writes the answers still queued
 
     def _after_health_round(self) -> None:
         reasons = self.readiness.refresh()
@@ -146,8 +150,10 @@ class GatewayService:
             metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(result.waited)
             metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
             body = self._answer(rid, a, result.scores[0], top_k, t0)
+            self.experiments.answered(rid, a.route, a.variant, a.how, result.scores[0], body["latency_ms"],
+                                      request.headers.get("x-client-id"))
             if a.shadow:
-                self.shadows.mirror(a, batch, [body["predictions"][0]["index"]])
+                self.shadows.mirror(a, batch, [body["predictions"][0]["index"]], [rid])
             return body
 
         return await self._respond("classify", one)
@@ -179,11 +185,14 @@ class GatewayService:
                 metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(result.waited)
                 for (i, _), row in zip(good, result.scores):
                     item = self._answer(f"{rid}-{i}", a, row, top_k, t0)
+                    self.experiments.answered(f"{rid}-{i}", a.route, a.variant, a.how, row, item["latency_ms"],
+                                              request.headers.get("x-client-id"))
                     results[i] = {"index": i, "filename": getattr(files[i], "filename", None), "status": 200, **item}
                     metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
                     metrics.REQUESTS.labels("classify_batch", a.route, a.variant, "200").inc()
                 if a.shadow:
-                    self.shadows.mirror(a, batch, [results[i]["predictions"][0]["index"] for i, _ in good])
+                    self.shadows.mirror(a, batch, [results[i]["predictions"][0]["index"] for i, _ in good],
+                                        [f"{rid}-{i}" for i, _ in good])
             return {"request_id": rid, "route": a.route, "variant": a.variant, "assignment": a.how,
                     **({"instead_of": a.instead_of} if a.instead_of else {}), "results": results,
                     "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
@@ -244,7 +253,7 @@ class GatewayService:
         previous = describe.routes_of([old], self.manifests, self.live.changed_at)[name] if old else None
         route, self.cfg = self.live.change(self.cfg, name, change, {n: m.classes for n, m in self.manifests.items()},
                                            lambda v: self.readiness.problem(v, self.manifests))
-        self.router.cfg = self.readiness.cfg = self.cfg
+        self.router.cfg = self.readiness.cfg = self.experiments.cfg = self.cfg
         if self.readiness.published:
             self.info.publish(self.cfg, self.manifests, self.readiness.status)
         saved_in = str(self.live.file) if self.live.file else None

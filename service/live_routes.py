@@ -145,7 +145,8 @@ class LiveRoutes:
         raw = {"split": change.get("split", old.split),
                "shadow": change["shadow"] if "shadow" in change else (
                    {"variant": old.shadow.variant, "fraction": old.shadow.fraction} if old.shadow else None),
-               **({"fallback": old.fallback} if old.fallback else {})}  # kept: the file sets it
+               **({"fallback": old.fallback} if old.fallback else {}),  # kept: the file sets them
+               **({"control": old.control} if old.control else {})}
         try:
             route, new = with_route(cfg, name, raw, classes)
         except ConfigError as e:

@@ -55,6 +55,11 @@ SPLIT_WEIGHT = Gauge(
     "effnet_split_weight", "Each route's current split weight per variant (0 once removed from the split); "
     "changes with PATCH /routes/NAME", ["route", "variant"], multiprocess_mode="mostrecent",
 )
+FEEDBACK = Counter(
+    "effnet_feedback", "Feedback taken on an experiment's answers, by whether the answer was right (a shadow's "
+    "answer counts under the shadow variant)",
+    ["route", "variant", "correct"],
+)
 ROUTE_CHANGES = Counter(
     "effnet_route_changes", "Accepted live changes of a route's split or shadow (PATCH /routes/NAME)", ["route"],
 )

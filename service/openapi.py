@@ -69,7 +69,9 @@ _MEANING = {
     "400": "the request is wrong: the message says what to send instead",
     "401": "the admin token is missing or wrong",
     "403": "no admin token is configured (changes are closed), or the Host header names another server",
-    "404": "no such route",
+    "404": "no such route (or request, or the route runs no experiment)",
+    "409": "this request already has feedback: the first is kept",
+    "410": "the answer is older than the feedback window",
     "408": "the body did not arrive within server.body_timeout_s",
     "413": "the body is above server.max_body_mb, or an image above server.max_pixels",
     "415": "a compressed body (Content-Encoding): send it as it is",
@@ -194,6 +196,31 @@ READYZ_VARIANT = {
         "replicas": {"type": "array", "items": {"type": "object"}}}}),
         "503": {"description": "the variant is not ready: `problem` says why (the same body as 200)"},
         **errors("404")}}
+_FEEDBACK_ITEM = {"type": "object", "required": ["request_id", "label"], "properties": {
+    "request_id": {**_S, "description": "the `request_id` of the answer (the server's, never the client's own)"},
+    "label": {"oneOf": [_S, _I], "description": "the true class: its name or index"}}}
+FEEDBACK = {
+    "summary": "The true label of an answer of an experiment (a route with a control)",
+    "description": "Acknowledged once committed: a 200 is never lost. One item, or {\"feedback\": [...]} of up to "
+                   "1,000 (one result each, with its own status). A shadow's answer to the same request is "
+                   "labelled too. Unknown request: 404; feedback already given: 409 (the first is kept); past "
+                   "the feedback window: 410.",
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+        _FEEDBACK_ITEM, {"type": "object", "properties": {"feedback": {"type": "array", "items": _FEEDBACK_ITEM}}}]}}}},
+    "responses": {**ok("committed: the answer's route, variant, label and whether it was right"),
+                  **errors("400", "404", "409", "410", "413", "503")}}
+EXPERIMENTS = {
+    "summary": "Every experiment: online accuracy per variant and each against the control",
+    "responses": {**ok("{\"experiments\": {route: its result}} (as GET /experiments/{route})")}}
+EXPERIMENT = {
+    "summary": "One route's experiment: online accuracy per variant and each against the control",
+    "description": "Per variant: requests, labelled answers, accuracy with its 95% Wilson interval, latency p50/"
+                   "p95/p99; against the control: the difference with an always-valid 95% interval (mSPRT), its "
+                   "p-value, the minimum detectable effect at the current sample size, and a status (collecting, "
+                   "better, worse, no_difference) that stays valid however often it is looked at.",
+    "parameters": [{"name": "route", "in": "path", "required": True, "schema": _S,
+                    "description": "a route with a control (GET /routes)"}],
+    "responses": {**ok("the route's experiment"), **errors("404")}}
 DOCS = {"summary": "The API page: redirects to /", "responses": {"307": {"description": "to /"}}}
 
 

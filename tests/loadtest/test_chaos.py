@@ -105,6 +105,16 @@ def test_once_the_variant_answers_again_its_backlog_is_load_not_the_fault():
     assert a["criteria"]["/readyz told the truth"]["value"]["ready while down"] == 1  # still refusing as down
 
 
+def test_a_replica_that_loads_after_its_route_recovered_belongs_to_the_restart():
+    """One of two replicas killed: the route answers at once, but the new process loads its checkpoint
+    until 16 s; the untouched streams' slow seconds meanwhile are the restart's, not a failure."""
+    slow = [dict(r, dt=0.2) if 10 <= r["t"] < 16 else r for r in steady("compact")]
+    sc = scenario(slow + steady("b0"), counted_down=False)
+    assert analyse(sc)["criteria"]["untouched: p99 within 25% or 20 ms"]["pass"] is False
+    sc["marks"] = dict(sc["marks"], replicas_up=16.0)
+    assert analyse(sc)["criteria"]["untouched: p99 within 25% or 20 ms"]["pass"] is True
+
+
 def test_readyz_timeouts_while_the_gateway_process_is_gone_are_not_lies_but_after_it_they_are():
     recs = [r for r in steady("b0") + steady("compact") if not 10 <= r["t"] < 18]
     polls = [{"t": 5.0, "dt": 0.01, "st": 200}, {"t": 12.0, "dt": 1.0, "st": "timeout"},

@@ -1,0 +1,154 @@
+"""An experiment through a real `bentoml serve`: answers recorded, feedback taken and committed, results per
+variant against the control, bad feedback refused, and every acknowledged feedback kept when the gateway
+process is killed and restarted by BentoML."""
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint, write_config
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("experiments") / "bentoml"
+    for name, variant, seed in (("b0-fashion-mnist", "b0", 1), ("mec-out-e3-fashion-mnist", "mec-out-e3", 2),
+                                ("compact-fashion-mnist", "compact", 3)):
+        make_checkpoint(home, name, variant, FASHION_CLASSES, 32, grayscale=True, seed=seed)
+    cfg = write_config(home.parent / "serve.yaml", {
+        "server": {"cpu_threads": 2},
+        "default_route": "fashion",
+        "variants": {
+            "b0": {"model": "b0-fashion-mnist:latest", "engine": "torch"},
+            "mec": {"model": "mec-out-e3-fashion-mnist:latest", "engine": "torch"},
+            # in the gateway's process: no worker to start, and a shadow all the same
+            "compact": {"model": "compact-fashion-mnist:latest", "engine": "torch", "placement": "gateway"},
+        },
+        "routes": {"fashion": {"split": {"b0": 0.5, "mec": 0.5}, "control": "b0",
+                               "shadow": {"variant": "compact", "fraction": 1.0}},
+                   "plain": {"split": {"mec": 1}}},
+    })
+    with Server(home, cfg) as s:
+        s.wait("/readyz")
+        s.client = httpx.Client(base_url=s.url, timeout=60)
+        yield s
+        s.client.close()
+
+
+def _png(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (28, 28), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _answer(server, variant: str, seed: int) -> dict:
+    r = server.client.post("/classify", files={"image": ("x.png", _png(seed), "image/png")},
+                           data={"variant": variant, "route": "fashion"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _row(result: dict, variant: str, role: str) -> dict:
+    return next(v for v in result["variants"] if v["variant"] == variant and v["role"] == role)
+
+
+def test_feedback_is_counted_per_variant_and_against_the_control(server):
+    script = {"b0": [True, True, False, True], "mec": [True, False, False]}  # is the label the answer's top-1?
+    given = {}
+    for variant, rights in script.items():
+        for k, right in enumerate(rights):
+            a = _answer(server, variant, seed=100 * len(variant) + k)
+            top = a["predictions"][0]["index"]
+            label = top if right else (top + 1) % len(FASHION_CLASSES)
+            # a name for some, an index for the others: both are the class
+            sent = FASHION_CLASSES[label] if k % 2 else label
+            r = server.client.post("/feedback", json={"request_id": a["request_id"], "label": sent})
+            assert r.status_code == 200, r.text
+            assert r.json()["correct"] is right and r.json()["variant"] == variant
+            given[a["request_id"]] = label
+    result = server.client.get("/experiments/fashion").json()
+    assert result["control"] == "b0" and result["status"] == "collecting"  # far below the 100 labels it needs
+    b0, mec = _row(result, "b0", "control"), _row(result, "mec", "treatment")
+    assert (b0["labelled"], b0["correct"]) == (4, 3) and (mec["labelled"], mec["correct"]) == (3, 1)
+    assert b0["requests"] >= 4 and b0["accuracy"] == 0.75
+    lo, hi = b0["accuracy_95"]
+    assert 0 < lo < 0.75 < hi <= 1
+    assert mec["vs_control"]["status"] == "collecting" and mec["vs_control"]["difference"] == pytest.approx(1 / 3 - 3 / 4)
+    shadow = _row(result, "compact", "shadow")  # every answer was mirrored to compact and labelled with it
+    deadline = time.monotonic() + 10
+    while shadow["labelled"] < 7 and time.monotonic() < deadline:
+        time.sleep(0.3)
+        shadow = _row(server.client.get("/experiments/fashion").json(), "compact", "shadow")
+    assert shadow["labelled"] <= 7 and shadow["requests"] >= shadow["labelled"]
+    metrics = server.client.get("/metrics").text
+    assert 'effnet_feedback_total{correct="true",route="fashion",variant="b0"} 3.0' in metrics
+    assert server.client.get("/experiments").json()["experiments"]["fashion"]["control"] == "b0"
+    server.given = given
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"request_id": "0" * 32, "label": 1}, 404, "no answered request"),
+    ({"request_id": "x", "label": "Dragon"}, 400, "unknown class"),
+    ({"request_id": "x", "label": 99}, 400, "outside the classes"),
+    ({"request_id": "x", "label": True}, 400, "class name or index"),
+    ({"request_id": "x"}, 400, "request_id"),
+    ({"request_id": "x", "label": 1, "extra": 2}, 400, "request_id"),
+    ([1, 2], 400, "feedback"),
+    ({"feedback": []}, 400, "feedback"),
+])
+def test_bad_feedback_gets_a_clear_4xx_and_changes_nothing(server, body, status, words):
+    before = server.client.get("/experiments/fashion").json()
+    r = server.client.post("/feedback", json=body)
+    assert r.status_code == status and words in r.json()["error"], r.text
+    assert server.client.get("/experiments/fashion").json()["variants"] == before["variants"]
+
+
+def test_feedback_that_is_not_json_duplicated_or_on_a_route_without_experiment_is_refused(server):
+    r = server.client.post("/feedback", content=b"label=3", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    a = _answer(server, "b0", seed=7)
+    assert server.client.post("/feedback", json={"request_id": a["request_id"], "label": 2}).status_code == 200
+    r = server.client.post("/feedback", json={"request_id": a["request_id"], "label": 3})
+    assert r.status_code == 409 and "label 2" in r.json()["error"]
+    assert server.client.get("/experiments/plain").status_code == 404
+    assert server.client.get("/experiments/nowhere").status_code == 404
+
+
+def test_a_batch_of_feedback_answers_each_item(server):
+    a = _answer(server, "mec", seed=8)
+    r = server.client.post("/feedback", json={"feedback": [
+        {"request_id": a["request_id"], "label": 0}, {"request_id": "f" * 32, "label": 0},
+        {"request_id": a["request_id"], "label": "bogus"}]})
+    assert r.status_code == 200, r.text
+    assert [x["status"] for x in r.json()["results"]] == [200, 404, 400]
+
+
+def test_acknowledged_feedback_survives_a_killed_gateway(server):
+    """kill -9 of the gateway process (BentoML starts another): every feedback it acknowledged is there."""
+    from loadtest.chaos_faults import gateway_pids, send
+    import signal
+
+    before = server.client.get("/experiments/fashion").json()
+    labelled = {v["variant"] + v["role"]: v["labelled"] for v in before["variants"]}
+    assert labelled["b0control"] >= 4
+    pids = gateway_pids(server.proc.pid)
+    assert pids and all(send(p, signal.SIGKILL) for p in pids)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            r = server.client.get("/experiments/fashion", timeout=5)
+            if r.status_code == 200 and set(gateway_pids(server.proc.pid)) - set(pids):
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    after = {v["variant"] + v["role"]: v["labelled"] for v in r.json()["variants"]}
+    assert after == labelled
