@@ -194,8 +194,7 @@ class ServerConfig:
     # Worker processes run this much nicer than the gateway (service/priority.py): when inference fills
     # every core, the gateway still gets the CPU to refuse, route, health-check and answer /readyz at once.
     # 0 = the same priority.
-    # Where the experiment records live (answers and their feedback, service/experiments/records.py):
-    # "" = experiments.sqlite3 in the state folder; else a file path or sqlite:///PATH.
+    # The experiment records (service/experiments/records.py): "" = the state folder's; a path or sqlite:///PATH
     experiments_db: str = ""
     worker_nice: int = 5
     # Gateway threads that decode big uploads run this much nicer than its event loop (service/decode.py):
@@ -389,10 +388,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         s["max_connections"] = _number("server.max_connections", server_raw["max_connections"], integer=True,
                                        positive=True)
     if "experiments_db" in server_raw:
-        if not isinstance(server_raw["experiments_db"], str):
-            raise ConfigError(f"{source}: server.experiments_db: expected a path or sqlite:///PATH, got "
-                              f"{server_raw['experiments_db']!r}")
-        s["experiments_db"] = server_raw["experiments_db"]
+        if not isinstance(s.setdefault("experiments_db", server_raw["experiments_db"]), str):
+            raise ConfigError(f"{source}: server.experiments_db: expected a path, got {s['experiments_db']!r}")
     for key in ("worker_nice", "decode_nice"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], integer=True)
