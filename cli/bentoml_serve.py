@@ -1,4 +1,5 @@
-"""`python -m cli.bentoml_serve ...`: `bentoml serve`, with its Unix sockets kept until its processes stop.
+"""`python -m cli.bentoml_serve ...`: `bentoml serve`, with its Unix sockets kept until its processes stop,
+and a crashed worker restarted within half a second.
 
 BentoML's arbiter removes the folder of its workers' Unix sockets as the first step of stopping,
 before it signals the processes (`bentoml._internal.utils.circus.Arbiter.stop`). The workers then
