@@ -116,6 +116,7 @@ class RouteConfig:
     # The variant the others are compared with: a route with a control runs an experiment, its answers
     # are recorded and take feedback (POST /feedback, GET /experiments; service/experiments/)
     control: str | None = None
+    policy: Any = None  # service/experiments/policy.py: BanditPolicy, or None (the split as set)
 
     @property
     def variants(self) -> list[str]:
@@ -285,7 +286,7 @@ def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None =
     """One route's settings ({"split": ..., "shadow": ...}) -> RouteConfig; raises ConfigError naming the key.
     Used for the configuration file and for live changes (PATCH /routes/NAME)."""
     where = where or f"routes.{name}"
-    r = _keys(where, r, {"split", "shadow", "fallback", "control"}, {"split"})
+    r = _keys(where, r, {"split", "shadow", "fallback", "control", "policy"}, {"split"})
     split = r["split"]
     if isinstance(split, list):  # a plain list means equal weights
         split = {v: 1 for v in split}
@@ -325,7 +326,13 @@ def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None =
     if control is not None and (not isinstance(control, str) or split.get(control, 0) <= 0):
         raise ConfigError(f"{where}.control: {control!r} is not a variant of the split; the control is the "
                           f"variant the others are compared with (split: {', '.join(split)})")
-    return RouteConfig(name, split, shadow, fallback, control)
+    from .experiments.policy import parse_policy  # here: it reads the parsed split and control
+
+    try:
+        policy = None if r.get("policy") is None else parse_policy(where, r["policy"], split, control)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return RouteConfig(name, split, shadow, fallback, control, policy)
 
 
 def unrouted(variants: dict[str, Any], routes: dict[str, RouteConfig]) -> list[str]:
@@ -356,27 +363,18 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         s["burst_share"] = _number("server.burst_share", server_raw["burst_share"])
         if s["burst_share"] > 1:
             raise ConfigError(f"{source}: server.burst_share: expected 0..1, got {s['burst_share']}")
-    if "readiness" in server_raw:
-        if server_raw["readiness"] not in READINESS_POLICIES:
-            raise ConfigError(f"{source}: server.readiness: expected {' or '.join(READINESS_POLICIES)}, got "
-                              f"{server_raw['readiness']!r}")
-        s["readiness"] = server_raw["readiness"]
     for key in ("timeout_s", "body_timeout_s", "health_interval_s", "health_timeout_s", "connect_timeout_s",
                 "drain_grace_s"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], positive=True)
     if "cpu_threads" in server_raw and server_raw["cpu_threads"] not in (None, "auto"):
         s["cpu_threads"] = _number("server.cpu_threads", server_raw["cpu_threads"], integer=True, positive=True)
-    if "route_changes" in server_raw:
-        if server_raw["route_changes"] not in ("persist", "memory"):
-            raise ConfigError(f"{source}: server.route_changes: expected persist or memory, got "
-                              f"{server_raw['route_changes']!r}")
-        s["route_changes"] = server_raw["route_changes"]
-    if "worker_transport" in server_raw:
-        if server_raw["worker_transport"] not in ("shared_memory", "http"):
-            raise ConfigError(f"{source}: server.worker_transport: expected shared_memory or http, got "
-                              f"{server_raw['worker_transport']!r}")
-        s["worker_transport"] = server_raw["worker_transport"]
+    for key, allowed in (("readiness", READINESS_POLICIES), ("route_changes", ("persist", "memory")),
+                         ("worker_transport", ("shared_memory", "http")), ("log_format", ("text", "json"))):
+        if key in server_raw:
+            if server_raw[key] not in allowed:
+                raise ConfigError(f"{source}: server.{key}: expected {' or '.join(allowed)}, got {server_raw[key]!r}")
+            s[key] = server_raw[key]
     if "tracing" in server_raw:
         if not isinstance(server_raw["tracing"], bool):
             raise ConfigError(f"{source}: server.tracing: expected true or false, got {server_raw['tracing']!r}")
@@ -395,10 +393,6 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
             s[key] = _number(f"server.{key}", server_raw[key], integer=True)
             if not 0 <= s[key] <= 19:
                 raise ConfigError(f"{source}: server.{key}: expected 0..19, got {s[key]}")
-    if "log_format" in server_raw:
-        if server_raw["log_format"] not in ("text", "json"):
-            raise ConfigError(f"{source}: server.log_format: expected text or json, got {server_raw['log_format']!r}")
-        s["log_format"] = server_raw["log_format"]
     server = ServerConfig(**s)
     if server.max_buffered_bytes < server.max_body_bytes:
         raise ConfigError(f"{source}: server.max_buffered_mb ({server.max_buffered_mb:g}) must be at least "

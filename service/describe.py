@@ -57,6 +57,8 @@ def routes_of(routes: Iterable[RouteConfig], manifests: dict[str, Any], changed_
                  "fallback": r.fallback,
                  # the experiment's control (GET /experiments/ROUTE), null when the route runs none
                  "control": r.control,
+                 # what moves the split by itself (service/experiments/policy.py), null: only PATCH /routes
+                 "policy": r.policy.as_dict() if r.policy else None,
                  "num_classes": manifests[r.variants[0]].num_classes if r.variants[0] in manifests else None,
                  # when a live change made the route differ from the configuration file (null: as the file)
                  "changed_at": changed_at.get(r.name)}

@@ -105,11 +105,35 @@ class GatewayService:
 
     @bentoml.on_startup
     def start_health_checks(self) -> None:
-        """Check every worker replica in the background from now on (service/health.py)."""
+        """Check every worker replica in the background from now on (service/health.py), and run the routes'
+        policies (service/experiments/policy.py)."""
         self.health.start()
+        self.policy_task = asyncio.get_running_loop().create_task(self._run_policies())
+
+    async def _run_policies(self) -> None:
+        """Every second, the routes whose policy is due get the split it computes from their feedback."""
+        import anyio.to_thread
+
+        from .experiments.policy import moved, next_split
+        last: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(1.0)
+            for name, route in list(self.cfg.routes.items()):
+                if route.policy is None or time.monotonic() - last.get(name, -1e9) < route.policy.every_s:
+                    continue
+                last[name] = time.monotonic()
+                try:
+                    rows = await anyio.to_thread.run_sync(self.experiments.records.summary, name)
+                    split = next_split(route.policy, route.split, rows)
+                    if moved(route.split, split):
+                        self.apply_policy(name, route.split, split)
+                except Exception as e:  # noqa: BLE001 - a round that fails leaves the split as it is
+                    logger.warning("route %s: its policy did not run: %s", name, e)
 
     @bentoml.on_shutdown
     async def stop_health_checks(self) -> None:
+        if getattr(self, "policy_task", None) is not None:
+            self.policy_task.cancel()
         await self.health.stop()
         self.experiments.close()  # writes the answers still queued
 
@@ -259,6 +283,16 @@ class GatewayService:
         saved_in = str(self.live.file) if self.live.file else None
         return {"route": name, "previous": previous, **describe.routes_of([route], self.manifests, self.live.changed_at)[name],
                 "saved_in": saved_in}
+
+    def apply_policy(self, name: str, old: dict[str, float], split: dict[str, float]) -> None:
+        """A policy's new split, as PATCH /routes applies it, and audited as made by the policy."""
+        from .audit import AuditLog
+
+        answer = self.change_route(name, {"split": split})
+        AuditLog().write(client="policy:bandit", route=name, before={"split": old},
+                         after={"split": answer["split"]}, result={"status": 200})
+        logger.info("route %s: the bandit policy moved the split to %s", name,
+                    {v: round(w, 3) for v, w in answer["split"].items()})
 
     def describe_variants(self) -> list[dict]:
         self.readiness.refresh()

@@ -146,7 +146,8 @@ class LiveRoutes:
                "shadow": change["shadow"] if "shadow" in change else (
                    {"variant": old.shadow.variant, "fraction": old.shadow.fraction} if old.shadow else None),
                **({"fallback": old.fallback} if old.fallback else {}),  # kept: the file sets them
-               **({"control": old.control} if old.control else {})}
+               **({"control": old.control} if old.control else {}),
+               **({"policy": old.policy.as_dict()} if old.policy else {})}
         try:
             route, new = with_route(cfg, name, raw, classes)
         except ConfigError as e:

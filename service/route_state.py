@@ -47,7 +47,8 @@ def route_dict(r: RouteConfig) -> dict:
     """A route as the configuration file and PATCH write it (weights already normalised)."""
     return {"split": dict(r.split),
             "shadow": {"variant": r.shadow.variant, "fraction": r.shadow.fraction} if r.shadow else None,
-            **({"fallback": r.fallback} if r.fallback else {}), **({"control": r.control} if r.control else {})}
+            **({"fallback": r.fallback} if r.fallback else {}), **({"control": r.control} if r.control else {}),
+            **({"policy": r.policy.as_dict()} if r.policy else {})}
 
 
 def same_route(a: dict, b: dict) -> bool:

@@ -33,7 +33,10 @@ def server(tmp_path_factory):
         },
         "routes": {"fashion": {"split": {"b0": 0.5, "mec": 0.5}, "control": "b0",
                                "shadow": {"variant": "compact", "fraction": 1.0}},
-                   "plain": {"split": {"mec": 1}}},
+                   "plain": {"split": {"mec": 1}},
+                   # a bandit that recomputes every second (30 s by default)
+                   "bandit": {"split": {"b0": 0.5, "mec": 0.5}, "control": "b0",
+                              "policy": {"bandit": {"floor": 0.1, "every_s": 1}}}},
     })
     with Server(home, cfg) as s:
         s.wait("/readyz")
@@ -129,6 +132,32 @@ def test_a_batch_of_feedback_answers_each_item(server):
         {"request_id": a["request_id"], "label": "bogus"}]})
     assert r.status_code == 200, r.text
     assert [x["status"] for x in r.json()["results"]] == [200, 404, 400]
+
+
+def test_a_bandit_route_moves_its_split_to_the_variant_feedback_shows_right_and_audits_it(server):
+    import json
+
+    for k in range(12):
+        for variant, right in (("b0", False), ("mec", True)):
+            r = server.client.post("/classify", files={"image": ("x.png", _png(500 + k), "image/png")},
+                                   data={"variant": variant, "route": "bandit"})
+            top = r.json()["predictions"][0]["index"]
+            label = top if right else (top + 1) % len(FASHION_CLASSES)
+            assert server.client.post("/feedback", json={"request_id": r.json()["request_id"],
+                                                         "label": label}).status_code == 200
+    deadline, split = time.monotonic() + 20, {}
+    while time.monotonic() < deadline:
+        split = server.client.get("/routes").json()["routes"]["bandit"]["split"]
+        if split["mec"] > 0.8:
+            break
+        time.sleep(0.5)
+    assert split["mec"] > 0.8 and split["b0"] >= 0.1 - 1e-6, split
+    route = server.client.get("/routes").json()["routes"]["bandit"]
+    assert route["policy"] == {"bandit": {"floor": 0.1, "every_s": 1.0, "cost_per_ms": 0.0}}
+    assert route["changed_at"] is not None
+    audits = [json.loads(line) for f in server.home.rglob("audit.jsonl") for line in f.read_text().splitlines()]
+    mine = [a for a in audits if a.get("client") == "policy:bandit" and a.get("route") == "bandit"]
+    assert mine and mine[-1]["before"]["split"]["mec"] < mine[-1]["after"]["split"]["mec"]
 
 
 def test_acknowledged_feedback_survives_a_killed_gateway(server):
