@@ -57,6 +57,7 @@ def recovery_s(recs: list[dict], since: float) -> float | None:
 def analyse(sc: dict) -> dict:
     """Figures and verdicts of one scenario (`sc`: its records, marks, streams and what was touched)."""
     marks, streams = sc["marks"], sc["streams"]
+    detect = sc.get("detect_s", DETECT_S)
     touched, shared = set(sc.get("touched", [])), set(sc.get("shared", []))
     untouched = [s for s in streams if s not in touched | shared]
     fault = marks.get("fault", marks["start"])
@@ -93,7 +94,7 @@ def analyse(sc: dict) -> dict:
         crit["untouched: p99 within 25% or 20 ms"] = _p99_verdict(out["streams"], untouched)
     if touched | shared and sc.get("check_refusals", True):
         crit["touched: 200 or refusal within 100 ms"] = _refusal_verdict(
-            by_stream, touched | shared, fault + DETECT_S, min(down_until, up_at) if up_at else down_until)
+            by_stream, touched | shared, fault + detect, min(down_until, up_at) if up_at else down_until)
     if touched | shared and sc.get("check_recovery", True):
         limit = sc.get("recovery_limit_s", RECOVERY_S)
         worst = None if any(v is None for v in recovery.values()) else max(recovery.values(), default=0.0)
@@ -107,7 +108,7 @@ def analyse(sc: dict) -> dict:
         end = cleared if cleared > fault else min(last, max(
             (r["t"] for s in touched for r in by_stream[s]
              if fault <= r["t"] <= last and r["st"] != 200 and r.get("why") != "busy"), default=fault))
-        down = (fault + DETECT_S, end) if sc.get("counted_down") else None
+        down = (fault + detect, end) if sc.get("counted_down") else None
         if sc.get("down"):  # (seconds after the fault, end or None: the end of the scenario)
             down = (fault + sc["down"][0], sc["down"][1] or marks["end"])
         # With the gateway process gone, nothing can answer: BentoML's arbiter keeps the listening socket,

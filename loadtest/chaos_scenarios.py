@@ -79,7 +79,8 @@ def run_one(h, sc: Scenario) -> dict:
         touched, shared = [], []
     # A stream named after the touched variant gets the scenario's clients (b0: 24 or 70).
     clients = h.clients_for(sc.clients)
-    entry = {"kind": sc.kind, "variant": sc.variant, "clients": clients, "streams": list(h.streams),
+    entry = {"kind": sc.kind, "variant": sc.variant, "detect_s": cfg.detect_s, "clients": clients,
+             "streams": list(h.streams),
              "touched": touched, "shared": shared,
              "counted_down": sc.kind in ("hang", "gateway", "truncate") or (
                  sc.kind == "kill" and len(faults.worker_pids(h.root_pid, sc.variant)) == 1),

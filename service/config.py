@@ -197,6 +197,9 @@ class ServerConfig:
     # 0 = the same priority.
     # The experiment records (service/experiments/records.py): "" = the state folder's; a path or sqlite:///PATH
     experiments_db: str = ""
+    # POST /feedback needs the admin token: "auto" (when a route has a policy: feedback moves its traffic),
+    # "token" (always) or "none"
+    feedback_auth: str = "auto"
     worker_nice: int = 5
     # Gateway threads that decode big uploads run this much nicer than its event loop (service/decode.py):
     # a burst of big images waits behind the other routes' requests, not ahead of them.
@@ -349,7 +352,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         "max_uploads", "body_timeout_s", "timeout_s", "cpu_threads", "retry_after_s", "route_changes",
         "tracing", "worker_transport", "burst_inflight", "burst_share", "health_interval_s", "health_timeout_s",
         "connect_timeout_s", "readiness", "header_timeout_s", "keepalive_timeout_s", "max_connections",
-        "max_buffered_mb", "drain_grace_s", "log_format", "worker_nice", "decode_nice", "experiments_db"})
+        "max_buffered_mb", "drain_grace_s", "log_format", "worker_nice", "decode_nice", "experiments_db",
+        "feedback_auth"})
     s = {}
     if "max_body_mb" in server_raw:
         s["max_body_mb"] = _number("server.max_body_mb", server_raw["max_body_mb"], positive=True)
@@ -370,7 +374,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     if "cpu_threads" in server_raw and server_raw["cpu_threads"] not in (None, "auto"):
         s["cpu_threads"] = _number("server.cpu_threads", server_raw["cpu_threads"], integer=True, positive=True)
     for key, allowed in (("readiness", READINESS_POLICIES), ("route_changes", ("persist", "memory")),
-                         ("worker_transport", ("shared_memory", "http")), ("log_format", ("text", "json"))):
+                         ("worker_transport", ("shared_memory", "http")), ("log_format", ("text", "json")),
+                         ("feedback_auth", ("auto", "token", "none"))):
         if key in server_raw:
             if server_raw[key] not in allowed:
                 raise ConfigError(f"{source}: server.{key}: expected {' or '.join(allowed)}, got {server_raw[key]!r}")

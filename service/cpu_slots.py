@@ -39,8 +39,9 @@ from typing import Iterator
 SLOTS_ENV = "EFFNET_CPU_SLOTS"
 CONTENDED_S = 0.2  # after seeing a busy slot, run single-threaded for this long (about 10 busy batches)
 # A slot held longer than any batch takes (lite0's batch of 8 on one thread is about 0.1 s) is held by a
-# stopped or hung process: run without it. Once seen, later waits give up sooner, for STUCK_FOR_S.
-MAX_WAIT_S = 1.0
+# stopped or hung process: run without it. Once seen, later waits give up sooner, for STUCK_FOR_S. Half
+# the health check's timeout: the other variants' calls answer before a check could take them for hung.
+MAX_WAIT_S = 0.5
 STUCK_WAIT_S = 0.05
 STUCK_FOR_S = 2.0
 

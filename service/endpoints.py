@@ -124,10 +124,19 @@ async def variant_ready(request: Request) -> JSONResponse:
 
 
 async def feedback(request: Request) -> JSONResponse:
-    """POST /feedback (service/experiments/live.py)."""
-    rid = request_id()
+    """POST /feedback (service/experiments/live.py); with the admin token where feedback moves traffic."""
+    rid, gw = request_id(), _gateway()
+    if gw.experiments.needs_token():
+        local = (request.scope.get("server") or (None,))[0]
+        token = configured_token()
+        refused = admin_refusal(request.headers.get("host"), local, request.headers.get("authorization"), token)
+        if refused and not token:
+            refused = (403, "feedback is closed: it moves traffic on a route with a policy, and the server has no "
+                            "admin token to check it with; set $EFFNET_ADMIN_TOKEN or start it with `effnet serve`")
+        if refused:
+            return error_response(rid, *refused)
     try:
-        body = await _gateway().experiments.feedback(await request.body())
+        body = await gw.experiments.feedback(await request.body())
     except ClientError as e:
         return error_response(rid, e.status, str(e), getattr(e, "headers", None))
     return JSONResponse(body, headers={"X-Request-Id": rid})

@@ -323,9 +323,10 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: s
             return self.runner.error is None
 
         @bentoml.api
-        def status(self) -> dict:
+        async def status(self) -> dict:
             """This process's status, with its process id: the gateway's health checks call it and watch the
-            process's exit (service/health.py)."""
+            process's exit (service/health.py). On the event loop, not in the threads that run batches: a
+            batch waiting for a core slot that a stopped process holds must not make this one look hung."""
             return {**self.runner.status(threads, int(self.runner.error is None), 1), "pid": os.getpid(),
                     "pid_namespace": pid_namespace()}
 

@@ -42,6 +42,12 @@ class Experiments:
     def routes(self) -> list[str]:
         return [name for name, r in self.cfg.routes.items() if r.control]
 
+    def needs_token(self) -> bool:
+        """Whether POST /feedback must carry the admin token (`server.feedback_auth`): feedback that moves a
+        route's traffic (a policy) is an admin's act."""
+        auth = self.cfg.server.feedback_auth
+        return auth == "token" or (auth == "auto" and any(r.policy for r in self.cfg.routes.values()))
+
     def running(self, route: str) -> bool:
         r = self.cfg.routes.get(route)
         return bool(r and r.control)

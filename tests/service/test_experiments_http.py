@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.audit import ensure_token_file
+from store.paths import state_dir
 from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint, write_config
 
 pytestmark = pytest.mark.server
@@ -38,9 +40,12 @@ def server(tmp_path_factory):
                    "bandit": {"split": {"b0": 0.5, "mec": 0.5}, "control": "b0",
                               "policy": {"bandit": {"floor": 0.1, "every_s": 1}}}},
     })
+    # The bandit route makes feedback an admin's act (server.feedback_auth: auto): the server reads this
+    # token file from its state folder, and the test's client sends it.
+    token = ensure_token_file(state_dir(home)).read_text().strip()
     with Server(home, cfg) as s:
         s.wait("/readyz")
-        s.client = httpx.Client(base_url=s.url, timeout=60)
+        s.client = httpx.Client(base_url=s.url, timeout=60, headers={"Authorization": f"Bearer {token}"})
         yield s
         s.client.close()
 
@@ -123,6 +128,18 @@ def test_feedback_that_is_not_json_duplicated_or_on_a_route_without_experiment_i
     assert r.status_code == 409 and "label 2" in r.json()["error"]
     assert server.client.get("/experiments/plain").status_code == 404
     assert server.client.get("/experiments/nowhere").status_code == 404
+
+
+def test_feedback_that_moves_traffic_needs_the_admin_token(server):
+    """A route has a policy, so feedback steers traffic: without the token, or with a Host that is not
+    this server's, it is refused and nothing is recorded."""
+    a = _answer(server, "b0", seed=9)
+    body = {"request_id": a["request_id"], "label": 0}
+    r = httpx.post(server.url + "/feedback", json=body)
+    assert r.status_code == 401 and "Authorization" in r.json()["error"]
+    r = httpx.post(server.url + "/feedback", json=body, headers={**server.client.headers, "Host": "evil.example"})
+    assert r.status_code == 403 and "Host" in r.json()["error"]
+    assert server.client.post("/feedback", json=body).status_code == 200  # not taken before: not a 409
 
 
 def test_a_batch_of_feedback_answers_each_item(server):

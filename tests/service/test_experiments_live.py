@@ -69,3 +69,18 @@ def test_a_name_that_means_different_classes_in_two_experiments_needs_its_index(
         ex._label("dog")
     with pytest.raises(ClientError, match="outside"):
         ex._label(3)
+
+
+def test_feedback_needs_the_token_where_a_route_has_a_policy_or_when_configured(tmp_path):
+    classes = {v: CLASSES for v in ("b0", "mec", "compact")}
+
+    def needs(auth, **fashion):
+        cfg = _cfg(tmp_path, **fashion)
+        cfg = type(cfg)(**{**cfg.__dict__, "server": type(cfg.server)(**{**cfg.server.__dict__, "feedback_auth": auth})})
+        return Experiments(cfg, classes).needs_token()
+
+    assert needs("auto", control="b0", policy="bandit") and not needs("auto", control="b0")
+    assert needs("token", control="b0") and not needs("none", control="b0", policy="bandit")
+    with pytest.raises(ConfigError, match="feedback_auth"):
+        parse_config({"server": {"feedback_auth": "maybe"}, "variants": {"b0": {"model": "b0"}},
+                      "routes": {"r": {"split": {"b0": 1}}}})
