@@ -326,7 +326,7 @@ def parse_route(name: str, r: Any, variants: dict[str, Any], where: str | None =
             raise ConfigError(f"{where}.fallback: {fallback!r} is the whole split, so it cannot stand in for "
                               "itself; name another variant with the same classes, or drop the fallback")
     control = r.get("control")
-    if control is not None and (not isinstance(control, str) or split.get(control, 0) <= 0):
+    if control is not None and (not isinstance(control, str) or control not in split):
         raise ConfigError(f"{where}.control: {control!r} is not a variant of the split; the control is the "
                           f"variant the others are compared with (split: {', '.join(split)})")
     from .experiments.policy import parse_policy  # here: it reads the parsed split and control

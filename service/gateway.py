@@ -114,7 +114,7 @@ class GatewayService:
         """Every second, the routes whose policy is due get the split it computes from their feedback."""
         import anyio.to_thread
 
-        from .experiments.policy import moved, next_split
+        from .experiments.policy import moved
         last: dict[str, float] = {}
         while True:
             await asyncio.sleep(1.0)
@@ -124,9 +124,9 @@ class GatewayService:
                 last[name] = time.monotonic()
                 try:
                     rows = await anyio.to_thread.run_sync(self.experiments.records.summary, name)
-                    split = next_split(route.policy, route.split, rows)
+                    split = route.policy.next_split(route.split, rows, route.control)
                     if moved(route.split, split):
-                        self.apply_policy(name, route.split, split)
+                        self.apply_policy(name, route.policy.name, route.split, split)
                 except Exception as e:  # noqa: BLE001 - a round that fails leaves the split as it is
                     logger.warning("route %s: its policy did not run: %s", name, e)
 
@@ -284,14 +284,14 @@ class GatewayService:
         return {"route": name, "previous": previous, **describe.routes_of([route], self.manifests, self.live.changed_at)[name],
                 "saved_in": saved_in}
 
-    def apply_policy(self, name: str, old: dict[str, float], split: dict[str, float]) -> None:
+    def apply_policy(self, name: str, policy: str, old: dict[str, float], split: dict[str, float]) -> None:
         """A policy's new split, as PATCH /routes applies it, and audited as made by the policy."""
         from .audit import AuditLog
 
         answer = self.change_route(name, {"split": split})
-        AuditLog().write(client="policy:bandit", route=name, before={"split": old},
+        AuditLog().write(client=f"policy:{policy}", route=name, before={"split": old},
                          after={"split": answer["split"]}, result={"status": 200})
-        logger.info("route %s: the bandit policy moved the split to %s", name,
+        logger.info("route %s: the %s policy moved the split to %s", name, policy,
                     {v: round(w, 3) for v, w in answer["split"].items()})
 
     def describe_variants(self) -> list[dict]:

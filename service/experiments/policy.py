@@ -1,4 +1,5 @@
-"""A route's policy: `bandit` moves its split toward the variants that feedback shows are right.
+"""A route's policy: `bandit` moves its split toward the variants that feedback shows are right;
+`promote` moves it to a variant once the experiment's sequential decision says it beats the control.
 
     routes:
       fashion:
@@ -11,6 +12,13 @@ Thompson sampling's shares (service/experiments/bandit.py): each variant keeps a
 `cost_per_ms` weighs median latency against accuracy. The change goes through the same path as
 `PATCH /routes` (saved, shown in GET /routes) and is written to the audit log as made by the policy.
 Clients stay sticky: the router hashes them into the new weights, so few move at each change.
+
+    policy: {promote: {share: 1.0, every_s: 30}}    # or just: policy: promote
+
+`promote` leaves the split alone until a variant's decision against the control (service/experiments/
+stats.py: always valid, so looking every `every_s` does not inflate false promotions) is `better`; then
+that variant gets `share` of the traffic and the others split the rest. With several better, the one
+with the largest difference wins.
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ from typing import Any
 
 from .bandit import FLOOR, Posterior, shares
 
-POLICIES = ("bandit",)
+POLICIES = ("bandit", "promote")
 MIN_CHANGE = 0.01  # a recomputed split that moves no weight by this much is not applied (no audit noise)
 
 
@@ -29,33 +37,70 @@ class BanditPolicy:
     every_s: float = 30.0
     cost_per_ms: float = 0.0
 
+    name = "bandit"
+
     def as_dict(self) -> dict:
         return {"bandit": {"floor": self.floor, "every_s": self.every_s, "cost_per_ms": self.cost_per_ms}}
 
+    def next_split(self, split: dict[str, float], rows: list, control: str, rng: Any = None) -> dict[str, float]:
+        return next_split(self, split, rows, rng)
 
-def parse_policy(where: str, raw: Any, split: dict[str, float], control: str | None) -> BanditPolicy:
-    """`routes.NAME.policy` -> BanditPolicy; raises ValueError naming the key (config.py makes it a
+
+@dataclass(frozen=True)
+class PromotePolicy:
+    share: float = 1.0
+    every_s: float = 30.0
+
+    name = "promote"
+
+    def as_dict(self) -> dict:
+        return {"promote": {"share": self.share, "every_s": self.every_s}}
+
+    def next_split(self, split: dict[str, float], rows: list, control: str, rng: Any = None) -> dict[str, float]:
+        """The split with the winner at `share`, or `split` itself while no variant beats the control."""
+        from .stats import BETTER, Counts, decide
+
+        served = {r.variant: Counts(r.labelled, r.correct) for r in rows if not r.shadow and r.variant in split}
+        ctrl = served.get(control, Counts(0, 0))
+        better = [(d.difference, v) for v, c in served.items() if v != control
+                  for d in [decide(ctrl, c)] if d.status == BETTER]
+        if not better:
+            return dict(split)
+        winner = max(better)[1]
+        rest = (1 - self.share) / (len(split) - 1)
+        return {v: self.share if v == winner else rest for v in split}
+
+
+KEYS = {"bandit": ("floor", "every_s", "cost_per_ms"), "promote": ("share", "every_s")}
+
+
+def parse_policy(where: str, raw: Any, split: dict[str, float], control: str | None) -> BanditPolicy | PromotePolicy:
+    """`routes.NAME.policy` -> its policy; raises ValueError naming the key (config.py makes it a
     ConfigError)."""
-    if raw == "bandit":
-        raw = {"bandit": {}}
-    if not isinstance(raw, dict) or set(raw) != {"bandit"}:
-        raise ValueError(f"{where}.policy: expected `bandit` or {{bandit: {{floor, every_s, cost_per_ms}}}}, got "
-                         f"{raw!r}")
-    opts = raw["bandit"] or {}
-    if not isinstance(opts, dict) or set(opts) - {"floor", "every_s", "cost_per_ms"}:
-        raise ValueError(f"{where}.policy.bandit: the keys are floor, every_s and cost_per_ms")
+    if isinstance(raw, str) and raw in KEYS:
+        raw = {raw: {}}
+    if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in KEYS:
+        raise ValueError(f"{where}.policy: expected `bandit`, `promote`, {{bandit: {{floor, every_s, cost_per_ms}}}} "
+                         f"or {{promote: {{share, every_s}}}}, got {raw!r}")
+    name = next(iter(raw))
+    opts = raw[name] or {}
+    if not isinstance(opts, dict) or set(opts) - set(KEYS[name]):
+        raise ValueError(f"{where}.policy.{name}: the keys are {', '.join(KEYS[name])}")
     for key, value in opts.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{where}.policy.bandit.{key}: expected a number >= 0, got {value!r}")
+            raise ValueError(f"{where}.policy.{name}.{key}: expected a number >= 0, got {value!r}")
     if control is None:
-        raise ValueError(f"{where}.policy: a bandit learns from feedback, so the route needs an experiment: "
+        raise ValueError(f"{where}.policy: a {name} policy learns from feedback, so the route needs an experiment: "
                          "name its `control`")
-    policy = BanditPolicy(**{k: float(v) for k, v in opts.items()})
-    if policy.floor * len(split) > 1:
+    policy = (BanditPolicy if name == "bandit" else PromotePolicy)(**{k: float(v) for k, v in opts.items()})
+    if isinstance(policy, BanditPolicy) and policy.floor * len(split) > 1:
         raise ValueError(f"{where}.policy.bandit.floor: {policy.floor} for each of {len(split)} variants is more "
                          "than the whole traffic")
+    if isinstance(policy, PromotePolicy) and not (0 < policy.share <= 1 and len(split) > 1):
+        raise ValueError(f"{where}.policy.promote: share is in (0, 1], and the split needs a variant to promote "
+                         f"besides the control (share {policy.share}, split {', '.join(split)})")
     if policy.every_s < 1:
-        raise ValueError(f"{where}.policy.bandit.every_s: at least 1 s, got {policy.every_s}")
+        raise ValueError(f"{where}.policy.{name}.every_s: at least 1 s, got {policy.every_s}")
     return policy
 
 

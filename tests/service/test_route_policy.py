@@ -64,3 +64,29 @@ def test_a_latency_cost_favours_the_faster_of_two_equally_right_variants():
     split = {"b0": 0.5, "mec": 0.5}
     rows = [_row("b0", 400, 360, p50=10.0), _row("mec", 400, 360, p50=60.0)]
     assert next_split(BanditPolicy(cost_per_ms=0.002), split, rows, rng=2)["b0"] > 0.9
+
+
+def test_promote_moves_the_split_to_a_variant_only_once_it_beats_the_control():
+    from service.experiments.policy import PromotePolicy
+
+    r = _route(control="b0", policy="promote")
+    assert r.policy == PromotePolicy()
+    split = {"b0": 0.5, "mec": 0.25, "compact": 0.25}
+    few = [_row("b0", 40, 28), _row("mec", 40, 38), _row("compact", 40, 30)]
+    assert r.policy.next_split(split, few, "b0") == split  # 40 labels each: still collecting
+    many = [_row("b0", 1500, 1050), _row("mec", 1500, 1400), _row("compact", 1500, 1200),
+            _row("compact", 1500, 1500, shadow=True)]
+    assert r.policy.next_split(split, many, "b0") == {"b0": 0.0, "mec": 1.0, "compact": 0.0}
+    half = PromotePolicy(share=0.8).next_split(split, many, "b0")
+    assert half["mec"] == 0.8 and half["b0"] == pytest.approx(0.1)
+    worse = [_row("b0", 1500, 1400), _row("mec", 1500, 1050), _row("compact", 1500, 1100)]
+    assert r.policy.next_split(split, worse, "b0") == split  # the control is best: nothing to promote
+
+
+def test_a_promoted_route_keeps_its_control_at_weight_zero_and_its_saved_form():
+    r = parse_config({"variants": VARIANTS, "routes": {"fashion": {
+        "split": {"b0": 0, "mec": 1, "compact": 0}, "control": "b0", "policy": {"promote": {"share": 1}}}}}
+    ).routes["fashion"]
+    assert r.control == "b0" and parse_route("fashion", route_dict(r), VARIANTS) == r
+    with pytest.raises(ConfigError, match="promote"):
+        _route(control="b0", policy={"promote": {"share": 1.5}})
