@@ -177,6 +177,19 @@ def test_a_bandit_route_moves_its_split_to_the_variant_feedback_shows_right_and_
     assert mine and mine[-1]["before"]["split"]["mec"] < mine[-1]["after"]["split"]["mec"]
 
 
+def test_effnet_experiment_prints_the_experiments_and_draws_them(server, tmp_path, capsys):
+    from cli.main import main
+
+    assert main(["experiment", "fashion", "--url", server.url, "--png", str(tmp_path / "fashion.png")]) == 0
+    out = capsys.readouterr().out
+    assert "route fashion: control b0, status collecting" in out
+    assert any(line.split()[:2] == ["b0", "control"] for line in out.splitlines())
+    assert any(line.split()[:2] == ["mec", "treatment"] and "collecting:" in line for line in out.splitlines())
+    assert (tmp_path / "fashion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["experiment", "plain", "--url", server.url]) == 2
+    assert "runs no experiment" in capsys.readouterr().err
+
+
 def test_acknowledged_feedback_survives_a_killed_gateway(server):
     """kill -9 of the gateway process (BentoML starts another): every feedback it acknowledged is there."""
     from loadtest.chaos_faults import gateway_pids, send
