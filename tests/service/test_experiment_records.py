@@ -86,22 +86,23 @@ def test_a_full_batch_is_written_without_waiting_for_the_timer(db):
 
 
 def test_a_few_records_are_written_after_flush_ms(db):
+    """Three records, a batch of 1,000: only the flush timer writes them (the writer asked by nothing)."""
     with ExperimentRecords(db, RecordSettings(flush_ms=30, batch_size=1000)) as r:
-        t0 = time.monotonic()
         for i in range(3):
             answer(r, f"r{i}")
-        while rows(db) != [(3,)] and time.monotonic() - t0 < 3:
+        deadline = time.monotonic() + 10
+        while rows(db) != [(3,)] and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert rows(db) == [(3,)] and time.monotonic() - t0 < 1.0
+        assert rows(db) == [(3,)] and r.counters.written == 3
 
 
 def test_feedback_for_a_record_still_queued_waits_for_it_and_is_committed_on_return(db):
     with ExperimentRecords(db, RecordSettings(**SLOW_TIMER)) as r:
         answer(r, "a", top1=3)
         assert rows(db) == [(0,)]  # answered, not yet written
-        t0 = time.monotonic()
+        # The writer's timer is a minute and the feedback's wait 5 s: an answer at all means the feedback
+        # woke the writer (else RecordsUnavailable).
         fb = r.add_feedback("a", 3)
-        assert time.monotonic() - t0 < 2  # the feedback woke the writer: no minute-long timer
         assert fb == Feedback("a", "fashion", "b0", 3, True)
         assert rows(db, "SELECT request_id, label, correct FROM feedback") == [("a", 3, 1)]
 
@@ -109,11 +110,10 @@ def test_feedback_for_a_record_still_queued_waits_for_it_and_is_committed_on_ret
 def test_feedback_the_writer_cannot_take_in_time_is_refused_and_not_kept(db):
     r = ExperimentRecords(db, RecordSettings(feedback_timeout_s=0.2), start=False)
     answer(r, "a")
-    t0 = time.monotonic()
     with pytest.raises(RecordsUnavailable) as e:
         r.add_feedback("a", 3)
     assert e.value.status == 503 and e.value.headers == {"Retry-After": "1"}
-    assert 0.15 < time.monotonic() - t0 < 2
+    assert "within 0.2 s" in str(e.value) and "nothing was kept" in str(e.value)
     r.start()
     r.flush()
     assert rows(db) == [(1,)] and rows(db, "SELECT COUNT(*) FROM feedback") == [(0,)]
