@@ -192,14 +192,14 @@ class ServerConfig:
     # Log lines as BentoML writes them ("text", with the request's ids appended) or one JSON object a line
     # ("json"), for a log pipeline that parses fields (service/request_log.py).
     log_format: str = "text"
-    # Worker processes run this much nicer than the gateway (service/priority.py): when inference fills
-    # every core, the gateway still gets the CPU to refuse, route, health-check and answer /readyz at once.
-    # 0 = the same priority.
     # The experiment records (service/experiments/records.py): "" = the state folder's; a path or sqlite:///PATH
     experiments_db: str = ""
     # POST /feedback needs the admin token: "auto" (when a route has a policy: feedback moves its traffic),
     # "token" (always) or "none"
     feedback_auth: str = "auto"
+    # Worker processes run this much nicer than the gateway (service/priority.py): when inference fills
+    # every core, the gateway still gets the CPU to refuse, route, health-check and answer /readyz at once.
+    # 0 = the same priority.
     worker_nice: int = 5
     # Gateway threads that decode big uploads run this much nicer than its event loop (service/decode.py):
     # a burst of big images waits behind the other routes' requests, not ahead of them.
