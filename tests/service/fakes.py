@@ -143,3 +143,11 @@ def gateway_on_file(path, problems=None):
     from service.config import load_config
 
     return gateway_for_routes(problems, load_config(path))
+
+
+async def reading_app(scope, receive, send):
+    """An ASGI app that reads the whole body, then answers 200 `{}` (behind service.http_limits)."""
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})

@@ -7,6 +7,7 @@ import pytest
 
 from service.config import ConfigError, parse_config
 from service.http_limits import BodyBudget, LimitsMiddleware, discard_body
+from tests.service.fakes import reading_app
 
 
 class Upload:
@@ -46,13 +47,6 @@ class Upload:
     @property
     def body(self):
         return json.loads(b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body"))
-
-
-async def reading_app(scope, receive, send):
-    while (await receive()).get("more_body"):
-        pass
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"{}"})
 
 
 def test_a_refusal_by_content_length_reads_the_rest_of_the_body_before_it_completes_the_answer():

@@ -3,6 +3,7 @@ test_gateway_http.py)."""
 import asyncio
 
 from service.http_limits import LimitsMiddleware
+from tests.service.fakes import reading_app
 
 
 def run_asgi(mw, path="/classify", body=b"x", headers=None, chunks=1):
@@ -20,13 +21,6 @@ def run_asgi(mw, path="/classify", body=b"x", headers=None, chunks=1):
     asyncio.run(mw(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     return start["status"], dict(start["headers"])
-
-
-async def reading_app(scope, receive, send):
-    while (await receive()).get("more_body"):
-        pass
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 def test_body_limit_refuses_by_content_length_and_while_streaming():
