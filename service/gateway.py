@@ -108,7 +108,9 @@ class GatewayService:
         """Check every worker replica in the background from now on (service/health.py), and run the routes'
         policies (service/experiments/policy.py)."""
         self.health.start()
-        self.policy_task = asyncio.get_running_loop().create_task(self._run_policies())
+        # Policies come from the configuration file only (PATCH /routes keeps them, adds none).
+        if any(r.policy for r in self.cfg.routes.values()):
+            self.policy_task = asyncio.get_running_loop().create_task(self._run_policies())
 
     async def _run_policies(self) -> None:
         """Every second, the routes whose policy is due get the split it computes from their feedback."""

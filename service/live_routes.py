@@ -142,12 +142,8 @@ class LiveRoutes:
             raise ClientError('send a JSON object with "split" (variant -> weight) and/or "shadow" '
                               '({"variant": ..., "fraction": ...} or null), e.g. {"split": {"b0": 0.9, "mec": 0.1}}')
         old = cfg.routes[name]
-        raw = {"split": change.get("split", old.split),
-               "shadow": change["shadow"] if "shadow" in change else (
-                   {"variant": old.shadow.variant, "fraction": old.shadow.fraction} if old.shadow else None),
-               **({"fallback": old.fallback} if old.fallback else {}),  # kept: the file sets them
-               **({"control": old.control} if old.control else {}),
-               **({"policy": old.policy.as_dict()} if old.policy else {})}
+        # the change over the route as it is: fallback, control and policy are kept (the file sets them)
+        raw = {**route_state.route_dict(old), **change}
         try:
             route, new = with_route(cfg, name, raw, classes)
         except ConfigError as e:

@@ -29,12 +29,18 @@ def lower_priority(n: int) -> int:
     except OSError:  # not Linux: the process's own nice value (one value for all its threads there)
         tids = [0]
     for tid in tids:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
-            changed += 1
-        except OSError as e:  # a thread that ended meanwhile, or a sandbox that forbids it
-            log.debug("could not lower the priority of thread %s: %s", tid, e)
+        changed += _renice(tid, n)
     return changed
+
+
+def _renice(tid: int, n: int) -> bool:
+    """Thread `tid` (0: this one) `n` nicer, at most 19; False where the system refuses (logged)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
+        return True
+    except OSError as e:  # a thread that ended meanwhile, or a sandbox that forbids it
+        log.debug("could not lower the priority of thread %s: %s", tid, e)
+        return False
 
 
 _thread = __import__("threading").local()
@@ -48,10 +54,4 @@ def lower_thread_priority(n: int) -> bool:
     if n <= 0 or getattr(_thread, "lowered", False):
         return False
     _thread.lowered = True
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
-        return True
-    except OSError as e:
-        log.debug("could not lower the priority of thread %s: %s", tid, e)
-        return False
+    return _renice(threading.get_native_id(), n)

@@ -69,11 +69,14 @@ class Experiments:
 
     # feedback
 
-    def _label(self, label: Any) -> int:
-        """A class index from an index or a class name of the experiments' routes."""
+    def _spaces(self) -> set[tuple[str, ...]]:
+        """The class lists of the experiments' routes (their controls')."""
+        return {tuple(self.classes.get(self.cfg.routes[r].control, [])) for r in self.routes()}
+
+    def _label(self, label: Any, spaces: set[tuple[str, ...]]) -> int:
+        """A class index from an index or a class name of `spaces`."""
         if isinstance(label, bool):
             raise BadFeedback(f"label: expected a class name or index, got {label!r}")
-        spaces = {tuple(self.classes.get(self.cfg.routes[r].control, [])) for r in self.routes()}
         if isinstance(label, int):
             most = max((len(s) for s in spaces), default=0)
             if not 0 <= label < most:
@@ -109,12 +112,13 @@ class Experiments:
         if len(items) > MAX_FEEDBACK_ITEMS:
             raise ClientError(f"at most {MAX_FEEDBACK_ITEMS} feedback items per request; got {len(items)}", 413)
         parsed: list[tuple[str, int] | FeedbackError] = []
+        spaces = self._spaces()
         for item in items:
             try:
                 if not isinstance(item, dict) or set(item) - {"request_id", "label"} or not {"request_id",
                                                                                                "label"} <= set(item):
                     raise BadFeedback('each item is {"request_id": ID, "label": NAME_OR_INDEX}')
-                parsed.append((item["request_id"], self._label(item["label"])))
+                parsed.append((item["request_id"], self._label(item["label"], spaces)))
             except FeedbackError as e:
                 parsed.append(e)
         todo = [p for p in parsed if not isinstance(p, FeedbackError)]

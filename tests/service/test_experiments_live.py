@@ -64,11 +64,12 @@ def test_a_name_that_means_different_classes_in_two_experiments_needs_its_index(
         "variants": {"a": {"model": "a"}, "b": {"model": "b"}},
         "routes": {"one": {"split": {"a": 1}, "control": "a"}, "two": {"split": {"b": 1}, "control": "b"}}})
     ex = Experiments(cfg, {"a": ["cat", "dog"], "b": ["dog", "cat", "owl"]})
-    assert ex._label("owl") == 2 and ex._label(2) == 2
+    spaces = ex._spaces()
+    assert ex._label("owl", spaces) == 2 and ex._label(2, spaces) == 2
     with pytest.raises(ClientError, match="different classes"):
-        ex._label("dog")
+        ex._label("dog", spaces)
     with pytest.raises(ClientError, match="outside"):
-        ex._label(3)
+        ex._label(3, spaces)
 
 
 def test_feedback_needs_the_token_where_a_route_has_a_policy_or_when_configured(tmp_path):
