@@ -143,7 +143,10 @@ def test_above_the_cap_the_longest_waiting_connection_makes_room(server):
     socks = stalled(server.port, 100)
     try:
         wait_for(lambda: server.limits.pushed_out >= 40)
-        assert len(server.state.connections) <= 60
+        # A pushed-out connection is closed at once; uvicorn forgets it one loop turn later (connection_lost),
+        # so the cap is on connections that are not closing.
+        assert sum(not c.transport.is_closing() for c in list(server.state.connections)) <= 60
+        wait_for(lambda: len(server.state.connections) <= 60)
         assert timed_get(server.url) < 2.0
         try:  # pushed out: closed without an answer (a reset, as the server left its half line unread)
             assert answer(socks[0]) == b""
