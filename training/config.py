@@ -70,7 +70,12 @@ class TrainConfig:
     run_dir: str = ""  # training state for --resume; "" -> $BENTOML_HOME/runs/{name}
     stop_after_epoch: int = 0  # stop (state saved, no export) after this epoch: simulates an interruption; 0 -> off
     limit_train: int = 0  # use only the first N training images (smoke tests); 0 -> all
-    limit_test: int = 0  # use only the first N test images; 0 -> all
+    limit_test: int = 0  # use only the first N test (and validation) images; 0 -> all
+    # Held out of the training images to make every choice on (EMA or model weights): a count (>= 1), a
+    # fraction (< 1), 0 (none: the choices fall to the test split), or -1: 5,000 of Fashion-MNIST's 60,000,
+    # a tenth of an image folder's train/ (training/data.py AUTO_VAL_SIZE).
+    val_size: float = -1.0
+    val_seed: int = 0  # draws the validation split; apart from `seed`, so every run chooses on the same images
     sync_bn: bool = False  # SyncBatchNorm across processes; worth it only for tiny per-GPU batches
     dist_backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
 
@@ -156,7 +161,7 @@ BOUNDS: dict[str, str] = {
     "resolution": "[16, 1024]",
     "workers": "[0, 256]", "augment_chunk": "[1, 65536]", "threads": "[0, 1024]", "eval_every": "[0, 100000]",
     "time_budget": "[0, 1e9]", "log_every": "[1, 1e6]", "stop_after_epoch": "[0, 100000]",
-    "limit_train": "[0, 1e9]", "limit_test": "[0, 1e9]",
+    "limit_train": "[0, 1e9]", "limit_test": "[0, 1e9]", "val_size": "[-1, 1e9]",
 }
 
 

@@ -8,6 +8,11 @@ Grayscale (Fashion-MNIST) is trained with **1 input channel**: the data has one,
 cheaper, and `store.InputNormalizer` turns any RGB photo sent to the service into luma
 (PIL's convert("L") weights) before the network, so users never convert anything.
 
+Validation: every choice a run makes (EMA or model weights) is made on a validation split held out
+from the training images, stratified by class and drawn with `val_seed` (apart from `seed`, so runs of
+every variant and seed choose on the same images); the test split is evaluated once, at the end, and is
+what the manifest's top-1 reports. An image folder with a test/ folder uses val/ for validation.
+
 Small datasets (Fashion-MNIST, fake) are resized once, up front, to the training resolution with the
 service's `resize_crop` and kept as one uint8 tensor (60k x 1 x 40 x 40 = 96 MB): decoding and
 resizing cost nothing per epoch, and augmentation works on tensors.
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,7 +48,9 @@ class DataSpec:
     std: list[float]
     resize: int  # shorter side before the centre crop (store.resize_crop)
     train: Dataset
-    test: Dataset  # what the trainer evaluates on: Fashion-MNIST's test split, an imagefolder's val/
+    test: Dataset  # evaluated once, at the end: Fashion-MNIST's test split, an imagefolder's test/ or else val/
+    val: Dataset | None = None  # every choice is made on it; None: val_size 0, the choices fall to `test`
+    split: dict = field(default_factory=dict)  # how `val` was made, for the manifest (val_images, val_seed, val_from)
 
 
 class TensorImages(Dataset):
@@ -149,6 +156,52 @@ def stratified_subset(samples: list[tuple[Path, int]], n: int, seed: int) -> lis
     return sorted(picked[:n], key=lambda s: (s[1], str(s[0])))
 
 
+# `val_size` -1 (auto), as a fraction of the training images: 5,000 of Fashion-MNIST's 60,000, a tenth of an
+# image folder's train/ (one without test/), 16 of the fake data's 96.
+AUTO_VAL_SIZE = {"fashion-mnist": 1 / 12, "imagefolder": 0.1, "fake": 1 / 6}
+
+
+def val_count(val_size: float, n: int, data: str) -> int:
+    """Images to hold out of `n` for validation: `val_size` images (>= 1), a fraction of n (< 1), 0, or auto (-1)."""
+    size = AUTO_VAL_SIZE[data] if val_size < 0 else val_size
+    count = int(round(size * n)) if size < 1 else int(size)
+    if count and count >= n - 1:
+        raise ValueError(f"--val-size {val_size:g} holds out {count} of {n} training images and leaves too few to "
+                         "train on: give a smaller count or fraction (0: no validation split)")
+    return count
+
+
+def stratified_split(labels: list[int], n_val: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices) of `labels`: `n_val` of them held out class by class in proportion to
+    each class's share (largest remainders), each class shuffled with `seed`. Both lists are sorted; the same
+    labels and seed always give the same split."""
+    if n_val <= 0:
+        return list(range(len(labels))), []
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    exact = {c: n_val * len(idx) / len(labels) for c, idx in by_class.items()}
+    quota = {c: int(q) for c, q in exact.items()}
+    for c in sorted(exact, key=lambda c: (quota[c] - exact[c], c))[: n_val - sum(quota.values())]:
+        quota[c] += 1
+    val: list[int] = []
+    for c in sorted(by_class):
+        idx = by_class[c][:]
+        rng.shuffle(idx)
+        val += idx[: quota[c]]
+    held = set(val)
+    return [i for i in range(len(labels)) if i not in held], sorted(val)
+
+
+def _split_tensors(x: torch.Tensor, y: torch.Tensor, cfg, data: str):
+    """(train x, train y, val x, val y, split record) of a training set held as tensors."""
+    n_val = val_count(cfg.val_size, len(y), data)
+    train_idx, val_idx = stratified_split(y.tolist(), n_val, cfg.val_seed)
+    t, v = torch.tensor(train_idx, dtype=torch.long), torch.tensor(val_idx, dtype=torch.long)
+    return x[t], y[t], x[v], y[v], {"val_images": n_val, "val_seed": cfg.val_seed, "val_from": "train"}
+
+
 def fashion_mnist_folder() -> Path:
     """The folder of the Fashion-MNIST files: `store.fashion_mnist.data_dir()`, else torchvision's download.
 
@@ -229,11 +282,14 @@ def load_data(cfg) -> DataSpec:
         man = Manifest(variant="", config={}, num_classes=10, classes=[], dataset="", resolution=r, in_chans=1, resize=r)
         tx, ty = fashion_mnist.load("train", folder)
         sx, sy = fashion_mnist.load("test", folder)
-        tx, ty = _limit(tx.unsqueeze(1), ty, cfg.limit_train)
+        tx, ty, vx, vy, split = _split_tensors(tx.unsqueeze(1), ty, cfg, "fashion-mnist")
+        tx, ty = _limit(tx, ty, cfg.limit_train)
+        vx, vy = _limit(vx, vy, cfg.limit_test)
         sx, sy = _limit(sx.unsqueeze(1), sy, cfg.limit_test)
         return DataSpec(
             "fashion-mnist", list(fashion_mnist.CLASSES), 1, True, list(fashion_mnist.MEAN), list(fashion_mnist.STD), r,
             TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(sx, man), sy),
+            TensorImages(_pre_resize(vx, man), vy) if len(vy) else None, split,
         )
     if cfg.data == "fake":
         # Learnable but tiny: each class is a brightness level plus noise, RGB, 24x24 native.
@@ -246,11 +302,14 @@ def load_data(cfg) -> DataSpec:
             return x, y
 
         man = Manifest(variant="", config={}, num_classes=4, classes=[], dataset="", resolution=r, in_chans=3, resize=r)
-        tx, ty = _limit(*split(96), cfg.limit_train)
+        tx, ty, vx, vy, held = _split_tensors(*split(96), cfg, "fake")
+        tx, ty = _limit(tx, ty, cfg.limit_train)
+        vx, vy = _limit(vx, vy, cfg.limit_test)
         sx, sy = _limit(*split(32), cfg.limit_test)
         return DataSpec(
             "fake", list(FAKE_CLASSES), 3, False, IMAGENET_MEAN, IMAGENET_STD, r,
             TensorImages(_pre_resize(tx, man), ty, augment), TensorImages(_pre_resize(sx, man), sy),
+            TensorImages(_pre_resize(vx, man), vy) if len(vy) else None, held,
         )
     if cfg.data.startswith("imagefolder:"):
         from torchvision.transforms import v2 as T
@@ -266,12 +325,28 @@ def load_data(cfg) -> DataSpec:
         resize = int(round(r / 0.875))  # the standard 0.875 centre crop of ImageNet evaluation
         man = Manifest(variant="", config={}, num_classes=len(classes), classes=[], dataset="", resolution=r, resize=resize)
         train_tf = T.Compose([T.RandomResizedCrop(r, antialias=True), *([augment] if augment else [])])
+        def evaluation(folder: str) -> ImageFiles:
+            files = ImageFiles(root / folder, classes, lambda x: resize_crop(x, man)[0])
+            files.samples = stratified_subset(files.samples, cfg.limit_test, cfg.seed)
+            return files
+
         train = ImageFiles(root / "train", classes, train_tf)
-        test = ImageFiles(root / "val", classes, lambda x: resize_crop(x, man)[0])
+        if (root / "test").is_dir():  # train/ val/ test/: the folders are the splits
+            test, val = evaluation("test"), evaluation("val") if cfg.val_size else None
+            split = {"val_images": len(val.samples) if val else 0, "val_seed": None, "val_from": "val/"}
+        else:  # train/ val/: val/ is the test split, validation is held out of train/
+            test = evaluation("val")
+            n_val = val_count(cfg.val_size, len(train.samples), "imagefolder")
+            keep, held = stratified_split([y for _, y in train.samples], n_val, cfg.val_seed)
+            val = ImageFiles(root / "train", classes, test.transform) if held else None
+            if val:
+                val.samples = stratified_subset([train.samples[i] for i in held], cfg.limit_test, cfg.seed)
+            train.samples = [train.samples[i] for i in keep]
+            split = {"val_images": n_val, "val_seed": cfg.val_seed, "val_from": "train"}
         train.samples = stratified_subset(train.samples, cfg.limit_train, cfg.seed)
-        test.samples = stratified_subset(test.samples, cfg.limit_test, cfg.seed)
         check_classes(root, classes, train, test)
-        return DataSpec(root.name.lower() or "imagefolder", classes, 3, False, IMAGENET_MEAN, IMAGENET_STD, resize, train, test)
+        return DataSpec(root.name.lower() or "imagefolder", classes, 3, False, IMAGENET_MEAN, IMAGENET_STD, resize,
+                        train, test, val, split)
     raise ValueError(f"unknown data {cfg.data!r}: use fashion-mnist, imagefolder:PATH or fake")
 
 

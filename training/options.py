@@ -56,7 +56,11 @@ HELP = {
     "run_dir": "folder for the resumable training state and epoch log (default: $BENTOML_HOME/runs/NAME)",
     "stop_after_epoch": "stop after this epoch with the state saved and no checkpoint (simulates an interruption)",
     "limit_train": "use only the first N training images (smoke runs)",
-    "limit_test": "use only the first N test images (smoke runs)",
+    "limit_test": "use only the first N test and validation images (smoke runs)",
+    "val_size": "validation images held out of the training set, on which the EMA-or-model choice is made "
+    "(the test split is evaluated once, at the end): a count, a fraction (< 1), 0 for none, -1 for 5000 of "
+    "Fashion-MNIST or a tenth of an image folder's train/ (one with a test/ folder validates on val/)",
+    "val_seed": "seed of the validation split, apart from --seed so that every run chooses on the same images",
     "sync_bn": "synchronise BatchNorm statistics across processes",
     "dist_backend": "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), gloo or nccl",
 }

@@ -178,7 +178,8 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                                  "one is used)")
     t_data = time.perf_counter()
     data = load_data(cfg)
-    log(f"data {cfg.data}: {len(data.train)} train / {len(data.test)} test images, {len(data.classes)} classes, "
+    log(f"data {cfg.data}: {len(data.train)} train / {len(data.val) if data.val else 0} validation / "
+        f"{len(data.test)} test images, {len(data.classes)} classes, "
         f"{data.in_chans} channel(s) at {cfg.resolution}x{cfg.resolution} ({time.perf_counter() - t_data:.1f} s)")
     if min(cfg.batch_size, len(data.train) // world) < 2:
         # BatchNorm cannot normalise one image over a 1x1 map ("Expected more than 1 value per channel").
@@ -248,6 +249,10 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                             drop_last=len(data.train) // world >= cfg.batch_size, pin_memory=device.type == "cuda",
                             persistent_workers=cfg.workers > 0)  # no re-fork of the workers every epoch
     test_loader = DataLoader(data.test, batch_size=256, shuffle=False, num_workers=cfg.workers)
+    # Every choice is made on the validation split; the test split is evaluated once, after the choice.
+    chooser = "val" if data.val is not None else "test"
+    val_loader = (DataLoader(data.val, batch_size=256, shuffle=False, num_workers=cfg.workers)
+                  if data.val is not None else test_loader)
     steps_per_epoch = len(loader)
     # A fractional `epochs` (the quick recipe's 0.75) ends the last pass early; the schedule spans exactly
     # the steps that run.
@@ -338,11 +343,11 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             recalibrated = True
         if main_proc and (is_last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             last = {
-                "model": evaluate(net, test_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
-                "ema": evaluate(ema.module, test_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
+                "model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
+                "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype),
             }
-            record.update(test_top1=last["model"]["top1"], test_top5=last["model"]["top5"], test_loss=last["model"]["loss"],
-                          ema_top1=last["ema"]["top1"], ema_top5=last["ema"]["top5"], ema_loss=last["ema"]["loss"])
+            record.update({f"{chooser}_{k}": last["model"][k] for k in ("top1", "top5", "loss")})
+            record.update({f"ema_{chooser}_{k}": last["ema"][k] for k in ("top1", "top5", "loss")})
         if main_proc:
             append_jsonl(run_dir / LOG_FILE, record)
             log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
@@ -366,15 +371,20 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                 sampler.set_epoch(n_passes - 1)
                 for m in (net, ema.module):
                     recalibrate_bn(m, loader, normalize, cfg.bn_recalibrate, device, cfg.channels_last)
-            last = {"model": evaluate(net, test_loader, normalize, manifest.num_classes, device, cfg.channels_last),
-                    "ema": evaluate(ema.module, test_loader, normalize, manifest.num_classes, device, cfg.channels_last)}
+            last = {"model": evaluate(net, val_loader, normalize, manifest.num_classes, device, cfg.channels_last),
+                    "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last)}
         pick = "ema" if last["ema"]["top1"] >= last["model"]["top1"] else "model"
-        best, export = last[pick], (ema.module if pick == "ema" else net)
+        export = ema.module if pick == "ema" else net
+        best = (evaluate(export, test_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype)
+                if chooser == "val" else last[pick])  # the test split, once, for the chosen weights only
         manifest.metrics = {
             "top1": best["top1"], "top5": best["top5"], "loss": best["loss"],
-            "per_class": dict(zip(manifest.classes, best["per_class"])),
-            "weights": pick, "model_top1": last["model"]["top1"], "ema_top1": last["ema"]["top1"],
-            "test_images": best["images"], "epochs": cfg.epochs, "train_seconds": round(train_seconds, 1),
+            "per_class": dict(zip(manifest.classes, best["per_class"])), "test_images": best["images"],
+            # what chose the weights: top-1 of both on `chosen_on` (val, or test when --val-size is 0)
+            "weights": pick, "chosen_on": chooser, "model_top1": last["model"]["top1"], "ema_top1": last["ema"]["top1"],
+            "val_top1": last[pick]["top1"] if chooser == "val" else None, "val_images": data.split.get("val_images", 0),
+            "val_seed": data.split.get("val_seed"), "val_from": data.split.get("val_from"),
+            "epochs": cfg.epochs, "train_seconds": round(train_seconds, 1),
             "images_per_s": round(images_seen / train_seconds, 1) if images_seen else None,
             "world_size": world, "ranks_in_sync": in_sync,
         }
@@ -393,8 +403,8 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                                   extra_files={LOG_FILE: run_dir / LOG_FILE, CONFUSION_FILE: png})
         mark_exported(run_dir, tag)
         result.update(tag=tag, metrics=manifest.metrics)
-        log(f"saved {tag}: top-1 {best['top1']:.2%} top-5 {best['top5']:.2%} ({pick} weights; model "
-            f"{last['model']['top1']:.2%}, EMA {last['ema']['top1']:.2%}), {train_seconds:.0f} s training, "
+        log(f"saved {tag}: test top-1 {best['top1']:.2%} top-5 {best['top5']:.2%} ({pick} weights, chosen on {chooser}: "
+            f"model {last['model']['top1']:.2%}, EMA {last['ema']['top1']:.2%}), {train_seconds:.0f} s training, "
             f"{manifest.metrics['images_per_s']} images/s")
         if world > 1:
             log(f"ranks in sync: {in_sync} ({digests})")

@@ -141,7 +141,10 @@ def test_imagefolder_layout_quirks_are_ignored_warned_or_refused(tmp_path, caplo
     with caplog.at_level("WARNING", logger="effnet.data"):
         spec = load_data(resolve_config({"data": f"imagefolder:{root}", "resolution": 32}))
     assert spec.classes == ["cat", "dog", "empty", "onlytrain"]  # no hidden or system folders
-    assert len(spec.train) == 6 + 6 + 3 + 2  # the symlinked sub-folder followed once, the loop not again
+    # the symlinked sub-folder followed once, the loop not again; a tenth held out of train/ for validation
+    assert len(spec.train) + len(spec.val) == 6 + 6 + 3 + 2 and len(spec.val) == 2
+    assert not {p for p, _ in spec.train.samples} & {p for p, _ in spec.val.samples}
+    assert spec.split == {"val_images": 2, "val_seed": 0, "val_from": "train"}
     warned = " ".join(r.message for r in caplog.records)
     assert "['onlyval']" in warned and "['empty']" in warned and "['empty', 'onlytrain']" in warned
     # --limit-train takes from every class (the first N files in class order were all cats), seeded
@@ -151,7 +154,47 @@ def test_imagefolder_layout_quirks_are_ignored_warned_or_refused(tmp_path, caplo
     assert picked == load_data(cfg).train.samples
     assert picked != load_data(resolve_config({**cfg.to_dict(), "seed": 1})).train.samples
     assert {label for _, label in load_data(cfg).test.samples} == {0, 1}
+    # with a test/ folder, the folders are the splits: val/ validates, test/ tests, train/ is kept whole
+    _folder_of_images(tmp_path / "three", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2, "test/a": 3, "test/b": 3})
+    three = load_data(resolve_config({"data": f"imagefolder:{tmp_path / 'three'}", "resolution": 32}))
+    assert (len(three.train), len(three.val), len(three.test)) == (8, 4, 6) and three.split["val_from"] == "val/"
+    assert all(p.parent.parent.name == "test" for p, _ in three.test.samples)
     # one class is refused
     _folder_of_images(tmp_path / "one", {"train/only": 3, "val/only": 2})
     with pytest.raises(ValueError, match="at least 2 class"):
         load_data(resolve_config({"data": f"imagefolder:{tmp_path / 'one'}", "resolution": 32}))
+
+
+def test_the_validation_split_is_stratified_disjoint_and_reproducible_from_its_seed():
+    from training.data import stratified_split, val_count
+
+    labels = [i % 10 for i in range(60_000)]
+    train, val = stratified_split(labels, val_count(-1, len(labels), "fashion-mnist"), seed=0)
+    assert len(val) == 5000 and len(train) == 55_000 and not set(train) & set(val)
+    assert sorted(train + val) == list(range(60_000))
+    assert [sum(labels[i] == c for i in val) for c in range(10)] == [500] * 10  # each class in proportion
+    assert stratified_split(labels, 5000, seed=0) == (train, val)  # the seed decides, nothing else
+    assert stratified_split(labels, 5000, seed=1)[1] != val
+    # unequal classes: quotas in proportion, largest remainders first, summing to the count asked for
+    skewed = [0] * 70 + [1] * 20 + [2] * 10
+    _, v = stratified_split(skewed, 11, seed=3)
+    assert len(v) == 11 and [sum(skewed[i] == c for i in v) for c in range(3)] == [8, 2, 1]
+    assert val_count(0.1, 1000, "imagefolder") == 100 and val_count(0, 1000, "fake") == 0
+    assert val_count(-1, 4, "fashion-mnist") == 0  # auto on a tiny set holds nothing out
+    with pytest.raises(ValueError, match="leaves too few to train on"):
+        val_count(999, 1000, "fashion-mnist")
+
+
+@pytest.mark.skipif(not fashion_mnist.available(), reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_holds_out_5000_training_images_for_validation_and_keeps_the_test_split_whole():
+    from training.data import load_data
+
+    spec = load_data(resolve_config({"data": "fashion-mnist", "resolution": 28}))
+    assert (len(spec.train), len(spec.val), len(spec.test)) == (55_000, 5_000, 10_000)
+    assert spec.split == {"val_images": 5000, "val_seed": 0, "val_from": "train"}
+    assert torch.bincount(spec.val.labels).tolist() == [500] * 10
+    # disjoint from the training images: no validation image is also a training image, pixel for pixel
+    train = {bytes(x.numpy()) for x in spec.train.images}
+    assert not any(bytes(x.numpy()) in train for x in spec.val.images[:500])
+    none = load_data(resolve_config({"data": "fashion-mnist", "resolution": 28, "val_size": 0}))
+    assert none.val is None and len(none.train) == 60_000

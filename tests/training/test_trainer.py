@@ -44,11 +44,15 @@ def test_fake_training_end_to_end_into_the_store(trained, capsys, monkeypatch):
     assert man.resolution == 32 and man.in_chans == 3 and man.params == sum(p.numel() for p in model.parameters())
     m = man.metrics
     assert 0 <= m["top1"] <= m["top5"] <= 1 and m["weights"] in ("model", "ema")
-    assert set(m["per_class"]) == set(man.classes) and m["top1"] == max(m["model_top1"], m["ema_top1"])
+    assert set(m["per_class"]) == set(man.classes)
+    # chosen on the 16 validation images held out of the 96 training ones; top1 is the test split's, once
+    assert (m["chosen_on"], m["val_images"], m["val_seed"], m["val_from"]) == ("val", 16, 0, "train")
+    assert m["weights"] == ("ema" if m["ema_top1"] >= m["model_top1"] else "model")
+    assert m["val_top1"] == max(m["model_top1"], m["ema_top1"]) and m["test_images"] == 32
     assert man.training["epochs"] == 2 and man.training["variant"] == "b0-compact" and man.training["seed"] == 0
     folder = Path(rows[0]["path"])
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2] and all("images_per_s" in r and "ema_top1" in r for r in log)
+    assert [r["epoch"] for r in log] == [1, 2] and all("images_per_s" in r and "ema_val_top1" in r for r in log)
     assert (folder / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The stored weights reproduce the stored top-1 through the service's preprocessing.
     from training.data import load_data
@@ -183,10 +187,19 @@ def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tmp_path, bentoml_home)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in log] == [(1, 2), (2, 3)]
     assert result["metrics"]["epochs"] == 1.5
-    assert result["metrics"]["images_per_s"] is not None  # evaluated after the last pass, on the test split:
-    assert {"test_top1", "test_top5", "test_loss", "ema_top1"} <= set(log[-1]) and "val_top1" not in log[-1]
+    assert result["metrics"]["images_per_s"] is not None  # evaluated after the last pass, on the validation split:
+    assert {"val_top1", "val_top5", "val_loss", "ema_val_top1"} <= set(log[-1]) and "test_top1" not in log[-1]
     with pytest.raises(ValueError, match="epochs must be above 0"):
         tiny_cfg(tmp_path, epochs=0)
+
+
+def test_without_a_validation_split_the_choice_falls_to_the_test_split_and_says_so(tmp_path, bentoml_home):
+    result = train_main(tiny_cfg(tmp_path, epochs=1, val_size=0), progress=False)
+    m = result["metrics"]
+    assert (m["chosen_on"], m["val_images"], m["val_top1"]) == ("test", 0, None)
+    assert m["top1"] == max(m["model_top1"], m["ema_top1"])  # the test figure chose: it is optimistic
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert {"test_top1", "ema_test_top1"} <= set(log[-1])
 
 
 def test_init_from_a_checkpoint_keeps_its_layers_and_rebuilds_what_does_not_fit(bentoml_home):
