@@ -220,7 +220,8 @@ class VariantRunner:
         up = getattr(self.engines[n], "upgrade", None)
         if up is not None and up.done():
             self._upgrade(n)
-        return torch.softmax(self.engines[n](x).float(), dim=1).numpy()
+        # the manifest's temperature makes the scores calibrated probabilities; the top-1 is the same
+        return torch.softmax(self.engines[n](x).float() / self.manifest.temperature, dim=1).numpy()
 
     def _upgrade(self, n: int) -> None:
         """A stand-in engine's rebuilt successor is ready (engines.loader): it serves from this batch on."""

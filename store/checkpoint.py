@@ -47,6 +47,9 @@ class Manifest:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     resize: int | None = None
     grayscale: bool = False  # trained on grayscale images (replicated to in_chans channels)
+    # Scores are softmax(logits / temperature): fitted on the validation split by the trainer so that they are
+    # calibrated probabilities (training/temperature.py); 1.0 for checkpoints made without one.
+    temperature: float = 1.0
     metrics: dict[str, Any] = field(default_factory=dict)  # on the test split: top1/top5 as fractions, per_class, ...
     training: dict[str, Any] = field(default_factory=dict)  # the resolved training configuration
     params: int = 0

@@ -194,12 +194,15 @@ def recalibrate_bn(model: nn.Module, loader, normalize, batches: int, device, ch
 
 
 @torch.no_grad()
-def evaluate(model, loader, normalize, num_classes: int, device, channels_last: bool = True, amp_dtype=None) -> dict:
-    """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+def evaluate(model, loader, normalize, num_classes: int, device, channels_last: bool = True, amp_dtype=None,
+             keep_logits: bool = False) -> dict:
+    """Top-1, top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted);
+    with `keep_logits`, also "logits" and "labels" (CPU tensors) for score calibration."""
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     top5_hits, total, loss_sum = 0, 0, 0.0
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     k = min(5, num_classes)
     t0 = time.perf_counter()
     for images, labels in loader:
@@ -208,12 +211,16 @@ def evaluate(model, loader, normalize, num_classes: int, device, channels_last: 
             logits = model(normalize(images).contiguous(memory_format=memory_format)).float()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         pred = logits.argmax(-1)
+        if keep_logits:
+            kept.append((logits.cpu(), labels.cpu()))
         confusion += torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes**2).view(num_classes, -1)
         top5_hits += int((logits.topk(k, -1).indices == labels[:, None]).any(-1).sum())
         total += labels.shape[0]
     # None, not 0.0, for a class without test images: it was not measured, not always missed.
     per_class = [float(hit) / n if n else None for hit, n in zip(confusion.diag().tolist(), confusion.sum(1).tolist())]
+    out = {"logits": torch.cat([x for x, _ in kept]), "labels": torch.cat([y for _, y in kept])} if kept else {}
     return {
+        **out,
         "top1": float(confusion.diag().sum()) / max(1, total),
         "top5": top5_hits / max(1, total),
         "loss": loss_sum / max(1, total),

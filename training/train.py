@@ -375,8 +375,14 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
                     "ema": evaluate(ema.module, val_loader, normalize, manifest.num_classes, device, cfg.channels_last)}
         pick = "ema" if last["ema"]["top1"] >= last["model"]["top1"] else "model"
         export = ema.module if pick == "ema" else net
-        best = (evaluate(export, test_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype)
-                if chooser == "val" else last[pick])  # the test split, once, for the chosen weights only
+        best = (evaluate(export, test_loader, normalize, manifest.num_classes, device, cfg.channels_last, amp_dtype,
+                         keep_logits=True) if chooser == "val" else last[pick])  # the test split, once, for the chosen weights
+        if chooser == "val":  # scores as calibrated probabilities: a temperature fitted on the validation split
+            from .temperature import collect_logits, score_calibration
+
+            val_logits = collect_logits(export, val_loader, normalize, device, cfg.channels_last)
+            scores = score_calibration(val_logits, (best.pop("logits"), best.pop("labels")))
+            manifest.temperature = scores["temperature"]
         manifest.metrics = {
             "top1": best["top1"], "top5": best["top5"], "loss": best["loss"],
             "per_class": dict(zip(manifest.classes, best["per_class"])), "test_images": best["images"],
@@ -384,6 +390,7 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
             "weights": pick, "chosen_on": chooser, "model_top1": last["model"]["top1"], "ema_top1": last["ema"]["top1"],
             "val_top1": last[pick]["top1"] if chooser == "val" else None, "val_images": data.split.get("val_images", 0),
             "val_seed": data.split.get("val_seed"), "val_from": data.split.get("val_from"),
+            "score_temperature": scores if chooser == "val" else None,
             "epochs": cfg.epochs, "train_seconds": round(train_seconds, 1),
             "images_per_s": round(images_seen / train_seconds, 1) if images_seen else None,
             "world_size": world, "ranks_in_sync": in_sync,

@@ -69,6 +69,7 @@ def test_a_runner_swaps_in_the_rebuilt_engine_at_its_next_batch():
 
     runner = VariantRunner.__new__(VariantRunner)
     runner.v = type("V", (), {"name": "b0"})()
+    runner.manifest = type("M", (), {"temperature": 1.0})()
     stand_in, rebuilt = Fake("onnxruntime", 0), Fake("onnxruntime-int8", 1)
     runner.engines, runner.engine = {1: stand_in}, stand_in
     stand_in.upgrade = Future()

@@ -49,6 +49,10 @@ def test_fake_training_end_to_end_into_the_store(trained, capsys, monkeypatch):
     assert (m["chosen_on"], m["val_images"], m["val_seed"], m["val_from"]) == ("val", 16, 0, "train")
     assert m["weights"] == ("ema" if m["ema_top1"] >= m["model_top1"] else "model")
     assert m["val_top1"] == max(m["model_top1"], m["ema_top1"]) and m["test_images"] == 32
+    # a temperature fitted on the validation split, with the calibration error before and after on both splits
+    cal = m["score_temperature"]
+    assert man.temperature == cal["temperature"] > 0 and cal["ece_val_after"] <= cal["ece_val_before"] + 1e-9
+    assert {"ece_test_before", "ece_test_after"} <= set(cal)
     assert man.training["epochs"] == 2 and man.training["variant"] == "b0-compact" and man.training["seed"] == 0
     folder = Path(rows[0]["path"])
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
@@ -196,7 +200,7 @@ def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tmp_path, bentoml_home)
 def test_without_a_validation_split_the_choice_falls_to_the_test_split_and_says_so(tmp_path, bentoml_home):
     result = train_main(tiny_cfg(tmp_path, epochs=1, val_size=0), progress=False)
     m = result["metrics"]
-    assert (m["chosen_on"], m["val_images"], m["val_top1"]) == ("test", 0, None)
+    assert (m["chosen_on"], m["val_images"], m["val_top1"], m["score_temperature"]) == ("test", 0, None, None)
     assert m["top1"] == max(m["model_top1"], m["ema_top1"])  # the test figure chose: it is optimistic
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert {"test_top1", "ema_test_top1"} <= set(log[-1])
