@@ -45,6 +45,7 @@ def build():
     route = 'route=~"$route"'
     classify = f'endpoint="classify", {route}'
     agreed, compared = f'result="agree", {route}', f'result=~"agree|disagree", {route}'
+    pair = "route, variant, primary"  # a shadow (variant) against the variant it mirrored
     not_ok = 'status!="200", route=~"$route|none"'
     of_route = 'route=~"(.*,)?($route)(,.*)?"'  # effnet_variant_info's route: the variant's routes, comma-joined
 
@@ -91,7 +92,7 @@ def build():
         panel(g.TimeSeries, "Shadow agreement",
               "Share of mirrored requests where the shadow's top-1 class equals the primary's, by shadow and "
               "primary variant; errors are left out (they are in the errors panel's rates)",
-              [(f"{rate(shadow, agreed, 'route, variant, primary')} / {rate(shadow, compared, 'route, variant, primary')}",
+              [(f"{rate(shadow, agreed, pair)} / {rate(shadow, compared, pair)}",
                 "{{variant}} vs {{primary}}")],
               0, 16, unit="percentunit", valueMin=0, valueMax=1),
         panel(g.TimeSeries, "Errors and refusals",

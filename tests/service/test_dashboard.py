@@ -70,7 +70,8 @@ def test_committed_feedback_reaches_the_gauges_with_the_counts_of_get_experiment
         result = asyncio.run(stream())
     finally:
         ex.close()
-    assert _accuracy("gauged", "b0", False, "estimate") == 3 / 5 and _accuracy("gauged", "mec", False, "estimate") == 1 / 3
+    assert _accuracy("gauged", "b0", False, "estimate") == 3 / 5
+    assert _accuracy("gauged", "mec", False, "estimate") == 1 / 3
     assert _accuracy("gauged", "compact", True, "estimate") == 2 / 8  # the shadow was right on the two 3s
     for row in result["variants"]:
         got = [_accuracy("gauged", row["variant"], row["role"] == "shadow", b) for b in ("low", "high")]
