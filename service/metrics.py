@@ -60,6 +60,13 @@ FEEDBACK = Counter(
     "answer counts under the shadow variant)",
     ["route", "variant", "correct"],
 )
+ONLINE_ACCURACY = Gauge(
+    "effnet_online_accuracy", "Each experiment variant's accuracy on its labelled answers (POST /feedback): the "
+    "estimate and the bounds of its 95% Wilson interval (bound: estimate, low, high); shadow=\"true\": the variant's "
+    "mirrored answers. Counted in the experiment database, as GET /experiments counts them",
+    ["route", "variant", "shadow", "bound"], multiprocess_mode="mostrecent",
+)
+ACCURACY_BOUNDS = ("estimate", "low", "high")  # the `bound` label of ONLINE_ACCURACY
 ROUTE_CHANGES = Counter(
     "effnet_route_changes", "Accepted live changes of a route's split or shadow (PATCH /routes/NAME)", ["route"],
 )

@@ -9,10 +9,20 @@ control: the difference with its always-valid interval, p-value, minimum detecta
 
 The database opens on first use (a server without experiments writes nothing) and its blocking calls
 run on a thread, never on the event loop.
+
+Prometheus gets each variant's online accuracy with its interval (`effnet_online_accuracy`, service/
+metrics.py) from the same counts as GET /experiments: read from the database, not counted in this
+process, so that every gateway on a shared database and a restarted one show the whole experiment.
+Committed feedback marks its route stale; one background task reads stale routes at most every
+`PUBLISH_EVERY_S`, so a burst of feedback costs one summary, and the last feedback of a burst is
+still shown.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 from typing import Any
 
 import anyio.to_thread
@@ -25,6 +35,12 @@ from .stats import Counts, decide, wilson
 
 MAX_FEEDBACK_ITEMS = 1000  # in one POST /feedback
 MAX_FEEDBACK_BYTES = 256 * 1024
+# How often the accuracy gauges of a route under feedback are recomputed: a summary reads up to
+# RecordSettings.latency_window records per variant, too much per feedback request under load, and
+# Prometheus scrapes every few seconds at best.
+PUBLISH_EVERY_S = 1.0
+
+logger = logging.getLogger("effnet.experiments")
 
 
 class Experiments:
@@ -32,6 +48,9 @@ class Experiments:
         self.cfg = cfg  # replaced with the live configuration on a route change (GatewayService.change_route)
         self.classes = classes  # variant -> its class names
         self._records: ExperimentRecords | None = None
+        self._stale: set[str] = set()  # routes whose feedback changed since their gauges were set
+        self._publisher: asyncio.Task | None = None
+        self._published_at = -PUBLISH_EVERY_S  # monotonic time of the last publication
 
     @property
     def records(self) -> ExperimentRecords:
@@ -129,6 +148,8 @@ class Experiments:
                 metrics.FEEDBACK.labels(r.route, r.variant, str(r.correct).lower()).inc()
                 for shadow, correct in r.shadows:
                     metrics.FEEDBACK.labels(r.route, shadow, str(correct).lower()).inc()
+                self._stale.add(r.route)
+        self._publish_soon()
         if single and isinstance(results[0], FeedbackError):
             raise results[0]
         asked = [item.get("request_id") if isinstance(item, dict) else None for item in items]
@@ -154,6 +175,7 @@ class Experiments:
         out = {}
         for name in names:
             rows = await anyio.to_thread.run_sync(self.records.summary, name)
+            publish_accuracy(name, rows)
             out[name] = self._result(name, rows)
         return out[route] if route is not None else {"experiments": out}
 
@@ -177,6 +199,44 @@ class Experiments:
                 "status": "collecting" if not decided or "collecting" in decided else
                 ("better" if "better" in decided else "worse" if set(decided) == {"worse"} else "no_difference")}
 
+    # the accuracy gauges
+
+    def _publish_soon(self) -> None:
+        """Have the stale routes' gauges set by the publisher task, started if none runs on this loop."""
+        if self._stale and (self._publisher is None or self._publisher.done()):
+            self._publisher = asyncio.get_running_loop().create_task(self._publish())
+
+    async def _publish(self) -> None:
+        while self._stale:
+            wait = self._published_at + PUBLISH_EVERY_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            routes, self._stale = self._stale, set()
+            self._published_at = time.monotonic()
+            for route in sorted(routes):
+                try:
+                    publish_accuracy(route, await anyio.to_thread.run_sync(self.records.summary, route))
+                except Exception as e:  # noqa: BLE001 - the gauges wait for the next feedback; answers go on
+                    logger.warning("experiment %s: accuracy gauges not updated: %s: %s", route, type(e).__name__, e)
+
+    async def published(self) -> None:
+        """Return once the gauges show every feedback committed before the call."""
+        while self._publisher is not None and not self._publisher.done():
+            await asyncio.shield(self._publisher)
+
     def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
         if self._records is not None:
             self._records.close()
+
+
+def publish_accuracy(route: str, rows: list) -> None:
+    """Set `effnet_online_accuracy` from a route's summary (records.VariantSummary rows): per variant with
+    feedback, served and shadow apart, the accuracy and its 95% Wilson bounds. A variant without feedback
+    has no series: nothing is known of it yet."""
+    for r in rows:
+        if r.labelled:
+            low, high = wilson(r.correct, r.labelled)
+            for bound, value in zip(metrics.ACCURACY_BOUNDS, (r.correct / r.labelled, low, high)):
+                metrics.ONLINE_ACCURACY.labels(route, r.variant, str(r.shadow).lower(), bound).set(value)
