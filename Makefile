@@ -7,7 +7,7 @@ EFFNET := $(VENV)/bin/effnet
 STAMP := $(VENV)/.installed
 # Debian packages the tests and load tests use: real data, a real Prometheus server, and wrk (the
 # serving benchmark's load generator: C, a tenth of the CPU a Python generator takes from the server).
-DEBS := dataset-fashion-mnist prometheus wrk
+DEBS := dataset-fashion-mnist prometheus wrk postgresql
 
 .PHONY: setup system-deps test test-fast models bench serve clean help checkpoints train-full loadtest engines chaos soak
 

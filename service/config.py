@@ -192,7 +192,8 @@ class ServerConfig:
     # Log lines as BentoML writes them ("text", with the request's ids appended) or one JSON object a line
     # ("json"), for a log pipeline that parses fields (service/request_log.py).
     log_format: str = "text"
-    # The experiment records (service/experiments/records.py): "" = the state folder's; a path or sqlite:///PATH
+    # The experiment records (service/experiments/backends.py): "" = the state folder's SQLite file; a path,
+    # sqlite:///PATH, or postgresql://... for a database that several gateways share
     experiments_db: str = ""
     # POST /feedback needs the admin token: "auto" (when a route has a policy: feedback moves its traffic),
     # "token" (always) or "none"
@@ -392,7 +393,7 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
                                        positive=True)
     if "experiments_db" in server_raw:
         if not isinstance(s.setdefault("experiments_db", server_raw["experiments_db"]), str):
-            raise ConfigError(f"{source}: server.experiments_db: expected a path, got {s['experiments_db']!r}")
+            raise ConfigError(f"{source}: server.experiments_db: expected a path or a URL, got {s['experiments_db']!r}")
     for key in ("worker_nice", "decode_nice"):
         if key in server_raw:
             s[key] = _number(f"server.{key}", server_raw[key], integer=True)

@@ -9,9 +9,11 @@
   also labels its shadow's record, written before or after it: a shadow is measured on the same requests.
 - **Bounded.** Feedback is taken for `feedback_window_s` after the answer; records are kept `retention_s`,
   then deleted by the writer in chunks of at most `purge_batch` rows, one short transaction each.
-- **Portable.** `Backend` is all the rest needs (DB-API connections, the placeholder style) and the SQL is what
-  SQLite and PostgreSQL share, so a PostgreSQL backend for several gateways is one more class. The embedded
-  default, `SQLiteBackend`, keeps `experiments.sqlite3` in the state folder, in WAL mode.
+- **Portable.** A `backends.Backend` is all the rest needs (DB-API connections, placeholders, named locks); the
+  SQL is what SQLite and PostgreSQL share. On a database shared by several gateways (PostgreSQL), feedback for
+  a request not on record waits `peer_wait_s` for the others' writers before its 404.
+- **Outages.** A failed connection is closed and opened again when next needed (after `retry_s`); meanwhile
+  feedback and summaries answer 503 and records wait in the queue.
 """
 from __future__ import annotations
 
@@ -22,24 +24,20 @@ import logging
 import math
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from store.paths import state_dir
-
 from ..errors import ClientError
+from .backends import DB_FILE, Backend, SQLiteBackend, open_backend  # noqa: F401 (importable from here too)
 
 logger = logging.getLogger("effnet.experiments")
 
-DB_FILE = "experiments.sqlite3"
 DAY_S = 86400.0
 
 SCHEMA = (  # `at`: seconds since the epoch; `shadow_of`: NULL for an answer, else the answer a shadow mirrored
@@ -69,12 +67,14 @@ class RecordSettings:
     purge_batch: int = 1000  # rows deleted per transaction, so a purge never holds the writer for long
     latency_window: int = 10_000  # latency percentiles are over each variant's latest N records
     busy_timeout_ms: int = 5000  # how long a connection waits for another process's lock
+    peer_wait_s: float = 1.0  # a shared database: another gateway's writer commits its records within this
+    retry_s: float = 1.0  # after a database failure, the records wait this long before the writer tries again
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_queue", "purge_batch", "latency_window", "busy_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("flush_ms", "feedback_timeout_s", "feedback_window_s", "purge_every_s"):
+        for name in ("flush_ms", "feedback_timeout_s", "feedback_window_s", "purge_every_s", "peer_wait_s", "retry_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if self.retention_s < self.feedback_window_s:
@@ -152,53 +152,22 @@ class Counters:
     purged: int = 0  # records deleted by retention
 
 
-class Backend(Protocol):
-    """A database for the records: new DB-API 2 connections (transactions ended by commit or rollback, each
-    connection used by one thread at a time) and the driver's placeholder spelling."""
-
-    def connect(self) -> Any: ...
-
-    def sql(self, statement: str) -> str: ...  # `statement`, written with `?` placeholders, in the driver's style
-
-
-@dataclass(frozen=True)
-class SQLiteBackend:
-    """The embedded default: one file, WAL mode (readers never wait for the writer), `synchronous=FULL` so that
-    a committed transaction survives a power cut, not only a killed process."""
-    path: Path
-    busy_timeout_ms: int = 5000
-
-    def connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():  # client hashes and labels: readable by the server's user only
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        return conn
-
-    def sql(self, statement: str) -> str:
-        return statement
-
-
-def open_backend(where: str | os.PathLike | Backend | None = None, busy_timeout_ms: int = 5000) -> Backend:
-    """A backend given one, a database URL, or a path to an SQLite file; by default `experiments.sqlite3` in
-    the state folder (store.paths.state_dir)."""
-    if where is not None and hasattr(where, "connect"):
-        return where  # type: ignore[return-value]
-    if isinstance(where, str) and where.startswith(("postgres://", "postgresql://")):
-        raise NotImplementedError("a PostgreSQL backend is not available yet: it is a Backend with psycopg "
-                                  "connections and %s placeholders")
-    if isinstance(where, str) and where.startswith("sqlite:"):
-        where = where.removeprefix("sqlite:").removeprefix("//")
-    return SQLiteBackend(Path(where) if where else state_dir() / DB_FILE, busy_timeout_ms)
-
-
 class Db:
-    """One connection of a backend, used through DB-API 2 cursors only (`conn.execute` is sqlite3's own)."""
+    """A backend's connection, opened when first used and after `drop()`; DB-API 2 cursors only (not sqlite3's
+    `conn.execute`)."""
 
     def __init__(self, backend: Backend) -> None:
-        self.backend, self.conn = backend, backend.connect()
+        self.backend, self._conn = backend, None
+
+    @property
+    def conn(self) -> Any:
+        self._conn = self._conn or self.backend.connect()
+        return self._conn
+
+    def drop(self) -> None:
+        conn, self._conn = self._conn, None
+        with contextlib.suppress(Exception):  # a connection that failed closes in whatever state it is
+            conn and conn.close()
 
     def run(self, statement: str, args: tuple = ()) -> Any:
         cur = self.conn.cursor()
@@ -216,6 +185,7 @@ ADD_FEEDBACK = ("INSERT INTO feedback (request_id, label, correct, at) VALUES (?
 
 def create_schema(db: Db) -> bytes:
     """The tables, and the key for client hashes (made once, shared by every process on the database)."""
+    db.backend.lock(db, ["schema"])  # gateways that start together create it one after the other
     for statement in SCHEMA:
         db.run(statement)
     db.run("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
@@ -315,7 +285,7 @@ class ExperimentRecords:
         self._writer_db, self._reader_db = Db(self.backend), Db(self.backend)
         self._client_key = create_schema(self._writer_db)
         self._rlock = threading.Lock()  # the reader's connection serves one summary at a time
-        self._next_purge = time.monotonic()
+        self._next_purge = self._retry_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="effnet-experiment-writer", daemon=True)
         if start:
             self.start()
@@ -371,7 +341,14 @@ class ExperimentRecords:
         checked: list[Feedback | FeedbackError | None] = [bad_feedback(rid, label) for rid, label in items]
         todo = [(rid, int(label)) for (rid, label), bad in zip(items, checked) if bad is None]
         if todo:
-            done = iter(self._submit(todo))
+            results = self._submit(todo)
+            give_up = time.monotonic() + (self.settings.peer_wait_s if self.backend.shared else 0.0)
+            while (waiting := [i for i, r in enumerate(results) if isinstance(r, UnknownRequest)]) and \
+                    time.monotonic() < give_up:  # the record may sit in another gateway's queue
+                time.sleep(self.settings.flush_ms / 1000)
+                for i, result in zip(waiting, self._submit([todo[i] for i in waiting])):
+                    results[i] = result
+            done = iter(results)
             checked = [bad if bad is not None else next(done) for bad in checked]
         return checked  # type: ignore[return-value]
 
@@ -407,9 +384,13 @@ class ExperimentRecords:
     def _read(self, query: Callable[[Db], Any]) -> Any:
         with self._rlock:
             try:
-                return query(self._reader_db)
-            finally:
+                result = query(self._reader_db)
                 self._reader_db.conn.rollback()  # end the read transaction: the WAL can be checkpointed past it
+                return result
+            except Exception as e:
+                logger.exception("experiment records: read failed")
+                self._reader_db.drop()
+                raise RecordsUnavailable(f"the experiment database failed: {type(e).__name__}") from None
 
     def queued(self) -> int:
         with self._cond:
@@ -420,46 +401,55 @@ class ExperimentRecords:
     def _run(self) -> None:
         while True:
             rows, ops, closing = self._take()
+            s = self.settings
             try:
                 if rows or ops:
-                    self._write(rows, ops)
+                    self._write(rows, ops, closing)
                 if time.monotonic() >= self._next_purge:
-                    s = self.settings
                     n = purge(self._writer_db, self.clock() - s.retention_s, s.purge_batch)
                     self.counters.purged += n
                     # a full chunk means more are waiting: the next after the next batch, not a minute later
                     self._next_purge = time.monotonic() + (s.flush_ms / 1000 if n == s.purge_batch
                                                            else s.purge_every_s)
-            except Exception:  # the writer outlives any one failure; what it lost is counted
+            except Exception:  # the writer outlives any one failure: it reconnects after retry_s
                 logger.exception("experiment records: write failed")
+                self._writer_db.drop()
+                self._retry_at = time.monotonic() + s.retry_s
+                self._next_purge = max(self._next_purge, self._retry_at)
             if closing and not rows and not ops:
                 return
 
     def _take(self) -> tuple[list[tuple], list[_Op], bool]:
-        """Wait for a full batch, the oldest record's flush_ms, waiting feedback, a purge or close; take all."""
+        """Wait for a full batch, the oldest record's flush_ms (not before `_retry_at`), feedback, a purge or close."""
         s = self.settings
         with self._cond:
-            while not (self._ops or self._closing or len(self._queue) >= s.batch_size):
-                flush_at = self._first_queued + s.flush_ms / 1000 if self._queue else math.inf
-                left = min(self._next_purge, flush_at) - time.monotonic()
+            while not (self._ops or self._closing):
+                flush_at = (0.0 if len(self._queue) >= s.batch_size else self._first_queued + s.flush_ms / 1000) \
+                    if self._queue else math.inf
+                left = min(self._next_purge, max(flush_at, self._retry_at)) - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             rows, ops, self._queue, self._ops = list(self._queue), self._ops, deque(), deque()
             return rows, [op for op in ops if op.future.set_running_or_notify_cancel()], self._closing
 
-    def _write(self, rows: list[tuple], ops: list[_Op]) -> None:
+    def _write(self, rows: list[tuple], ops: list[_Op], closing: bool) -> None:
         db, now = self._writer_db, self.clock()
         try:
+            # an answer's feedback and its shadow's record, written by two gateways at once, see each other
+            db.backend.lock(db, [r[9] for r in rows if r[9]] + [rid for op in ops for rid, _ in op.items])
             if rows:
                 insert_requests(db, [self._hashed(r) for r in rows])
             results = [[apply_feedback(db, rid, label, now, self.settings.feedback_window_s)
                         for rid, label in op.items] for op in ops]
             db.conn.commit()
-        except Exception as e:
-            with contextlib.suppress(Exception):
-                db.conn.rollback()
-            self.counters.lost += len(rows)
+        except Exception as e:  # the transaction ends when _run drops the connection
+            # an unreachable database (DB-API's OperationalError): the records wait for the next try
+            keep = 0 if closing or "OperationalError" not in {c.__name__ for c in type(e).__mro__} else \
+                max(0, min(len(rows), self.settings.max_queue - self.queued()))
+            with self._cond:
+                self._queue.extendleft(reversed(rows[:keep]))
+            self.counters.lost += len(rows) - keep
             for op in ops:
                 op.future.set_exception(RecordsUnavailable(f"the experiment database failed: {type(e).__name__}"))
             raise
@@ -487,8 +477,8 @@ class ExperimentRecords:
         if self._thread.is_alive():
             logger.warning("experiment records: the writer did not finish within %g s", timeout)
             return
-        for db in (self._writer_db, self._reader_db):
-            db.conn.close()
+        self._writer_db.drop()
+        self._reader_db.drop()
 
 
 def bad_feedback(request_id: Any, label: Any) -> BadFeedback | None:
