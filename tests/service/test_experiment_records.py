@@ -324,7 +324,8 @@ def test_settings_that_contradict_each_other_are_refused():
         RecordSettings(max_queue=0)
 
 
-def test_a_postgresql_url_says_it_is_not_available_yet(db):
-    with pytest.raises(NotImplementedError, match="PostgreSQL"):
-        ExperimentRecords("postgresql://localhost/effnet")
+def test_a_database_url_chooses_its_backend(db):
+    from service.experiments.postgres import PostgresBackend
+
     assert rec.open_backend(f"sqlite://{db}").path == db
+    assert isinstance(rec.open_backend("postgresql://u:secret@127.0.0.1:1/effnet"), PostgresBackend)  # not connected
