@@ -21,11 +21,16 @@ def _run_name(text: str) -> str:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from loadtest.run import RunConfig, execute
 
+    # Options left out keep RunConfig's defaults (one place for them).
+    given = {k: v for k, v in {
+        "fashion_images": args.fashion_images, "experiment_route": args.experiment_route,
+        "experiment_s": args.experiment_seconds, "experiment_users": args.experiment_users,
+        "feedback_share": args.feedback_share, "weak_model": args.weak_model}.items() if v is not None}
     cfg = RunConfig(
         url=args.url, config=args.config, store_home=args.store, steps=args.steps, step_s=args.step_seconds,
         variants=args.variants.split(",") if args.variants else None, split=not args.no_split, slo_ms=args.slo_ms,
-        bad_share=args.bad_share, fashion_images=args.fashion_images, scrape_interval_s=args.scrape_interval,
-        max_total_s=args.max_seconds, reports_dir=args.reports_dir, name=args.name, seed=args.seed,
+        bad_share=args.bad_share, scrape_interval_s=args.scrape_interval, experiment=not args.no_experiment,
+        max_total_s=args.max_seconds, reports_dir=args.reports_dir, name=args.name, seed=args.seed, **given,
     )
     if cfg.max_total_s < cfg.step_s + 10:
         print(f"effnet loadtest: error: --max-seconds {cfg.max_total_s:g} leaves no time for one step of "
@@ -69,8 +74,10 @@ def add_commands(sub) -> None:
     p = sub.add_parser(
         "loadtest", help="load-test the service with Locust while Prometheus watches; write reports/<run>/",
         description="Start the service (or target --url), start a private Prometheus, drive Locust headless through "
-                    "a step-load profile per variant and through each split, then write report.md, tradeoff.png "
-                    "and results.json under reports/<run>/. Everything started is stopped again, also on Ctrl-C.",
+                    "a step-load profile per variant and through each split, then run an A/B experiment with "
+                    "feedback on the fashion route (control b0 against a deliberately weaker variant, trained once "
+                    "into the store) until it is decided, and write report.md, tradeoff.png and results.json under "
+                    "reports/<run>/. Everything started is stopped again, also on Ctrl-C.",
     )
     p.add_argument("--url", help="a running service on 127.0.0.1 (default: start `effnet serve`)")
     p.add_argument("--config", help="serving configuration for the started service (default: service/config.yaml)")
@@ -81,7 +88,16 @@ def add_commands(sub) -> None:
     p.add_argument("--no-split", action="store_true", help="skip the split phases")
     p.add_argument("--slo-ms", type=bounded(float, 1, 60000, " ms"), default=250.0, help="p99 objective for the best throughput (default 250)")
     p.add_argument("--bad-share", type=bounded(float, 0, 0.5), default=0.02, help="share of broken uploads (default 0.02)")
-    p.add_argument("--fashion-images", type=bounded(int, 1, 10000), default=200, help="Fashion-MNIST test images sent (default 200)")
+    p.add_argument("--fashion-images", type=bounded(int, 1, 10000), help="Fashion-MNIST test images sent (default: all 10000)")
+    e = p.add_argument_group("experiment phase", "split traffic with POST /feedback until the weak variant is decided; "
+                             "with --url, on a route that already runs an experiment ($EFFNET_ADMIN_TOKEN is sent "
+                             "as the bearer token where the server asks for one)")
+    e.add_argument("--no-experiment", action="store_true", help="skip the experiment phase")
+    e.add_argument("--experiment-route", help="the route of the experiment (default fashion)")
+    e.add_argument("--experiment-seconds", type=bounded(float, 5, 600, " s"), help="its longest run; it stops once decided (default 90)")
+    e.add_argument("--experiment-users", type=bounded(int, 1, 256), help="its concurrent users (default 8)")
+    e.add_argument("--feedback-share", type=bounded(float, 0, 1), help="share of labelled answers given feedback (default 1.0)")
+    e.add_argument("--weak-model", help="store name of the weak variant; trained once if absent (default compact-weak-fashion-mnist)")
     p.add_argument("--scrape-interval", type=bounded(float, 0.1, 60, " s"), default=1.0, help="Prometheus scrape interval, s (default 1)")
     p.add_argument("--max-seconds", type=bounded(float, 11, 3600, " s"), default=570.0, help="hard bound on the whole run; steps that do not fit are skipped and noted (default 570)")
     p.add_argument("--reports-dir", default="reports", help="folder of the runs' reports (default: %(default)s)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .experiment_report import summarise_experiment
 from .images import dataset_for, image_set
 
 # Locust rows that are not classification traffic.
@@ -25,8 +26,13 @@ def _cfg(results, key, default=None):
     return (results.get("config") or {}).get(key, default)
 
 
+# Locust rows of the feedback that the experiment phase sends (`feedback <variant>`).
+FEEDBACK_ROW = "feedback "
+
+
 def locust_classify_count(stats: dict) -> int:
-    return sum(r["count"] for name, r in stats.items() if name not in _META_ROWS)
+    return sum(r["count"] for name, r in stats.items()
+               if name not in _META_ROWS and not name.startswith(FEEDBACK_ROW))
 
 
 def latency_disagreement(prom_ms, locust_ms) -> bool:
@@ -158,7 +164,7 @@ def summarise(results: dict, cfg=None) -> dict:
     summary: dict = {"variants": {}, "splits": {}, "cross_checks": [], "disagreements": [], "bad_inputs": {}}
     for name, v in variants.items():
         own = [s for s in steps if s["kind"] == "variant" and s["phase"] == name]
-        split_steps = [s for s in steps if s["kind"] == "split" and
+        split_steps = [s for s in steps if s["kind"] in ("split", "experiment") and
                        name in ((s.get("tally") or {}).get("variants") or {})]
         ds = dataset_for(v.get("dataset"), v.get("num_classes"), v.get("route"))
         images = image_set(ds, n_fashion)
@@ -218,6 +224,7 @@ def summarise(results: dict, cfg=None) -> dict:
         sp["shadow_metric"] = shadow.get("metric")
         sp["steps"].append(step_row(step, None))
     summary["picks"] = picks(summary["variants"], max_error_rate=max_err)
+    summary["experiment"] = summarise_experiment(results)
     for route, sp in summary["splits"].items():
         total = sum(sp["answers"].values())
         sp["shares"] = {v: n / total for v, n in sp["answers"].items()} if total else {}

@@ -15,11 +15,18 @@ assignment it reports; whether its top-1 is the image's true label is counted pe
 under load). A share `--bad-share` of requests are broken uploads (garbage bytes, a truncated file):
 a 4xx is their success, anything else a failure. Locust's statistics name requests per variant
 (`classify b0`, `split fashion:mec`, `bad garbage`) so the CSV is per variant too.
+`--feedback-share F` closes the experiment loop: for that share of labelled answers the user sends
+`POST /feedback` with the answer's `request_id` and the true label (and `$EFFNET_ADMIN_TOKEN` as a
+bearer token when it is set: a server whose feedback moves traffic asks for it), counted in Locust's
+statistics as `feedback <variant>`; the server's verdict is checked against the user's own.
 `--results-json FILE` writes the tallies (per variant, per image, per client) when the test stops.
+In the web UI, the "Accuracy" tab shows each variant's accuracy under load and its online accuracy
+(the feedback the server committed), each with its 95% Wilson interval.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import threading
@@ -35,6 +42,8 @@ except ImportError:  # run by path from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from loadtest.checks import check_answer
     from loadtest.images import BAD_KINDS, bad_input, dataset_for, image_set
+from service.audit import ADMIN_TOKEN_ENV
+from service.experiments.stats import wilson
 
 
 @events.init_command_line_parser.add_listener
@@ -48,6 +57,8 @@ def _options(parser):
     parser.add_argument("--clients-per-user", type=int, default=8, help="SplitUser: client ids each user plays")
     parser.add_argument("--think-time", type=float, default=0.0, help="seconds between a user's requests")
     parser.add_argument("--seed", type=int, default=0, help="seed of image order, bad inputs and client ids")
+    parser.add_argument("--feedback-share", type=float, default=0.0,
+                        help="share of labelled answers whose true label is sent back (POST /feedback)")
     parser.add_argument("--results-json", default="", include_in_web_ui=False,
                         help="write the per-variant tallies here when the test stops")
 
@@ -84,6 +95,8 @@ class Tally:
         self.by_variant: dict[str, dict] = defaultdict(lambda: {
             "responses": 0, "labelled": 0, "correct": 0, "by_image": defaultdict(Counter),
             "assignment": Counter(), "route": "", "model": "",
+            # feedback the server acknowledged: how many, how many it judged right, and the answers it judged
+            "feedback": 0, "feedback_correct": 0, "feedback_by_image": defaultdict(Counter),
         })
         self.errors: dict[str, Counter] = defaultdict(Counter)  # request name -> error kind -> count
         self.bad: dict[str, Counter] = defaultdict(Counter)  # kind -> "4xx"/status -> count
@@ -103,9 +116,31 @@ class Tally:
                 v["labelled"] += 1
                 v["correct"] += top1 in image.labels
 
+    def feedback(self, image, top1: int, verdict: dict) -> None:
+        """The server's answer to POST /feedback for `image`, answered `top1` by `verdict["variant"]`."""
+        with self.lock:
+            v = self.by_variant[verdict["variant"]]
+            v["feedback"] += 1
+            v["feedback_correct"] += bool(verdict["correct"])
+            v["feedback_by_image"][image.id][top1] += 1
+
+    def accuracy_rows(self) -> list[dict]:
+        """Per variant: accuracy under load and online accuracy, each with its 95% Wilson interval."""
+        def cell(correct: int, n: int) -> str:
+            if not n:
+                return "-"
+            lo, hi = wilson(correct, n)
+            return f"{100 * correct / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] of {n}"
+
+        with self.lock:
+            rows = [{"variant": name, "answers": v["responses"], "load": cell(v["correct"], v["labelled"]),
+                     "online": cell(v["feedback_correct"], v["feedback"])} for name, v in self.by_variant.items()]
+        return sorted(rows, key=lambda r: r["variant"])
+
     def to_json(self) -> dict:
         return {
             "variants": {k: {**v, "by_image": {i: dict(c) for i, c in v["by_image"].items()},
+                             "feedback_by_image": {i: dict(c) for i, c in v["feedback_by_image"].items()},
                              "assignment": dict(v["assignment"])} for k, v in self.by_variant.items()},
             "errors": {k: dict(c) for k, c in self.errors.items()},
             "bad_inputs": {k: dict(c) for k, c in self.bad.items()},
@@ -128,16 +163,32 @@ def _on_init(environment, **_):
         CATALOG.load(environment.host, opts.fashion_images)
 
 
+ACCURACY_TAB = "effnet-accuracy"
+
+
 @events.init.add_listener
 def _web_ui_accuracy(environment, **_):
-    # In the web UI, accuracy under load per variant is at /effnet-accuracy (JSON), beside Locust's tables.
-    if getattr(environment, "web_ui", None):
-        @environment.web_ui.app.route("/effnet-accuracy")
-        def effnet_accuracy():
-            with TALLY.lock:
-                return {name: {"answers": v["responses"], "labelled": v["labelled"], "correct": v["correct"],
-                               "accuracy": v["correct"] / v["labelled"] if v["labelled"] else None}
-                        for name, v in TALLY.by_variant.items()}
+    # An "Accuracy" tab beside Locust's own: the web UI draws a table from `extended_tables`, filled from
+    # the `extended_stats` that /stats/requests carries (Locust's extend_web_ui hooks).
+    web_ui = getattr(environment, "web_ui", None)
+    if not web_ui:
+        return
+    from locust.web import request  # Flask's request, through Locust (its web UI is Flask)
+
+    web_ui.template_args["extended_tabs"] = [{"title": "Accuracy", "key": ACCURACY_TAB}]
+    web_ui.template_args["extended_tables"] = [{"key": ACCURACY_TAB, "structure": [
+        {"key": "variant", "title": "Variant"}, {"key": "answers", "title": "Answers"},
+        {"key": "load", "title": "Accuracy under load, 95% interval, labelled answers"},
+        {"key": "online", "title": "Online accuracy (server-committed feedback), 95% interval"}]}]
+
+    @web_ui.app.after_request
+    def _with_accuracy(response):
+        if request.path != "/stats/requests" or not response.is_json:
+            return response
+        body = response.get_json()
+        body["extended_stats"] = [{"key": ACCURACY_TAB, "data": TALLY.accuracy_rows()}]
+        response.set_data(json.dumps(body))
+        return response
 
 
 @events.test_start.add_listener
@@ -248,6 +299,35 @@ class ClassifyUser(HttpUser):
                     resp.failure(f"client {client_id} moved from {first} to {body['variant']}")
                     return
             TALLY.answer(image, body)
+            resp.success()
+        if image.labelled and opts.feedback_share > 0 and self.rng.random() < opts.feedback_share:
+            self.send_feedback(image, body)
+
+    def send_feedback(self, image, answer: dict) -> None:
+        """POST /feedback for `answer` with the image's true label; the server's verdict must be ours."""
+        top1 = int(answer["predictions"][0]["index"])
+        # Several accepted labels (a photo): the one the answer chose when it chose one, so right stays right.
+        label = top1 if top1 in image.labels else min(image.labels)
+        name = f"feedback {answer['variant']}"
+        token = os.environ.get(ADMIN_TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with self.client.post("/feedback", json={"request_id": answer["request_id"], "label": label},
+                              headers=headers, name=name, catch_response=True) as resp:
+            if resp.status_code != 200:
+                kind = _error_kind(resp)
+                TALLY.errors[name][kind] += 1
+                resp.failure(kind)
+                return
+            try:
+                verdict = resp.json()
+            except ValueError:
+                verdict = {}
+            if verdict.get("variant") != answer["variant"] or verdict.get("correct") != (top1 in image.labels):
+                TALLY.errors[name]["feedback verdict"] += 1
+                resp.failure(f"feedback verdict {str(verdict)[:200]} does not match the answer {answer['variant']} "
+                             f"top-1 {top1}, label {label}")
+                return
+            TALLY.feedback(image, top1, verdict)
             resp.success()
 
     def send_bad(self, images, *, variant=None, route=None, client_id=None) -> None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .analysis import summarise
+from .experiment_report import markdown_lines as experiment_lines
 
 
 def load(run: str | Path, reports_dir: str | Path = "reports") -> tuple[Path, dict]:
@@ -118,6 +119,8 @@ def markdown(results: dict, plot: str | None = None) -> str:
             L.append(f"| {name} | {r['users']} | {_f(r['throughput'])} | {_f(lc['rps'])} | {_latency_cell(r)} | "
                      f"{_latency_cell(lc)} | {_f(r['batch_size_mean'], '{:.2f}')} | {_pct(r['error_rate'])} | "
                      f"{_pct(cpu['service'])} / {_pct(cpu['locust'])} / {_pct(cpu.get('machine'))} |")
+    if s.get("experiment"):
+        L += experiment_lines(s["experiment"])
     if s["splits"]:
         L += ["", "## Splits and shadow", "",
               "| route | weights | realised shares (answers) | clients | sticky violations | shadow agreement |",

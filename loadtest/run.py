@@ -4,6 +4,7 @@
         for phase in phases:            # one per variant (explicit), one per split route
             for users in steps:         # default 1, 4, 16, 32 concurrent users, step_s seconds each
                 locust --headless ... (a subprocess, its own CSV and tallies)
+        the experiment phase            # split traffic with feedback until a decision (experiment.py)
         query Prometheus for every step's window
     stop everything (also on Ctrl-C or SIGTERM); write results.json (report.py renders the rest)
 
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import experiment as ab
 from . import offline, promql
 from .images import dataset_for, image_set
 from .processes import ROOT, ServiceProcess, stop_process
@@ -49,13 +51,22 @@ class RunConfig:
     slo_ms: float = 250.0  # p99 objective for "highest throughput within the SLO"
     max_error_rate: float = 0.01  # a step with more errors does not count as within the SLO
     bad_share: float = 0.02
-    fashion_images: int = 200
+    fashion_images: int = 10000  # the whole Fashion-MNIST test set: enough distinct images for intervals
     scrape_interval_s: float = 1.0
     settle_s: float = 0.5  # after the last response, before the closing scrape (shadow calls land)
     stop_timeout_s: float = 10.0  # Locust lets in-flight requests finish, so both sides count them
     max_total_s: float = 570.0  # hard bound on the whole run: `make loadtest` stays under 10 minutes
     ready_timeout_s: float = 180.0
     seed: int = 0
+    # The experiment phase (experiment.py): split traffic on `experiment_route` with feedback for
+    # `feedback_share` of the labelled answers, until the weak variant is decided or `experiment_s` ends.
+    experiment: bool = True
+    experiment_route: str = "fashion"
+    weak_model: str = ab.WEAK_MODEL
+    experiment_s: float = 90.0
+    experiment_users: int = 8
+    feedback_share: float = 1.0
+    poll_s: float = 1.0
     reports_dir: str = "reports"
     name: str | None = None
 
@@ -197,10 +208,12 @@ def _machine_busy_s() -> float:
 
 
 def run_locust_step(cfg: RunConfig, url: str, user_class: str, users: int, out_prefix: Path,
-                    extra: list[str]) -> dict:
-    """One headless Locust process at `users` concurrent users for `cfg.step_s` seconds."""
+                    extra: list[str], run_s: float | None = None, watch=None) -> dict:
+    """One headless Locust process at `users` concurrent users for `run_s` (default `cfg.step_s`) seconds;
+    `watch()`, called every `cfg.poll_s`, ends it early (gracefully: in-flight requests finish) by returning True."""
+    run_s = cfg.step_s if run_s is None else run_s
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
-           "-u", str(users), "-r", str(users), "-t", f"{int(round(cfg.step_s))}s",
+           "-u", str(users), "-r", str(users), "-t", f"{max(1, int(round(run_s)))}s",
            "--stop-timeout", str(int(cfg.stop_timeout_s)), "--csv", str(out_prefix), "--only-summary",
            "--loglevel", "WARNING", "--exit-code-on-error", "0",
            "--bad-share", str(cfg.bad_share), "--fashion-images", str(cfg.fashion_images), "--seed", str(cfg.seed),
@@ -211,8 +224,17 @@ def run_locust_step(cfg: RunConfig, url: str, user_class: str, users: int, out_p
     with open(f"{out_prefix}_locust.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            # Locust starts in a few seconds, then runs step_s, then drains for at most stop_timeout.
-            proc.wait(timeout=cfg.step_s + cfg.stop_timeout_s + 60)
+            # Locust starts in a few seconds, then runs run_s, then drains for at most stop_timeout.
+            limit = time.monotonic() + run_s + cfg.stop_timeout_s + 60
+            while proc.poll() is None:
+                try:
+                    left = max(0.0, limit - time.monotonic())
+                    proc.wait(timeout=min(cfg.poll_s, left) if watch else left)
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= limit:
+                        raise
+                    if watch and watch():
+                        stop_process(proc, timeout=2 * cfg.stop_timeout_s + 10)
         except subprocess.TimeoutExpired:
             stop_process(proc)
             raise RunAborted(f"locust step ({user_class}, {users} users) did not end in time; see {out_prefix}_locust.log")
@@ -236,7 +258,9 @@ def run_locust_step(cfg: RunConfig, url: str, user_class: str, users: int, out_p
 
 def plan_phases(cfg: RunConfig, variants: dict, routes: dict) -> list[dict]:
     """Explicit traffic per variant, then split traffic per route that splits between several."""
-    chosen = cfg.variants or sorted(variants, key=lambda v: (variants[v]["route"], v))
+    # The experiment's weak variant is there to be found worse, not to be load-tested.
+    chosen = cfg.variants or sorted((v for v in variants if v != ab.WEAK_VARIANT),
+                                    key=lambda v: (variants[v]["route"], v))
     unknown = [v for v in chosen if v not in variants]
     if unknown:
         raise ValueError(f"not served: {', '.join(unknown)}; served: {', '.join(sorted(variants))}")
@@ -258,11 +282,63 @@ def offline_top1(variants: dict, store_home: Path, fashion_images: int) -> dict[
         ds = dataset_for(v.get("dataset"), v.get("num_classes"), v.get("route"))
         engine = v.get("engine") if v.get("engine") and v.get("engine") != "auto" else "torch"
         try:
+            # every core: the service is idle while this runs
             out[name] = offline.evaluate(v["model"], image_set(ds, fashion_images), home=str(store_home),
-                                         engine_name=engine)
+                                         engine_name=engine, threads=os.cpu_count() or 1)
         except Exception as e:  # e.g. --url against a service whose store is elsewhere
             out[name] = {"error": str(e)}
     return out
+
+
+def _measured_step(cfg: RunConfig, url: str, service, prom, phase: dict, users: int, raw: Path,
+                   run_s: float | None = None, watch=None) -> dict:
+    """One Locust step between two scrapes, with the CPU that the service, Locust and the machine spent."""
+    prefix = raw / f"{phase['name'].replace(':', '-')}-u{users}"
+    pids = service.pids() if service else service_pids_on(url)
+    prom.wait_scraped(10, after=time.time())  # everything before t0 is in a scrape
+    t0 = time.time()
+    cpu0, busy0 = _cpu_seconds(pids), _machine_busy_s()
+    step = run_locust_step(cfg, url, phase["user"], users, prefix, phase["args"], run_s=run_s, watch=watch)
+    cpu1, busy1 = _cpu_seconds(pids), _machine_busy_s()
+    time.sleep(cfg.settle_s)
+    prom.wait_scraped(10, after=time.time())  # ... and everything the step sent is in one
+    t1 = time.time()
+    wall = step["ended"] - step["started"]
+    step.update(phase=phase["name"], kind=phase["kind"], route=phase["route"], users=users, t0=t0, t1=t1,
+                # the load time actually run: an experiment that decided early stopped early
+                load_s=min(cfg.step_s if run_s is None else run_s, wall),
+                cpu={"service_s": round(cpu1 - cpu0, 2), "locust_s": round(step["locust_cpu_s"], 2),
+                     "machine_busy_s": round(busy1 - busy0, 2), "service_processes": len(pids),
+                     "wall_s": round(wall, 2), "cores": os.cpu_count()})
+    return step
+
+
+def _experiment_phase(cfg: RunConfig, url: str, service, prom, results: dict, raw: Path, deadline: float,
+                      log) -> None:
+    """Split traffic with feedback on the experiment route until the weak variant is decided (experiment.py)."""
+    route = cfg.experiment_route
+    info = results.setdefault("experiment", {})
+    info.update(route=route, weak=ab.WEAK_VARIANT, users=cfg.experiment_users,
+                feedback_share=cfg.feedback_share, max_s=cfg.experiment_s)
+    if route not in results["routes"] or ab.read_experiment(url, route) is None:
+        results["notes"].append(f"no experiment phase: route {route!r} runs no experiment (give it a `control`)")
+        return
+    run_s = min(cfg.experiment_s, deadline - time.monotonic() - 2 * cfg.stop_timeout_s - 20)
+    if run_s < 5:
+        results["notes"].append("no experiment phase: max_total_s reached")
+        return
+    watch = ab.Watcher(url, route, ab.WEAK_VARIANT)
+    log(f"experiment on {route}: {cfg.experiment_users} users, feedback for {cfg.feedback_share:.0%} of labelled "
+        f"answers, until {ab.WEAK_VARIANT} is decided (at most {run_s:.0f} s) ...")
+    phase = {"kind": "experiment", "name": f"experiment:{route}", "user": "SplitUser", "route": route,
+             "args": ["--route", route, "--feedback-share", str(cfg.feedback_share)]}
+    step = _measured_step(cfg, url, service, prom, phase, cfg.experiment_users, raw, run_s=run_s, watch=watch)
+    results["steps"].append(step)
+    watch()  # the last look, after every acknowledged feedback
+    info.update(trajectory=watch.trajectory, final=ab.read_experiment(url, route))
+    last = watch.trajectory[-1]["variants"] if watch.trajectory else {}
+    status = (last.get(ab.WEAK_VARIANT) or {}).get("status")
+    log(f"experiment on {route}: {ab.WEAK_VARIANT} {status} after {step['cpu']['wall_s']:.0f} s")
 
 
 def execute(cfg: RunConfig, log=print) -> Path:
@@ -302,9 +378,14 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
             service = None
             log(f"target: {url} (already running)")
         else:
+            config = cfg.config
+            if cfg.experiment:
+                results["experiment"] = {"weak_train_s": round(ab.ensure_weak_checkpoint(
+                    store_home, cfg.weak_model, log), 1)}
+                config = str(ab.write_experiment_config(cfg.config, cfg.experiment_route, cfg.weak_model, out))
             log(f"starting the service (store {store_home}) ...")
             t = time.monotonic()
-            service = stack.enter_context(ServiceProcess(cfg.config, store_home, log_path=out / "serve.log",
+            service = stack.enter_context(ServiceProcess(config, store_home, log_path=out / "serve.log",
                                                          ready_timeout=cfg.ready_timeout_s))
             url = service.url
             results["service_start_s"] = round(time.monotonic() - t, 1)
@@ -324,31 +405,18 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
         log(f"prometheus at {prom.url}, scraping {url} every {cfg.scrape_interval_s} s")
 
         n_steps = len(phases) * len(cfg.steps)
+        # The experiment phase keeps its time: ordinary steps stop short of it.
+        reserve = cfg.experiment_s + 2 * cfg.stop_timeout_s + 30 if cfg.experiment else 0.0
         i = 0
         for phase in phases:
             for users in cfg.steps:
                 i += 1
-                left = deadline - time.monotonic()
+                left = deadline - time.monotonic() - reserve
                 if left < cfg.step_s + cfg.stop_timeout_s + 15:
                     results["notes"].append(f"stopped before {phase['name']} x{users}: max_total_s reached")
                     log(results["notes"][-1])
                     break
-                prefix = raw / f"{phase['name'].replace(':', '-')}-u{users}"
-                pids = service.pids() if service else service_pids_on(url)
-                prom.wait_scraped(10, after=time.time())  # everything before t0 is in a scrape
-                t0 = time.time()
-                cpu0, busy0 = _cpu_seconds(pids), _machine_busy_s()
-                step = run_locust_step(cfg, url, phase["user"], users, prefix, phase["args"])
-                cpu1, busy1 = _cpu_seconds(pids), _machine_busy_s()
-                time.sleep(cfg.settle_s)
-                prom.wait_scraped(10, after=time.time())  # ... and everything the step sent is in one
-                t1 = time.time()
-                wall = step["ended"] - step["started"]
-                step.update(phase=phase["name"], kind=phase["kind"], route=phase["route"], users=users,
-                            t0=t0, t1=t1, load_s=cfg.step_s,
-                            cpu={"service_s": round(cpu1 - cpu0, 2), "locust_s": round(step["locust_cpu_s"], 2),
-                                 "machine_busy_s": round(busy1 - busy0, 2), "service_processes": len(pids),
-                                 "wall_s": round(wall, 2), "cores": os.cpu_count()})
+                step = _measured_step(cfg, url, service, prom, phase, users, raw)
                 results["steps"].append(step)
                 agg = step["stats"].get("Aggregated", {})
                 log(f"[{i}/{n_steps}] {phase['name']:<16} {users:>3} users: {agg.get('count', 0):>6} requests, "
@@ -356,6 +424,8 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
             else:
                 continue
             break
+        if cfg.experiment:
+            _experiment_phase(cfg, url, service, prom, results, raw, deadline, log)
 
         log("querying prometheus ...")
         if results["steps"]:  # what the service's alerting rules made of the run
@@ -374,7 +444,7 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
                         routes.get(step["route"], {}).get("weights") or {}):
                     continue
                 step["prometheus"][v] = promql.step_metrics(prom, names, w, v)
-            if step["kind"] == "split":
+            if step["kind"] in ("split", "experiment"):
                 step["prometheus"]["split"] = promql.split_metrics(prom, names, w, step["route"])
     log("stopped prometheus" + ("" if cfg.url else " and the service"))
     results["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
