@@ -11,8 +11,10 @@ its 95% interval, latency p50/p99, and against the control the difference with i
 interval, p-value, minimum detectable effect and status (collecting, better, worse, no_difference).
 Looking as often as you like does not inflate false decisions (docs/api.md#experiments).
 
---png writes a chart of each variant's accuracy with its interval. Exit status 0, or 2 when the server
-cannot be reached or has no such experiment (its message is printed)."""
+--png writes a chart of each variant's accuracy with its interval, and beside it the same over time as
+feedback came in (GET /experiments/ROUTE?history=1): whether the intervals still narrow or a difference
+has settled. Exit status 0, or 2 when the server cannot be reached or has no such experiment (its
+message is printed)."""
 
 
 def add_commands(sub) -> None:
@@ -52,15 +54,17 @@ def render(result: dict) -> str:
 
 
 def draw(results: dict, path: Path) -> Path:
-    """Each variant's accuracy with its 95% interval, one panel per route."""
+    """Each variant's accuracy with its 95% interval, one row per route; beside it its history where given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     routes = list(results.values())
-    fig, axes = plt.subplots(1, max(1, len(routes)), figsize=(5 * max(1, len(routes)), 3.6), squeeze=False)
-    for ax, r in zip(axes[0], routes):
+    cols = 2 if any(r.get("history") for r in routes) else 1
+    fig, axes = plt.subplots(len(routes), cols, figsize=(5.5 * cols, 3.6 * len(routes)), squeeze=False)
+    for row, r in zip(axes, routes):
+        ax = row[0]
         rows = [v for v in r["variants"] if v["labelled"]]
         names = [f"{v['variant']}\n({v['role']})" for v in rows]
         acc = [100 * v["accuracy"] for v in rows]
@@ -71,16 +75,40 @@ def draw(results: dict, path: Path) -> Path:
         ax.set_title(f"{r['route']}: {r['status']}")
         ax.set_ylabel("online accuracy, % (95% interval)")
         ax.set_ylim(0, 100)
+        if cols == 2:
+            _draw_history(row[1], r)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def _draw_history(ax, result: dict) -> None:
+    """Cumulative online accuracy per variant over time, its 95% interval as a band."""
+    import datetime as dt
+
+    history = result.get("history") or {}
+    for name, points in history.items():
+        if not points:
+            continue
+        t = [dt.datetime.fromtimestamp(p["t"]) for p in points]
+        acc = [100 * p["accuracy"] for p in points]
+        line, = ax.plot(t, acc, label=f"{name} (n={points[-1]['labelled']})", drawstyle="steps-post")
+        ax.fill_between(t, [100 * p["low"] for p in points], [100 * p["high"] for p in points],
+                        step="post", alpha=0.2, color=line.get_color())
+    ax.set_title(f"{result['route']}: accuracy as feedback came in")
+    ax.set_ylabel("cumulative online accuracy, %")
+    if history:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.figure.autofmt_xdate()
+
+
 def run(args) -> int:
     import httpx
 
     path = f"/experiments/{args.route}" if args.route else "/experiments"
+    if args.route and args.png:
+        path += "?history=1"
     try:
         r = httpx.get(args.url.rstrip("/") + path, timeout=30)
     except httpx.HTTPError as e:

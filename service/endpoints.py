@@ -145,7 +145,11 @@ async def feedback(request: Request) -> JSONResponse:
 async def experiments(request: Request) -> JSONResponse:
     """GET /experiments and /experiments/ROUTE."""
     try:
-        return JSONResponse(await _gateway().experiments.results(request.path_params.get("route")))
+        history = request.query_params.get("history", "0").lower()
+        if history not in ("0", "1", "true", "false"):
+            raise ClientError(f"history must be 1 or 0 (true or false), not {history[:20]!r}", 400)
+        return JSONResponse(await _gateway().experiments.results(request.path_params.get("route"),
+                                                                 history in ("1", "true")))
     except ClientError as e:
         return error_response(request_id(), e.status, str(e))
 

@@ -219,8 +219,11 @@ EXPERIMENT = {
                    "p-value, the minimum detectable effect at the current sample size, and a status (collecting, "
                    "better, worse, no_difference) that stays valid however often it is looked at.",
     "parameters": [{"name": "route", "in": "path", "required": True, "schema": _S,
-                    "description": "a route with a control (GET /routes)"}],
-    "responses": {**ok("the route's experiment"), **errors("404")}}
+                    "description": "a route with a control (GET /routes)"},
+                   {"name": "history", "in": "query", "required": False, "schema": {"type": "boolean"},
+                    "description": "1: also each variant's cumulative accuracy with its 95% interval as feedback "
+                                   "came in, in at most 60 time buckets (`history`)"}],
+    "responses": {**ok("the route's experiment"), **errors("400", "404")}}
 DOCS = {"summary": "The API page: redirects to /", "responses": {"307": {"description": "to /"}}}
 
 

@@ -162,8 +162,9 @@ class Experiments:
 
     # results
 
-    async def results(self, route: str | None = None) -> dict:
-        """GET /experiments (every route with a control) or /experiments/ROUTE."""
+    async def results(self, route: str | None = None, history: bool = False) -> dict:
+        """GET /experiments (every route with a control) or /experiments/ROUTE (`history`: with its accuracy
+        over time, service/experiments/history.py)."""
         names = self.routes()
         if route is not None:
             if route not in self.cfg.routes:
@@ -177,6 +178,8 @@ class Experiments:
             rows = await anyio.to_thread.run_sync(self.records.summary, name)
             publish_accuracy(name, rows)
             out[name] = self._result(name, rows)
+            if history:
+                out[name]["history"] = await anyio.to_thread.run_sync(self.records.history, name)
         return out[route] if route is not None else {"experiments": out}
 
     def _result(self, route: str, rows: list) -> dict:

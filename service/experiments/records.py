@@ -377,6 +377,12 @@ class ExperimentRecords:
         """Per variant of `route`, served and shadow apart, records at or after `since` (see `summarise`)."""
         return self._read(lambda db: summarise(db, route, since, self.settings.latency_window))
 
+    def history(self, route: str, max_points: int = 60) -> dict[str, list[dict]]:
+        """Per variant of `route`, cumulative labelled and correct answers as feedback came in (`history.history`)."""
+        from .history import history
+
+        return self._read(lambda db: history(db, route, max_points))
+
     def routes(self) -> list[str]:
         """The routes that have records."""
         return self._read(lambda db: [r[0] for r in db.run("SELECT DISTINCT route FROM requests ORDER BY 1")])

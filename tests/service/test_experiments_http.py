@@ -186,6 +186,18 @@ def test_effnet_experiment_prints_the_experiments_and_draws_them(server, tmp_pat
     assert any(line.split()[:2] == ["b0", "control"] for line in out.splitlines())
     assert any(line.split()[:2] == ["mec", "treatment"] and "collecting:" in line for line in out.splitlines())
     assert (tmp_path / "fashion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the chart's second panel: the history, cumulative, ending at the counts of the table
+    a = _answer(server, "mec", seed=7)
+    assert server.client.post("/feedback", json={"request_id": a["request_id"], "label": 0}).status_code == 200
+    body = httpx.get(server.url + "/experiments/fashion?history=1").json()
+    served = [v for v in body["variants"] if v["labelled"] and v["role"] != "shadow"]
+    assert served
+    for v in served:
+        last = body["history"][v["variant"]][-1]
+        assert (last["labelled"], last["correct"]) == (v["labelled"], round(v["accuracy"] * v["labelled"]))
+    assert "history" not in httpx.get(server.url + "/experiments/fashion").json()
+    bad = httpx.get(server.url + "/experiments/fashion?history=maybe")
+    assert bad.status_code == 400 and "history must be 1 or 0" in bad.json()["error"]
     assert main(["experiment", "plain", "--url", server.url]) == 2
     assert "runs no experiment" in capsys.readouterr().err
 
