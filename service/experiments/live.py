@@ -30,7 +30,7 @@ import anyio.to_thread
 from .. import metrics
 from ..config import ServingConfig
 from ..errors import ClientError
-from .records import BadFeedback, ExperimentRecords, FeedbackError
+from .records import BadFeedback, ExperimentRecords, FeedbackError, RecordsUnavailable
 from .stats import Counts, decide, wilson
 
 MAX_FEEDBACK_ITEMS = 1000  # in one POST /feedback
@@ -55,8 +55,18 @@ class Experiments:
     @property
     def records(self) -> ExperimentRecords:
         if self._records is None:
-            self._records = ExperimentRecords(self.cfg.server.experiments_db or None)
+            try:
+                self._records = ExperimentRecords(self.cfg.server.experiments_db or None)
+            except Exception as e:  # a database that cannot be opened costs the experiment, never an answer
+                logger.exception("experiment records: the database cannot be opened")
+                raise RecordsUnavailable(f"the experiment database cannot be opened: {type(e).__name__}") from None
         return self._records
+
+    def _record(self, *args: Any, **kw: Any) -> None:
+        try:
+            self.records.record(*args, **kw)
+        except RecordsUnavailable:
+            pass  # logged where the database failed; the answer goes out unrecorded
 
     def routes(self) -> list[str]:
         return [name for name, r in self.cfg.routes.items() if r.control]
@@ -77,14 +87,13 @@ class Experiments:
                  client_id: str | None) -> None:
         if self.running(route):
             top = int(scores.argmax())
-            self.records.record(rid, route, variant, top, float(scores[top]), latency_ms, assignment=how,
-                                client_id=client_id)
+            self._record(rid, route, variant, top, float(scores[top]), latency_ms, assignment=how,
+                         client_id=client_id)
 
     def shadowed(self, rid: str, route: str, shadow: str, scores: Any, latency_ms: float) -> None:
         if self.running(route):
             top = int(scores.argmax())
-            self.records.record(f"{rid}.shadow", route, shadow, top, float(scores[top]), latency_ms,
-                                shadow_of=rid)
+            self._record(f"{rid}.shadow", route, shadow, top, float(scores[top]), latency_ms, shadow_of=rid)
 
     # feedback
 

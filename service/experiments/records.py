@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ClientError
 from .backends import DB_FILE, Backend, SQLiteBackend, open_backend  # noqa: F401 (importable from here too)
+from .feedback_errors import (BadFeedback, DuplicateFeedback, FeedbackError, FeedbackTooLate,  # noqa: F401
+                              RecordsUnavailable, UnknownRequest, bad_feedback)
 
 logger = logging.getLogger("effnet.experiments")
 
@@ -80,38 +81,6 @@ class RecordSettings:
         if self.retention_s < self.feedback_window_s:
             raise ValueError(f"retention_s ({self.retention_s}) must be at least feedback_window_s "
                              f"({self.feedback_window_s}): feedback needs the record it labels")
-
-
-class FeedbackError(ClientError):
-    """Feedback refused, answered with `status` by the gateway (service.errors.ClientError); nothing changed."""
-    status = 400
-
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message, type(self).status, headers)
-
-
-class BadFeedback(FeedbackError):
-    status = 400
-
-
-class UnknownRequest(FeedbackError):
-    status = 404
-
-
-class DuplicateFeedback(FeedbackError):
-    status = 409
-
-
-class FeedbackTooLate(FeedbackError):
-    status = 410
-
-
-class RecordsUnavailable(FeedbackError):
-    """The writer did not commit in time or the database failed: retry (a 409 then means it had been kept)."""
-    status = 503
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, {"Retry-After": "1"})
 
 
 @dataclass(frozen=True)
@@ -258,6 +227,11 @@ def summarise(db: Db, route: str, since: float, latency_window: int) -> list[Var
     return out
 
 
+def unreachable(e: BaseException) -> bool:
+    """Whether `e` says the database cannot be reached now (DB-API's OperationalError), rather than refused the SQL."""
+    return "OperationalError" in {c.__name__ for c in type(e).__mro__}
+
+
 @dataclass
 class _Op:
     """Work the writer does after writing the queued records: label these requests (none: a flush barrier)."""
@@ -283,7 +257,15 @@ class ExperimentRecords:
         self._first_queued = 0.0  # monotonic time the oldest queued record arrived
         self._closing = self._started = False
         self._writer_db, self._reader_db = Db(self.backend), Db(self.backend)
-        self._client_key = create_schema(self._writer_db)
+        self._client_key: bytes | None = None
+        try:  # a database server that is down does not stop the gateway: the writer makes the schema later
+            self._client_key = create_schema(self._writer_db)
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            logger.warning("experiment records: the database is unreachable (%s: %s); records wait in memory, "
+                           "feedback answers 503 until it is back", type(e).__name__, " ".join(str(e).split())[:300])
+            self._writer_db.drop()
         self._rlock = threading.Lock()  # the reader's connection serves one summary at a time
         self._next_purge = self._retry_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="effnet-experiment-writer", daemon=True)
@@ -411,7 +393,7 @@ class ExperimentRecords:
             try:
                 if rows or ops:
                     self._write(rows, ops, closing)
-                if time.monotonic() >= self._next_purge:
+                if self._client_key is not None and time.monotonic() >= self._next_purge:
                     n = purge(self._writer_db, self.clock() - s.retention_s, s.purge_batch)
                     self.counters.purged += n
                     # a full chunk means more are waiting: the next after the next batch, not a minute later
@@ -442,6 +424,8 @@ class ExperimentRecords:
     def _write(self, rows: list[tuple], ops: list[_Op], closing: bool) -> None:
         db, now = self._writer_db, self.clock()
         try:
+            if self._client_key is None:
+                self._client_key = create_schema(db)
             # an answer's feedback and its shadow's record, written by two gateways at once, see each other
             db.backend.lock(db, [r[9] for r in rows if r[9]] + [rid for op in ops for rid, _ in op.items])
             if rows:
@@ -451,7 +435,7 @@ class ExperimentRecords:
             db.conn.commit()
         except Exception as e:  # the transaction ends when _run drops the connection
             # an unreachable database (DB-API's OperationalError): the records wait for the next try
-            keep = 0 if closing or "OperationalError" not in {c.__name__ for c in type(e).__mro__} else \
+            keep = 0 if closing or not unreachable(e) else \
                 max(0, min(len(rows), self.settings.max_queue - self.queued()))
             with self._cond:
                 self._queue.extendleft(reversed(rows[:keep]))
@@ -485,12 +469,3 @@ class ExperimentRecords:
             return
         self._writer_db.drop()
         self._reader_db.drop()
-
-
-def bad_feedback(request_id: Any, label: Any) -> BadFeedback | None:
-    """Why a feedback item is malformed, or None: the id is a server's request id, the label a class index."""
-    if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
-        return BadFeedback("request_id must be the request_id of an answer (a string of 1 to 128 characters)")
-    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
-        return BadFeedback(f"label must be a class index (an integer >= 0), not {label!r:.40}")
-    return None

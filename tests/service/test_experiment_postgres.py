@@ -238,7 +238,22 @@ def test_the_password_appears_in_no_repr_log_or_error(postgres_server, caplog):
     assert redact("postgresql://127.0.0.1/db") == "postgresql://127.0.0.1/db"
     caplog.set_level(logging.DEBUG)
     for bad in (url, url.replace(str(postgres_server.port), "1")):  # refused password, nobody listening
-        with pytest.raises(psycopg.OperationalError) as refused:
-            ExperimentRecords(bad, RecordSettings(**QUICK))
-        assert PASSWORD not in str(refused.value) and "***" in str(refused.value)
-    assert PASSWORD not in caplog.text
+        with ExperimentRecords(bad, RecordSettings(**QUICK)) as r:  # the gateway starts; the experiment waits
+            with pytest.raises(RecordsUnavailable) as refused:
+                r.add_feedback("any", 1)
+            assert PASSWORD not in str(refused.value)
+    assert "unreachable" in caplog.text and "***" in caplog.text and PASSWORD not in caplog.text
+
+
+def test_a_gateway_started_while_the_database_is_down_records_once_it_is_up(postgres_server, postgres_url):
+    postgres_server.stop("fast")
+    try:
+        r = ExperimentRecords(postgres_url, RecordSettings(**QUICK))  # no error: answers go on unrecorded-for-now
+        answer(r, "early", top1=2)
+        with pytest.raises(RecordsUnavailable):
+            r.add_feedback("early", 2)
+    finally:
+        postgres_server.start()
+    with r:
+        assert r.add_feedback("early", 2).correct  # the writer made the schema and wrote the queued record
+        assert r._client_key is not None and r.counters.lost == 0
