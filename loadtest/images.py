@@ -15,6 +15,7 @@ record can be matched with the offline evaluation of the very same bytes.
 from __future__ import annotations
 
 import io
+import os
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -52,10 +53,51 @@ class LabelledImage:
         return bool(self.labels)
 
 
+# A folder where encoded image sets are kept for the other processes of one run: each Locust step is a
+# process of its own, and encoding the 10,000 test images costs each about 3 s.
+CACHE_ENV = "EFFNET_IMAGE_CACHE"
+
+
+def _save(path: Path, images: tuple[LabelledImage, ...]) -> None:
+    """`images` as plain arrays (no pickle): the bytes end to end with their offsets, names, labels."""
+    import numpy as np
+
+    ends = np.cumsum([len(x.data) for x in images])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, data=np.frombuffer(b"".join(x.data for x in images), np.uint8), ends=ends,
+             ids=np.array([x.id for x in images]), filenames=np.array([x.filename for x in images]),
+             types=np.array([x.content_type for x in images]), labels=np.array([min(x.labels, default=-1)
+                                                                               for x in images]))
+    os.replace(tmp, path)  # whole or absent for a reader in another process
+
+
+def _load(path: Path) -> tuple[LabelledImage, ...]:
+    import numpy as np
+
+    with np.load(path) as z:
+        data, ends = z["data"].tobytes(), z["ends"].tolist()
+        starts = [0, *ends[:-1]]
+        return tuple(LabelledImage(str(i), data[a:b], str(f), str(t), frozenset({int(y)} if y >= 0 else ()))
+                     for i, a, b, f, t, y in zip(z["ids"], starts, ends, z["filenames"], z["types"], z["labels"]))
+
+
 @lru_cache(maxsize=4)
 def fashion_mnist(n: int = 200, root: str | Path | None = None) -> tuple[LabelledImage, ...]:
     """The first `n` Fashion-MNIST test images as PNG files, with their labels (`root`: the dataset's
-    folder, default `store.fashion_mnist.data_dir()`)."""
+    folder, default `store.fashion_mnist.data_dir()`); read from `$EFFNET_IMAGE_CACHE` where an earlier
+    process of the run left them."""
+    cache = os.environ.get(CACHE_ENV)
+    path = Path(cache) / f"fashion-mnist-{n}.npz" if cache and root is None else None
+    if path is not None and path.exists():
+        return _load(path)
+    images = _encode_fashion_mnist(n, root)
+    if path is not None:
+        _save(path, images)
+    return images
+
+
+def _encode_fashion_mnist(n: int, root: str | Path | None) -> tuple[LabelledImage, ...]:
     from PIL import Image
 
     # Imported here: the store brings torch, which a Locust process needs only for this one read.

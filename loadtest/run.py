@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import experiment as ab
 from . import offline, promql
-from .images import dataset_for, image_set
+from .images import CACHE_ENV, dataset_for, image_set
 from .processes import ROOT, ServiceProcess, stop_process
 from .prometheus import PrometheusServer, loopback_target
 from .service_api import catalog, wait_ready
@@ -63,7 +63,7 @@ class RunConfig:
     experiment: bool = True
     experiment_route: str = "fashion"
     weak_model: str = ab.WEAK_MODEL
-    experiment_s: float = 90.0
+    experiment_s: float = 45.0  # the weak variant is decided in 10-15 s at 8 users (benchmarks/loadtest.md)
     experiment_users: int = 8
     feedback_share: float = 1.0
     poll_s: float = 1.0
@@ -218,7 +218,7 @@ def run_locust_step(cfg: RunConfig, url: str, user_class: str, users: int, out_p
            "--loglevel", "WARNING", "--exit-code-on-error", "0",
            "--bad-share", str(cfg.bad_share), "--fashion-images", str(cfg.fashion_images), "--seed", str(cfg.seed),
            "--results-json", f"{out_prefix}_tally.json", *extra, user_class]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), CACHE_ENV: str(out_prefix.parent / "images")}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.time()
     with open(f"{out_prefix}_locust.log", "wb") as log:

@@ -171,3 +171,19 @@ def test_loadtest_against_a_url_where_nothing_listens_says_so_and_writes_nothing
     with pytest.raises(ValueError, match=f"no ready service: http://127.0.0.1:{port} not ready"):
         execute(cfg, log=lambda m: None)
     assert not (tmp_path / "reports").exists()
+
+
+def test_an_encoded_image_set_is_kept_for_the_next_process_of_the_run(tmp_path, monkeypatch):
+    from store import fashion_mnist as dataset
+
+    if not dataset.available():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    from loadtest import images
+
+    monkeypatch.setenv(images.CACHE_ENV, str(tmp_path))
+    images.fashion_mnist.cache_clear()
+    first = images.fashion_mnist(50)
+    assert (tmp_path / "fashion-mnist-50.npz").exists()
+    images.fashion_mnist.cache_clear()  # as a new Locust process would: read back, byte for byte and label for label
+    assert images.fashion_mnist(50) == first and first[7].labels == frozenset({int(dataset.load("test")[1][7])})
+    images.fashion_mnist.cache_clear()
