@@ -5,6 +5,7 @@ Each module of this package holds the subcommands of one area of the project and
 train-many, train-bench, import-pretrained), `store.py` (store), `serve.py` (serve), `loadtest.py`
 (loadtest, report), `experiment.py` (experiment), `dashboard.py` (dashboard). This file only collects them. The command sits above every package and
 no package imports it (.importlinter).
+`evaluate.py` (evaluate) and `predict.py` (predict) check a stored checkpoint offline.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ The loop, one command a step:
   effnet train / train-many      train variants into the checkpoint store ($BENTOML_HOME)
   effnet import-pretrained       store published weights (Lite0 on ImageNet) the same way
   effnet store                   list the stored checkpoints
+  effnet evaluate                measure a checkpoint on a labelled split: accuracy, calibration
+  effnet predict                 answer image files offline, as the service would
   effnet export                  export and verify a checkpoint's inference engines
   effnet serve                   serve the configured variants over HTTP (--prepare: engines first)
   effnet loadtest / report       load the running service and report accuracy, latency, throughput
@@ -40,7 +43,7 @@ The loop, one command a step:
   effnet bench / train-bench     time inference and training offline on this machine"""
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.store", "cli.serve", "cli.loadtest", "cli.chaos", "cli.soak",
+COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.store", "cli.evaluate", "cli.predict", "cli.serve", "cli.loadtest", "cli.chaos", "cli.soak",
                    "cli.experiment", "cli.dashboard"]
 
 
