@@ -242,12 +242,13 @@ class Budget:
             return a
         budget_ms = asked if asked is not None else policy.default_ms
         if budget_ms > policy.max_ms:
-            raise ClientError(f"{HEADER}: {budget_ms:g} ms is above the limit of route {route.name!r}, {policy.max_ms:g} "
-                              f"ms (routes.{route.name}.policy.budget.max_ms)")
+            raise ClientError(f"{HEADER}: {budget_ms:g} ms is above the limit of route {route.name!r}, "
+                              f"{policy.max_ms:g} ms (routes.{route.name}.policy.budget.max_ms)")
         now = time.monotonic()
         if policy.accuracy == "online":
             self._refresh_online(route.name, policy.online_width, now)
-        candidates = [self.figures(route.name, v, policy, now) for v, w in route.split.items() if w > 0 and v not in down]
+        candidates = [self.figures(route.name, v, policy, now) for v, w in route.split.items()
+                      if w > 0 and v not in down]
         if not candidates:
             return a
         choice = choose(candidates, budget_ms, images)
