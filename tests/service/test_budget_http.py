@@ -138,6 +138,9 @@ def test_an_explicit_variant_wins_and_a_route_without_the_policy_ignores_the_hea
     assert (body["variant"], body["assignment"]) == ("b0", "explicit") and "budget_ms" not in body
     body = classify(server, "0.001", route="plain").json()
     assert body["assignment"] == "default" and "budget_ms" not in body
+    # GET /routes shows the policy as configured
+    assert server.client.get("/routes").json()["routes"]["fast"]["policy"] == {
+        "budget": {"default_ms": 10000.0, "max_ms": 30000.0, "accuracy": "val", "online_width": 0.05}}
 
 
 @pytest.mark.parametrize("headers, words", [
