@@ -24,6 +24,8 @@ from starlette.responses import JSONResponse
 
 from . import describe, forms, metrics
 from .admission import Admission
+from .budget import HEADER as BUDGET_HEADER
+from .budget import Budget, images_in
 from .config import ConfigError, ServingConfig, check_label_spaces
 from .decode import Decoder
 from .dispatch import Dispatcher
@@ -92,6 +94,7 @@ class GatewayService:
         self.router = Router(self.cfg)
         self.experiments = Experiments(self.cfg, classes)
         self.shadows.answered = self.experiments.shadowed
+        self.budget = Budget.for_gateway(self)  # routes with `policy: budget` (service/budget.py)
         publish_splits(self.cfg, self.cfg.routes.values())
         try:
             check_label_spaces(self.cfg, classes)
@@ -176,6 +179,7 @@ class GatewayService:
             metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(result.waited)
             metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
             body = self._answer(rid, a, result.scores[0], top_k, t0)
+            body.update(self.budget.answered(a, body["latency_ms"], result.waited))
             self.experiments.answered(rid, a.route, a.variant, a.how, result.scores[0], body["latency_ms"],
                                       request.headers.get("x-client-id"))
             if a.shadow:
@@ -211,6 +215,7 @@ class GatewayService:
                 metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(result.waited)
                 for (i, _), row in zip(good, result.scores):
                     item = self._answer(f"{rid}-{i}", a, row, top_k, t0)
+                    item.update(self.budget.answered(a, item["latency_ms"]))
                     self.experiments.answered(f"{rid}-{i}", a.route, a.variant, a.how, row, item["latency_ms"],
                                               request.headers.get("x-client-id"))
                     results[i] = {"index": i, "filename": getattr(files[i], "filename", None), "status": 200, **item}
@@ -232,6 +237,8 @@ class GatewayService:
             a = self.router.assign(f.route, f.variant, f.client_id, self.health.down_variants())
         except RoutingError as e:
             raise ClientError(str(e)) from None
+        a = self.budget.assign(self.cfg.routes[a.route], a, request.headers.getlist(BUDGET_HEADER), images_in(f.form),
+                               self.health.down_variants())
         if self.health.is_down(a.variant):  # answered now, not after a call's deadline
             raise self.dispatcher.down(a.variant)
         if (why := self.readiness.problem(a.variant, self.manifests)) is not None:

@@ -67,6 +67,15 @@ ONLINE_ACCURACY = Gauge(
     ["route", "variant", "shadow", "bound"], multiprocess_mode="mostrecent",
 )
 ACCURACY_BOUNDS = ("estimate", "low", "high")  # the `bound` label of ONLINE_ACCURACY
+BUDGET_CHOICES = Counter(
+    "effnet_budget_choices", "Variants chosen by a route's latency-budget policy (service/budget.py)",
+    ["route", "variant"],
+)
+BUDGET_MISSES = Counter(
+    "effnet_budget_misses", "Budget-policy answers that missed their budget, by why: none_fits (no variant's "
+    "prediction fitted, the fastest answered) or late (it was predicted to fit and answered later)",
+    ["route", "variant", "why"],
+)
 ROUTE_CHANGES = Counter(
     "effnet_route_changes", "Accepted live changes of a route's split or shadow (PATCH /routes/NAME)", ["route"],
 )

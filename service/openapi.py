@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .budget import FITS, NONE_FITS, UNMEASURED
+from .budget import HEADER as BUDGET_HEADER
 from .forms import DEFAULT_TOP_K
 
 TITLE = "EfficientNet image classification"
@@ -95,13 +97,20 @@ def ok(description: str, schema: dict | None = None) -> dict:
 _S, _N, _I = {"type": "string"}, {"type": "number"}, {"type": "integer"}
 _WEIGHTS = {"type": "object", "additionalProperties": _N, "description": "variant -> weight (sums to 1)"}
 _SHADOW = {"type": "object", "nullable": True, "properties": {"variant": _S, "fraction": _N}}
+# with assignment budget (service/budget.py)
+_BUDGET_FIELDS = {"budget_ms": _N, "predicted_ms": {**_N, "nullable": True, "description": "null: not measured yet"},
+                  "chosen_because": {"type": "string", "enum": [FITS, UNMEASURED, NONE_FITS]},
+                  "budget_missed": {"type": "boolean", "description": "none fitted, or the answer came late"}}
+_BUDGET = {"name": BUDGET_HEADER, "in": "header", "required": False, "schema": {**_N, "exclusiveMinimum": 0},
+           "description": "on a route with policy budget: the most accurate variant predicted to answer within "
+                          "this many ms (default: the route's default_ms); ignored by other routes"}
 _PREDICTION = {"type": "object", "properties": {
     "request_id": _S, "route": _S, "variant": _S, "model": _S,
-    "assignment": {"type": "string", "enum": ["explicit", "split", "default", "fallback"]},
+    "assignment": {"type": "string", "enum": ["explicit", "split", "default", "fallback", "budget"]},
     "instead_of": {**_S, "description": "with assignment fallback: the variant picked, which is down"},
     "predictions": {"type": "array", "items": {"type": "object", "properties": {
         "label": _S, "index": _I, "score": _N}}},
-    "latency_ms": _N}}
+    "latency_ms": _N, **_BUDGET_FIELDS}}
 _FIELDS = {"variant": {"type": "string", "description": "explicit variant (GET /variants)"},
            "route": {"type": "string", "description": "route (GET /routes); default: the default route"},
            "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}}
@@ -118,12 +127,12 @@ def _multipart(required: str, files: dict) -> dict:
 
 
 CLASSIFY = {
-    "summary": "Classify one image", "parameters": [_CLIENT_ID, *_QUERY_FIELDS],
+    "summary": "Classify one image", "parameters": [_CLIENT_ID, _BUDGET, *_QUERY_FIELDS],
     "requestBody": _multipart("image", {"type": "string", "format": "binary"}),
     "responses": {**ok("top-k predictions", _PREDICTION), **_CLASSIFY_ERRORS}}
 CLASSIFY_BATCH = {
     "summary": "Classify several images; a bad image fails only its item",
-    "parameters": [_CLIENT_ID, *_QUERY_FIELDS],
+    "parameters": [_CLIENT_ID, _BUDGET, *_QUERY_FIELDS],
     "requestBody": _multipart("images", {"type": "array", "items": {"type": "string", "format": "binary"}}),
     "responses": {**ok("one result per image, in order: the prediction, or the item's status and error", {
         "type": "object", "properties": {

@@ -18,6 +18,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from .config import RouteConfig, ServingConfig
 
@@ -41,9 +42,10 @@ class RoutingError(ValueError):
 class Assignment:
     route: str
     variant: str
-    how: str  # "explicit", "split", "default" (the route has one variant) or "fallback" (instead of a down one)
+    how: str  # "explicit", "split", "default" (the route has one variant), "fallback" (instead of a down one) or "budget"
     shadow: str | None = None  # the variant to mirror this request to, if any
     instead_of: str | None = None  # with "fallback": the variant that was picked and is down
+    budget: Any = None  # with "budget": service.budget.Choice, what the latency-budget policy chose and why
 
 
 def sticky_pick(route: str, client_id: str, split: dict[str, float]) -> str:

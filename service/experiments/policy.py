@@ -27,7 +27,7 @@ from typing import Any
 
 from .bandit import FLOOR, Posterior, shares
 
-POLICIES = ("bandit", "promote")
+POLICIES = ("bandit", "promote", "budget")  # budget: service/budget.py
 MIN_CHANGE = 0.01  # a recomputed split that moves no weight by this much is not applied (no audit noise)
 
 
@@ -77,6 +77,10 @@ KEYS = {"bandit": ("floor", "every_s", "cost_per_ms"), "promote": ("share", "eve
 def parse_policy(where: str, raw: Any, split: dict[str, float], control: str | None) -> BanditPolicy | PromotePolicy:
     """`routes.NAME.policy` -> its policy; raises ValueError naming the key (config.py makes it a
     ConfigError)."""
+    if raw == "budget" or (isinstance(raw, dict) and list(raw) == ["budget"]):  # chooses per request
+        from ..budget import parse_budget_policy
+
+        return parse_budget_policy(where, raw, control)
     if isinstance(raw, str) and raw in KEYS:
         raw = {raw: {}}
     if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in KEYS:
