@@ -69,6 +69,10 @@ class BudgetPolicy:
     name = "budget"
     every_s = math.inf  # the gateway's split loop never runs it: the choice is per request
 
+    @property
+    def uses_feedback(self) -> bool:  # online accuracy steers the choice: feedback then moves traffic
+        return self.accuracy == "online"
+
     def as_dict(self) -> dict:
         return {"budget": {"default_ms": self.default_ms, "max_ms": self.max_ms, "accuracy": self.accuracy,
                            "online_width": self.online_width}}

@@ -73,9 +73,10 @@ class Experiments:
 
     def needs_token(self) -> bool:
         """Whether POST /feedback must carry the admin token (`server.feedback_auth`): feedback that moves a
-        route's traffic (a policy) is an admin's act."""
+        route's traffic (a policy that `uses_feedback`) is an admin's act."""
         auth = self.cfg.server.feedback_auth
-        return auth == "token" or (auth == "auto" and any(r.policy for r in self.cfg.routes.values()))
+        return auth == "token" or (auth == "auto" and any(getattr(r.policy, "uses_feedback", False)
+                                                          for r in self.cfg.routes.values()))
 
     def running(self, route: str) -> bool:
         r = self.cfg.routes.get(route)

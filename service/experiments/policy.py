@@ -38,6 +38,7 @@ class BanditPolicy:
     cost_per_ms: float = 0.0
 
     name = "bandit"
+    uses_feedback = True  # feedback moves the split: it is an admin's act (server.feedback_auth)
 
     def as_dict(self) -> dict:
         return {"bandit": {"floor": self.floor, "every_s": self.every_s, "cost_per_ms": self.cost_per_ms}}
@@ -52,6 +53,7 @@ class PromotePolicy:
     every_s: float = 30.0
 
     name = "promote"
+    uses_feedback = True
 
     def as_dict(self) -> dict:
         return {"promote": {"share": self.share, "every_s": self.every_s}}
