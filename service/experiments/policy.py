@@ -77,6 +77,10 @@ KEYS = {"bandit": ("floor", "every_s", "cost_per_ms"), "promote": ("share", "eve
 def parse_policy(where: str, raw: Any, split: dict[str, float], control: str | None) -> BanditPolicy | PromotePolicy:
     """`routes.NAME.policy` -> its policy; raises ValueError naming the key (config.py makes it a
     ConfigError)."""
+    if isinstance(raw, dict) and len(raw) == 1 and "cascade" in raw:  # not a split mover: service/cascade.py
+        from ..cascade import parse_cascade
+
+        return parse_cascade(where, raw["cascade"], split)
     if isinstance(raw, str) and raw in KEYS:
         raw = {raw: {}}
     if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in KEYS:
