@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import yaml
 
 from training.cascade_fit import ALWAYS, fit, simulate
 
@@ -72,3 +73,32 @@ def test_bad_inputs_are_named():
         fit([CHEAP, STRONG[:3]], LABELS, COSTS, drop=0.3)
     with pytest.raises(ValueError, match="take 1 threshold"):
         simulate([CHEAP, STRONG], LABELS, COSTS, [0.5, 0.5])
+
+
+def test_effnet_cascade_fit_writes_the_thresholds_the_route_names(tmp_path, monkeypatch, capsys):
+    """The command end to end on tiny fake-data checkpoints: trained without a validation split, so it
+    falls back to the test split and says so; the file it writes is what the server then reads."""
+    from cli.main import main
+    from service.config import load_config
+    from tests.support.serving import make_checkpoint
+    from training.data import FAKE_CLASSES
+
+    home = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    for name, variant, seed in (("compact-fake", "compact", 1), ("b0-fake", "b0", 2)):
+        make_checkpoint(home, name, variant, list(FAKE_CLASSES), 32, seed=seed)
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "variants": {"compact": {"model": "compact-fake:latest"}, "b0": {"model": "b0-fake:latest"}},
+        "routes": {"fake": {"split": ["compact", "b0"], "policy": {"cascade": {
+            "stages": ["compact", "b0"], "thresholds_file": "cascade-fake.yaml"}}}}}))
+    assert main(["cascade", "fit", "fake", "--config", str(config), "--data", "fake", "--escalate", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert "fitting on the test split" in err and "wrote" in out
+    written = yaml.safe_load((tmp_path / "cascade-fake.yaml").read_text())
+    assert written["split"] == "test" and written["target"] == {"escalate": 0.5}
+    assert written["expected"]["escalated"] <= 0.5
+    policy = load_config(config).routes["fake"].policy
+    assert list(policy.thresholds) == written["thresholds"]
+    assert main(["cascade", "fit", "nowhere", "--config", str(config), "--data", "fake"]) == 2
+    assert "unknown route" in capsys.readouterr().err
