@@ -116,7 +116,7 @@ class RouteConfig:
     # The variant the others are compared with: a route with a control runs an experiment, its answers
     # are recorded and take feedback (POST /feedback, GET /experiments; service/experiments/)
     control: str | None = None
-    policy: Any = None  # service/experiments/policy.py: BanditPolicy, or None (the split as set)
+    policy: Any = None  # service/experiments/policy.py (BanditPolicy, ...), service/cascade.py; None: the split as set
 
     @property
     def variants(self) -> list[str]:
@@ -440,7 +440,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
     routes_raw = top["routes"]
     if not isinstance(routes_raw, dict) or not routes_raw:
         raise ConfigError(f"{source}: routes: expected a non-empty mapping of name -> settings")
-    routes = {name: parse_route(name, r, variants) for name, r in routes_raw.items()}
+    from .cascade import files_beside  # a cascade's thresholds file lies beside the configuration file
+    routes = {name: parse_route(name, files_beside(r, source), variants) for name, r in routes_raw.items()}
 
     default_route = top.get("default_route") or next(iter(routes))
     if default_route not in routes:

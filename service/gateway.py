@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import describe, forms, metrics
+from . import cascade, describe, forms, metrics
 from .admission import Admission
 from .budget import HEADER as BUDGET_HEADER
 from .budget import Budget, images_in
@@ -172,6 +172,9 @@ class GatewayService:
             form, a, top_k = await self._route(request, forms.CLASSIFY_FIELDS)
             labels[:] = [a.route, a.variant]
             image = forms.one_image(form)
+            if a.how == "cascade":  # service/cascade.py: stage after stage, each checked and admitted alone
+                return await cascade.classify(self, rid, t0, a, top_k, await image.read(),
+                                              request.headers.get("x-client-id"), labels)
             with self.admission.hold(a.variant):
                 self.dispatcher.check_capacity(a.variant, 1)
                 batch = await self.decoder.prepare(await image.read(), a.variant)
@@ -193,6 +196,8 @@ class GatewayService:
             form, a, top_k = await self._route(request, forms.BATCH_FIELDS)
             labels[:] = [a.route, a.variant]
             files = forms.batch_images(form, self.cfg.server.max_batch_images)
+            if a.how == "cascade":  # service/cascade.py: every image through the stages on its own
+                return await cascade.classify_batch(self, rid, t0, a, top_k, files, request.headers.get("x-client-id"))
             with self.admission.hold(a.variant):
                 return await classify_images(rid, t0, a, top_k, files)
 
@@ -239,6 +244,8 @@ class GatewayService:
             raise ClientError(str(e)) from None
         a = self.budget.assign(self.cfg.routes[a.route], a, request.headers.getlist(BUDGET_HEADER), images_in(f.form),
                                self.health.down_variants())
+        if (c := cascade.cascade_of(self.cfg.routes[a.route], a.how)) is not None:
+            return (f.form, *cascade.assign(self, a, c, f.top_k))
         if self.health.is_down(a.variant):  # answered now, not after a call's deadline
             raise self.dispatcher.down(a.variant)
         if (why := self.readiness.problem(a.variant, self.manifests)) is not None:

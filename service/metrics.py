@@ -42,6 +42,11 @@ SHADOW = Counter(
     "(result: agree, disagree, error)",
     ["route", "variant", "primary", "result"],
 )
+CASCADE_STAGES = Counter(
+    "effnet_cascade_stages", "Cascade stages run (service/cascade.py) by outcome: answered, escalated (unsure: "
+    "the image went on to the next stage) or failed (down, busy, failing or too slow: escalated too)",
+    ["route", "variant", "outcome"],
+)
 TOP1_SCORE = Histogram(
     "effnet_top1_score", "Softmax score of the top-1 class of each answered image (primary answers only)",
     ["route", "variant"], buckets=SCORE_BUCKETS,

@@ -111,6 +111,15 @@ _PREDICTION = {"type": "object", "properties": {
     "predictions": {"type": "array", "items": {"type": "object", "properties": {
         "label": _S, "index": _I, "score": _N}}},
     "latency_ms": _N, **_BUDGET_FIELDS}}
+# A cascade route's answer (service/cascade.py): every stage run, and with average_last the stages averaged.
+_PREDICTION["properties"]["assignment"]["enum"].append("cascade")
+_PREDICTION["properties"].update({
+    "cascade": {"type": "array", "description": "with assignment cascade: the stages run, in order", "items": {
+        "type": "object", "properties": {
+            "variant": _S, "top1": _S, "index": _I, "score": {**_N, "description": "its calibrated top-1 probability"},
+            "threshold": {**_N, "nullable": True, "description": "escalated below it; null for the last stage"},
+            "escalated": {"type": "boolean"}, "error": {**_S, "description": "why the stage did not answer"}}}},
+    "averaged": {"type": "array", "items": _S, "description": "the stages whose probabilities were averaged"}})
 _FIELDS = {"variant": {"type": "string", "description": "explicit variant (GET /variants)"},
            "route": {"type": "string", "description": "route (GET /routes); default: the default route"},
            "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K}}

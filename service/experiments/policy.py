@@ -27,7 +27,7 @@ from typing import Any
 
 from .bandit import FLOOR, Posterior, shares
 
-POLICIES = ("bandit", "promote", "budget")  # budget: service/budget.py
+POLICIES = ("bandit", "promote", "budget", "cascade")  # budget: service/budget.py; cascade: service/cascade.py
 MIN_CHANGE = 0.01  # a recomputed split that moves no weight by this much is not applied (no audit noise)
 
 
@@ -76,18 +76,23 @@ class PromotePolicy:
 KEYS = {"bandit": ("floor", "every_s", "cost_per_ms"), "promote": ("share", "every_s")}
 
 
-def parse_policy(where: str, raw: Any, split: dict[str, float], control: str | None) -> BanditPolicy | PromotePolicy:
+def parse_policy(where: str, raw: Any, split: dict[str, float], control: str | None) -> Any:
     """`routes.NAME.policy` -> its policy; raises ValueError naming the key (config.py makes it a
     ConfigError)."""
     if raw == "budget" or (isinstance(raw, dict) and list(raw) == ["budget"]):  # chooses per request
         from ..budget import parse_budget_policy
 
         return parse_budget_policy(where, raw, control)
+    if isinstance(raw, dict) and len(raw) == 1 and "cascade" in raw:  # not a split mover: service/cascade.py
+        from ..cascade import parse_cascade
+
+        return parse_cascade(where, raw["cascade"], split)
     if isinstance(raw, str) and raw in KEYS:
         raw = {raw: {}}
     if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in KEYS:
-        raise ValueError(f"{where}.policy: expected `bandit`, `promote`, {{bandit: {{floor, every_s, cost_per_ms}}}} "
-                         f"or {{promote: {{share, every_s}}}}, got {raw!r}")
+        raise ValueError(f"{where}.policy: expected `bandit`, `promote`, `budget`, {{bandit: {{floor, every_s, "
+                         f"cost_per_ms}}}}, {{promote: {{share, every_s}}}}, {{budget: {{default_ms, max_ms, ...}}}} or "
+                         f"{{cascade: {{stages, thresholds}}}}, got {raw!r:.200}")
     name = next(iter(raw))
     opts = raw[name] or {}
     if not isinstance(opts, dict) or set(opts) - set(KEYS[name]):

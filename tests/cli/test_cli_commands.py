@@ -4,7 +4,7 @@ import pytest
 from cli.main import COMMAND_MODULES, build_parser
 
 COMMANDS = ["models", "bench", "export", "train", "train-many", "train-bench", "import-pretrained", "store",
-            "evaluate", "predict", "serve", "loadtest", "report", "chaos", "soak", "experiment", "dashboard"]
+            "evaluate", "predict", "serve", "loadtest", "report", "chaos", "soak", "experiment", "dashboard", "cascade"]
 
 
 def _subcommands(parser):

@@ -85,6 +85,7 @@ def test_feedback_needs_the_token_where_a_route_has_a_policy_or_when_configured(
     # a budget on the manifests' accuracy moves nothing by feedback; on online accuracy it does
     assert not needs("auto", control="b0", policy="budget")
     assert needs("auto", control="b0", policy={"budget": {"accuracy": "online"}})
+    assert not needs("auto", control="b0", policy={"cascade": {"stages": ["mec", "b0"], "thresholds": [0.8]}})
     with pytest.raises(ConfigError, match="feedback_auth"):
         parse_config({"server": {"feedback_auth": "maybe"}, "variants": {"b0": {"model": "b0"}},
                       "routes": {"r": {"split": {"b0": 1}}}})
