@@ -39,7 +39,6 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import gevent
 from locust import HttpUser, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -244,7 +243,8 @@ def _stop_gracefully_later(environment, **_):
     opts, runner = environment.parsed_options, environment.runner
     if isinstance(runner, MasterRunner) and opts and opts.run_seconds > 0:
         WORKER_TALLIES.clear()
-        gevent.spawn(_stop_workers_then_quit, runner, opts)
+        # Locust patches threading and time.sleep for gevent: this thread is a greenlet that sleeps cooperatively.
+        threading.Thread(target=_stop_workers_then_quit, args=(runner, opts), daemon=True).start()
 
 
 def _stop_workers_then_quit(runner, opts) -> None:
@@ -252,12 +252,12 @@ def _stop_workers_then_quit(runner, opts) -> None:
     worker's tally, quit. Every wait is bounded."""
     deadline = time.monotonic() + opts.run_seconds
     while time.monotonic() < deadline and not (opts.stop_file and os.path.exists(opts.stop_file)):
-        gevent.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
     workers = max(opts.expect_workers, 1)
     runner.stop()  # Locust waits for the workers' users to finish, at most stop_timeout + 60 s
     deadline = time.monotonic() + (runner.environment.stop_timeout or 0) + 15
     while len(WORKER_TALLIES) < workers and time.monotonic() < deadline:
-        gevent.sleep(0.1)
+        time.sleep(0.1)
     runner.quit()
 
 
