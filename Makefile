@@ -94,7 +94,8 @@ serve: setup
 	$(EFFNET) serve
 
 # Fills the default store if empty, starts the service and a private Prometheus, steps Locust through
-# 1/4/16/32 users per variant and the split; LOADTEST_ARGS passes options (e.g. --url, --steps 1,8).
+# 1/4/16/32 users per variant and the split; LOADTEST_ARGS passes options (e.g. --url, --steps 1,8,
+# --locust-workers 2 for a Locust master and two worker processes).
 LOADTEST_ARGS ?=
 loadtest: setup
 	@$(EFFNET) serve --check || $(MAKE) --no-print-directory checkpoints engines

@@ -25,7 +25,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     given = {k: v for k, v in {
         "fashion_images": args.fashion_images, "experiment_route": args.experiment_route,
         "experiment_s": args.experiment_seconds, "experiment_users": args.experiment_users,
-        "feedback_share": args.feedback_share, "weak_model": args.weak_model}.items() if v is not None}
+        "feedback_share": args.feedback_share, "weak_model": args.weak_model,
+        "locust_workers": args.locust_workers}.items() if v is not None}
     cfg = RunConfig(
         url=args.url, config=args.config, store_home=args.store, steps=args.steps, step_s=args.step_seconds,
         variants=args.variants.split(",") if args.variants else None, split=not args.no_split, slo_ms=args.slo_ms,
@@ -98,6 +99,9 @@ def add_commands(sub) -> None:
     e.add_argument("--experiment-users", type=bounded(int, 1, 256), help="its concurrent users (default 8)")
     e.add_argument("--feedback-share", type=bounded(float, 0, 1), help="share of labelled answers given feedback (default 1.0)")
     e.add_argument("--weak-model", help="store name of the weak variant; trained once if absent (default compact-weak-fashion-mnist)")
+    p.add_argument("--locust-workers", type=bounded(int, 0, 64), metavar="N",
+                   help="run Locust distributed: a master and N worker processes per step, for more load than one "
+                   "process makes (default 0: one process; docs/loadtest.md runs workers on other machines)")
     p.add_argument("--scrape-interval", type=bounded(float, 0.1, 60, " s"), default=1.0, help="Prometheus scrape interval, s (default 1)")
     p.add_argument("--max-seconds", type=bounded(float, 11, 3600, " s"), default=570.0, help="hard bound on the whole run; steps that do not fit are skipped and noted (default 570)")
     p.add_argument("--reports-dir", default="reports", help="folder of the runs' reports (default: %(default)s)")

@@ -20,6 +20,11 @@ a 4xx is their success, anything else a failure. Locust's statistics name reques
 bearer token when it is set: a server whose feedback moves traffic asks for it), counted in Locust's
 statistics as `feedback <variant>`; the server's verdict is checked against the user's own.
 `--results-json FILE` writes the tallies (per variant, per image, per client) when the test stops.
+Distributed (`--master` and `--worker`s; `effnet loadtest --locust-workers N`): each worker sends its
+tally to the master when it stops, and the master writes their merge. `--run-seconds S` on the master
+replaces Locust's `-t`, which quits the workers without letting their in-flight requests finish: the
+master stops them gracefully after S seconds (or once `--stop-file` appears), waits for every worker's
+tally, then quits.
 In the web UI, the "Accuracy" tab shows each variant's accuracy under load and its online accuracy
 (the feedback the server committed), each with its 95% Wilson interval.
 """
@@ -30,18 +35,22 @@ import os
 import random
 import sys
 import threading
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from locust import HttpUser, events, task
+from locust.runners import MasterRunner, WorkerRunner
 
 try:
     from loadtest.checks import check_answer
     from loadtest.images import BAD_KINDS, bad_input, dataset_for, image_set
+    from loadtest.tallies import merge_tallies
 except ImportError:  # run by path from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from loadtest.checks import check_answer
     from loadtest.images import BAD_KINDS, bad_input, dataset_for, image_set
+    from loadtest.tallies import merge_tallies
 from service.audit import ADMIN_TOKEN_ENV
 from service.experiments.stats import wilson
 
@@ -61,6 +70,10 @@ def _options(parser):
                         help="share of labelled answers whose true label is sent back (POST /feedback)")
     parser.add_argument("--results-json", default="", include_in_web_ui=False,
                         help="write the per-variant tallies here when the test stops")
+    parser.add_argument("--run-seconds", type=float, default=0.0, include_in_web_ui=False,
+                        help="headless master: stop the workers gracefully after this many seconds, then quit")
+    parser.add_argument("--stop-file", default="", include_in_web_ui=False,
+                        help="headless master: stop as --run-seconds does once this file exists")
 
 
 class Catalog:
@@ -72,16 +85,24 @@ class Catalog:
         self.default_route = ""
         self.images: dict[str, tuple] = {}  # variant -> its labelled images
         self.route_images: dict[str, tuple] = {}
+        # A worker connects before its init event loads the catalog, so its first users can start while
+        # the catalog loads: they wait here for it (gevent makes this lock cooperative).
+        self.lock = threading.Lock()
 
     def load(self, host: str, n_fashion: int) -> None:
+        """Once per process; `variants` is set last, so a catalog that has variants has their images."""
         from loadtest.service_api import catalog
 
-        # Plain urllib, outside Locust's statistics: the catalog is set-up, not load.
-        self.variants, self.routes, self.default_route = catalog(host)
-        for name, v in self.variants.items():
-            ds = v.get("image_set") or dataset_for(v.get("dataset"), v.get("num_classes"), v.get("route"))
-            self.images[name] = image_set(ds, n_fashion)
-            self.route_images.setdefault(v.get("route", ""), self.images[name])
+        with self.lock:
+            if self.variants:
+                return
+            # Plain urllib, outside Locust's statistics: the catalog is set-up, not load.
+            variants, self.routes, self.default_route = catalog(host)
+            for name, v in variants.items():
+                ds = v.get("image_set") or dataset_for(v.get("dataset"), v.get("num_classes"), v.get("route"))
+                self.images[name] = image_set(ds, n_fashion)
+                self.route_images.setdefault(v.get("route", ""), self.images[name])
+            self.variants = variants
 
 
 class Tally:
@@ -156,10 +177,11 @@ TALLY = Tally()
 
 @events.init.add_listener
 def _on_init(environment, **_):
-    # Headless runs know the host now: load the catalog and encode the images before the clock
-    # starts, so a short step measures requests, not start-up. (The web UI loads it on first use.)
+    # Headless runs and workers know the host now: load the catalog and encode the images before the
+    # clock starts, so a short step measures requests, not start-up. (The web UI loads it on first use;
+    # a master sends no requests.)
     opts = environment.parsed_options
-    if opts and opts.headless and environment.host:
+    if opts and ((opts.headless and not opts.master) or opts.worker) and environment.host:
         CATALOG.load(environment.host, opts.fashion_images)
 
 
@@ -196,12 +218,57 @@ def _on_test_start(environment, **_):
     TALLY.reset()
 
 
+WORKER_TALLIES: dict[str, dict] = {}  # master: worker id -> the tally it sent when it stopped
+TALLY_MESSAGE = "effnet_tally"
+
+
+@events.init.add_listener
+def _distributed(environment, runner=None, **_):
+    if isinstance(runner, MasterRunner):
+        runner.register_message(TALLY_MESSAGE, lambda msg, **kw: WORKER_TALLIES.__setitem__(msg.node_id, msg.data))
+
+
+@events.test_stop.add_listener
+def _send_tally(environment, **_):
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        # The final statistics first, then the tally on the same connection: a master holding every
+        # worker's tally holds every request's statistics too.
+        getattr(runner, "_send_stats", lambda: None)()
+        runner.send_message(TALLY_MESSAGE, TALLY.to_json())
+
+
+@events.test_start.add_listener
+def _stop_gracefully_later(environment, **_):
+    opts, runner = environment.parsed_options, environment.runner
+    if isinstance(runner, MasterRunner) and opts and opts.run_seconds > 0:
+        WORKER_TALLIES.clear()
+        # Locust patches threading and time.sleep for gevent: this thread is a greenlet that sleeps cooperatively.
+        threading.Thread(target=_stop_workers_then_quit, args=(runner, opts), daemon=True).start()
+
+
+def _stop_workers_then_quit(runner, opts) -> None:
+    """After --run-seconds (or --stop-file): stop the workers (in-flight requests finish), wait for each
+    worker's tally, quit. Every wait is bounded."""
+    deadline = time.monotonic() + opts.run_seconds
+    while time.monotonic() < deadline and not (opts.stop_file and os.path.exists(opts.stop_file)):
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    workers = max(opts.expect_workers, 1)
+    runner.stop()  # Locust waits for the workers' users to finish, at most stop_timeout + 60 s
+    deadline = time.monotonic() + (runner.environment.stop_timeout or 0) + 15
+    while len(WORKER_TALLIES) < workers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    runner.quit()
+
+
 def _write_results(environment) -> None:
     opts = environment.parsed_options
     path = getattr(opts, "results_json", "") if opts else ""
-    if not path:
+    if not path or isinstance(environment.runner, WorkerRunner):  # a worker's tally goes to the master
         return
-    Path(path).write_text(json.dumps(TALLY.to_json(), indent=1, sort_keys=True))
+    tally = merge_tallies(list(WORKER_TALLIES.values())) if isinstance(environment.runner, MasterRunner) \
+        else TALLY.to_json()
+    Path(path).write_text(json.dumps(tally, indent=1, sort_keys=True))
     # Locust's --csv writer runs once a second and is not flushed at exit, so its file can miss the
     # last second; this is the same CSV (Locust's own StatsCSV) written from the final statistics.
     import csv
@@ -256,8 +323,7 @@ class ClassifyUser(HttpUser):
         return self.environment.parsed_options
 
     def on_start(self) -> None:
-        if not CATALOG.variants:
-            CATALOG.load(self.host, self.opts.fashion_images)
+        CATALOG.load(self.host, self.opts.fashion_images)
         self.rng = random.Random(f"{self.opts.seed}-{id(self)}")
 
     def send(self, images, *, variant=None, route=None, assignment=None, client_id=None, name="classify") -> None:
@@ -371,10 +437,13 @@ class SplitUser(ClassifyUser):
         self.route = self.opts.route or CATALOG.default_route
         if self.route not in CATALOG.routes:
             raise RuntimeError(f"route {self.route!r} is not served; served: {', '.join(sorted(CATALOG.routes))}")
-        # Deterministic ids: the same run config meets the same clients, so shares are comparable.
+        # Deterministic ids: the same run config meets the same clients, so shares are comparable;
+        # a worker's index keeps its clients apart from the other workers'.
         SplitUser._next_user += 1
         n = max(1, self.opts.clients_per_user)
-        self.clients = [f"lt{self.opts.seed}-u{SplitUser._next_user}-c{i}" for i in range(n)]
+        runner = self.environment.runner
+        worker = f"-w{runner.worker_index}" if isinstance(runner, WorkerRunner) else ""
+        self.clients = [f"lt{self.opts.seed}{worker}-u{SplitUser._next_user}-c{i}" for i in range(n)]
         self.turn = 0
 
     @task

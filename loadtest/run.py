@@ -3,7 +3,8 @@
     with ServiceProcess(...) as svc, PrometheusServer(...) as prom:     # or --url: a running service
         for phase in phases:            # one per variant (explicit), one per split route
             for users in steps:         # default 1, 4, 16, 32 concurrent users, step_s seconds each
-                locust --headless ... (a subprocess, its own CSV and tallies)
+                locust --headless ... (a subprocess, its own CSV and tallies; with locust_workers,
+                                       a master and N workers: locust_procs.py)
         the experiment phase            # split traffic with feedback until a decision (experiment.py)
         query Prometheus for every step's window
     stop everything (also on Ctrl-C or SIGTERM); write results.json (report.py renders the rest)
@@ -13,14 +14,11 @@ the whole run by `max_total_s`; every address is 127.0.0.1.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
-import resource
 import signal
 import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -29,12 +27,12 @@ from pathlib import Path
 
 from . import experiment as ab
 from . import offline, promql
-from .images import CACHE_ENV, dataset_for, image_set
-from .processes import ROOT, ServiceProcess, stop_process
+from .images import dataset_for, image_set
+from .locust_procs import RunAborted, run_locust_step  # noqa: F401 (RunAborted: what a run raises)
+from .processes import ROOT, ServiceProcess
 from .prometheus import PrometheusServer, loopback_target
 from .service_api import catalog, wait_ready
 
-LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 # The service's own alerting rules: the private Prometheus evaluates them during the run (README, "Alerts").
 ALERT_RULES = Path(__file__).resolve().parents[1] / "service" / "prometheus-rules.yml"
 
@@ -69,10 +67,9 @@ class RunConfig:
     poll_s: float = 1.0
     reports_dir: str = "reports"
     name: str | None = None
-
-
-class RunAborted(RuntimeError):
-    pass
+    # 0: one Locust process per step; N: a master and N worker processes (Locust distributed), for load
+    # that one process (one core, under gevent) cannot generate.
+    locust_workers: int = 0
 
 
 def _store_home(cfg: RunConfig) -> Path:
@@ -129,38 +126,6 @@ def machine() -> dict:
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": info.get("gpu")}
 
 
-def read_locust_csv(prefix: Path) -> dict[str, dict]:
-    """`<prefix>_stats.csv` -> {request name: {count, failures, p50/p95/p99 ms, rps}}."""
-    path = Path(f"{prefix}_stats.csv")
-    if not path.is_file():
-        return {}
-    out = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            def num(key):
-                try:
-                    return float(row[key])
-                except (KeyError, ValueError, TypeError):
-                    return None
-
-            out[row["Name"]] = {"count": int(num("Request Count") or 0), "failures": int(num("Failure Count") or 0),
-                                "p50_ms": num("50%"), "p95_ms": num("95%"), "p99_ms": num("99%"),
-                                "rps": num("Requests/s"), "type": row.get("Type")}
-    return out
-
-
-def read_locust_failures(prefix: Path) -> dict[str, int]:
-    path = Path(f"{prefix}_failures.csv")
-    if not path.is_file():
-        return {}
-    out: dict[str, int] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            key = f"{row.get('Name')}: {row.get('Error')}"
-            out[key] = out.get(key, 0) + int(row.get("Occurrences") or 0)
-    return out
-
-
 def _cpu_seconds(pids: list[int]) -> float:
     import psutil
 
@@ -205,55 +170,6 @@ def _machine_busy_s() -> float:
 
     t = psutil.cpu_times()
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
-def run_locust_step(cfg: RunConfig, url: str, user_class: str, users: int, out_prefix: Path,
-                    extra: list[str], run_s: float | None = None, watch=None) -> dict:
-    """One headless Locust process at `users` concurrent users for `run_s` (default `cfg.step_s`) seconds;
-    `watch()`, called every `cfg.poll_s`, ends it early (gracefully: in-flight requests finish) by returning True."""
-    run_s = cfg.step_s if run_s is None else run_s
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
-           "-u", str(users), "-r", str(users), "-t", f"{max(1, int(round(run_s)))}s",
-           "--stop-timeout", str(int(cfg.stop_timeout_s)), "--csv", str(out_prefix), "--only-summary",
-           "--loglevel", "WARNING", "--exit-code-on-error", "0",
-           "--bad-share", str(cfg.bad_share), "--fashion-images", str(cfg.fashion_images), "--seed", str(cfg.seed),
-           "--results-json", f"{out_prefix}_tally.json", *extra, user_class]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), CACHE_ENV: str(out_prefix.parent / "images")}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.time()
-    with open(f"{out_prefix}_locust.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            # Locust starts in a few seconds, then runs run_s, then drains for at most stop_timeout.
-            limit = time.monotonic() + run_s + cfg.stop_timeout_s + 60
-            while proc.poll() is None:
-                try:
-                    left = max(0.0, limit - time.monotonic())
-                    proc.wait(timeout=min(cfg.poll_s, left) if watch else left)
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() >= limit:
-                        raise
-                    if watch and watch():
-                        stop_process(proc, timeout=2 * cfg.stop_timeout_s + 10)
-        except subprocess.TimeoutExpired:
-            stop_process(proc)
-            raise RunAborted(f"locust step ({user_class}, {users} users) did not end in time; see {out_prefix}_locust.log")
-        finally:
-            stop_process(proc)
-    ended = time.time()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    tally_path = Path(f"{out_prefix}_tally.json")
-    tally = json.loads(tally_path.read_text()) if tally_path.is_file() else {}
-    if proc.returncode not in (0, None) and not tally:
-        tail = Path(f"{out_prefix}_locust.log").read_bytes()[-2000:].decode(errors="replace")
-        raise RunAborted(f"locust failed ({proc.returncode}): {tail}")
-    return {"started": started, "ended": ended,
-            "locust_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-            # The final CSV the locustfile writes at quit; Locust's periodic one can miss the last second.
-            "stats": read_locust_csv(Path(f"{out_prefix}_tally")) or read_locust_csv(out_prefix),
-            "failures": read_locust_failures(Path(f"{out_prefix}_tally")) or read_locust_failures(out_prefix),
-            "tally": tally,
-            "returncode": proc.returncode}
 
 
 def plan_phases(cfg: RunConfig, variants: dict, routes: dict) -> list[dict]:

@@ -76,8 +76,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue a run from the state in RUN_DIR (state.safetensors + state.json): model, EMA, "
                    "optimizer, LR step, scaler, epoch and RNG states")
     p.add_argument("--nproc", type=int, default=1,
-                   help="processes on this machine: >1 launches torchrun (DDP; one per GPU, or gloo on CPU). "
-                   "Multi-node: run `torchrun --nnodes ... -m training` yourself")
+                   help="processes on this machine: >1 launches torchrun (DDP; one per GPU, or gloo on CPU)")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="machines in the run: >1 launches torchrun's c10d rendezvous at --rdzv-endpoint; run the "
+                   "same command on every machine, each with its --node-rank (docs/training.md)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0..NNODES-1; 0 hosts the rendezvous")
+    p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                   help="node 0's address and a free port on it, the same on every machine (with --nnodes > 1)")
     p.add_argument("--skip-existing", action="store_true", help="do nothing if NAME:latest is already in the store")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar, a line every 100 steps instead, as without a terminal (one line per epoch "

@@ -2,8 +2,8 @@
 
 Shaped like torchvision's references/classification/train.py: `load_data()` (training/data.py),
 `train_one_epoch()` and `evaluate()` (training/loop.py), `main()`, and `get_args_parser()`
-(training/options.py). Runs as one process, or as N under torchrun (`effnet train --nproc N` or
-`torchrun --nproc_per_node=N -m training`) with a DistributedSampler; rank 0 evaluates, logs and saves.
+(training/options.py). Runs as one process, or as N under torchrun (`effnet train --nproc N`, on several
+nodes with `--nnodes`, or `torchrun ... -m training`) with a DistributedSampler; rank 0 evaluates, logs and saves.
 `run(args)` is the entry point of the command: resume rules, torchrun, Ctrl-C and SIGTERM.
 """
 from __future__ import annotations
@@ -420,40 +420,17 @@ def main(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> 
     return result
 
 
-def launch_torchrun(cfg: TrainConfig, nproc: int, resume: str | None, progress: bool) -> int:
-    """`torchrun --standalone --nproc_per_node N -m training -c RESOLVED.yaml`: the resolved config travels whole."""
-    import subprocess
-
-    import yaml
-
-    run_dir = run_dir_for(cfg, checkpoint_name(cfg.variant, cfg.data, cfg.name))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file = run_dir / "launch_config.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "training", "-c", str(cfg_file)]
-    if resume:
-        cmd += ["--resume", resume]
-    if not progress:
-        cmd += ["--no-progress"]
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        # gloo on CPU: split the cores between the processes instead of oversubscribing them.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
-
-
 # What a resumed run may change: how it runs and where its checkpoint goes, not what it trains (the
 # state's tensors, schedule and data order depend on every other option).
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `effnet train` and `python -m training`."""
+    from . import distributed as dist_utils
+
     cfg = resume_config(args) if args.resume else config_from_args(args)
     progress = not args.no_progress
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    launch = dist_utils.Launch(args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
     name = check_store_name(checkpoint_name(cfg.variant, cfg.data, cfg.name))
     if cfg.init and not args.resume:  # a missing or other-variant --init fails now, not after the data has loaded
         from models import get_variant
@@ -469,8 +446,8 @@ def run(args: argparse.Namespace) -> int:
         if has_checkpoint(f"{name}:latest"):
             print(f"{name}:latest is already in the store; skipped")
             return 0
-    if args.nproc > 1 and "RANK" not in os.environ:
-        return launch_torchrun(cfg, args.nproc, args.resume, progress)
+    if launch.needed and "RANK" not in os.environ:
+        return dist_utils.launch_torchrun(launch, cfg.to_dict(), run_dir_for(cfg, name), name, args.resume, progress)
     run_dir = run_dir_for(cfg, name, args.resume)
     state = run_dir / "state.json"
     # Compared as "changed", not "newer than the start": file times come from the kernel's coarse clock,
