@@ -95,7 +95,7 @@ def add_commands(sub) -> None:
                              "as the bearer token where the server asks for one)")
     e.add_argument("--no-experiment", action="store_true", help="skip the experiment phase")
     e.add_argument("--experiment-route", help="the route of the experiment (default fashion)")
-    e.add_argument("--experiment-seconds", type=bounded(float, 5, 600, " s"), help="its longest run; it stops once decided (default 45)")
+    e.add_argument("--experiment-seconds", type=bounded(float, 5, 600, " s"), help="its longest run; it stops once decided (default 30)")
     e.add_argument("--experiment-users", type=bounded(int, 1, 256), help="its concurrent users (default 8)")
     e.add_argument("--feedback-share", type=bounded(float, 0, 1), help="share of labelled answers given feedback (default 1.0)")
     e.add_argument("--weak-model", help="store name of the weak variant; trained once if absent (default compact-weak-fashion-mnist)")

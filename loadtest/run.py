@@ -61,7 +61,7 @@ class RunConfig:
     experiment: bool = True
     experiment_route: str = "fashion"
     weak_model: str = ab.WEAK_MODEL
-    experiment_s: float = 45.0  # the weak variant is decided in 10-15 s at 8 users (benchmarks/loadtest.md)
+    experiment_s: float = 30.0  # the weak variant is decided in 11-13 s at 8 users (benchmarks/loadtest.md)
     experiment_users: int = 8
     feedback_share: float = 1.0
     poll_s: float = 1.0
