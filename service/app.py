@@ -14,6 +14,8 @@ from .drain import DrainMiddleware
 from .endpoints import ENDPOINTS, http_app
 from .gateway import GatewayService
 from .http_limits import LimitsMiddleware
+from .key_guard import KeysMiddleware
+from .keys import keys_file
 from .openapi import OpenAPIMiddleware, paths
 from .request_log import RequestLogMiddleware
 from .workers import make_workers
@@ -74,6 +76,14 @@ def build_gateway(cfg):
     svc.add_asgi_middleware(DrainMiddleware, role="gateway", grace_s=cfg.server.drain_grace_s,
                             retry_after_s=cfg.server.retry_after_s)
     svc.add_asgi_middleware(OpenAPIMiddleware, paths=paths(ENDPOINTS))
+    # Client keys, when a keys file is configured: a request without a valid key or past its quota is
+    # refused before its body takes an upload place or an in-flight slot (service/key_guard.py).
+    keys = keys_file(cfg.server.api_keys, cfg.source)
+    if keys is not None:
+        svc.add_asgi_middleware(KeysMiddleware, path=keys, poll_s=cfg.server.api_keys_poll_s,
+                                requests_per_s=cfg.server.api_key_requests_per_s,
+                                concurrent=cfg.server.api_key_concurrent, retry_after_s=cfg.server.retry_after_s,
+                                metric_names=cfg.server.api_key_metric_names)
     svc.add_asgi_middleware(LimitsMiddleware, max_body_bytes=cfg.server.max_body_bytes,
                             max_inflight=cfg.server.max_inflight, retry_after_s=cfg.server.retry_after_s,
                             body_timeout_s=cfg.server.body_timeout_s, max_uploads=cfg.server.max_uploads,

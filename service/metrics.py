@@ -133,3 +133,11 @@ BATCH_THREADS = Counter(
     "threads when the cores were free, one when they were busy: service.cpu_slots)",
     ["variant", "threads"],
 )
+
+# client keys (service/key_guard.py)
+KEY_REQUESTS = Counter(
+    "effnet_key_requests", "Requests to the key-guarded endpoints by client key and outcome: admitted, "
+    "unauthorized (no key or an unknown one; key \"none\"), over_rate or over_concurrent (429). key is the key's "
+    "name in the keys file, never the key; names past server.api_key_metric_names count as \"other\"",
+    ["key", "outcome"],
+)
