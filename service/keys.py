@@ -17,12 +17,15 @@ import hmac
 import logging
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from store.durable import write_atomic
 
 from .config_checks import ConfigError, check_keys, check_number
 
@@ -160,3 +163,21 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
         key = value if scheme.lower() == b"bearer" else None
     key = (key or b"").strip()
     return key.decode("latin-1") if key else None
+
+
+def add_key(path: Path, name: str, requests_per_s: float | None = None, concurrent: int | None = None) -> str:
+    """A new random key for `name`: its hash is added to the keys file (created if missing, written whole
+    through a rename, so a server reading it never sees half a line); returns the key, which is kept nowhere."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    if name in parse_keys(text, str(path)):
+        raise ConfigError(f"keys file {path} already has a key named {name!r}; delete its line to replace it")
+    key = secrets.token_urlsafe(32)
+    quota = {k: v for k, v in (("requests_per_s", requests_per_s), ("concurrent", concurrent)) if v is not None}
+    value = hash_key(key) if not quota else "{" + ", ".join(
+        [f"sha256: {hash_key(key)}", *(f"{k}: {v:g}" for k, v in quota.items())]) + "}"
+    text = (text if not text or text.endswith("\n") else text + "\n") + f"{name}: {value}\n"
+    parse_keys(text, str(path))  # the name and quota are checked before anything is written
+    write_atomic(path, text, mode=0o600)
+    return key
+

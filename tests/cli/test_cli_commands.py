@@ -4,7 +4,8 @@ import pytest
 from cli.main import COMMAND_MODULES, build_parser
 
 COMMANDS = ["models", "bench", "export", "train", "train-many", "train-bench", "import-pretrained", "store",
-            "evaluate", "predict", "serve", "loadtest", "report", "chaos", "soak", "experiment", "dashboard", "cascade"]
+            "evaluate", "predict", "serve", "loadtest", "report", "chaos", "soak", "experiment", "dashboard", "cascade",
+            "keys"]
 
 
 def _subcommands(parser):

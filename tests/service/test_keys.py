@@ -173,3 +173,19 @@ def test_the_middleware_answers_401_alike_for_no_key_and_a_wrong_one_and_429_pas
     status, headers, body = _call(mw, {"X-Api-Key": "ka"})
     assert status == 429 and headers["retry-after"] == "1" and "quota" in body["error"]
     assert _call(mw, {"Authorization": "Bearer kb"})[0] == 200
+
+
+def test_effnet_keys_add_prints_a_key_once_and_the_file_holds_only_its_hash(tmp_path, capsys):
+    from cli.main import main
+
+    f = tmp_path / "keys.yaml"
+    _write(f, f"alice: {hash_key('a')}")  # no newline at the end: the new line still goes on its own
+    assert main(["keys", "add", "dave", "--file", str(f), "--requests-per-s", "2.5", "--concurrent", "3"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key not in f.read_text() and (f.stat().st_mode & 0o777) == 0o600
+    dave = KeyRing(f).find(key)
+    assert (dave.name, dave.requests_per_s, dave.concurrent) == ("dave", 2.5, 3)
+    assert KeyRing(f).find("a").name == "alice"
+    assert main(["keys", "add", "dave", "--file", str(f)]) == 2  # a name already there
+    assert main(["keys", "add", "erin", "--file", str(f), "--concurrent", "-1"]) == 2
+    assert "erin" not in f.read_text()
