@@ -224,13 +224,30 @@ def outputs(scores: np.ndarray, top_k: int, classes: list[list[str]], asked: tup
     return out
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` (server.max_body_mb) on its Content-Length or as it arrives.
+    NOTE: the gateway's upload limits (service/http_limits.py: in-flight and upload counts, body timeout,
+    buffered bytes) cover its CLASSIFY_PATHS only; this bounds the one thing a body must never exceed here."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise ClientError(f"request body of {int(length):,} bytes is above the limit of {limit:,} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(f"request body is above the limit of {limit:,} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def infer(gw: Any, request: Request, rid: str, t0: float, labels: list[str]) -> dict:
     """One infer request through the gateway `gw`: every image to the variant the route (or name) picks, or
     through the route's cascade, all at once so that the variant's coalescer batches them; the protocol's
     answer. `labels` (route, variant) are the metrics' labels once routed."""
     server = gw.cfg.server
     target = resolve(gw.cfg, request.path_params["name"], request.path_params.get("version"))
-    req = parse(await request.body(), request.headers.get(HEADER_LENGTH), server.max_batch_images, server.max_pixels)
+    body = await read_body(request, server.max_body_bytes)
+    req = parse(body, request.headers.get(HEADER_LENGTH), server.max_batch_images, server.max_pixels)
     client = request.headers.get("x-client-id")
     down = gw.health.down_variants()
     try:
