@@ -32,8 +32,8 @@ CLIENTS := .venv-clients
 clients: $(CLIENTS)/.installed
 $(CLIENTS)/.installed: pyproject.toml
 	test -x $(CLIENTS)/bin/python || $(PYTHON) -m venv $(CLIENTS)
-	$(CLIENTS)/bin/python -m pip install -q $$($(PYTHON) -c "import shlex, tomllib; print(' '.join(shlex.quote(r) for r in \
-	  tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['clients']))")
+	$(PYTHON) -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['clients']))" \
+	  | xargs $(CLIENTS)/bin/python -m pip install -q
 	touch $@
 
 # The runtime set (requirements.txt) and every extra: training, load tests, tests. Re-installs only when

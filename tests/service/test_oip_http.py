@@ -89,8 +89,9 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def photo(server, tmp_path_factory):
     """A real photo, the file it is in, its decoded pixels (.npy) and what /classify answers for it."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     data = photos()[0].data
     folder = tmp_path_factory.mktemp("photo")
@@ -106,7 +107,7 @@ def labels(top_k: list[str]) -> list[str]:
 
 
 def test_tritonclient_classifies_a_photo_as_classify_does(server, photo):
-    data, folder, expected = photo
+    _, folder, expected = photo
     out = clients_venv.run(TRITON, f"127.0.0.1:{server.port}", "imagenet", str(folder / "photo"),
                            str(folder / "pixels.npy"))
     assert out["state"] == [True, True, True] and out["inputs"] == ["image", "pixels"]
@@ -117,7 +118,7 @@ def test_tritonclient_classifies_a_photo_as_classify_does(server, photo):
 
 
 def test_the_kserve_client_classifies_a_photo_as_classify_does(server, photo):
-    data, folder, expected = photo
+    _, folder, expected = photo
     out = clients_venv.run(KSERVE, server.url, "lite0", str(folder / "photo"))
     assert out["state"] == [True, True, True]
     assert labels(out["top_k"]) == expected and out["scores"] == [1, 1000]
@@ -168,3 +169,14 @@ def test_metadata_names_the_inputs_and_the_outputs_shape(server):
     assert meta["versions"] == ["1"] and meta["parameters"]["variants"] == "lite0"
     assert {o["name"]: o["shape"] for o in meta["outputs"]}["scores"] == [-1, 1000]
     assert server.client.get("/v2").json()["name"] == "effnet-serving"
+
+
+def test_answers_and_refusals_are_counted_as_the_gateways_own(server, photo):
+    before = server.client.get("/metrics").text
+    assert server.client.post("/v2/models/imagenet/infer", json={"inputs": [b64(photo[0])]}).status_code == 200
+    after = server.client.get("/metrics").text
+    ok = 'effnet_requests_total{endpoint="infer",route="imagenet",status="200",variant="lite0"}'
+
+    def count(text: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(ok))
+    assert count(after) == count(before) + 1
