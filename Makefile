@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # serving benchmark's load generator: C, a tenth of the CPU a Python generator takes from the server).
 DEBS := dataset-fashion-mnist prometheus wrk postgresql
 
-.PHONY: setup system-deps test test-fast models bench serve clean help checkpoints train-full loadtest engines chaos soak
+.PHONY: setup system-deps test test-fast models bench serve clean help checkpoints train-full loadtest engines chaos soak clients
 
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
@@ -24,7 +24,17 @@ help:
 	@echo "make chaos   kills, hangs, SIGTERM, slow clients, big uploads, a damaged store under load; reports/chaos-<run>/ (<= 10 min)"
 	@echo "make soak    the service at half its capacity for 1 h (SOAK_ARGS=\"--duration 30m\"); RSS/fd/thread growth per process"
 
-setup: $(STAMP) system-deps
+setup: $(STAMP) clients system-deps
+
+# The Open Inference Protocol's clients (pyproject's `clients` extra, tests/support/clients_venv.py) in a venv
+# of their own: kserve pins fastapi, psutil and protobuf versions that must not replace the service's.
+CLIENTS := .venv-clients
+clients: $(CLIENTS)/.installed
+$(CLIENTS)/.installed: pyproject.toml
+	test -x $(CLIENTS)/bin/python || $(PYTHON) -m venv $(CLIENTS)
+	$(PYTHON) -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['clients']))" \
+	  | xargs $(CLIENTS)/bin/python -m pip install -q
+	touch $@
 
 # The runtime set (requirements.txt) and every extra: training, load tests, tests. Re-installs only when
 # either file changed; torch/torchvision come from this machine's disk.

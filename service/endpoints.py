@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
-from . import openapi, route_state
+from . import oip, openapi, route_state
 from .audit import AuditLog, configured_token, fingerprint
 from .errors import ClientError, error_response, request_id
 from .live_routes import MAX_CHANGE_BYTES, admin_refusal
@@ -181,6 +181,16 @@ ENDPOINTS = [
     Endpoint("/feedback", "POST", feedback, openapi.FEEDBACK),
     Endpoint("/experiments", "GET", experiments, openapi.EXPERIMENTS),
     Endpoint("/experiments/{route}", "GET", experiments, openapi.EXPERIMENT),
+    # the Open Inference Protocol (service/oip.py)
+    Endpoint("/v2", "GET", oip.server_metadata, openapi.OIP_SERVER),
+    Endpoint("/v2/health/live", "GET", oip.server_live, openapi.OIP_LIVE),
+    Endpoint("/v2/health/ready", "GET", oip.server_ready, openapi.OIP_READY),
+    Endpoint("/v2/models/{name}", "GET", oip.metadata, openapi.OIP_MODEL),
+    Endpoint("/v2/models/{name}/versions/{version}", "GET", oip.metadata, openapi.OIP_MODEL_V),
+    Endpoint("/v2/models/{name}/ready", "GET", oip.ready, openapi.OIP_MODEL_READY),
+    Endpoint("/v2/models/{name}/versions/{version}/ready", "GET", oip.ready, openapi.OIP_MODEL_READY_V),
+    Endpoint("/v2/models/{name}/infer", "POST", oip.infer_route, openapi.OIP_INFER),
+    Endpoint("/v2/models/{name}/versions/{version}/infer", "POST", oip.infer_route, openapi.OIP_INFER_V),
 ]
 
 http_app = Starlette(exception_handlers={405: method_not_allowed},

@@ -10,8 +10,9 @@ ours renders the same Swagger UI, from the files BentoML serves, with our title.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .budget import FITS, NONE_FITS, UNMEASURED
 from .budget import HEADER as BUDGET_HEADER
@@ -244,6 +245,45 @@ EXPERIMENT = {
     "responses": {**ok("the route's experiment"), **errors("400", "404")}}
 DOCS = {"summary": "The API page: redirects to /", "responses": {"307": {"description": "to /"}}}
 
+
+# The Open Inference Protocol (service/oip.py): KServe's v2 protocol, as Triton and KServe serve it.
+_TENSOR = {"type": "object", "properties": {"name": _S, "datatype": _S, "shape": {"type": "array", "items": _I},
+                                            "parameters": {"type": "object"}, "data": {"type": "array", "items": {}}}}
+_MODEL = [{"name": "name", "in": "path", "required": True, "schema": _S,
+           "description": "a variant or a route (GET /variants, /routes)"}]
+_VERSIONED = [*_MODEL, {"name": "version", "in": "path", "required": True, "schema": _S,
+                        "description": "the model's version: 1"}]
+_OIP_ERRORS = {**errors("400", "413", "429", "500", "502", "503"),
+               "404": {"description": "no such model (variant or route) or version", "content": _ERROR_BODY}}
+OIP_SERVER = {"summary": "Open Inference Protocol: server metadata", "responses": ok("name, version, extensions", {
+    "type": "object", "properties": {"name": _S, "version": _S, "extensions": {"type": "array", "items": _S}}})}
+OIP_LIVE = {"summary": "Open Inference Protocol: the server is live", "responses": ok('{"live": true}')}
+OIP_READY = {"summary": "Open Inference Protocol: the server is ready (as GET /readyz)",
+             "responses": {**ok('{"ready": true}'), "503": {"description": '{"ready": false, "error": why}'}}}
+OIP_MODEL = {"summary": "Open Inference Protocol: model metadata (inputs image/pixels, outputs scores/top_k)",
+             "parameters": _MODEL, "responses": {**ok("name, versions, platform, inputs, outputs"),
+                                                 "404": _OIP_ERRORS["404"]}}
+OIP_MODEL_READY = {"summary": "Open Inference Protocol: the model answers now", "parameters": _MODEL,
+                   "responses": {**ok('{"name": ..., "ready": true}'),
+                                 "503": {"description": "not ready: `error` says why"}, "404": _OIP_ERRORS["404"]}}
+OIP_INFER = {
+    "summary": "Open Inference Protocol: classify encoded images (BYTES `image`) or RGB pixels (UINT8 `pixels`)",
+    "description": "One input: `image`, BYTES [N], base64 strings in `data` or binary data after the JSON header "
+                   "(`Inference-Header-Content-Length`); or `pixels`, UINT8 [N, H, W, 3]. Outputs: `scores`, FP32 "
+                   "[N, classes], and `top_k`, BYTES [N, k] of \"score:index:label\" (k: the request's `top_k` "
+                   "parameter or the output's `classification` parameter). Routed, limited and counted as /classify.",
+    "parameters": [_MODEL[0], _CLIENT_ID, _BUDGET],
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "properties": {
+        "id": _S, "parameters": {"type": "object", "properties": {"top_k": _I}},
+        "inputs": {"type": "array", "items": _TENSOR}, "outputs": {"type": "array", "items": {"type": "object"}}}}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+    "responses": {**ok("model_name, model_version, id, parameters (request_id, route, variants), outputs", {
+        "type": "object", "properties": {"model_name": _S, "model_version": _S, "id": _S,
+                                         "parameters": {"type": "object"}, "outputs": {"type": "array", "items": _TENSOR}}}),
+        **_OIP_ERRORS}}
+OIP_MODEL_V = {**OIP_MODEL, "parameters": _VERSIONED}
+OIP_MODEL_READY_V = {**OIP_MODEL_READY, "parameters": _VERSIONED}
+OIP_INFER_V = {**OIP_INFER, "parameters": [*_VERSIONED, _CLIENT_ID, _BUDGET]}
 
 API_PAGE = f"""<!DOCTYPE html>
 <html lang="en">
