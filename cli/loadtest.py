@@ -26,11 +26,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         "fashion_images": args.fashion_images, "experiment_route": args.experiment_route,
         "experiment_s": args.experiment_seconds, "experiment_users": args.experiment_users,
         "feedback_share": args.feedback_share, "weak_model": args.weak_model,
-        "locust_workers": args.locust_workers}.items() if v is not None}
+        "locust_workers": args.locust_workers, "budget_ms": args.budget_ms}.items() if v is not None}
     cfg = RunConfig(
         url=args.url, config=args.config, store_home=args.store, steps=args.steps, step_s=args.step_seconds,
         variants=args.variants.split(",") if args.variants else None, split=not args.no_split, slo_ms=args.slo_ms,
         bad_share=args.bad_share, scrape_interval_s=args.scrape_interval, experiment=not args.no_experiment,
+        policies=args.policies,
         max_total_s=args.max_seconds, reports_dir=args.reports_dir, name=args.name, seed=args.seed, **given,
     )
     if cfg.max_total_s < cfg.step_s + 10:
@@ -99,6 +100,12 @@ def add_commands(sub) -> None:
     e.add_argument("--experiment-users", type=bounded(int, 1, 256), help="its concurrent users (default 8)")
     e.add_argument("--feedback-share", type=bounded(float, 0, 1), help="share of labelled answers given feedback (default 1.0)")
     e.add_argument("--weak-model", help="store name of the weak variant; trained once if absent (default compact-weak-fashion-mnist)")
+    g = p.add_argument_group("policy phases", "the budget and cascade policies on two routes the run adds over the "
+                             "fashion variants (fashion-budget, fashion-cascade with thresholds from `effnet cascade "
+                             "fit`), at the same user counts as the variants; opt-in: they add two phases of steps")
+    g.add_argument("--policies", action="store_true", help="add the policy phases (raise --max-seconds to fit them)")
+    g.add_argument("--budget-ms", type=bounded(float, 1, 10000, " ms"),
+                   help="X-Latency-Budget-Ms of every budget-route request (default 250)")
     p.add_argument("--locust-workers", type=bounded(int, 0, 64), metavar="N",
                    help="run Locust distributed: a master and N worker processes per step, for more load than one "
                    "process makes (default 0: one process; docs/loadtest.md runs workers on other machines)")

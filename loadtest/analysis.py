@@ -225,6 +225,9 @@ def summarise(results: dict, cfg=None) -> dict:
         sp["steps"].append(step_row(step, None))
     summary["picks"] = picks(summary["variants"], max_error_rate=max_err)
     summary["experiment"] = summarise_experiment(results)
+    from .policy_report import summarise_policies  # it builds on this module's rows
+
+    summary["policies"] = summarise_policies(results, summary["variants"])
     for route, sp in summary["splits"].items():
         total = sum(sp["answers"].values())
         sp["shares"] = {v: n / total for v, n in sp["answers"].items()} if total else {}

@@ -68,6 +68,7 @@ def _options(parser):
     parser.add_argument("--seed", type=int, default=0, help="seed of image order, bad inputs and client ids")
     parser.add_argument("--feedback-share", type=float, default=0.0,
                         help="share of labelled answers whose true label is sent back (POST /feedback)")
+    parser.add_argument("--budget-ms", type=float, default=0.0, help="PolicyUser: X-Latency-Budget-Ms sent (0: none)")
     parser.add_argument("--results-json", default="", include_in_web_ui=False,
                         help="write the per-variant tallies here when the test stops")
     parser.add_argument("--run-seconds", type=float, default=0.0, include_in_web_ui=False,
@@ -122,6 +123,10 @@ class Tally:
         self.errors: dict[str, Counter] = defaultdict(Counter)  # request name -> error kind -> count
         self.bad: dict[str, Counter] = defaultdict(Counter)  # kind -> "4xx"/status -> count
         self.split: dict[str, Counter] = defaultdict(Counter)  # route -> variant -> answers
+        # policy route -> answers, labelled, correct, budget_missed, answered_by {variant: n}, stages_run {variant: n}
+        self.policy: dict[str, dict] = defaultdict(lambda: {"answers": 0, "labelled": 0, "correct": 0,
+                                                            "budget_missed": 0, "answered_by": Counter(),
+                                                            "stages_run": Counter()})
         self.client_variant: dict[str, str] = {}
         self.sticky_violations = 0
 
@@ -136,6 +141,17 @@ class Tally:
             if image.labelled:
                 v["labelled"] += 1
                 v["correct"] += top1 in image.labels
+
+    def policy_answer(self, image, body: dict) -> None:
+        with self.lock:
+            p = self.policy[body["route"]]
+            p["answers"] += 1
+            p["answered_by"][body["variant"]] += 1
+            p["budget_missed"] += bool(body.get("budget_missed"))
+            p["stages_run"].update(s["variant"] for s in body.get("cascade") or [])
+            if image.labelled:
+                p["labelled"] += 1
+                p["correct"] += int(body["predictions"][0]["index"]) in image.labels
 
     def feedback(self, image, top1: int, verdict: dict) -> None:
         """The server's answer to POST /feedback for `image`, answered `top1` by `verdict["variant"]`."""
@@ -166,6 +182,8 @@ class Tally:
             "errors": {k: dict(c) for k, c in self.errors.items()},
             "bad_inputs": {k: dict(c) for k, c in self.bad.items()},
             "split": {k: dict(c) for k, c in self.split.items()},
+            "policy": {k: {**p, "answered_by": dict(p["answered_by"]), "stages_run": dict(p["stages_run"])}
+                       for k, p in self.policy.items()},
             "clients": len(self.client_variant),
             "sticky_violations": self.sticky_violations,
         }
@@ -337,6 +355,8 @@ class ClassifyUser(HttpUser):
         if route:
             form["route"] = route
         headers = {"X-Client-Id": client_id} if client_id else {}
+        if opts.budget_ms > 0 and name.startswith("policy "):
+            headers["X-Latency-Budget-Ms"] = f"{opts.budget_ms:g}"
         with self.client.post("/classify", files={"image": (image.filename, image.data, image.content_type)},
                               data=form, headers=headers, name=name, catch_response=True) as resp:
             if resp.status_code != 200:
@@ -364,7 +384,10 @@ class ClassifyUser(HttpUser):
                     TALLY.errors[name]["not sticky"] += 1
                     resp.failure(f"client {client_id} moved from {first} to {body['variant']}")
                     return
-            TALLY.answer(image, body)
+            if name.startswith("policy "):  # counted per route: the policy chose the variant
+                TALLY.policy_answer(image, body)
+            else:
+                TALLY.answer(image, body)
             resp.success()
         if image.labelled and opts.feedback_share > 0 and self.rng.random() < opts.feedback_share:
             self.send_feedback(image, body)
@@ -453,3 +476,16 @@ class SplitUser(ClassifyUser):
         self.send(CATALOG.route_images[self.route], route=self.route, assignment="split", client_id=client_id,
                   name=f"split {self.route}")
 
+
+
+class PolicyUser(ClassifyUser):
+    """A policy route (`--route fashion-budget`, `--budget-ms 250`): no client id, the policy picks per request."""
+
+    @task
+    def classify(self) -> None:
+        route = self.opts.route or CATALOG.default_route
+        info = CATALOG.routes[route]
+        # a policy route's variants live on their own route: its images are those of its first variant
+        first = next(iter(info.get("weights") or info.get("split") or {}), None)
+        images = CATALOG.images[first] if first in CATALOG.images else CATALOG.route_images[route]
+        self.send(images, route=route, name=f"policy {route}")

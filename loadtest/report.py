@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .analysis import summarise
 from .experiment_report import markdown_lines as experiment_lines
+from .policy_report import markdown_lines as policy_lines, plot_cascade
 
 
 def load(run: str | Path, reports_dir: str | Path = "reports") -> tuple[Path, dict]:
@@ -108,6 +109,7 @@ def markdown(results: dict, plot: str | None = None) -> str:
                              f"{r['throughput']:.1f} ({r['users']}) |")
                 else:
                     L.append(f"| {route} | {r['budget_ms']} ms | none met it | - | - |")
+    L += policy_lines(s.get("policies") or {}, s["variants"], steps, results.get("cascade"))
     L += ["", "## Per step", "",
           "| variant | users | req/s (Prometheus) | req/s (Locust) | p50/p95/p99 ms (server) | p50/p95/p99 ms (client) | "
           "mean batch | errors (server) | CPU: service / load generator / whole machine |",
@@ -186,9 +188,13 @@ def plot(results: dict, path: Path) -> None:
     steps = cfg.get("steps") or [1]
     ref_users = steps[0]
     slo = cfg.get("slo_ms", 250)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=90)
+    cascade = s.get("policies") and any(r["policy"] == "cascade" for r in s["policies"]["routes"].values()) \
+        or ((results.get("cascade") or {}).get("curve") or {}).get("points")
+    fig, axes = plt.subplots(1, 3 if cascade else 2, figsize=(15 if cascade else 10, 4.2), dpi=90)
     routes = sorted({v["route"] or "-" for v in s["variants"].values()})
     colors = dict(zip(routes, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    if cascade:
+        plot_cascade(axes[2], s.get("policies") or {}, s["variants"], results.get("cascade"))
     for ax, kind in zip(axes, ("latency", "throughput")):
         for route in routes:
             pts = []

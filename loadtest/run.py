@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import experiment as ab
-from . import offline, promql
+from . import offline, policies, promql
 from .images import dataset_for, image_set
 from .locust_procs import RunAborted, run_locust_step  # noqa: F401 (RunAborted: what a run raises)
 from .processes import ROOT, ServiceProcess
@@ -67,6 +67,12 @@ class RunConfig:
     poll_s: float = 1.0
     reports_dir: str = "reports"
     name: str | None = None
+    # The policy phases (policies.py): the budget and cascade routes over `policy_route`'s variants, at the
+    # same user counts as the variants. Opt-in: with them, the default steps do not fit in `max_total_s`.
+    policies: bool = False
+    policy_route: str = "fashion"
+    budget_ms: float = 250.0  # X-Latency-Budget-Ms of every budget-route request (the default SLO)
+    cascade_data: str | None = None  # `effnet cascade fit --data` (None: the data the stages' manifests name)
     # 0: one Locust process per step; N: a master and N worker processes (Locust distributed), for load
     # that one process (one core, under gevent) cannot generate.
     locust_workers: int = 0
@@ -182,8 +188,14 @@ def plan_phases(cfg: RunConfig, variants: dict, routes: dict) -> list[dict]:
         raise ValueError(f"not served: {', '.join(unknown)}; served: {', '.join(sorted(variants))}")
     phases = [{"kind": "variant", "name": v, "user": "VariantUser", "args": ["--variant", v],
                "route": variants[v]["route"]} for v in chosen]
+    for r, info in routes.items():
+        if cfg.policies and policies.policy_of(info):
+            args = ["--route", r] + (["--budget-ms", f"{cfg.budget_ms:g}"] if policies.policy_of(info) == "budget" else [])
+            phases.append({"kind": "policy", "name": r, "user": "PolicyUser", "args": args, "route": r})
     if cfg.split:
         for r, info in routes.items():
+            if policies.policy_of(info):  # not a split: the policy chooses per request, nothing is sticky
+                continue
             live = [v for v, w in (info.get("weights") or info.get("split") or {}).items() if w]
             if len(live) > 1:
                 phases.append({"kind": "split", "name": f"split:{r}", "user": "SplitUser", "args": ["--route", r],
@@ -301,6 +313,12 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
                 # set-up, as `make checkpoints` is: a first run's training does not cost it its split phase
                 deadline += trained
                 config = str(ab.write_experiment_config(cfg.config, cfg.experiment_route, cfg.weak_model, out))
+            if cfg.policies:
+                t = time.monotonic()
+                config = str(policies.write_policy_config(config, cfg.policy_route, cfg.budget_ms, out,
+                                                          leave_out=(ab.WEAK_VARIANT,)))
+                results["cascade"] = {"fit": policies.fit_thresholds(Path(config), store_home, cfg.cascade_data, log)}
+                deadline += time.monotonic() - t  # set-up, as the weak variant's training is
             log(f"starting the service (store {store_home}) ...")
             t = time.monotonic()
             service = stack.enter_context(ServiceProcess(config, store_home, log_path=out / "serve.log",
@@ -315,6 +333,18 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
 
         log("offline evaluation of the images to be sent ...")
         results["offline_top1"] = offline_top1({v: variants[v] for v in variants}, store_home, cfg.fashion_images)
+        cascade = routes.get(policies.CASCADE_ROUTE)
+        if cfg.policies and cascade and policies.policy_of(cascade) == "cascade":
+            stages = cascade["policy"]["cascade"]["stages"]
+            try:
+                ds = dataset_for(variants[stages[0]].get("dataset"), variants[stages[0]].get("num_classes"),
+                                 variants[stages[0]].get("route"))
+                results.setdefault("cascade", {})["curve"] = policies.offline_curve(
+                    stages, variants, image_set(ds, cfg.fashion_images), store_home)
+            except Exception as e:  # e.g. --url against a service whose store is elsewhere
+                results.setdefault("cascade", {})["curve"] = {"error": str(e)}
+        elif cfg.policies:
+            results["notes"].append(f"no cascade phase: the service serves no route {policies.CASCADE_ROUTE!r}")
 
         prom = stack.enter_context(PrometheusServer({"effnet": url}, interval_s=cfg.scrape_interval_s,
                                                     keep_dir=out, rule_files=[ALERT_RULES]))
@@ -358,7 +388,7 @@ def _execute(cfg: RunConfig, log, deadline: float, started_at: datetime, name: s
             for v in variants:
                 if step["kind"] == "variant" and step["phase"] != v:
                     continue
-                if step["kind"] == "split" and variants[v]["route"] != step["route"] and v not in (
+                if step["kind"] in ("split", "policy") and variants[v]["route"] != step["route"] and v not in (
                         routes.get(step["route"], {}).get("weights") or {}):
                     continue
                 step["prometheus"][v] = promql.step_metrics(prom, names, w, v)

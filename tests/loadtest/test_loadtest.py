@@ -31,7 +31,7 @@ def test_smoke_run_reports_every_variant_with_offline_accuracy_and_matching_coun
     weak = make_fake_checkpoint(bentoml_home, "weak-fake", "compact", "fashion-mnist", seed=7)
     cfg = RunConfig(config=str(config), store_home=str(bentoml_home), steps=[4], step_s=3, bad_share=0.05,
                     fashion_images=64, stop_timeout_s=5, settle_s=0.3, max_total_s=240, ready_timeout_s=150,
-                    weak_model=weak, experiment_s=6, experiment_users=4, poll_s=1.0,
+                    weak_model=weak, experiment_s=6, policies=True, budget_ms=1000, cascade_data="fake", experiment_users=4, poll_s=1.0,
                     reports_dir=str(tmp_path / "reports"), name="smoke")
     out = execute(cfg, log=print)
     print(f"smoke run: {time.monotonic() - t:.0f} s")
@@ -51,9 +51,18 @@ def test_smoke_run_reports_every_variant_with_offline_accuracy_and_matching_coun
         assert acc["under_load"] == acc["offline_same_images"], (name, acc)
 
     checks = results["summary"]["cross_checks"]
-    assert len(checks) == 5  # three variants, one split, the experiment
+    assert len(checks) == 7  # three variants, two policy routes, one split, the experiment
     for c in checks:
         assert c["locust"] > 0 and c["prometheus"] == c["locust"], c
+
+    # The policy routes: one step each, their answers counted per route, the verdicts stated in the report.
+    pol = results["summary"]["policies"]["routes"]
+    assert set(pol) == {"fashion-budget", "fashion-cascade"}
+    assert set(pol["fashion-budget"]["answered_by"]) <= {"compact", "mec"} and pol["fashion-budget"]["labelled"] > 0
+    assert pol["fashion-cascade"]["stages_run"].get("compact") == pol["fashion-cascade"]["answers"] > 0
+    assert results["cascade"]["fit"]["stages"] == ["compact", "mec"] and results["cascade"]["curve"]["points"]
+    assert "## Policies beside the fixed variants" in report and "Does the cascade beat every single variant" in report
+    assert "Did the budget policy keep p99 within 1000 ms" in report
 
     split = results["summary"]["splits"]["fashion"]
     assert set(split["answers"]) <= {"compact", "mec", WEAK_VARIANT} and split["sticky_violations"] == 0
