@@ -1,4 +1,5 @@
-"""Connection-phase limits on the classify endpoints, before the app runs (pure ASGI).
+"""Connection-phase limits on the endpoints that take images (classify, classify_batch, /v2 infer), before
+the app runs (pure ASGI).
 
 - 413: the body is above `server.max_body_mb` (checked on Content-Length and while streaming);
 - 408: the body did not arrive within `server.body_timeout_s`;
@@ -11,12 +12,25 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from . import metrics
 from .errors import error_response, request_id
 
 CLASSIFY_PATHS = ("/classify", "/classify_batch")
+# The Open Inference Protocol's infer (service/oip.py) carries images too: the same limits apply to it.
+INFER_PATH = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
+
+
+def limited_endpoint(method: str, path: str) -> str | None:
+    """The endpoint whose uploads these limits guard ("classify", "classify_batch", "infer"), else None;
+    also the bounded `endpoint` label of the limits' metrics."""
+    if method != "POST":
+        return None
+    if path in CLASSIFY_PATHS:
+        return path.lstrip("/")
+    return "infer" if INFER_PATH.fullmatch(path) else None
 # Lingering close after an early refusal, as nginx's lingering_close: what the client still sends is read
 # and dropped, so that a client that reads only once it has sent everything (Python's urllib) sees the
 # answer instead of a reset. As nginx: a total bound (lingering_time), a bound on each wait for more
@@ -162,16 +176,16 @@ class LimitsMiddleware:
             return None, "slow"
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] not in CLASSIFY_PATHS or scope["method"] != "POST":
+        endpoint = limited_endpoint(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None:
             return await self.app(scope, receive, send)
         hold = self.buffered.hold()
         try:
-            await self._classify(scope, receive, send, hold)
+            await self._classify(scope, receive, send, hold, endpoint)
         finally:
             hold.release()
 
-    async def _classify(self, scope: Any, receive: Any, send: Any, hold: BodyHold) -> None:
-        endpoint = scope["path"].lstrip("/")
+    async def _classify(self, scope: Any, receive: Any, send: Any, hold: BodyHold, endpoint: str) -> None:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         # A client that sent `Expect: 100-continue` sends no body after an early answer: nothing to drain.

@@ -11,19 +11,16 @@ is a separate header that keys do not touch.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from . import metrics
 from .errors import error_response, request_id
-from .http_limits import answer_and_linger
+from .http_limits import INFER_PATH, answer_and_linger
 from .keys import KeyRing, presented_key
 from .quota import Quotas
 
 GUARDED_PATHS = ("/classify", "/classify_batch", "/feedback")
-# The Open Inference Protocol's infer, for a model and optionally a version
-_INFER = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 UNAUTHORIZED = ("send a valid API key as `X-Api-Key: KEY` or `Authorization: Bearer KEY`; this endpoint "
                 "needs one")
 OTHER = "other"  # the label of key names past server.api_key_metric_names
@@ -32,7 +29,7 @@ NONE = "none"  # the label of requests with no valid key
 
 def guarded(method: str, path: str) -> bool:
     """Whether a request needs a client key: the inference and feedback endpoints."""
-    return method == "POST" and (path in GUARDED_PATHS or _INFER.fullmatch(path) is not None)
+    return method == "POST" and (path in GUARDED_PATHS or INFER_PATH.fullmatch(path) is not None)
 
 
 class MetricNames:

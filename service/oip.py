@@ -225,9 +225,9 @@ def outputs(scores: np.ndarray, top_k: int, classes: list[list[str]], asked: tup
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 past `limit` (server.max_body_mb) on its Content-Length or as it arrives.
-    NOTE: the gateway's upload limits (service/http_limits.py: in-flight and upload counts, body timeout,
-    buffered bytes) cover its CLASSIFY_PATHS only; this bounds the one thing a body must never exceed here."""
+    """The body, refused with 413 past `limit` (server.max_body_mb) on its Content-Length or as it arrives:
+    the gateway's upload limits (service/http_limits.py) have checked it already; this holds where the
+    app runs without them (tests of the handler alone)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise ClientError(f"request body of {int(length):,} bytes is above the limit of {limit:,} bytes", 413)

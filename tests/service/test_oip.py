@@ -108,3 +108,15 @@ def test_top_k_output_lists_each_rows_best_classes_as_score_index_label():
     assert out[SCORES]["shape"] == [2, 3] and np.allclose(out[SCORES]["data"], scores.ravel())
     assert out[TOP_K]["shape"] == [2, 2]
     assert [s.split(":", 1)[1] for s in out[TOP_K]["data"]] == ["1:b", "2:c", "0:a", "2:c"]
+
+
+def test_the_gateways_upload_limits_guard_the_infer_paths_with_a_bounded_endpoint_label():
+    from service.http_limits import limited_endpoint
+
+    assert limited_endpoint("POST", "/classify") == "classify"
+    assert limited_endpoint("POST", "/classify_batch") == "classify_batch"
+    assert limited_endpoint("POST", "/v2/models/b0/infer") == "infer"
+    assert limited_endpoint("POST", "/v2/models/fashion/versions/1/infer") == "infer"
+    for method, path in (("GET", "/v2/models/b0/infer"), ("POST", "/v2/models/b0"), ("POST", "/v2/models/a/b/infer"),
+                         ("POST", "/feedback"), ("GET", "/classify")):
+        assert limited_endpoint(method, path) is None, (method, path)
