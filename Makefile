@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 # serving benchmark's load generator: C, a tenth of the CPU a Python generator takes from the server).
 DEBS := dataset-fashion-mnist prometheus wrk postgresql
 
-.PHONY: setup system-deps test test-fast models bench serve clean help checkpoints train-full loadtest engines chaos soak clients
+.PHONY: setup system-deps test test-fast test-long models bench serve clean help checkpoints train-full loadtest engines chaos soak clients
 
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
 	@echo "make test    set up, check the import layers (.importlinter), then run every test, servers included"
 	@echo "make test-fast  the same without the tests marked server or slow (real servers and other processes, runs over about 30 s)"
+	@echo "make test-long  the whole runs of long features (distributed Locust), which make test covers in parts"
 	@echo "make checkpoints  fill the model store: Lite0 ImageNet + b0/mec/compact on Fashion-MNIST (quick recipe, side by side, ~17 min)"
 	@echo "make engines      export, verify and choose each served variant's engine as its worker will (~5 min the first time)"
 	@echo "make train-full   the full recipe on Fashion-MNIST (VARIANT=b0 NPROC=1)"
@@ -57,10 +58,14 @@ system-deps:
 	fi
 
 # The layers first: a contract break fails in a second, before minutes of tests.
-# --durations: where the suite's minutes go, in every CI log (it must stay under 15 minutes).
+# --durations: where the suite's minutes go, in every CI log (it must stay under 15 minutes on 2 cores);
+# the tests marked long run in `make test-long`.
 test: setup clients
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest --durations=25
+	$(PY) -m pytest -m "not long" --durations=25
+
+test-long: setup clients
+	$(PY) -m pytest -m long
 
 test-fast: setup
 	$(VENV)/bin/lint-imports

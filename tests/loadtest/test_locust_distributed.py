@@ -58,6 +58,7 @@ def test_a_distributed_step_is_a_master_and_its_workers_on_loopback(tmp_path):
 
 @pytest.mark.server
 @pytest.mark.slow
+@pytest.mark.long  # a whole distributed run: `make test-long`; make test covers the merge and the commands
 @pytest.mark.skipif(not shutil.which("prometheus") and not os.path.exists("/usr/bin/prometheus"),
                     reason="the Debian package prometheus is not installed (make setup installs it)")
 def test_a_distributed_smoke_run_counts_what_prometheus_counts_with_offline_accuracy(tmp_path, bentoml_home):
