@@ -175,7 +175,10 @@ def readyz_verdict(polls: list[dict], fault: float, down: tuple[float, float] | 
         return silent is not None and silent[0] <= p["t"] <= silent[1]
 
     timeouts = sum(1 for p in polls if p["st"] == "timeout" and not gone(p))
-    ready_while_down = sum(1 for p in polls if down and down[0] <= p["t"] <= down[1] and p["st"] == 200)
+    # a 200 is a lie only if it was both asked and answered inside the window: a poll that waited past its end
+    # was answered about a worker that may be back
+    ready_while_down = sum(1 for p in polls
+                           if down and down[0] <= p["t"] and p["t"] + p["dt"] <= down[1] and p["st"] == 200)
     unready_before = sum(1 for p in polls if p["t"] < fault and p["st"] != 200)
     slowest = max((p["dt"] for p in polls), default=0.0)
     return {"pass": timeouts == ready_while_down == unready_before == 0,

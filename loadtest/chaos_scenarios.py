@@ -157,8 +157,9 @@ def _hang(h, sc, marks, load, entry) -> dict:
     try:
         time.sleep(h.cfg.hang_s)
     finally:
+        # before the signal: from here the worker may answer again, and a /readyz 200 is no lie
+        marks["cleared"] = time.time()
         faults.send(pid, signal.SIGCONT)
-    marks["cleared"] = time.time()
     return {"signal": "SIGSTOP, SIGCONT", "pid": pid, "stopped_s": h.cfg.hang_s}
 
 
