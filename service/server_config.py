@@ -79,8 +79,8 @@ class ServerConfig:
     # The experiment records (service/experiments/backends.py): "" = the state folder's SQLite file; a path,
     # sqlite:///PATH, or postgresql://... for a database that several gateways share
     experiments_db: str = ""
-    # POST /feedback needs the admin token: "auto" (when a route has a policy: feedback moves its traffic),
-    # "token" (always) or "none"
+    # POST /feedback needs the admin token: "auto" (when a route's policy moves its traffic by feedback:
+    # bandit, promote, budget on online accuracy), "token" (always) or "none"
     feedback_auth: str = "auto"
     # Worker processes run this much nicer than the gateway (service/priority.py): when inference fills
     # every core, the gateway still gets the CPU to refuse, route, health-check and answer /readyz at once.
