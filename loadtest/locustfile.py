@@ -321,6 +321,19 @@ def _keep_env(environment, **_):
     _ENV.append(environment)
 
 
+def _answered(resp, name: str) -> tuple[bool, object]:
+    """(True, the JSON body or None) for a 200; else the failure counted under its kind and (False, None)."""
+    if resp.status_code != 200:
+        kind = _error_kind(resp)
+        TALLY.errors[name][kind] += 1
+        resp.failure(kind)
+        return False, None
+    try:
+        return True, resp.json()
+    except ValueError:
+        return True, None
+
+
 def _error_kind(resp) -> str:
     if resp.status_code == 0 or resp.status_code is None:
         return f"connection: {type(getattr(resp, 'error', None)).__name__}"
@@ -359,15 +372,9 @@ class ClassifyUser(HttpUser):
             headers["X-Latency-Budget-Ms"] = f"{opts.budget_ms:g}"
         with self.client.post("/classify", files={"image": (image.filename, image.data, image.content_type)},
                               data=form, headers=headers, name=name, catch_response=True) as resp:
-            if resp.status_code != 200:
-                kind = _error_kind(resp)
-                TALLY.errors[name][kind] += 1
-                resp.failure(kind)
+            ok, body = _answered(resp, name)
+            if not ok:
                 return
-            try:
-                body = resp.json()
-            except ValueError:
-                body = None
             problem = check_answer(body, variant=variant, route=route, assignment=assignment, top_k=opts.top_k,
                                    known_variants=CATALOG.variants)
             if problem:
@@ -402,15 +409,10 @@ class ClassifyUser(HttpUser):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         with self.client.post("/feedback", json={"request_id": answer["request_id"], "label": label},
                               headers=headers, name=name, catch_response=True) as resp:
-            if resp.status_code != 200:
-                kind = _error_kind(resp)
-                TALLY.errors[name][kind] += 1
-                resp.failure(kind)
+            ok, verdict = _answered(resp, name)
+            if not ok:
                 return
-            try:
-                verdict = resp.json()
-            except ValueError:
-                verdict = {}
+            verdict = verdict if isinstance(verdict, dict) else {}
             if verdict.get("variant") != answer["variant"] or verdict.get("correct") != (top1 in image.labels):
                 TALLY.errors[name]["feedback verdict"] += 1
                 resp.failure(f"feedback verdict {str(verdict)[:200]} does not match the answer {answer['variant']} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable
 
@@ -111,8 +112,9 @@ class GatewayService:
         """Check every worker replica in the background from now on (service/health.py), and run the routes'
         policies (service/experiments/policy.py)."""
         self.health.start()
-        # Policies come from the configuration file only (PATCH /routes keeps them, adds none).
-        if any(r.policy for r in self.cfg.routes.values()):
+        # Policies come from the configuration file only (PATCH /routes keeps them, adds none); budget and
+        # cascade choose per request (every_s is infinite) and need no loop.
+        if any(r.policy is not None and math.isfinite(r.policy.every_s) for r in self.cfg.routes.values()):
             self.policy_task = asyncio.get_running_loop().create_task(self._run_policies())
 
     async def _run_policies(self) -> None:
@@ -239,11 +241,12 @@ class GatewayService:
         """Parse and route: the form, the variant's assignment, and top_k checked against its classes."""
         f = await forms.read_form(request, allowed, self.cfg.server.max_batch_images)
         try:
-            a = self.router.assign(f.route, f.variant, f.client_id, self.health.down_variants())
+            down = self.health.down_variants()
+            a = self.router.assign(f.route, f.variant, f.client_id, down)
         except RoutingError as e:
             raise ClientError(str(e)) from None
         a = self.budget.assign(self.cfg.routes[a.route], a, request.headers.getlist(BUDGET_HEADER), images_in(f.form),
-                               self.health.down_variants())
+                               down)
         if (c := cascade.cascade_of(self.cfg.routes[a.route], a.how)) is not None:
             return (f.form, *cascade.assign(self, a, c, f.top_k))
         if self.health.is_down(a.variant):  # answered now, not after a call's deadline
