@@ -47,7 +47,7 @@ The loop, one command a step:
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.store", "cli.evaluate", "cli.predict", "cli.serve",
                    "cli.loadtest", "cli.chaos", "cli.soak", "cli.experiment", "cli.dashboard", "cli.cascade",
-                   "cli.keys"]
+                   "cli.keys", "cli.worker"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,38 +18,32 @@ from .key_guard import KeysMiddleware
 from .keys import keys_file
 from .openapi import OpenAPIMiddleware, paths
 from .request_log import RequestLogMiddleware
-from .workers import make_workers
-
-
-def _gpu_present() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+from .worker_app import gpu_present, with_worker_middleware
+from .workers import make_worker, make_workers, service_name
 
 
 def build_gateway(cfg):
     """The gateway service class, with one `bentoml.depends` per worker process (service.workers)."""
-    gpu = _gpu_present()
+    gpu = gpu_present()
     # Variants placed in the gateway (service/inprocess.py) have no worker service.
-    remote = {name: v for name, v in cfg.variants.items() if v.placement == "worker"}
+    # Variants whose workers run elsewhere (`workers_at`) are called at their addresses.
+    remote = {name: v for name, v in cfg.variants.items() if v.placement == "worker" and not v.workers_at}
     attrs, worker_attrs = {}, {}
     for name, v in remote.items():
         worker_attrs[name] = []
         for i, svc in enumerate(make_workers(v, cfg, gpu), 1):
-            # A worker serves on after SIGTERM until the gateway has drained (service/drain.py).
-            svc.add_asgi_middleware(RequestLogMiddleware, log_format=cfg.server.log_format, ids=False)
-            svc.add_asgi_middleware(DrainMiddleware, role="worker", grace_s=cfg.server.drain_grace_s,
-                                    retry_after_s=cfg.server.retry_after_s)
+            with_worker_middleware(svc, cfg)  # its logs, and its drain after the gateway's (service/drain.py)
             attr = f"w_{name.replace('-', '_')}_{i}"
             attrs[attr] = bentoml.depends(svc)
             worker_attrs[name].append(attr)
+    # A variant whose workers run elsewhere needs only its worker's class, for the shape of its API.
+    remote_services = {name: make_worker(v, cfg, gpu, service_name(name))
+                       for name, v in cfg.variants.items() if v.placement == "worker" and v.workers_at}
     namespace = {
         **attrs,
         "cfg": cfg,
         "worker_attrs": worker_attrs,
+        "remote_services": remote_services,
         "__doc__": "Classify images with the EfficientNet variants of the serving configuration "
                    "(POST /classify, /classify_batch; GET /variants, /routes).",
     }

@@ -58,6 +58,10 @@ class VariantConfig:
     # borrow from the server's burst pool, then get 429. 0 = what its calls carry in one round:
     # calls_in_flight x max_batch_size (the coalescer sheds by time what that round cannot answer).
     max_inflight: int = 0
+    # Where its workers are when the gateway does not start them: URLs, or one dns://NAME:PORT whose every
+    # address is a replica, resolved again every resolve_every_s (service/worker_addresses.py).
+    workers_at: tuple[str, ...] = ()
+    resolve_every_s: float = 10.0
 
     @property
     def resolved_max_inflight(self) -> int:
@@ -77,7 +81,17 @@ class VariantConfig:
         if self.calls_in_flight:
             return self.calls_in_flight
         # In the gateway a call beyond the streams would only wait for one; left queued, it joins the next batch.
-        return self.workers if self.placement == "gateway" else 2 * self.workers
+        if self.placement == "gateway":
+            return self.workers
+        return 2 * self.replicas_expected
+
+    @property
+    def replicas_expected(self) -> int:
+        """Its worker processes: `workers`, or one per listed URL; a dns:// name's count is known only once it
+        resolves (the dispatcher then sets its calls in flight, service/remote_workers.py)."""
+        if self.workers_at and not self.workers_at[0].startswith("dns://"):
+            return len(self.workers_at)
+        return self.workers
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -245,7 +259,8 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: variant names are letters, digits, '-' and '_'")
         v = _keys(where, v, {"model", "engine", "gpu", "threads", "workers", "max_batch_size",
-                                   "max_latency_ms", "calls_in_flight", "placement", "max_inflight"}, {"model"})
+                                   "max_latency_ms", "calls_in_flight", "placement", "max_inflight", "workers_at",
+                                   "resolve_every_s"}, {"model"})
         if not isinstance(v["model"], str) or not v["model"]:
             raise ConfigError(f"{where}.model: expected a store tag such as 'b0-fashion-mnist:latest'")
         kw: dict[str, Any] = {"name": name, "model": v["model"]}
@@ -264,6 +279,14 @@ def parse_config(data: Any, source: str = "<dict>") -> ServingConfig:
         for key in ("workers", "max_batch_size", "max_latency_ms", "calls_in_flight", "max_inflight"):
             if key in v:
                 kw[key] = _number(f"{where}.{key}", v[key], integer=True, positive=True)
+        if "workers_at" in v:
+            from .worker_addresses import parse_workers_at
+
+            if kw.get("placement", "worker") != "worker":
+                raise ConfigError(f"{where}.workers_at: a variant placed in the gateway has no workers elsewhere")
+            kw["workers_at"] = parse_workers_at(f"{where}.workers_at", v["workers_at"])
+        if "resolve_every_s" in v:
+            kw["resolve_every_s"] = _number(f"{where}.resolve_every_s", v["resolve_every_s"], positive=True)
         variants[name] = VariantConfig(**kw)
 
     routes_raw = top["routes"]

@@ -9,7 +9,8 @@ from .config import RouteConfig, ServingConfig
 
 def variants(cfg: ServingConfig, manifests: dict[str, Any], status: dict[str, dict], problems: dict[str, str],
              transport: Callable[[str], str], replicas: Callable[[str], list[dict]] = lambda v: [],
-             admitted: Callable[[str], int] = lambda v: 0) -> list[dict]:
+             admitted: Callable[[str], int] = lambda v: 0,
+             where: Callable[[str], dict | None] = lambda v: None) -> list[dict]:
     rows = []
     for name, v in cfg.variants.items():
         m, st = manifests.get(name), status.get(name, {})
@@ -20,6 +21,8 @@ def variants(cfg: ServingConfig, manifests: dict[str, Any], status: dict[str, di
             "weights": {r: cfg.routes[r].split.get(name, 0.0) for r in routes},
             "shadow_in": [r for r in routes if (s := cfg.routes[r].shadow) and s.variant == name],
             "placement": v.placement,  # worker: its own processes; gateway: in the gateway's (no HTTP hop)
+            # workers elsewhere (`workers_at`): as configured, as resolved, and why the last resolution failed
+            "workers_at": where(name),
             # how its batches reach it: shared_memory (service/shm.py), http (in the call's body), in_process
             "worker_transport": transport(name),
             "device": st.get("device"), "engine": eng.get("engine", v.engine),

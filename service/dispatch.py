@@ -12,6 +12,7 @@ replica is down is 503 + Retry-After; any other worker failure is 502.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
 import time
@@ -25,6 +26,7 @@ from .config import ServingConfig
 from .errors import ClientError, retry_later
 from .health import DOWN, Health
 from .inprocess import InProcessVariant
+from .remote_workers import RemoteWorkers
 from .results import InferenceResult
 from .shm import Arena, Lease
 
@@ -35,13 +37,21 @@ logger = logging.getLogger("effnet.gateway")
 WORKER_RETRIES = 2
 
 
+def wire_call(batch: np.ndarray, lease: Lease | None) -> dict:
+    """The arguments of a worker's `predict_wire`: the batch's shared-memory references, or its pixels."""
+    if lease is not None:
+        return {"shape": list(batch.shape), "refs": lease.refs.tolist()}
+    return {"shape": list(batch.shape), "pixels": base64.b64encode(np.ascontiguousarray(batch).tobytes()).decode()}
+
+
 class Dispatcher:
     """Sends each variant's batches to where it runs; `replicas(variant)` gives its workers' proxies."""
 
     def __init__(self, cfg: ServingConfig, replicas: Callable[[str], list[Any]],
-                 local: dict[str, InProcessVariant], replica_count: dict[str, int]) -> None:
+                 local: dict[str, InProcessVariant], replica_count: dict[str, int],
+                 worker_service: Callable[[str], Any] | None = None, worker_token: str | None = None) -> None:
         self.cfg = cfg  # its variants and server settings do not change while serving
-        self.replicas = replicas
+        self.own_replicas = replicas
         self.local = local  # variants served in this process
         self.coalescers: dict[str, Coalescer] = {}  # made on first use, inside the event loop
         # variant -> calls in flight to each of its worker replicas (the next call goes to the least busy)
@@ -53,6 +63,21 @@ class Dispatcher:
         self.health = Health({**replica_count, **{name: 1 for name in local}}, self.check_replica,
                              cfg.server.health_interval_s, cfg.server.health_timeout_s)
         self._connect_set: set[int] = set()  # the worker clients whose connect timeout is set
+        # Variants whose workers run elsewhere (`workers_at`): their replicas follow their addresses.
+        self.remote = RemoteWorkers(cfg, self.health, self.replica_calls, worker_service or (lambda v: None),
+                                    worker_token, on_change=self._replicas_resolved)
+
+    def replicas(self, variant: str) -> list[Any]:
+        """The clients of a variant's worker replicas, by index."""
+        return self.remote.clients[variant] if variant in self.remote else self.own_replicas(variant)
+
+    def _replicas_resolved(self, variant: str, n: int) -> None:
+        """A remote variant has `n` replicas now: unless its configuration fixes them, two calls in flight each."""
+        if self.cfg.variants[variant].calls_in_flight:
+            return
+        c = self.coalescers.get(variant)
+        if c is not None:
+            c.limit = 2 * max(1, n)
 
     async def check_replica(self, variant: str, i: int) -> dict:
         """Replica `i` of `variant`: its status (service.workers.VariantRunner.status), for service.health."""
@@ -92,6 +117,8 @@ class Dispatcher:
             c = Coalescer(lambda b: call(variant, b), v.max_batch_size, v.resolved_calls_in_flight,
                           max_wait_s=v.max_latency_ms / 1000, too_late=lambda: self.at_capacity(variant))
             self.coalescers[variant] = c
+            if variant in self.remote and not v.calls_in_flight:
+                self._replicas_resolved(variant, len(self.health.usable(variant)))
         return await c(batch)
 
     def check_capacity(self, variant: str, images: int) -> None:
@@ -104,12 +131,19 @@ class Dispatcher:
         return retry_later(f"variant {variant!r} is at capacity; retry later", self.cfg.server.retry_after_s)
 
     def transport(self, variant: str) -> str:
-        """How the variant's batches reach it now: in_process, shared_memory or http."""
+        """How the variant's batches reach it now: in_process, shared_memory or http (for workers elsewhere,
+        shared_memory if any of its replicas is on this host)."""
         if variant in self.local:
             return "in_process"
         if self.cfg.server.worker_transport == "http" or self.arenas.get(variant, True) is None:
             return "http"
+        if variant in self.remote and not any(self._same_host(variant, i) for i in self.health.usable(variant)):
+            return "http"
         return "shared_memory"
+
+    def _same_host(self, variant: str, i: int) -> bool:
+        """Whether replica `i` can read this process's shared memory: the gateway's own workers always can."""
+        return variant not in self.remote or self.health.replicas[variant][i].same_host(self.health.namespaces)
 
     async def call_local(self, variant: str, batch: np.ndarray) -> InferenceResult:
         """One call to a variant's streams in this process."""
@@ -149,7 +183,7 @@ class Dispatcher:
         replicas, calls, health = self.replicas(variant), self.replica_calls[variant], self.health
         deadline = self.cfg.variants[variant].call_deadline_s
         failed: set[int] = set()
-        lease, answered, attempt = self._lease(variant, batch), False, 0
+        lease, answered, attempt = None, False, 0
         try:
             while True:
                 usable = health.usable(variant)
@@ -160,6 +194,12 @@ class Dispatcher:
                 candidates = [k for k in usable if k not in failed] or usable
                 i = min(candidates, key=calls.__getitem__)
                 replica = health.replicas[variant][i]
+                if self._same_host(variant, i):
+                    if lease is None and attempt == 0:
+                        lease = self._lease(variant, batch)
+                elif lease is not None:  # a replica on another host: the pixels go in the body
+                    lease.release(True)
+                    lease = None
                 self._short_connect(replicas[i].to_async)
                 calls[i] += 1
                 try:
@@ -167,7 +207,9 @@ class Dispatcher:
                         replica.calls.add(timer)  # service.health ends it at once if the replica goes down
                         try:
                             with request_log.propagated():  # the batch's request ids, to the worker's logs
-                                if lease is not None:
+                                if variant in self.remote:  # JSON across the network
+                                    answer = await replicas[i].to_async.predict_wire(**wire_call(batch, lease))
+                                elif lease is not None:
                                     records = await replicas[i].to_async.predict_shared(lease.refs)
                                 else:
                                     records = await replicas[i].to_async.predict(batch)
@@ -175,6 +217,8 @@ class Dispatcher:
                             replica.calls.discard(timer)
                     answered, replica.called_at = True, time.monotonic()
                     metrics.WORKER_CALLS.labels(variant, "http" if lease is None else "shared_memory").inc()
+                    if variant in self.remote:
+                        return InferenceResult.from_wire(answer, replica=f"worker {i + 1} ({replica.address})")
                     return InferenceResult.from_records(records, replica=f"worker {i + 1}")
                 except (httpx.TimeoutException, TimeoutError):  # before the next clause: aiohttp's are both
                     if not timer.expired():  # the client's own timeout (BentoML's backstop)

@@ -39,6 +39,7 @@ from .live_routes import LiveRoutes, publish_splits
 from .readiness import Readiness, VariantInfo
 from .routing import Assignment, Router, RoutingError
 from .shadow import Shadows
+from .worker_app import worker_token
 
 logger = logging.getLogger("effnet.gateway")
 
@@ -48,6 +49,7 @@ class GatewayService:
 
     cfg: ServingConfig
     worker_attrs: dict[str, list[str]]  # variant -> the attributes holding its replicas' bentoml.depends proxies
+    remote_services: dict[str, Any]  # variant with `workers_at` -> its worker's service class (service/remote_workers.py)
 
     def __init__(self) -> None:
         import torch
@@ -80,7 +82,8 @@ class GatewayService:
         manifests, the problems of those that cannot serve, and the variants served in this process."""
         self.manifests = manifests
         self.dispatcher = Dispatcher(self.cfg, self.replicas, local,
-                                     {name: len(attrs) for name, attrs in self.worker_attrs.items()})
+                                     {name: len(attrs) for name, attrs in self.worker_attrs.items()},
+                                     self.remote_services.__getitem__, worker_token())
         self.decoder = Decoder(self.manifests, self.cfg.server.max_pixels, self.cfg.server.max_decoding_pixels,
                                self.cfg.server.decode_nice)
         self.shadows = Shadows(self.dispatcher, self.manifests)
@@ -111,6 +114,7 @@ class GatewayService:
     def start_health_checks(self) -> None:
         """Check every worker replica in the background from now on (service/health.py), and run the routes'
         policies (service/experiments/policy.py)."""
+        self.dispatcher.remote.start()  # workers elsewhere: resolve their addresses (service/remote_workers.py)
         self.health.start()
         # Policies come from the configuration file only (PATCH /routes keeps them, adds none); budget and
         # cascade choose per request (every_s is infinite) and need no loop.
@@ -141,6 +145,7 @@ class GatewayService:
     async def stop_health_checks(self) -> None:
         if getattr(self, "policy_task", None) is not None:
             self.policy_task.cancel()
+        await self.dispatcher.remote.stop()
         await self.health.stop()
         self.experiments.close()  # writes the answers still queued
 
@@ -317,7 +322,8 @@ class GatewayService:
         self.readiness.refresh()
         return describe.variants(self.cfg, self.manifests, self.readiness.status, self.readiness.problems,
                                  self.dispatcher.transport, lambda v: self.readiness.variant(v)["replicas"],
-                                 self.admission.held)
+                                 self.admission.held,
+                                 lambda v: self.dispatcher.remote.describe(v) if v in self.dispatcher.remote else None)
 
     def describe_routes(self) -> dict:
         return describe.routes(self.cfg, self.manifests, self.live.changed_at, self.live.file)

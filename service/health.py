@@ -35,8 +35,17 @@ UNKNOWN, UP, DOWN = "unknown", "up", "down"
 
 def pid_namespace() -> int | None:
     """This process's pid namespace: a worker's pid means something here only if it reports the same."""
+    return _namespace("pid")
+
+
+def net_namespace() -> int | None:
+    """This process's network namespace: with the pid namespace, what "on the same host" means here."""
+    return _namespace("net")
+
+
+def _namespace(kind: str) -> int | None:
     try:
-        return os.stat("/proc/self/ns/pid").st_ino
+        return os.stat(f"/proc/self/ns/{kind}").st_ino
     except OSError:
         return None
 
@@ -52,11 +61,20 @@ class Replica:
     watch_fd: int | None = None
     calls: set = field(default_factory=set)  # the asyncio.Timeout of each call in flight to it
     called_at: float = 0.0  # when a call to it last succeeded (service/dispatch.py)
+    address: str = ""  # where it is, for a replica elsewhere (service/remote_workers.py); "" for the gateway's own
+    retired: bool = False  # its address no longer resolves: not called, not checked (kept so indexes stay put)
 
     @property
     def serving(self) -> bool:
-        """Whether calls may go to it: not down, and not known to be unloaded."""
-        return self.state != DOWN and (self.status is None or bool(self.status.get("ready")))
+        """Whether calls may go to it: not down, not retired, and not known to be unloaded."""
+        return (self.state != DOWN and not self.retired
+                and (self.status is None or bool(self.status.get("ready"))))
+
+    def same_host(self, namespaces: tuple[int | None, int | None]) -> bool:
+        """Whether it answered from this host's pid and network namespaces, where this process's shared memory
+        can reach it (a worker in another pod, container or network namespace cannot be counted on to)."""
+        st = self.status or {}
+        return None not in namespaces and (st.get("pid_namespace"), st.get("net_namespace")) == namespaces
 
 
 class Health:
@@ -69,25 +87,45 @@ class Health:
         self.interval_s, self.timeout_s = interval_s, timeout_s
         self.after_round = after_round
         self.namespace = pid_namespace()
+        self.namespaces = (self.namespace, net_namespace())  # Replica.same_host
         self.task: asyncio.Task | None = None
         self.rounds = 0
 
     # what the request path asks ---------------------------------------------------------------------
 
+    def add(self, variant: str, address: str) -> int:
+        """A new replica of `variant` at `address` (a worker elsewhere that just resolved): its index."""
+        reps = self.replicas.setdefault(variant, [])
+        reps.append(Replica(address=address))
+        return len(reps) - 1
+
+    def retire(self, variant: str, i: int, reason: str) -> None:
+        """Replica `i` is gone from its variant's addresses: no calls, no checks, its calls in flight ended."""
+        r = self.replicas[variant][i]
+        if not r.retired:
+            self.mark_down(variant, i, "retired", reason)
+            r.retired = True
+
+    def revive(self, variant: str, i: int) -> None:
+        """Replica `i`'s address resolves again: checked again, and called once a check finds it up."""
+        r = self.replicas[variant][i]
+        if r.retired:
+            r.retired, r.status = False, None
+
     def usable(self, variant: str) -> list[int]:
         return [i for i, r in enumerate(self.replicas.get(variant, [])) if r.serving]
 
     def is_down(self, variant: str) -> bool:
-        """Every replica of the variant is marked down (a variant without replicas never is)."""
+        """Every replica of the variant is marked down or retired (a variant without replicas never is)."""
         reps = self.replicas.get(variant)
-        return bool(reps) and all(r.state == DOWN for r in reps)
+        return bool(reps) and all(r.state == DOWN or r.retired for r in reps)
 
     def down_variants(self) -> frozenset[str]:
         return frozenset(v for v in self.replicas if self.is_down(v))
 
     def down_reason(self, variant: str) -> str:
         now = time.monotonic()
-        r = min((r for r in self.replicas[variant] if r.state == DOWN), key=lambda r: r.since)
+        r = min((r for r in self.replicas[variant] if r.state == DOWN or r.retired), key=lambda r: r.since)
         return f"{r.reason} ({now - r.since:.1f} s ago)"
 
     # marks ------------------------------------------------------------------------------------------
@@ -158,6 +196,7 @@ class Health:
                            f"within {self.timeout_s:g} s" if r.answered else
                            f"worker replica {i + 1} is not answering yet (starting)")
         except Exception as e:  # noqa: BLE001 - a connection refused, reset...: the replica cannot be reached
+            logger.debug("variant %s: worker replica %d: its check failed: %r", variant, i + 1, e)
             self.mark_down(variant, i, "connection", f"worker replica {i + 1} cannot be reached "
                            f"({type(e).__name__})" if r.answered else
                            f"worker replica {i + 1} is not answering yet (starting)")
@@ -165,7 +204,8 @@ class Health:
             self.record(variant, i, status)
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(v, i) for v, reps in self.replicas.items() for i in range(len(reps))))
+        await asyncio.gather(*(self.check(v, i) for v, reps in self.replicas.items()
+                               for i, r in enumerate(reps) if not r.retired))
         self.rounds += 1
         if self.after_round is not None:
             self.after_round()

@@ -38,9 +38,12 @@ class Readiness:
         """Why `variant` is not ready now (for /readyz), or None."""
         if variant in self.start_problems:
             return self.start_problems[variant]
-        reps = self.health.replicas.get(variant, [])
+        reps = [r for r in self.health.replicas.get(variant, []) if not r.retired]
+        if not reps and variant in self.health.replicas:  # workers elsewhere, none resolved (yet)
+            return f"variant {variant!r} has no worker replica: none was found at its workers_at"
         serving = [r for r in reps if r.state == UP and r.status and r.status.get("ready")]
-        if serving and (variant in self.loaded_once or len(serving) == len(reps)):
+        # Workers elsewhere come and go on their own: one that serves is enough from the start.
+        if serving and (variant in self.loaded_once or len(serving) == len(reps) or reps[0].address):
             self.loaded_once.add(variant)
             return None
         if serving:
@@ -79,7 +82,7 @@ class Readiness:
     def refresh(self) -> list[str]:
         """Recompute the status, problems, gauges and overall readiness from the health marks; the reasons."""
         for v in self.cfg.variants:
-            reps = self.health.replicas.get(v, [])
+            reps = [r for r in self.health.replicas.get(v, []) if not r.retired]
             known = [r.status for r in reps if r.status]
             why = self.why_not_ready(v)
             if known:
@@ -101,8 +104,10 @@ class Readiness:
         why = self.why_not_ready(variant)
         reps = self.health.replicas.get(variant, [])
         return {"variant": variant, "ready": why is None, "problem": why,
-                "replicas": [{"replica": i + 1, "state": r.state, "reason": r.reason, "pid": r.pid,
-                              "for_s": round(now - r.since, 1)} for i, r in enumerate(reps)]}
+                "replicas": [{"replica": i + 1, "state": "retired" if r.retired else r.state, "reason": r.reason,
+                              "pid": r.pid, "for_s": round(now - r.since, 1),
+                              **({"address": r.address, "same_host": r.same_host(self.health.namespaces)}
+                                 if r.address else {})} for i, r in enumerate(reps)]}
 
 
 class VariantInfo:

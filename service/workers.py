@@ -22,6 +22,7 @@ processes, so that the gateway chooses which process each call goes to (`worker_
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -36,7 +37,7 @@ from . import metrics
 from .config import (ServingConfig, VariantConfig, cpu_threads, tracing_options, variant_device, variant_thread_counts,
                      variant_threads)
 from .cpu_slots import CoreSlots
-from .health import pid_namespace
+from .health import net_namespace, pid_namespace
 from .heap import freeze_startup_heap, watch_collector
 from .priority import lower_priority
 from .results import InferenceResult
@@ -263,6 +264,10 @@ class VariantRunner:
 
     def predict_shared(self, refs: np.ndarray) -> np.ndarray:
         """`predict` for the batch that `refs` name in the gateway's shared memory (service/shm.py)."""
+        return self.predict_refs(refs).to_records()
+
+    def predict_refs(self, refs: np.ndarray) -> InferenceResult:
+        """`run` on the batch that `refs` name in the gateway's shared memory, checked before and after."""
         if self.error is not None:
             raise ServiceUnavailable(self.error)
         try:
@@ -273,12 +278,27 @@ class VariantRunner:
             raise InternalServerError(str(e)) from None
         except ValueError as e:
             raise BadInput(f"bad shared-memory references: {e}") from None
-        out = self.predict(images)
+        out = self.run(images)
         try:
             verify()
         except StaleBatch as e:
             raise InternalServerError(str(e)) from None
         return out
+
+    def predict_wire(self, shape: list[int], pixels: str = "", refs: list[list[int]] | None = None) -> dict:
+        """`predict` (pixels: base64 uint8 of `shape`) or `predict_shared` (refs) in JSON, for a gateway that
+        reaches this worker across the network (InferenceResult.to_wire)."""
+        if self.error is not None:
+            raise ServiceUnavailable(self.error)
+        if refs is not None:
+            return self.predict_refs(np.asarray(refs, dtype=np.int64)).to_wire()
+        try:
+            images = np.frombuffer(base64.b64decode(pixels, validate=True), np.uint8).reshape(shape)
+        except (ValueError, TypeError) as e:
+            raise BadInput(f"bad pixels: expected base64 uint8 of shape {shape}: {e}") from None
+        if images.ndim != 4:
+            raise BadInput(f"bad pixels: expected a batch (N, C, H, W), got shape {shape}")
+        return self.run(images).to_wire()
 
     def status(self, threads: int, loaded: int, wanted: int, placement: str = "worker") -> dict:
         """What `/variants` shows of this variant: ready once `loaded` of the `wanted` processes or
@@ -329,7 +349,7 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: s
             process's exit (service/health.py). On the event loop, not in the threads that run batches: a
             batch waiting for a core slot that a stopped process holds must not make this one look hung."""
             return {**self.runner.status(threads, int(self.runner.error is None), 1), "pid": os.getpid(),
-                    "pid_namespace": pid_namespace()}
+                    "pid_namespace": pid_namespace(), "net_namespace": net_namespace()}
 
         @bentoml.api(batchable=True, max_batch_size=v.max_batch_size, max_latency_ms=v.max_latency_ms)
         def predict(self, images: np.ndarray) -> np.ndarray:
@@ -340,6 +360,12 @@ def make_worker(v: VariantConfig, cfg: ServingConfig, gpu_present: bool, name: s
         def predict_shared(self, refs: np.ndarray) -> np.ndarray:
             """int64 (N, 5) references to images in the gateway's shared memory -> as `predict`."""
             return self.runner.predict_shared(refs)
+
+        @bentoml.api
+        def predict_wire(self, shape: list[int], pixels: str = "", refs: list[list[int]] | None = None) -> dict:
+            """`predict` or `predict_shared` in JSON, for a gateway elsewhere (`workers_at`): BentoML takes no
+            pickle from the network. Not batchable: the gateway sends what waited as one call already."""
+            return self.runner.predict_wire(shape, pixels, refs)
 
     Worker.__name__ = Worker.__qualname__ = "Worker_" + name.removeprefix("effnet-worker-").replace("-", "_")
     return bentoml.service(

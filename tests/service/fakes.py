@@ -124,7 +124,7 @@ def gateway(cfg, manifests, problems=None):
     from service.gateway import GatewayService
 
     gw = object.__new__(GatewayService)
-    gw.cfg, gw.worker_attrs = cfg, {}
+    gw.cfg, gw.worker_attrs, gw.remote_services = cfg, {}, {}
     gw.assemble(manifests, dict(problems or {}), {})
     gw.router.rng = random.Random(0)
     return gw
