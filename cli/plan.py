@@ -29,7 +29,14 @@ and core count, or the GPU model.
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from loadtest.plan import RESULTS, load_runs, make_plan, render, route_loads, to_dict
+    from loadtest.plan import (
+        RESULTS,
+        load_runs,
+        make_plan,
+        render,
+        route_loads,
+        to_dict,
+    )
     from service.config import load_config
 
     cfg = load_config(args.config)

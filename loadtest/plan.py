@@ -31,6 +31,14 @@ from .processes import ROOT
 RESULTS = ROOT / "benchmarks" / "results"
 # A step with more errors than this does not count as meeting the objective (the load test's own default).
 MAX_ERROR_RATE = 0.01
+# What every plan rests on, printed with it.
+NOTES = (
+    ("A replica is what one measured host ran: the gateway, one worker of the variant and the load generator "
+     "side by side, one variant loaded at a time. The gateway's capacity alone is not recorded; with the "
+     "gateway on hosts of its own, each worker host carries more than counted here."),
+    ("Runs on one machine differ from hour to hour (benchmarks/loadtest.md): keep headroom for that "
+     "(--headroom) and for a replica lost or restarting."),
+)
 
 
 @dataclass(frozen=True)
@@ -180,7 +188,7 @@ def run_from_report(path: Path) -> Run | None:
         return None
     machine = next((ln for ln in lines if ln.startswith("- **Machine**: ")), "")
     date = next((ln for ln in lines if ln.startswith("- **Date**: ")), "")
-    m = re.match(r"- \*\*Machine\*\*: (.+?), (\d+) cores, [\d.]+ GiB, (?:GPU (.+?)|no GPU) \(", machine)
+    m = re.match(r"- \*\*Machine\*\*: (.+?), (\d+) cores, [^,]* GiB, (?:GPU (.+?)|no GPU) \(", machine)
     cpu, cores, gpu = (m.group(1), int(m.group(2)), m.group(3)) if m else (None, None, None)
     points: dict[str, list[Point]] = {}
     head = None
@@ -204,7 +212,8 @@ def run_from_report(path: Path) -> Run | None:
     if not points:
         return None
     return Run(_shown(path), f"load test {lines[0][len('# Load test '):].strip()}", _date(date),
-               describe_machine(cpu, cores, gpu), profile_name(cpu, cores, gpu), {v: tuple(p) for v, p in points.items()})
+               describe_machine(cpu, cores, gpu), profile_name(cpu, cores, gpu),
+               {v: tuple(p) for v, p in points.items()})
 
 
 STAGE_KEY = re.compile(r"(\w+?)_concurrent(\d+)")
@@ -356,14 +365,7 @@ def make_plan(route: str, rps: float, loads: list[Load], runs: list[Run], p99_ms
         machine = max(of_profile, key=lambda r: (r.date, r.order)).machine
         plans.append(ProfilePlan(profile, machine, sizings, len(of_profile)))
     plans.sort(key=lambda p: (not p.meets, p.replicas or 0, p.profile))
-    notes = (
-        "A replica is what one measured host ran: the gateway, one worker of the variant and the load generator "
-        "side by side, one variant loaded at a time. The gateway's capacity alone is not recorded; with the "
-        "gateway on hosts of its own, each worker host carries more than counted here.",
-        "Runs on one machine differ from hour to hour (benchmarks/loadtest.md): keep headroom for that "
-        "(--headroom) and for a replica lost or restarting.",
-    )
-    return Plan(route, rps, p99_ms, tuple(loads), tuple(plans), notes, spare)
+    return Plan(route, rps, p99_ms, tuple(loads), tuple(plans), NOTES, spare)
 
 
 # --- output --------------------------------------------------------------------------------------------
@@ -451,8 +453,8 @@ def render(plan: Plan) -> str:
                  + (f"; {run.note}" if run.note else ""))
     if not cited:
         L.append("  none of the route's variants was measured on any profile")
-    L += ["", "Model: replicas = ceil(load x (1 + headroom asked) / req/s of the best measured step with p99 within the target and at "
-          f"most {MAX_ERROR_RATE:.0%} errors), per variant, from the newest run of each profile; "
-          "headroom = replicas x that req/s / load - 1."]
+    L += ["", (f"Model: replicas = ceil(load x (1 + headroom asked) / req/s of the best measured step with p99 "
+               f"within the target and at most {MAX_ERROR_RATE:.0%} errors), per variant, from the newest run of "
+               "each profile; headroom = replicas x that req/s / load - 1.")]
     L += [f"Note: {n}" for n in plan.notes]
     return "\n".join(L)
