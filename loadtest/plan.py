@@ -10,7 +10,8 @@ The model is kept simple, so that every number can be checked by hand against th
   it; a route with a policy may send all of its traffic to any one variant, so each is sized for all of it;
 - one replica carries what one measured host carried at its best step whose p99 stayed within the
   objective with at most 1% errors (the rule of the load-test report's "best req/s" column);
-- replicas = ceil(load / that throughput); headroom = replicas x throughput / load - 1;
+- replicas = ceil(load x (1 + the headroom asked for) / that throughput); the headroom left is
+  replicas x throughput / load - 1;
 - each (profile, variant) uses the newest run of that profile that measured the variant: speeds are
   comparable only within one sitting, so steps of different runs are never mixed.
 A step is a measured point; nothing is interpolated or extrapolated. Where no measured step met the
@@ -139,7 +140,7 @@ def profile_name(cpu: str | None, cores: int | None, gpu: str | None) -> str:
 
 
 def describe_machine(cpu: str | None, cores: int | None, gpu: str | None) -> str:
-    return f"{cpu or 'unknown CPU'}, {cores or '?'} cores, " + (gpu if gpu else "no GPU")
+    return ", ".join([cpu] * bool(cpu) + [f"{cores or '?'} cores", gpu or "no GPU"])
 
 
 def _date(text: str | None) -> str:
@@ -243,8 +244,7 @@ def runs_from_gpu_session(path: Path, data: dict | None = None) -> list[Run]:
                 if points:
                     where = f"{key}.{stage}" if key else stage
                     runs.append(Run(f"{_shown(path)}#{where}", f"GPU serving stage {where}", _date(date),
-                                    describe_machine(None, env.get("cpu_count"), env["gpu"]).replace(
-                                        "unknown CPU, ", ""),
+                                    describe_machine(None, env.get("cpu_count"), env["gpu"]),
                                     profile_name(None, env.get("cpu_count"), env["gpu"]), points,
                                     order=len(runs), note=node.get("serve_model") or ""))
             return
@@ -265,7 +265,7 @@ def load_runs(sources: list[str | Path]) -> list[Run]:
             raise FileNotFoundError(f"no figures at {source}")
         files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
         for f in files:
-            if f.suffix == ".md" and not (f.parent / "results.json").is_file():
+            if f.suffix == ".md" and not (source.is_dir() and (f.parent / "results.json").is_file()):
                 run = run_from_report(f)
                 runs += [run] if run else []
             elif f.suffix == ".json":
@@ -424,6 +424,8 @@ def render(plan: Plan) -> str:
     width = max([len(x.variant) for x in plan.loads] + [len("variant")])
     for x in plan.loads:
         L.append(f"  {x.variant:<{width}} {_rate(x.rps):>8} req/s  {x.why}")
+    meets = [f"{p.profile} {p.replicas}" for p in plan.profiles if p.meets]
+    L += ["", "Profiles that meet it (replicas in all): " + (", ".join(meets) or "none of those measured")]
     cited: list[Run] = []
     for p in plan.profiles:
         L.append("")

@@ -144,7 +144,8 @@ def test_a_results_json_and_the_report_rendered_from_it_give_the_same_steps(tmp_
     assert from_json.points == from_md.points == _expected()
     assert from_json.profile == from_md.profile == "epyc-2c" and from_md.date == "2026-01-02 03:04"
     assert from_md.machine.startswith("AMD EPYC 7B13, 2 cores, no GPU")
-    assert len(load_runs([tmp_path])) == 1  # a report beside its results.json counts once
+    assert len(load_runs([tmp_path])) == 1  # a report beside its results.json counts once ...
+    assert len(load_runs([tmp_path / "loadtest-0304.md"])) == 1  # ... and is read when named
 
 
 def test_every_gpu_serving_stage_is_a_run_of_the_gpu_profile(tmp_path):
