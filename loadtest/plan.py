@@ -450,8 +450,9 @@ def render(plan: Plan) -> str:
     L += ["", "Gateway: not recorded on its own (every figure includes it; see the first note).", "", "Figures:"]
     seen = {p.profile: p.runs_seen for p in plan.profiles}
     for i, run in enumerate(cited, 1):
-        L.append(f"  [{i}] {run.source}: {run.what}, {run.date} UTC, {run.machine} (the newest of "
-                 f"{seen[run.profile]} {run.profile} run{'s' * (seen[run.profile] != 1)})"
+        n = seen[run.profile]
+        L.append(f"  [{i}] {run.source}: {run.what}, {run.date} UTC, {run.machine} ("
+                 + (f"the newest of {n} {run.profile} runs)" if n > 1 else f"the only {run.profile} run)")
                  + (f"; {run.note}" if run.note else ""))
     if not cited:
         L.append("  none of the route's variants was measured on any profile")
