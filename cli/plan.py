@@ -43,6 +43,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     route = args.route or cfg.default_route
     loads = route_loads(cfg, route, args.rps)
     runs = load_runs(args.results or [RESULTS])
+    if not runs:
+        raise ValueError(f"no load-test or GPU serving figures in {', '.join(args.results or [str(RESULTS)])}")
     profiles = [p for item in args.profile or [] for p in item.split(",") if p]
     plan = make_plan(route, args.rps, loads, runs, args.p99, profiles or None, args.headroom)
     print(json.dumps(to_dict(plan), indent=1) if args.json else render(plan))

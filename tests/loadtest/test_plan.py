@@ -188,3 +188,8 @@ def test_the_command_plans_from_the_given_figures_and_cites_them(tmp_path, capsy
     text = capsys.readouterr().out
     assert "epyc-2c" in text and "compact" in text and "not measured" in text
     assert f"{figures / 'results.json'}: load test fixture, 2026-01-02 03:04 UTC" in text
+    assert main([*args, "--route", "nope"]) == 2 and "routes: fashion" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*args[:-4], "--results", str(empty), *args[-2:]]) == 2
+    assert "no load-test or GPU serving figures" in capsys.readouterr().err
