@@ -3,7 +3,7 @@
 Each module of this package holds the subcommands of one area of the project and adds them with
 `add_commands(subparsers)`: `models.py` (models, bench), `engines.py` (export), `training.py` (train,
 train-many, train-bench, import-pretrained), `store.py` (store), `serve.py` (serve), `loadtest.py`
-(loadtest, report), `experiment.py` (experiment), `dashboard.py` (dashboard), `cascade.py` (cascade), `keys.py` (keys). This file only collects them. The command sits above every package and
+(loadtest, report), `experiment.py` (experiment), `dashboard.py` (dashboard), `cascade.py` (cascade), `keys.py` (keys), `plan.py` (plan). This file only collects them. The command sits above every package and
 no package imports it (.importlinter).
 `evaluate.py` (evaluate) and `predict.py` (predict) check a stored checkpoint offline.
 """
@@ -38,6 +38,7 @@ The loop, one command a step:
   effnet export                  export and verify a checkpoint's inference engines
   effnet serve                   serve the configured variants over HTTP (--prepare: engines first)
   effnet loadtest / report       load the running service and report accuracy, latency, throughput
+  effnet plan                    replicas per variant and hardware for a request rate and p99
   effnet experiment              a running server's A/B experiments: accuracy, intervals, decisions
   effnet dashboard               the Grafana dashboard of the service's metrics, as JSON
   effnet cascade fit ROUTE       a cascade route's thresholds, chosen on the validation split
@@ -47,7 +48,7 @@ The loop, one command a step:
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.store", "cli.evaluate", "cli.predict", "cli.serve",
                    "cli.loadtest", "cli.chaos", "cli.soak", "cli.experiment", "cli.dashboard", "cli.cascade",
-                   "cli.keys", "cli.worker"]
+                   "cli.keys", "cli.worker", "cli.plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:
