@@ -6,6 +6,10 @@
 #     --build-arg TORCH_INDEX_URL=<the PyTorch CUDA 12.6 wheel index> .
 #   docker run -p 127.0.0.1:3000:3000 -v $HOME/bentoml:/bentoml effnet-serving   # add --gpus all for CUDA
 # The checkpoints are not baked in: mount the model store (make checkpoints fills it) at /bentoml.
+# For an image that carries them, and their engines prepared ahead, so that it needs no store, build the
+# bento with them and let BentoML make the image (docs/operations.md, "Building an image"):
+#   effnet build --pack-models [--config PATH]
+#   bentoml containerize effnet-serving:latest -t effnet-serving:packed
 # The packages are the runtime set, requirements.txt, which pyproject.toml and bentofile.yaml read too.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}

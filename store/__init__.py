@@ -16,10 +16,12 @@ from .checkpoint import (
     load_checkpoint,
     read_manifest,
     save_checkpoint,
+    verified_tag,
 )
 from .preprocess import InputNormalizer, resize_crop, to_model_input
 
 __all__ = [
-    "fashion_mnist", "MANIFEST_FILE", "WEIGHTS_FILE", "CheckpointError", "Manifest", "get_store", "has_checkpoint", "list_checkpoints",
-    "load_checkpoint", "read_manifest", "save_checkpoint", "to_model_input", "resize_crop", "InputNormalizer",
+    "fashion_mnist", "MANIFEST_FILE", "WEIGHTS_FILE", "CheckpointError", "Manifest", "get_store", "has_checkpoint",
+    "list_checkpoints", "load_checkpoint", "read_manifest", "save_checkpoint", "verified_tag", "to_model_input",
+    "resize_crop", "InputNormalizer",
 ]

@@ -7,7 +7,8 @@ metadata) whose folder holds:
 - optionally, informational files such as the trainer's `train_log.jsonl` and `confusion.png`.
 
 The store lives under `$BENTOML_HOME/models` (BentoML's default `~/bentoml`), read at call time so
-every command and test honours `BENTOML_HOME`; a `home=` argument overrides it.
+every command and test honours `BENTOML_HOME`; a `home=` argument overrides it. A served bento that
+carries its checkpoints reads them from its own store (`store.paths.models_dir`).
 """
 from __future__ import annotations
 
@@ -156,6 +157,28 @@ def has_checkpoint(tag_or_path: str | os.PathLike, home: str | os.PathLike | Non
         return False
 
 
+def _verified_weights(folder: Path, manifest: Manifest) -> Path:
+    """The weights file, once its sha256 matches the manifest's; raises `CheckpointError`."""
+    weights = folder / manifest.weights_file
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {folder}: weights file {manifest.weights_file} is missing")
+    digest = sha256_file(weights)
+    if digest != manifest.sha256:
+        raise CheckpointError(
+            f"checkpoint {folder}: sha256 of {manifest.weights_file} is {digest[:12]}..., manifest says "
+            f"{manifest.sha256[:12]}...; the weights were modified or corrupted. Re-create the checkpoint."
+        )
+    return weights
+
+
+def verified_tag(tag_or_path: str | os.PathLike, home: str | os.PathLike | None = None) -> str:
+    """The `name:version` of a stored checkpoint (`name` and `name:latest` resolved), once the sha256 of its
+    weights matches its manifest: what a bento that packs it declares. Raises `CheckpointError`."""
+    manifest, folder = read_manifest(tag_or_path, home)
+    _verified_weights(folder, manifest)
+    return f"{folder.parent.name}:{folder.name}"
+
+
 def load_checkpoint(
     tag_or_path: str | os.PathLike, home: str | os.PathLike | None = None, device: str = "cpu"
 ) -> tuple[nn.Module, Manifest]:
@@ -169,15 +192,7 @@ def load_checkpoint(
     from models import build_from_config
 
     manifest, folder = read_manifest(tag_or_path, home)
-    weights = folder / manifest.weights_file
-    if not weights.is_file():
-        raise CheckpointError(f"checkpoint {folder}: weights file {manifest.weights_file} is missing")
-    digest = sha256_file(weights)
-    if digest != manifest.sha256:
-        raise CheckpointError(
-            f"checkpoint {folder}: sha256 of {manifest.weights_file} is {digest[:12]}..., manifest says "
-            f"{manifest.sha256[:12]}...; the weights were modified or corrupted. Re-create the checkpoint."
-        )
+    weights = _verified_weights(folder, manifest)
     try:
         model = build_from_config(manifest.config, num_classes=manifest.num_classes, in_chans=manifest.in_chans)
         model.load_state_dict(load_file(str(weights), device=device))
@@ -226,7 +241,7 @@ def list_checkpoints(home: str | os.PathLike | None = None, *, include_broken: b
     sha256 of every weights file, which reads all of them (minutes on a large store), so it is asked
     for; `verified` says whether it was done. Another project's BentoML models are left out.
     """
-    root = _home(home) / "models"
+    root = models_dir(home)
     rows = []
     for folder in sorted(root.glob("*/*")) if root.is_dir() else []:
         if not folder.is_dir():

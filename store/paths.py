@@ -6,6 +6,7 @@ project keeps under it (the model store, training runs, CPU slots, the service's
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 HOME_ENV = "BENTOML_HOME"
@@ -19,8 +20,35 @@ def bentoml_home(home: str | os.PathLike | None = None) -> Path:
 
 
 def models_dir(home: str | os.PathLike | None = None) -> Path:
-    """BentoML's model store, where checkpoints live."""
+    """BentoML's model store, where checkpoints live: `home`'s when given, else the served bento's own
+    (`served_bento_models`) when there is one, else `$BENTOML_HOME`'s."""
+    if home is None or str(home) == "":
+        own = served_bento_models()
+        if own is not None:
+            return own
     return bentoml_home(home) / "models"
+
+
+def served_bento_models() -> Path | None:
+    """The model store of the bento this process serves, when the bento carries its models, else None.
+
+    A bento built with its checkpoints (`effnet build --pack-models`) holds them in its own `models/`
+    folder once exported or containerized, and BentoML's loader then points its model store there
+    instead of `$BENTOML_HOME/models` (`bentoml._internal.service.loader._load_bento`, 1.4.30), in
+    every process of the server. It sets that store as an override of its container's default, which
+    is what is read here; BentoML is not imported for it: a process that has not imported it serves no
+    bento.
+    """
+    if "bentoml" not in sys.modules:
+        return None
+    try:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        override = BentoMLContainer.model_store._override  # a sentinel unless a bento's own store is set
+    except (ImportError, AttributeError):  # another BentoML layout: the store of $BENTOML_HOME, as before
+        return None
+    path = getattr(override, "_path", None)
+    return Path(path).resolve() if isinstance(path, Path) else None
 
 
 STATE_ENV = "EFFNET_STATE_DIR"

@@ -41,9 +41,12 @@ def test_bentoml_build_packs_the_service_with_the_runtime_set_of_pyproject(tmp_p
     bentos = list((tmp_path / "home" / "bentos" / "effnet-serving").glob("*/src"))
     assert len(bentos) == 1
     src = bentos[0]
-    for f in ("service/app.py", "service/config.yaml", "store/checkpoint.py", "models/registry.py"):
+    for f in ("service/app.py", "service/experiments/live.py", "service/config.yaml", "store/checkpoint.py",
+              "models/registry.py"):
         assert (src / f).is_file(), f
-    assert not (src / "tests").exists() and not (src / "cli").exists()
+    assert not (src / "tests").exists()
+    # Of the command, only what the bento serves: the gateway under the supervision of `effnet serve`.
+    assert sorted(p.name for p in (src / "cli").glob("*.py")) == ["__init__.py", "bentoml_serve.py", "build.py"]
     requirements = _requirement_lines((src.parent / "env" / "python" / "requirements.txt").read_text())
     # BentoML adds its own pin when the list has none; ours is the same one.
     assert requirements == set(_project()["dependencies"])
