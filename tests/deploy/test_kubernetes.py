@@ -17,6 +17,7 @@ import yaml
 from service import drain, metrics
 from service.config import CONFIG_ENV, load_config
 from service.server_config import ServerConfig
+from store.paths import models_dir
 from tests.deploy import manifests as gen
 
 ROOT = gen.ROOT
@@ -140,7 +141,7 @@ def test_the_cluster_configuration_loads_as_the_service_reads_it():
 # rendered: schemas and references
 
 def test_every_object_of_every_overlay_is_valid_for_the_kubernetes_api(rendered):
-    kv = pytest.importorskip("kubernetes_validate", reason="pyproject's `test` extra installs kubernetes-validate")
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pyproject's `test` extra, `make setup`)")
     from kubernetes_validate.utils import latest_version
 
     unique = {yaml.safe_dump(o): o for objs in rendered.values() for o in objs}  # the overlays share most
@@ -157,7 +158,7 @@ def test_every_object_of_every_overlay_is_valid_for_the_kubernetes_api(rendered)
 
 
 def test_the_validator_refuses_what_the_api_would(rendered):
-    kv = pytest.importorskip("kubernetes_validate", reason="pyproject's `test` extra installs kubernetes-validate")
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed (pyproject's `test` extra, `make setup`)")
     deployment = _named(rendered["cpu"], "Deployment", gen.GATEWAY)
     _pod(deployment)["containers"][0]["readinessprobe"] = {}  # a misspelt field
     with pytest.raises(kv.ValidationError):
@@ -234,6 +235,9 @@ def test_only_the_variants_that_ask_for_a_gpu_get_one_and_only_in_a_gpu_overlay(
 def test_ports_paths_and_settings_the_pods_use_exist_in_the_service(rendered):
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"EXPOSE {gen.PORT}" in dockerfile and f'"--port", "{gen.PORT}"' in dockerfile
+    # the store goes where the image's BENTOML_HOME keeps its models
+    home = re.search(r"\bBENTOML_HOME=(\S+)", dockerfile).group(1)
+    assert models_dir(home) == Path(gen.STORE_MOUNT)
     probe_paths = set(drain.PROBES) | set(drain.READY_PATHS)
     cluster = _cluster_config()
     objs = rendered["cpu"]
@@ -300,7 +304,7 @@ def test_every_pod_has_requests_and_limits_and_cpu_workers_as_many_threads_as_cp
 def test_every_metric_the_manifests_name_is_one_the_service_exports(rendered):
     exported = _exported()
     texts = [yaml.safe_dump(rendered[o]) for o in OVERLAYS] + [(K8S / "prometheus-adapter.yaml").read_text()]
-    used = {m for t in texts for m in re.findall(r"\b(effnet_[a-z0-9_]+)", t)} - {"effnet_dashboard"}
+    used = {m for t in texts for m in re.findall(r"\b(effnet_[a-z0-9_]+)", t)}
     assert used and used <= set(exported), sorted(used - set(exported))
 
 
