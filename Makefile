@@ -7,7 +7,9 @@ EFFNET := $(VENV)/bin/effnet
 STAMP := $(VENV)/.installed
 # Debian packages the tests and load tests use: real data, a real Prometheus server, and wrk (the
 # serving benchmark's load generator: C, a tenth of the CPU a Python generator takes from the server).
-DEBS := dataset-fashion-mnist prometheus wrk postgresql
+# kubernetes-client: kubectl, whose kustomize renders deploy/kubernetes/ offline for tests/deploy; left out
+# where a kubectl is installed already (another package's /usr/bin/kubectl, which dpkg would refuse to replace).
+DEBS := dataset-fashion-mnist prometheus wrk postgresql $(if $(wildcard /usr/bin/kubectl),,kubernetes-client)
 
 .PHONY: setup system-deps test test-fast test-long models bench serve clean help checkpoints train-full loadtest engines chaos soak clients
 
