@@ -31,7 +31,9 @@ COPY models/ models/
 COPY store/ store/
 COPY engines/ engines/
 COPY service/ service/
-COPY cli/__init__.py cli/bentoml_serve.py cli/
+COPY cli/ cli/
+# `effnet` for the commands the image serves with (`effnet serve`, `effnet worker` in the Kubernetes worker pods)
+RUN printf '#!/bin/sh\nexec python -m cli "$@"\n' > /opt/venv/bin/effnet && chmod +x /opt/venv/bin/effnet
 
 EXPOSE 3000
 VOLUME /bentoml

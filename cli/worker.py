@@ -1,5 +1,7 @@
 """`effnet worker VARIANT`: one variant's worker alone, for a gateway that reaches it at an address.
 
+`python -m cli.worker VARIANT ...` is the same command where `effnet` is not installed (an image built
+by `bentoml containerize`, which carries this module but not the whole command line).
 The gateway's configuration then says where it is (`workers_at`, docs/configuration.md): a list of URLs,
 or a DNS name whose every address is a replica. The worker is the one the gateway would start itself
 (service/worker_app.py): it verifies its checkpoint from the store, answers the gateway's calls and
@@ -86,3 +88,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a container)")
     p.add_argument("--model", help="store tag to serve instead of the configured one (a version of the variant)")
     p.set_defaults(func=cmd_worker)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cli.worker")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["worker", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,18 +37,26 @@ def served_bento_models() -> Path | None:
     instead of `$BENTOML_HOME/models` (`bentoml._internal.service.loader._load_bento`, 1.4.30), in
     every process of the server. It sets that store as an override of its container's default, which
     is what is read here; BentoML is not imported for it: a process that has not imported it serves no
-    bento.
+    bento. In an image made by `bentoml containerize`, a process that BentoML's loader did not start
+    (`python -m cli.worker`) finds the bento's store through `$BENTO_PATH`, which the image sets.
     """
+    bento = os.environ.get("BENTO_PATH")  # set in an image made by `bentoml containerize`
+    if bento and any((Path(bento) / "models").glob("*/*")):
+        # a process of the image that BentoML's loader did not start (`python -m cli.worker`) reads the
+        # bento's store all the same
+        own = Path(bento, "models").resolve()
+    else:
+        own = None
     if "bentoml" not in sys.modules:
-        return None
+        return own
     try:
         from bentoml._internal.configuration.containers import BentoMLContainer
 
         override = BentoMLContainer.model_store._override  # a sentinel unless a bento's own store is set
     except (ImportError, AttributeError):  # another BentoML layout: the store of $BENTOML_HOME, as before
-        return None
+        return own
     path = getattr(override, "_path", None)
-    return Path(path).resolve() if isinstance(path, Path) else None
+    return Path(path).resolve() if isinstance(path, Path) else own
 
 
 STATE_ENV = "EFFNET_STATE_DIR"

@@ -131,7 +131,8 @@ def worker_objects(name: str, variant: dict, max_batch_size: int, server: Server
     prestop = worker_prestop_s(server)
     container = {
         "name": "worker", "image": IMAGE,
-        "command": ["effnet", "worker", name, "--port", str(PORT), "--host", "0.0.0.0", "--config", CONFIG_PATH],
+        # `python -m cli.worker` (= `effnet worker`) runs in both images: the Dockerfile's and a containerized bento
+        "command": ["python", "-m", "cli.worker", name, "--port", str(PORT), "--host", "0.0.0.0", "--config", CONFIG_PATH],
         "ports": [{"name": "http", "containerPort": PORT}],
         "env": [{"name": "EFFNET_WORKER_TOKEN", "valueFrom": {"secretKeyRef": {"name": WORKER_TOKEN_SECRET,
                                                                                  "key": "token"}}}],

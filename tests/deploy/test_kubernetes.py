@@ -258,7 +258,7 @@ def test_ports_paths_and_settings_the_pods_use_exist_in_the_service(rendered):
     for name, v in cluster["variants"].items():
         worker = _named(objs, "Deployment", gen.worker_name(name))
         command = _pod(worker)["containers"][0]["command"]
-        assert command[:3] == ["effnet", "worker", name] and command[command.index("--port") + 1] == str(gen.PORT)
+        assert command[:4] == ["python", "-m", "cli.worker", name] and command[command.index("--port") + 1] == str(gen.PORT)
         assert command[command.index("--config") + 1] == gen.CONFIG_PATH
         host, port = v["workers_at"].removeprefix("dns://").rsplit(":", 1)
         headless = _named(objs, "Service", host)
@@ -283,7 +283,7 @@ def test_the_grace_periods_cover_the_prestop_hook_and_the_drain(rendered):
         drain_s = server.drain_grace_s + (drain.WORKER_MARGIN_S if c["name"] == "worker" else 0)
         assert pod["terminationGracePeriodSeconds"] >= prestop + drain_s + drain.FORCE_AFTER_S
         if c["name"] == "worker":  # it serves on until the gateway has stopped calling it
-            variant = cluster["variants"][c["command"][2]]
+            variant = cluster["variants"][c["command"][3]]
             assert prestop >= (gen.DNS_TTL_S + variant["resolve_every_s"] + server.health_interval_s
                                + server.health_timeout_s)
             # a replica stays in DNS only while its pod passes its readiness probe, and leaves it at once

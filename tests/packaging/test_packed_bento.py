@@ -55,7 +55,7 @@ def _files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.slow  # about 40 s of CPU, most of it the ONNX export that a packed bento carries
+@pytest.mark.long  # about 40 s of CPU (53-84 s on 2 busy cores), most of it the ONNX export a packed bento carries: make test-long
 @pytest.mark.server  # `effnet build` and a loaded bento, each in a child process
 def test_a_packed_bento_carries_its_checkpoints_and_engines_and_serves_them_without_a_store(tmp_path):
     from tests.support.fake_store import make_fake_store
@@ -127,3 +127,13 @@ def test_the_store_follows_the_model_store_that_bentoml_sets_for_a_bento_and_onl
         assert models_dir() == own.resolve()
         assert models_dir(tmp_path / "other") == tmp_path / "other" / "models"  # a store named outright wins
     assert models_dir() == tmp_path / "home" / "models"
+
+
+def test_a_process_of_a_containerized_bento_that_bentoml_did_not_load_reads_the_bentos_store(tmp_path, monkeypatch):
+    from store.paths import models_dir
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BENTO_PATH", str(tmp_path / "bento"))
+    assert models_dir() == tmp_path / "home" / "models"  # the bento carries no models: the home's store
+    (tmp_path / "bento" / "models" / "b0-fashion-mnist" / "v1").mkdir(parents=True)
+    assert models_dir() == (tmp_path / "bento" / "models").resolve()  # `python -m cli.worker` in the image

@@ -46,7 +46,8 @@ def test_bentoml_build_packs_the_service_with_the_runtime_set_of_pyproject(tmp_p
         assert (src / f).is_file(), f
     assert not (src / "tests").exists()
     # Of the command, only what the bento serves: the gateway under the supervision of `effnet serve`.
-    assert sorted(p.name for p in (src / "cli").glob("*.py")) == ["__init__.py", "bentoml_serve.py", "build.py"]
+    assert sorted(p.name for p in (src / "cli").glob("*.py")) == ["__init__.py", "bentoml_serve.py", "build.py", "serve.py",
+                                                                          "worker.py"]
     requirements = _requirement_lines((src.parent / "env" / "python" / "requirements.txt").read_text())
     # BentoML adds its own pin when the list has none; ours is the same one.
     assert requirements == set(_project()["dependencies"])
@@ -62,12 +63,12 @@ def test_the_runtime_set_is_one_list_that_pyproject_the_bentofile_and_the_docker
     docker = (ROOT / "Dockerfile").read_text()
     assert "COPY requirements.txt" in docker and "pip install --no-cache-dir -r requirements.txt" in docker
     # The image serves through the wrapper that restarts crashed workers promptly, inside containers too.
-    assert '"-m", "cli.bentoml_serve", "serve"' in docker and "cli/bentoml_serve.py" in docker
+    assert '"-m", "cli.bentoml_serve", "serve"' in docker and "COPY cli/ cli/" in docker
     # No package is named in the Dockerfile outside requirements.txt.
     assert not re.search(r"pip install [^\n]*==", docker)
     # Test and load-test tools are not runtime packages.
     assert not {_norm(re.split(r"[<>=!~\[ ]", r)[0]) for r in runtime} & {"pytest", "locust", "scikit-image",
-                                                                        "matplotlib", "psutil"}
+                                                                        "matplotlib"}
 
 
 def test_uvicorn_under_bentoml_serve_picks_the_c_parser_and_loop():
