@@ -11,12 +11,13 @@ STAMP := $(VENV)/.installed
 # where a kubectl is installed already (another package's /usr/bin/kubectl, which dpkg would refuse to replace).
 DEBS := dataset-fashion-mnist prometheus wrk postgresql $(if $(wildcard /usr/bin/kubectl),,kubernetes-client)
 
-.PHONY: setup system-deps test test-fast test-long models bench serve clean help checkpoints train-full loadtest engines chaos soak clients
+.PHONY: setup system-deps test test-fast test-long models bench serve clean help checkpoints train-full loadtest engines chaos soak clients multihost
 
 help:
 	@echo "make serve   set up, then serve the default models on 127.0.0.1:3000"
 	@echo "make test    set up, check the import layers (.importlinter), then run every test, servers included"
 	@echo "make test-fast  the same without the tests marked server or slow (real servers and other processes, runs over about 30 s)"
+	@echo "make multihost  a gateway and workers in network namespaces of their own: answers over real TCP, one host's failure"
 	@echo "make test-long  the whole runs of long features (distributed Locust), which make test covers in parts"
 	@echo "make checkpoints  fill the model store: Lite0 ImageNet + b0/mec/compact on Fashion-MNIST (quick recipe, side by side, ~17 min)"
 	@echo "make engines      export, verify and choose each served variant's engine as its worker will (~5 min the first time)"
@@ -68,6 +69,10 @@ test: setup clients
 
 test-long: setup clients
 	$(PY) -m pytest -m long
+
+# Workers on other hosts, through real TCP: network namespaces as hosts (root; `make test` runs it too).
+multihost: setup
+	$(PY) -m pytest -v tests/service/test_multihost.py
 
 test-fast: setup
 	$(VENV)/bin/lint-imports
