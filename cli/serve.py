@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.children import die_with_parent
 from store.paths import STATE_ENV, bentoml_home, state_dir
 
 if TYPE_CHECKING:
@@ -245,16 +246,6 @@ def port_lock(port: int, folder: str | os.PathLike | None = None) -> tuple[int |
     return fd, ""
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it if `effnet serve` dies (even by SIGKILL), so no server is orphaned."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: nothing to do
-        pass
-
-
 def run_server(cmd: list[str], env: dict[str, str], grace_s: float) -> int:
     """Run the server as a child in a session of its own and exit with it.
 
@@ -264,7 +255,7 @@ def run_server(cmd: list[str], env: dict[str, str], grace_s: float) -> int:
     kills the arbiter and every process it started. A child of its own session gets no terminal signals
     of its own, so each is sent once.
     """
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     signals: list[int] = []
     tree: dict[int, float] = {}  # every process the server has started (pid -> start time), to end them all
 

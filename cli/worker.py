@@ -10,6 +10,7 @@ its health checks, and drains on SIGTERM.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .serve import port_number
@@ -24,13 +25,29 @@ def worker_command(host: str, port: int) -> list[str]:
 
 
 def worker_env(variant: str, config: str, port: int, model: str | None = None) -> dict[str, str]:
-    """The environment of `effnet worker`: the server's (service runtime folder, store), and what to serve."""
+    """The environment of `effnet worker`: what to serve, and a BentoML home of its own that shares the store.
+
+    `bentoml serve` empties its home's metrics folder when it starts, so a worker beside a gateway (a
+    version the gateway loads, or a worker started by hand on the gateway's host) would wipe the
+    gateway's metrics; its home is a folder of the store's `run/` with `models` linked to the store, and
+    the core slots and the state folder (engine caches, tokens) stay the store's, shared with the gateway.
+    """
     from service.config import CONFIG_ENV
+    from service.cpu_slots import SLOTS_ENV, slots_dir
     from service.worker_app import MODEL_ENV, VARIANT_ENV
+    from store.paths import STATE_ENV, bentoml_home, models_dir, state_dir
 
     from .serve import server_env
 
-    env = {**server_env(port=port), CONFIG_ENV: config, VARIANT_ENV: variant}
+    home = bentoml_home()
+    own = home / "run" / f"worker-{variant}-{port}"
+    own.mkdir(parents=True, exist_ok=True)
+    link = own / "models"
+    if not link.is_symlink():
+        link.symlink_to(models_dir(home).resolve(), target_is_directory=True)
+    shared = {SLOTS_ENV: os.environ.get(SLOTS_ENV) or str(slots_dir()),
+              STATE_ENV: os.environ.get(STATE_ENV) or str(state_dir(home))}
+    env = {**server_env(own, port), **shared, CONFIG_ENV: config, VARIANT_ENV: variant}
     if model:
         env[MODEL_ENV] = model
     return env

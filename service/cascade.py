@@ -256,7 +256,9 @@ def answer(gw: Any, rid: str, t0: float, a: Any, top_k: int, out: Outcome, clien
     count(a.route, out.steps)
     final = replace(a, variant=out.variant)
     metrics.ASSIGNMENTS.labels(a.route, out.variant, "cascade").inc()
-    body = gw._answer(rid, final, out.scores, top_k, t0)
+    version = next((s.result.version for s in reversed(out.steps) if s.result is not None and s.variant == out.variant),
+                   "")
+    body = gw._answer(rid, final, out.scores, top_k, t0, version)
     body["cascade"] = describe_steps(out.steps, policy, gw.manifests[out.variant].classes)
     if out.averaged:
         body["averaged"] = [s.variant for s in out.steps if s.result is not None]

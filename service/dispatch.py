@@ -16,6 +16,7 @@ import base64
 import functools
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -28,6 +29,7 @@ from .health import DOWN, Health
 from .inprocess import InProcessVariant
 from .remote_workers import RemoteWorkers
 from .results import InferenceResult
+from .versions import Versions, base_of
 from .shm import Arena, Lease
 
 logger = logging.getLogger("effnet.gateway")
@@ -66,6 +68,7 @@ class Dispatcher:
         # Variants whose workers run elsewhere (`workers_at`): their replicas follow their addresses.
         self.remote = RemoteWorkers(cfg, self.health, self.replica_calls, worker_service or (lambda v: None),
                                     worker_token, on_change=self._replicas_resolved)
+        self.versions: Versions | None = None  # set by the gateway: which version answers a request
 
     def replicas(self, variant: str) -> list[Any]:
         """The clients of a variant's worker replicas, by index."""
@@ -73,7 +76,7 @@ class Dispatcher:
 
     def _replicas_resolved(self, variant: str, n: int) -> None:
         """A remote variant has `n` replicas now: unless its configuration fixes them, two calls in flight each."""
-        if self.cfg.variants[variant].calls_in_flight:
+        if self.cfg.variants[base_of(variant)].calls_in_flight:
             return
         c = self.coalescers.get(variant)
         if c is not None:
@@ -107,19 +110,40 @@ class Dispatcher:
             logger.warning("worker calls keep their default connect timeout: %s", e)
 
     async def infer(self, variant: str, batch: np.ndarray) -> InferenceResult:
-        """The scores for a uint8 batch, with the seconds it waited before its inference started."""
-        c = self.coalescers.get(variant)
+        """The scores for a uint8 batch, with the seconds it waited before its inference started and the
+        version that answered (drawn by share, service/versions.py)."""
+        key, version = self.versions.choose(variant) if self.versions is not None else (variant, "")
+        c = self.coalescers.get(key)
         if c is None:
             v = self.cfg.variants[variant]
             # The coalescer sheds load for both placements: behind it, a worker's batcher sees at most
             # `calls_in_flight` calls and never a queue long enough to shed.
-            call = self.call_local if variant in self.local else self.call_worker
-            c = Coalescer(lambda b: call(variant, b), v.max_batch_size, v.resolved_calls_in_flight,
+            call = self.call_local if key in self.local else self.call_worker
+            c = Coalescer(lambda b: call(key, b), v.max_batch_size, v.resolved_calls_in_flight,
                           max_wait_s=v.max_latency_ms / 1000, too_late=lambda: self.at_capacity(variant))
-            self.coalescers[variant] = c
-            if variant in self.remote and not v.calls_in_flight:
-                self._replicas_resolved(variant, len(self.health.usable(variant)))
-        return await c(batch)
+            self.coalescers[key] = c
+            if key in self.remote and not v.calls_in_flight:
+                self._replicas_resolved(key, len(self.health.usable(key)))
+        result = await c(batch)
+        if version:
+            metrics.VERSION_IMAGES.labels(variant, version).inc(len(batch))
+            return replace(result, version=version)
+        return result
+
+    # versions loaded while serving (service/versions.py): a key of their own, VARIANT@TAG
+
+    def add_version(self, key: str, urls: list[str]) -> None:
+        self.remote.add(key, urls)
+
+    async def remove_version(self, key: str) -> None:
+        self.coalescers.pop(key, None)
+        self.arenas.pop(key, None)  # its memory goes with the last reference
+        await self.remote.remove(key)
+
+    def calls_pending(self, key: str) -> int:
+        """Calls in flight to a key, and images waiting for one."""
+        c = self.coalescers.get(key)
+        return c.in_flight + c.queued_images if c is not None else 0
 
     def check_capacity(self, variant: str, images: int) -> None:
         """Refuse (503) before decoding what the variant's queue would refuse after it anyway."""
@@ -161,11 +185,11 @@ class Dispatcher:
         if variant not in self.arenas:
             arena = None
             if self.cfg.server.worker_transport == "shared_memory":
-                v = self.cfg.variants[variant]
+                v = self.cfg.variants[base_of(variant)]
                 try:
                     # Two slots per call in flight: a slot whose call failed unanswered waits out the
                     # worker's timeout before reuse, and its call's successor must not fall back for that.
-                    arena = Arena(variant, v.max_batch_size, batch.shape[1:], slots=2 * v.resolved_calls_in_flight,
+                    arena = Arena(v.name, v.max_batch_size, batch.shape[1:], slots=2 * v.resolved_calls_in_flight,
                                   quarantine_s=self.cfg.server.timeout_s + 5)
                 except OSError as e:  # no memfd on this system, or no memory left for it
                     logger.warning("variant %s: batches go in the HTTP body, shared memory is not available: %s",
@@ -181,7 +205,8 @@ class Dispatcher:
         from bentoml.exceptions import BentoMLException
 
         replicas, calls, health = self.replicas(variant), self.replica_calls[variant], self.health
-        deadline = self.cfg.variants[variant].call_deadline_s
+        name = base_of(variant)  # `variant` may be a version's key (service/versions.py)
+        deadline = self.cfg.variants[name].call_deadline_s
         failed: set[int] = set()
         lease, answered, attempt = None, False, 0
         try:
@@ -216,7 +241,7 @@ class Dispatcher:
                         finally:
                             replica.calls.discard(timer)
                     answered, replica.called_at = True, time.monotonic()
-                    metrics.WORKER_CALLS.labels(variant, "http" if lease is None else "shared_memory").inc()
+                    metrics.WORKER_CALLS.labels(name, "http" if lease is None else "shared_memory").inc()
                     if variant in self.remote:
                         return InferenceResult.from_wire(answer, replica=f"worker {i + 1} ({replica.address})")
                     return InferenceResult.from_records(records, replica=f"worker {i + 1}")

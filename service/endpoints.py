@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
-from . import oip, openapi, route_state
+from . import oip, openapi, route_state, version_endpoints
 from .audit import AuditLog, configured_token, fingerprint
 from .errors import ClientError, error_response, request_id
 from .live_routes import MAX_CHANGE_BYTES, admin_refusal
@@ -176,6 +176,14 @@ ENDPOINTS = [
     Endpoint("/routes", "GET", routes, openapi.ROUTES),
     Endpoint("/routes/{name}", "PATCH", change_route, openapi.CHANGE_ROUTE),
     Endpoint("/assignment", "GET", assignment, openapi.ASSIGNMENT),
+    # versions of a variant, live (service/versions.py)
+    Endpoint("/variants/{variant}/versions", "GET", version_endpoints.list_versions, openapi.VERSIONS),
+    Endpoint("/variants/{variant}/versions", "POST", version_endpoints.load_version, openapi.LOAD_VERSION),
+    Endpoint("/variants/{variant}/versions/{version}", "PATCH", version_endpoints.change_version,
+             openapi.CHANGE_VERSION),
+    Endpoint("/variants/{variant}/versions/{version}", "DELETE", version_endpoints.unload_version,
+             openapi.UNLOAD_VERSION),
+    Endpoint("/variants/{variant}/rollback", "POST", version_endpoints.rollback, openapi.ROLLBACK),
     Endpoint("/docs", "GET", docs, openapi.DOCS),
     Endpoint("/readyz/{variant}", "GET", variant_ready, openapi.READYZ_VARIANT),
     Endpoint("/feedback", "POST", feedback, openapi.FEEDBACK),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 import time
 from typing import Any, Awaitable, Callable
 
@@ -39,6 +40,7 @@ from .live_routes import LiveRoutes, publish_splits
 from .readiness import Readiness, VariantInfo
 from .routing import Assignment, Router, RoutingError
 from .shadow import Shadows
+from .versions import Versions, base_of
 from .worker_app import worker_token
 
 logger = logging.getLogger("effnet.gateway")
@@ -65,9 +67,11 @@ class GatewayService:
         watch_collector("effnet-gateway", "none")
         manifests: dict[str, Any] = {}
         problems: dict[str, str] = {}
+        tags: dict[str, str] = {}  # the exact tag of each configured checkpoint: its version (service/versions.py)
         for name, v in self.cfg.variants.items():
             try:
-                manifests[name], _ = read_manifest(v.model)
+                manifests[name], folder = read_manifest(v.model)
+                tags[name] = f"{folder.parent.name}:{folder.name}"
             except CheckpointError as e:
                 problems[name] = f"variant {name!r}, checkpoint {v.model!r}: {e}"
                 logger.error("effnet gateway: %s", problems[name])
@@ -75,15 +79,22 @@ class GatewayService:
         # already answers; the others are reached through their workers' proxies.
         local = {name: InProcessVariant(v, self.cfg, torch.cuda.is_available())
                  for name, v in self.cfg.variants.items() if v.placement == "gateway"}
-        self.assemble(manifests, problems, local)
+        self.assemble(manifests, problems, local, tags)
 
-    def assemble(self, manifests: dict[str, Any], problems: dict[str, str], local: dict[str, InProcessVariant]) -> None:
+    def assemble(self, manifests: dict[str, Any], problems: dict[str, str], local: dict[str, InProcessVariant],
+                 tags: dict[str, str] | None = None) -> None:
         """Every part of the request path, from the configuration and what start-up found: the variants'
         manifests, the problems of those that cannot serve, and the variants served in this process."""
         self.manifests = manifests
+        # What workers this gateway calls over the network ask of it: the configured token, else one of its
+        # own for the versions it starts (service/worker_app.py).
+        token = worker_token() or secrets.token_urlsafe(24)
         self.dispatcher = Dispatcher(self.cfg, self.replicas, local,
                                      {name: len(attrs) for name, attrs in self.worker_attrs.items()},
-                                     self.remote_services.__getitem__, worker_token())
+                                     self.worker_service, token)
+        tags = {n: (tags or {}).get(n, v.model) for n, v in self.cfg.variants.items()}
+        self.versions = self.dispatcher.versions = Versions(tags, manifests, self.dispatcher, self.cfg.source, token,
+                                                            lambda key: bool(self.health.usable(key)))
         self.decoder = Decoder(self.manifests, self.cfg.server.max_pixels, self.cfg.server.max_decoding_pixels,
                                self.cfg.server.decode_nice)
         self.shadows = Shadows(self.dispatcher, self.manifests)
@@ -106,6 +117,16 @@ class GatewayService:
             self.readiness.config_error = f"configuration error in {self.cfg.source}: {e}"
             logger.error("effnet gateway: %s", self.readiness.config_error)
 
+    def worker_service(self, key: str) -> Any:
+        """The worker service class of a variant (or a version's key) served elsewhere: the shape of its API."""
+        name = base_of(key)
+        if name not in self.remote_services:
+            from .worker_app import gpu_present
+            from .workers import make_worker, service_name
+
+            self.remote_services[name] = make_worker(self.cfg.variants[name], self.cfg, gpu_present(), service_name(name))
+        return self.remote_services[name]
+
     def replicas(self, variant: str) -> list[Any]:
         """The proxies of a variant's worker processes (service.workers.worker_names)."""
         return [getattr(self, attr) for attr in self.worker_attrs[variant]]
@@ -115,6 +136,7 @@ class GatewayService:
         """Check every worker replica in the background from now on (service/health.py), and run the routes'
         policies (service/experiments/policy.py)."""
         self.dispatcher.remote.start()  # workers elsewhere: resolve their addresses (service/remote_workers.py)
+        self.versions.restore()  # the versions loaded before a restart (service/versions.py)
         self.health.start()
         # Policies come from the configuration file only (PATCH /routes keeps them, adds none); budget and
         # cascade choose per request (every_s is infinite) and need no loop.
@@ -145,6 +167,7 @@ class GatewayService:
     async def stop_health_checks(self) -> None:
         if getattr(self, "policy_task", None) is not None:
             self.policy_task.cancel()
+        await self.versions.close()
         await self.dispatcher.remote.stop()
         await self.health.stop()
         self.experiments.close()  # writes the answers still queued
@@ -188,7 +211,7 @@ class GatewayService:
                 result = await self.dispatcher.infer(a.variant, batch)
             metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(result.waited)
             metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
-            body = self._answer(rid, a, result.scores[0], top_k, t0)
+            body = self._answer(rid, a, result.scores[0], top_k, t0, result.version)
             body.update(self.budget.answered(a, body["latency_ms"], result.waited))
             self.experiments.answered(rid, a.route, a.variant, a.how, result.scores[0], body["latency_ms"],
                                       request.headers.get("x-client-id"))
@@ -226,7 +249,7 @@ class GatewayService:
                 result = await self.dispatcher.infer(a.variant, batch)
                 metrics.QUEUE_WAIT.labels(a.route, a.variant).observe(result.waited)
                 for (i, _), row in zip(good, result.scores):
-                    item = self._answer(f"{rid}-{i}", a, row, top_k, t0)
+                    item = self._answer(f"{rid}-{i}", a, row, top_k, t0, result.version)
                     item.update(self.budget.answered(a, item["latency_ms"]))
                     self.experiments.answered(f"{rid}-{i}", a.route, a.variant, a.how, row, item["latency_ms"],
                                               request.headers.get("x-client-id"))
@@ -261,13 +284,15 @@ class GatewayService:
         m = self.manifests[a.variant]
         return f.form, a, forms.top_k(f.top_k, a.variant, m.num_classes, self.cfg.server.max_top_k)
 
-    def _answer(self, rid: str, a: Assignment, scores: np.ndarray, top_k: int, t0: float) -> dict:
+    def _answer(self, rid: str, a: Assignment, scores: np.ndarray, top_k: int, t0: float, version: str = "") -> dict:
+        """The body of one image's answer; `version` is the store tag that answered (default: the variant's
+        configured checkpoint)."""
         classes = self.manifests[a.variant].classes
         idx = np.argsort(-scores, kind="stable")[:top_k]
         preds = [{"label": classes[i], "index": int(i), "score": round(float(scores[i]), 6)} for i in idx]
         metrics.TOP1_SCORE.labels(a.route, a.variant).observe(preds[0]["score"])
         return {"request_id": rid, "route": a.route, "variant": a.variant, "model": self.cfg.variants[a.variant].model,
-                "assignment": a.how, **({"instead_of": a.instead_of} if a.instead_of else {}), "predictions": preds, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
+                "version": version or self.versions.tag_of(a.variant), "assignment": a.how, **({"instead_of": a.instead_of} if a.instead_of else {}), "predictions": preds, "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
     async def _respond(self, endpoint: str, handle: Callable[[str, float, list[str]], Awaitable[dict]]) -> JSONResponse:
         """Run `handle` and answer: 200 with its body, a refusal's status and message, or 500 for a fault of

@@ -84,6 +84,14 @@ BUDGET_MISSES = Counter(
 ROUTE_CHANGES = Counter(
     "effnet_route_changes", "Accepted live changes of a route's split or shadow (PATCH /routes/NAME)", ["route"],
 )
+VERSION_IMAGES = Counter(
+    "effnet_version_images", "Images answered by each version of a variant that serves several (service/versions.py)",
+    ["variant", "version"],
+)
+VERSION_SHARE = Gauge(
+    "effnet_version_share", "Each loaded version's share of its variant's requests (the default's is what the "
+    "others leave); 0 for one that is not ready", ["variant", "version"],
+)
 WORKER_CALLS = Counter(
     "effnet_worker_calls", "Gateway -> worker calls by how the batch travelled: shared_memory (service/shm.py) or "
     "http (in the call's body: worker_transport http, a batch that did not fit a free slot, or a fallback)",

@@ -270,7 +270,7 @@ async def infer(gw: Any, request: Request, rid: str, t0: float, labels: list[str
         if k is None:
             k = forms.top_k(req.top_k, a.variant, gw.manifests[a.variant].num_classes, server.max_top_k)
         for i, r in enumerate(results):  # counted and recorded as /classify's answers
-            item = gw._answer(f"{rid}-{i}", a, r.scores[0], k, t0)
+            item = gw._answer(f"{rid}-{i}", a, r.scores[0], k, t0, r.version)
             item.update(gw.budget.answered(a, item["latency_ms"], r.waited))
             metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
             gw.experiments.answered(f"{rid}-{i}", a.route, a.variant, a.how, r.scores[0], item["latency_ms"], client)

@@ -107,6 +107,7 @@ _BUDGET = {"name": BUDGET_HEADER, "in": "header", "required": False, "schema": {
                           "this many ms (default: the route's default_ms); ignored by other routes"}
 _PREDICTION = {"type": "object", "properties": {
     "request_id": _S, "route": _S, "variant": _S, "model": _S,
+    "version": {**_S, "description": "the exact store tag (name:version) of the checkpoint that answered"},
     "assignment": {"type": "string", "enum": ["explicit", "split", "default", "fallback", "budget"]},
     "instead_of": {**_S, "description": "with assignment fallback: the variant picked, which is down"},
     "predictions": {"type": "array", "items": {"type": "object", "properties": {
@@ -190,6 +191,54 @@ CHANGE_ROUTE = {
         "route": _S, "previous": _ROUTE, **_ROUTE["properties"], "saved_in": {"type": "string", "nullable": True}}}),
         **errors("400", "401", "403", "404", "500"),
         "413": {"description": "a route change is a small JSON object: the body is above 64 kB", "content": _ERROR_BODY}}}
+_ADMIN = ("With the admin token as `Authorization: Bearer <token>` and a Host header that names this server, as "
+          "PATCH /routes/NAME; every attempt is written to the audit log, and the versions are loaded again after a "
+          "restart. ")
+_VARIANT_P = {"name": "variant", "in": "path", "required": True, "schema": _S, "description": "a served variant"}
+_VERSION_P = {"name": "version", "in": "path", "required": True, "schema": _S,
+              "description": "the version's store tag, or the part after its colon"}
+_TOKEN_H = {"name": "Authorization", "in": "header", "required": True, "schema": _S,
+            "description": "Bearer <the admin token>"}
+_VERSIONS = {"type": "object", "properties": {
+    "variant": _S, "default": {**_S, "description": "the version that takes what the shares leave"},
+    "previous": {**_S, "nullable": True, "description": "what POST .../rollback returns to"},
+    "versions": {"type": "array", "items": {"type": "object", "properties": {
+        "tag": _S, "version": _S, "configured": {"type": "boolean"}, "default": {"type": "boolean"},
+        "share": {**_N, "nullable": True, "description": "of the variant's requests (0-1); null for the default"},
+        "state": {"type": "string", "enum": ["loading", "ready", "down", "failed", "draining"]},
+        "error": {**_S, "nullable": True}}}}}}
+_SHARE = {**_N, "minimum": 0, "maximum": 100, "description": "percent of the variant's requests"}
+_VERSION_ERRORS = {**errors("400", "401", "403", "404"),
+                   "409": {"description": "not possible in the version's state (loading, failed, the default, shares "
+                                          "above 100%, a checkpoint of other classes or input)", "content": _ERROR_BODY}}
+VERSIONS = {"summary": "A variant's versions: each one's share, state and whether it is the default",
+            "parameters": [_VARIANT_P], "responses": {**ok("the versions", _VERSIONS), **errors("404")}}
+LOAD_VERSION = {
+    "summary": "Load another checkpoint of a variant into workers of its own, while serving",
+    "description": _ADMIN + "202 at once: the version is `loading` until its worker has verified and loaded it, "
+                   "and takes `share` percent of the variant's requests from then on (0: none until PATCHed).",
+    "parameters": [_VARIANT_P, _TOKEN_H],
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["tag"], "properties": {"tag": _S, "share": _SHARE}}}}},
+    "responses": {"202": {"description": "loading", "content": {"application/json": {"schema": _VERSIONS}}},
+                  **_VERSION_ERRORS}}
+CHANGE_VERSION = {
+    "summary": "Set a version's share of its variant (a canary), or promote it to the default",
+    "description": _ADMIN + "Promoting drops every share to 0; the old default stays loaded for a rollback.",
+    "parameters": [_VARIANT_P, _VERSION_P, _TOKEN_H],
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"share": _SHARE, "promote": {"type": "boolean", "enum": [True]}}}}}},
+    "responses": {**ok("the versions", _VERSIONS), **_VERSION_ERRORS}}
+UNLOAD_VERSION = {
+    "summary": "Unload a version: no traffic from now on, its workers stop once their calls are done",
+    "description": _ADMIN + "Not the default, nor the configured checkpoint.",
+    "parameters": [_VARIANT_P, _VERSION_P, _TOKEN_H],
+    "responses": {"202": {"description": "draining", "content": {"application/json": {"schema": _VERSIONS}}},
+                  **_VERSION_ERRORS}}
+ROLLBACK = {
+    "summary": "Roll a variant back: the previous default is the default again, every share 0",
+    "description": _ADMIN, "parameters": [_VARIANT_P, _TOKEN_H],
+    "responses": {**ok("the versions", _VERSIONS), **_VERSION_ERRORS}}
 ASSIGNMENT = {
     "summary": "Which variant a client id gets in a route, without classifying anything",
     "description": "The same hash as /classify, so the answer holds while the route's weights do: what an "

@@ -50,6 +50,27 @@ class RemoteWorkers:
     def __contains__(self, variant: str) -> bool:
         return variant in self.where
 
+    def add(self, key: str, urls: list[str]) -> None:
+        """Replicas at fixed `urls` for a key that starts now (a version the gateway loads, service/versions.py)."""
+        self.where[key] = Addresses(urls=tuple(urls))
+        self.urls[key], self.clients[key], self.errors[key] = [], [], None
+        self.health.replicas.setdefault(key, [])
+        self.replica_calls.setdefault(key, [])
+        self.apply(key, urls)
+
+    async def remove(self, key: str) -> None:
+        """Forget a key's replicas (its calls are done): no more checks, its clients closed."""
+        if key not in self.where:
+            return
+        for i in range(len(self.health.replicas.get(key, []))):
+            self.health.retire(key, i, "its version was unloaded")
+        self.health.replicas.pop(key, None)
+        self.replica_calls.pop(key, None)
+        del self.where[key], self.urls[key], self.errors[key]
+        for c in self.clients.pop(key):
+            with contextlib.suppress(Exception):
+                await c.close()
+
     def client(self, variant: str, url: str) -> Any:
         """BentoML's client of a worker service at `url`, in BentoML's own wire format between its services."""
         from _bentoml_impl.client import RemoteProxy

@@ -31,6 +31,7 @@ class InferenceResult:
     # seconds the images waited before their inference started (gateway queue, transport, the
     # worker's queue): set by the gateway's coalescer (service.coalesce)
     waited: float = 0.0
+    version: str = ""  # the store tag of the version that answered, where the variant has several (service/versions.py)
 
     def to_records(self) -> np.ndarray:
         """The worker's answer over HTTP: one record per image (see the module docstring)."""
