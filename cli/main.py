@@ -3,7 +3,7 @@
 Each module of this package holds the subcommands of one area of the project and adds them with
 `add_commands(subparsers)`: `models.py` (models, bench), `engines.py` (export), `training.py` (train,
 train-many, train-bench, import-pretrained), `store.py` (store), `serve.py` (serve), `loadtest.py`
-(loadtest, report), `experiment.py` (experiment), `dashboard.py` (dashboard), `cascade.py` (cascade), `keys.py` (keys), `plan.py` (plan), `worker.py` (worker: one variant's worker alone). This file only collects them.
+(loadtest, report), `experiment.py` (experiment), `dashboard.py` (dashboard), `cascade.py` (cascade), `keys.py` (keys), `plan.py` (plan), `worker.py` (worker: one variant's worker alone), `rollout.py` (rollout). This file only collects them.
 The command sits above every package and no package imports it (.importlinter).
 `build.py` (build) builds the service's bento, and names what the bento serves.
 `evaluate.py` (evaluate) and `predict.py` (predict) check a stored checkpoint offline.
@@ -50,7 +50,7 @@ The loop, one command a step:
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = ["cli.models", "cli.engines", "cli.training", "cli.store", "cli.evaluate", "cli.predict", "cli.serve",
                    "cli.loadtest", "cli.chaos", "cli.soak", "cli.experiment", "cli.dashboard", "cli.cascade",
-                   "cli.keys", "cli.worker", "cli.plan", "cli.build"]
+                   "cli.keys", "cli.worker", "cli.rollout", "cli.plan", "cli.build"]
 
 
 def build_parser() -> argparse.ArgumentParser:

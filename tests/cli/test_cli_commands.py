@@ -5,7 +5,7 @@ from cli.main import COMMAND_MODULES, build_parser
 
 COMMANDS = ["models", "bench", "export", "train", "train-many", "train-bench", "import-pretrained", "store",
             "evaluate", "predict", "serve", "loadtest", "report", "chaos", "soak", "experiment", "dashboard", "cascade",
-            "keys", "worker", "plan", "build"]
+            "keys", "worker", "rollout", "plan", "build"]
 
 
 def _subcommands(parser):
