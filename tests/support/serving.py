@@ -81,6 +81,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or self.home / "server.log"
         self.proc: subprocess.Popen | None = None
+        self.killed = False  # whether stop() had to SIGKILL what SIGTERM did not stop
 
     def start(self) -> "Server":
         from cli.serve import serve_command, server_env
@@ -115,6 +116,7 @@ class Server:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
+                self.killed = True
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         if getattr(self, "_logf", None):
