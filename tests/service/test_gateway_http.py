@@ -488,3 +488,28 @@ def test_the_gateway_reports_requests_in_progress(server):
         if state != "decode_waiting":  # appears once an image has waited for decoding room
             assert re.search(rf'effnet_gateway_requests\{{state="{state}"\}} 0\.0', text), state
 
+
+
+def test_after_sigterm_the_gateway_stops_by_itself_though_clients_left_before_their_answers(server):
+    """Last in this module: it stops the module's server. Clients that leave mid-request (a load generator
+    at the end of its run, an impatient client) end requests that no answer is sent to; they must not keep
+    the gateway alive after its drain (service/drain.py) until its watchdog or the harness kills it."""
+    import socket
+
+    from tests.service.test_drain import _multipart_head
+
+    for i in range(4):
+        first, rest = _multipart_head(server.port, png(seed=i))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(first if i % 2 else first + rest)  # leaves mid-upload, or before the answer
+    deadline = time.monotonic() + 30  # the gateway notices the four departures: none left in its hands
+    while time.monotonic() < deadline:
+        text = server.client.get("/metrics").text
+        if metric(text, "effnet_gateway_requests", state="uploading") + metric(
+                text, "effnet_gateway_requests", state="processing") == 0:
+            break
+        time.sleep(0.1)
+    server.stop()
+    log = server.log.read_text()
+    assert not server.killed and server.proc.returncode == 0, log[-3000:]
+    assert re.search(r"gateway \d+: drained in", log) and re.search(r"gateway \d+: shut down", log), log[-3000:]
