@@ -107,7 +107,7 @@ class Server:
                     return status
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         raise TimeoutError(f"{self.url}{path} not 200 after {timeout}s (last {status}); log:\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:
