@@ -15,6 +15,13 @@ process's signal handler is wrapped here (`DrainMiddleware`, installed on every 
 - a **worker** keeps serving until the gateway has drained (or gone), so that the gateway's admitted
   requests still have somewhere to run, and its own calls in flight have finished; then it stops.
 
+Every request that passes here ends with an answer sent, even one whose client left (499, which
+uvicorn drops: the connection is gone) or whose handler returned or failed without answering (500, as
+uvicorn would send it). BentoML's `TimeoutMiddleware`, outside this one, waits for a request's first
+message sent, not for its handler to end: a request that ends without one holds it until
+`server.timeout_s`, and uvicorn's shutdown waits for every such request, so the process outlived its
+drain until the watchdog below ended it.
+
 The gateway tells its workers through a small file in the server's runtime folder (`$TMPDIR`, private
 to the server, service.app), named by the arbiter's pid, which every process of one server shares.
 A second SIGINT (Ctrl-C twice) stops at once.
@@ -289,6 +296,15 @@ class DrainMiddleware:
             return await self.app(scope, receive, self._lifespan_send(send))
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        answer = Answer(receive, send)
+        try:
+            await self._http(scope, answer.receive, answer.send)
+        except Exception:
+            await answer.ensure_sent(scope)
+            raise
+        await answer.ensure_sent(scope)
+
+    async def _http(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path", "")
         d = self.drain
         if d.draining and d.role == "gateway":
@@ -338,3 +354,34 @@ class DrainMiddleware:
         await error_response(request_id(), 503, "this server is shutting down (draining); retry on another "
                              f"instance, or here after {self.drain.retry_after_s} s once it has restarted",
                              {"Retry-After": str(self.drain.retry_after_s), "Connection": "close"})(scope, receive, send)
+
+
+class Answer:
+    """One request's `receive` and `send`, watched: whether an answer has started, and whether the client
+    is known to have left."""
+
+    def __init__(self, receive: Any, send: Any) -> None:
+        self._receive, self._send = receive, send
+        self.started = False
+        self.gone = False
+
+    async def receive(self) -> dict:
+        message = await self._receive()
+        if message.get("type") == "http.disconnect":
+            self.gone = True
+        return message
+
+    async def send(self, message: dict) -> None:
+        if message.get("type") == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+    async def ensure_sent(self, scope: dict) -> None:
+        """Answer a request that ended without one (see the module's docstring)."""
+        if self.started:
+            return
+        if self.gone:
+            status, message = 499, "the client closed its connection before the answer"
+        else:
+            status, message = 500, "the request ended without an answer"
+        await error_response(request_id(), status, message, {"Connection": "close"})(scope, self.receive, self.send)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import secrets
 import time
 from typing import Any, Awaitable, Callable
@@ -171,6 +172,8 @@ class GatewayService:
         await self.dispatcher.remote.stop()
         await self.health.stop()
         self.experiments.close()  # writes the answers still queued
+        # The last word of a gateway that stops by itself; one ended by the drain's watchdog never says it.
+        logger.warning("gateway %d: shut down", os.getpid())
 
     def _after_health_round(self) -> None:
         reasons = self.readiness.refresh()

@@ -6,6 +6,7 @@ the same checkpoint run offline, not against labels.
 import io
 import json
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from PIL import Image
 
 from service.images import decode_image
+from tests.service.fakes import huge_png
+from tests.service.test_drain import _multipart_head
 from tests.support.serving import FASHION_CLASSES, Server, make_checkpoint, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -60,14 +63,12 @@ def server(tmp_path_factory):
 
 def png(size=(40, 30), mode="RGB", seed=0) -> bytes:
     arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).convert(mode).save(buf, "PNG")
+    Image.fromarray(arr).convert(mode).save(buf := io.BytesIO(), "PNG")
     return buf.getvalue()
 
 
 def jpeg(seed=0) -> bytes:
-    buf = io.BytesIO()
-    Image.open(io.BytesIO(png(seed=seed))).save(buf, "JPEG")
+    Image.open(io.BytesIO(png(seed=seed))).save(buf := io.BytesIO(), "JPEG")
     return buf.getvalue()
 
 
@@ -158,15 +159,8 @@ def test_two_thousand_client_ids_split_within_4_points_of_the_weights(server):
         assert r.status_code == 400 and "fashion" in r.json()["error"] and "imagenet" in r.json()["error"]
 
 
-def huge_header_png():
-    from tests.service.fakes import huge_png
-
-    return huge_png(5000, 5000)
-
-
 def tiff() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "TIFF")
+    Image.new("RGB", (8, 8)).save(buf := io.BytesIO(), "TIFF")
     return buf.getvalue()
 
 
@@ -201,7 +195,7 @@ BAD = [
     ("top_k in other digits", [img(png()), text("top_k", "\uff13")], 400, "top_k must be an integer"),
     ("unknown field", [img(png()), text("varient", "b0")], 400, r"unknown field\(s\) \['varient'\]"),
     ("two images to /classify", [img(png()), img(png())], 400, "use /classify_batch"),
-    ("too many pixels", [img(huge_header_png())], 413, "5000x5000 = 25,000,000 pixels"),
+    ("too many pixels", [img(huge_png(5000, 5000))], 413, "5000x5000 = 25,000,000 pixels"),
     ("body too large", [img(b"\xff\xd8" + b"0" * (1024 * 1024 + 10))], 413, "above the limit of 1,048,576 bytes"),
     ("json, not multipart", None, 400, "send multipart/form-data"),
 ]
@@ -488,3 +482,17 @@ def test_the_gateway_reports_requests_in_progress(server):
         if state != "decode_waiting":  # appears once an image has waited for decoding room
             assert re.search(rf'effnet_gateway_requests\{{state="{state}"\}} 0\.0', text), state
 
+
+def test_after_sigterm_the_gateway_stops_by_itself_though_clients_left_before_their_answers(server):
+    """Last, as it stops the module's server: requests their clients left unanswered do not outlive the drain."""
+    for i in range(4):
+        first, rest = _multipart_head(server.port, png(seed=i))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(first if i % 2 else first + rest)
+    deadline = time.monotonic() + 30  # a wait: the gateway has seen the four clients leave before the signal
+    while time.monotonic() < deadline and sum(metric(server.client.get("/metrics").text, "effnet_gateway_requests",
+                                                     state=state) for state in ("uploading", "processing")):
+        time.sleep(0.1)
+    server.stop()
+    log = server.log.read_text()  # not ended by the harness's SIGKILL, nor by the drain's watchdog (no last word)
+    assert not server.killed and server.proc.returncode == 0 and re.search(r"gateway \d+: shut down", log), log[-3000:]

@@ -81,6 +81,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or self.home / "server.log"
         self.proc: subprocess.Popen | None = None
+        self.killed = False  # whether stop() had to SIGKILL what SIGTERM did not stop
 
     def start(self) -> "Server":
         from cli.serve import serve_command, server_env
@@ -106,7 +107,7 @@ class Server:
                     return status
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         raise TimeoutError(f"{self.url}{path} not 200 after {timeout}s (last {status}); log:\n{self.log.read_text()[-4000:]}")
 
     def stop(self) -> None:
@@ -115,6 +116,7 @@ class Server:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
+                self.killed = True
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         if getattr(self, "_logf", None):
