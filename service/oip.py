@@ -14,7 +14,9 @@ reads the protocol's request into encoded images and writes the protocol's answe
   not they asked for binary outputs.
 - errors: `{"error": message}` (with our `request_id`) and the gateway's status: 400 for a bad
   request, 404 for an unknown model or version, 413, 429 and 503 as on /classify.
-- each model has one version, `1`: the checkpoint its configuration names.
+- a variant's versions are `1` (whichever of its versions the shares pick, service/versions.py) and each
+  loaded version by the part of its store tag after the colon: `/versions/V/` answers with that one only;
+  a route has version `1`.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from .budget import HEADER as BUDGET_HEADER
 from .errors import ClientError, error_response, request_id
 from .openapi import version
 from .routing import RoutingError, shown
+from .versions import PINNED, short
 
 HEADER_LENGTH = "inference-header-content-length"  # the binary tensor data extension
 VERSION = "1"
@@ -56,7 +59,14 @@ class Target:
     variant: str | None
 
 
-def resolve(cfg: Any, name: str, version: str | None) -> Target:
+def versions_of(gw: Any, target: Target) -> list[str]:
+    """The model's versions: `1`, and a variant's loaded versions (service/versions.py)."""
+    if target.variant is None or gw.versions is None:
+        return [VERSION]
+    return [VERSION, *(short(v["tag"]) for v in gw.versions.describe(target.variant)["versions"])]
+
+
+def resolve(cfg: Any, name: str, version: str | None, gw: Any = None) -> Target:
     """The route or variant named `name` (a variant first: a route may share a variant's name); raises
     ClientError 404 naming the models, or the versions."""
     if name in cfg.variants:
@@ -66,8 +76,9 @@ def resolve(cfg: Any, name: str, version: str | None) -> Target:
     else:
         raise ClientError(f"unknown model {shown(name)}; models (variants and routes): "
                           f"{', '.join([*cfg.variants, *(r for r in cfg.routes if r not in cfg.variants)])}", 404)
-    if version is not None and version != VERSION:
-        raise ClientError(f"model {name!r} has no version {shown(version)}; its versions: {VERSION}", 404)
+    known = versions_of(gw, target) if gw is not None else [VERSION]
+    if version is not None and version not in known:
+        raise ClientError(f"model {name!r} has no version {shown(version)}; its versions: {', '.join(known)}", 404)
     return target
 
 
@@ -245,7 +256,10 @@ async def infer(gw: Any, request: Request, rid: str, t0: float, labels: list[str
     through the route's cascade, all at once so that the variant's coalescer batches them; the protocol's
     answer. `labels` (route, variant) are the metrics' labels once routed."""
     server = gw.cfg.server
-    target = resolve(gw.cfg, request.path_params["name"], request.path_params.get("version"))
+    version = request.path_params.get("version")
+    target = resolve(gw.cfg, request.path_params["name"], version, gw)
+    if version not in (None, VERSION):
+        PINNED.set(version)  # this request's task only: the dispatcher answers it with that version
     body = await read_body(request, server.max_body_bytes)
     req = parse(body, request.headers.get(HEADER_LENGTH), server.max_batch_images, server.max_pixels)
     client = request.headers.get("x-client-id")
@@ -263,6 +277,7 @@ async def infer(gw: Any, request: Request, rid: str, t0: float, labels: list[str
         for i, out in enumerate(done):  # counted and recorded as /classify's answers of the cascade
             cascade.answer(gw, f"{rid}-{i}", t0, a, k, out, client)
         variants, scores = [out.variant for out in done], np.stack([out.scores for out in done])
+        answered = [gw.versions.tag_of(v) for v in variants]
     else:
         m = gw.manifests.get(a.variant)  # None: the calls below say why the variant cannot answer
         k = forms.top_k(req.top_k, a.variant, m.num_classes, server.max_top_k) if m is not None else None
@@ -275,10 +290,12 @@ async def infer(gw: Any, request: Request, rid: str, t0: float, labels: list[str
             metrics.ASSIGNMENTS.labels(a.route, a.variant, a.how).inc()
             gw.experiments.answered(f"{rid}-{i}", a.route, a.variant, a.how, r.scores[0], item["latency_ms"], client)
         variants, scores = [a.variant] * len(results), np.concatenate([r.scores for r in results])
+        answered = [r.version or gw.versions.tag_of(a.variant) for r in results]
     for v in variants:  # counted per image, as /classify_batch counts them
         metrics.REQUESTS.labels("infer", a.route, v, "200").inc()
-    return {"model_name": target.name, "model_version": VERSION, "id": req.id or rid,
-            "parameters": {"request_id": rid, "route": a.route, "variants": ",".join(variants), "assignment": a.how},
+    return {"model_name": target.name, "model_version": version or VERSION, "id": req.id or rid,
+            "parameters": {"request_id": rid, "route": a.route, "variants": ",".join(variants), "assignment": a.how,
+                           "versions": ",".join(answered)},
             "outputs": outputs(scores, k, [gw.manifests[v].classes for v in variants], req.outputs)}
 
 
@@ -287,7 +304,7 @@ async def infer(gw: Any, request: Request, rid: str, t0: float, labels: list[str
 def model_metadata(gw: Any, target: Target) -> dict:
     variants = [target.variant] if target.variant else list(gw.cfg.routes[target.route].variants)
     classes = next((gw.manifests[v].num_classes for v in variants if v in gw.manifests), -1)
-    return {"name": target.name, "versions": [VERSION], "platform": PLATFORM, "inputs": INPUTS,
+    return {"name": target.name, "versions": versions_of(gw, target), "platform": PLATFORM, "inputs": INPUTS,
             "outputs": [{"name": SCORES, "datatype": "FP32", "shape": [-1, classes]},
                         {"name": TOP_K, "datatype": "BYTES", "shape": [-1, -1]}],
             "parameters": {"kind": "variant" if target.variant else "route", "variants": ",".join(variants)}}
@@ -334,7 +351,7 @@ async def server_ready(request: Request) -> JSONResponse:
 async def metadata(request: Request) -> JSONResponse:
     gw = _gateway()
     try:
-        target = resolve(gw.cfg, request.path_params["name"], request.path_params.get("version"))
+        target = resolve(gw.cfg, request.path_params["name"], request.path_params.get("version"), gw)
     except ClientError as e:
         return error_response(request_id(), e.status, str(e))
     return JSONResponse(model_metadata(gw, target))
@@ -344,10 +361,14 @@ async def ready(request: Request) -> JSONResponse:
     """200 while the model answers, else 503 (as KServe answers) with why."""
     gw = _gateway()
     try:
-        target = resolve(gw.cfg, request.path_params["name"], request.path_params.get("version"))
+        version = request.path_params.get("version")
+        target = resolve(gw.cfg, request.path_params["name"], version, gw)
     except ClientError as e:
         return error_response(request_id(), e.status, str(e))
     ok, why = model_ready(gw, target)
+    if ok and version not in (None, VERSION):  # that version itself serves, not only its variant
+        row = next(v for v in gw.versions.describe(target.variant)["versions"] if short(v["tag"]) == version)
+        ok, why = row["state"] == "ready", None if row["state"] == "ready" else f"version {row['tag']} is {row['state']}"
     return JSONResponse({"name": target.name, "ready": ok, **({"error": why} if why else {})},
                         status_code=200 if ok else 503)
 

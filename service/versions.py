@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -46,6 +47,16 @@ LOAD_TIMEOUT_S = 600.0  # a version not ready after this (its engine export incl
 DRAIN_TIMEOUT_S = 60.0  # an unloaded version's calls in flight get this long to finish
 INPUT_FIELDS = ("classes", "resolution", "resize", "in_chans", "grayscale")  # what the gateway's decoding assumes
 ROOT = Path(__file__).resolve().parents[1]  # where `cli/` is: the worker's command runs from here
+
+
+# The version a request names (the Open Inference Protocol's /v2/models/M/versions/V/infer), else None: a
+# context variable, so that it reaches the dispatcher through whatever the request path calls in between.
+PINNED: contextvars.ContextVar[str | None] = contextvars.ContextVar("effnet_pinned_version", default=None)
+
+
+def short(tag: str) -> str:
+    """The version part of a store tag: what the Open Inference Protocol calls the model's version."""
+    return tag.split(":", 1)[-1]
 
 
 def base_of(key: str) -> str:
@@ -104,11 +115,18 @@ class Versions:
     # the request path -----------------------------------------------------------------------------------
 
     def choose(self, variant: str) -> tuple[str, str]:
-        """The (key, tag) that answers a request for `variant`: a version drawn by share among those that
-        serve now, else the default, else the configured version."""
+        """The (key, tag) that answers a request for `variant`: the version the request names (`PINNED`, the
+        Open Inference Protocol's /versions/V/), else one drawn by share among those that serve now, else
+        the default, else the configured version."""
         vv = self.by_variant.get(variant)
         if vv is None:
             return variant, ""
+        if (pinned := PINNED.get()) is not None:
+            v = self.find(variant, pinned)
+            if not self._serves(v):
+                raise ClientError(f"version {v.tag!r} of {variant!r} is {v.state if v.state != 'ready' else 'down'}; "
+                                  "retry later", 503, {"Retry-After": "1"})
+            return v.key, v.tag
         if len(vv.versions) > 1:
             r, acc = self.rng.random(), 0.0
             for v in vv.versions.values():

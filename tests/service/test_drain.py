@@ -272,3 +272,39 @@ def test_the_drain_belongs_to_no_request(tmp_path, monkeypatch):
     finally:
         drain.logger.removeHandler(handler)
     assert handed_on == [signal.SIGTERM] and seen and set(seen) == {None}
+
+
+def _sent_by(app_behaviour):
+    """What DrainMiddleware sends for a request whose handler does `app_behaviour(receive, send)`."""
+    import asyncio
+
+    sent = []
+
+    async def app(scope, receive, send):
+        await app_behaviour(receive, send)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    mw = drain.DrainMiddleware(app, role="gateway", grace_s=5, retry_after_s=1)
+    asyncio.run(mw({"type": "http", "path": "/classify", "method": "POST", "headers": []}, receive, send))
+    return [m.get("status") for m in sent if m["type"] == "http.response.start"]
+
+
+def test_a_request_that_ends_without_an_answer_gets_one_at_once():
+    async def silent(receive, send):
+        return None
+
+    async def left(receive, send):
+        await receive()  # the client left
+
+    async def answered(receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    assert _sent_by(silent) == [500]
+    assert _sent_by(left) == [499]
+    assert _sent_by(answered) == [200]

@@ -4,6 +4,7 @@ then rolled back, with no failed request and every answer naming the version tha
 
 The load threads run for the whole test and are bounded in count and time. The 10% is checked over 2,000
 answers against a binomial bound (3 points is 4.5 standard deviations at n = 2,000), not a timing."""
+import base64
 import concurrent.futures
 import io
 import itertools
@@ -131,6 +132,17 @@ def test_a_version_loads_takes_its_canary_share_is_promoted_and_rolled_back_with
         while next(v for v in versions(s)["versions"] if v["tag"] == new)["state"] != "ready":
             assert time.monotonic() < deadline, versions(s)
             time.sleep(0.5)
+
+        # the Open Inference Protocol sees the version, and answers with it alone when named
+        v2 = new.split(":")[1]
+        assert v2 in s.client.get("/v2/models/compact").json()["versions"]
+        assert s.client.get(f"/v2/models/compact/versions/{v2}/ready").status_code == 200
+        image = {"name": "image", "datatype": "BYTES", "shape": [2],
+                 "data": [base64.b64encode(IMAGES[0]).decode(), base64.b64encode(IMAGES[1]).decode()]}
+        r = s.client.post(f"/v2/models/compact/versions/{v2}/infer", json={"inputs": [image]})
+        assert r.status_code == 200 and r.json()["model_version"] == v2, r.text
+        assert r.json()["parameters"]["versions"] == f"{new},{new}"
+        assert s.client.post("/v2/models/compact/versions/nope/infer", json={"inputs": [image]}).status_code == 404
 
         seen = compact_answers(s, 2000)
         share = seen.count(new) / len(seen)
