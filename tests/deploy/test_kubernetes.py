@@ -154,7 +154,7 @@ def test_every_object_of_every_overlay_is_valid_for_the_kubernetes_api(rendered)
             kv.validate(obj, latest_version() if version == "latest" else version, strict=True)
         checked.add(obj["kind"])
     assert checked == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
-                       "PersistentVolumeClaim"}
+                       "PersistentVolumeClaim", "NetworkPolicy"}
 
 
 def test_the_validator_refuses_what_the_api_would(rendered):
@@ -389,3 +389,20 @@ def test_promtool_accepts_the_rules_as_the_prometheus_rule_carries_them(rendered
     assert check.returncode == 0 and "SUCCESS" in check.stdout, check.stdout + check.stderr
     path.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "a:b", "expr": "sum(("}]}]}))
     assert subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, timeout=60).returncode != 0
+
+
+def test_workers_take_calls_from_their_gateways_only(rendered):
+    for overlay, objs in rendered.items():
+        policy = _named(objs, "NetworkPolicy", "effnet-workers")["spec"]
+
+        def selected(selector, pod_labels):
+            return all(pod_labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+        pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in _of(objs, "Deployment")}
+        workers = {n for n, labels in pods.items() if selected(policy["podSelector"], labels)}
+        assert workers == {n for n in pods if n != "effnet-gateway"}, (overlay, workers)
+        callers = [p["podSelector"] for rule in policy["ingress"] for p in rule["from"] if "podSelector" in p]
+        assert [n for n, labels in pods.items() if any(selected(c, labels) for c in callers)] == ["effnet-gateway"]
+        ports = {p["containerPort"] for d in _of(objs, "Deployment") for c in _pod(d)["containers"]
+                 for p in c["ports"] if p["name"] == "http"}
+        assert all(p["port"] == "http" for rule in policy["ingress"] for p in rule["ports"]) and ports == {gen.PORT}
