@@ -10,7 +10,8 @@ from .config import RouteConfig, ServingConfig
 def variants(cfg: ServingConfig, manifests: dict[str, Any], status: dict[str, dict], problems: dict[str, str],
              transport: Callable[[str], str], replicas: Callable[[str], list[dict]] = lambda v: [],
              admitted: Callable[[str], int] = lambda v: 0,
-             where: Callable[[str], dict | None] = lambda v: None) -> list[dict]:
+             where: Callable[[str], dict | None] = lambda v: None,
+             versions: Callable[[str], list[dict]] = lambda v: []) -> list[dict]:
     rows = []
     for name, v in cfg.variants.items():
         m, st = manifests.get(name), status.get(name, {})
@@ -44,6 +45,8 @@ def variants(cfg: ServingConfig, manifests: dict[str, Any], status: dict[str, di
             "resolution": m.resolution if m else None, "num_classes": m.num_classes if m else None,
             "params": m.params if m else None, "macs": m.macs if m else None,
             "offline_top1": m.metrics.get("top1") if m else None,
+            # each version served (service/versions.py): its tag, share, state, top-1 and images answered
+            "versions": versions(name),
             "ready": name in status and name not in problems, "problem": problems.get(name),
             # each worker replica's mark from the gateway's health checks (service/health.py)
             "replicas": replicas(name),

@@ -126,7 +126,7 @@ class Dispatcher:
                 self._replicas_resolved(key, len(self.health.usable(key)))
         result = await c(batch)
         if version:
-            metrics.VERSION_IMAGES.labels(variant, version).inc(len(batch))
+            self.versions.answered(variant, version, len(batch))
             return replace(result, version=version)
         return result
 

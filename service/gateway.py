@@ -351,7 +351,8 @@ class GatewayService:
         return describe.variants(self.cfg, self.manifests, self.readiness.status, self.readiness.problems,
                                  self.dispatcher.transport, lambda v: self.readiness.variant(v)["replicas"],
                                  self.admission.held,
-                                 lambda v: self.dispatcher.remote.describe(v) if v in self.dispatcher.remote else None)
+                                 lambda v: self.dispatcher.remote.describe(v) if v in self.dispatcher.remote else None,
+                                 lambda v: self.versions.describe(v)["versions"])
 
     def describe_routes(self) -> dict:
         return describe.routes(self.cfg, self.manifests, self.live.changed_at, self.live.file)

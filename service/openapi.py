@@ -161,7 +161,11 @@ VARIANTS = {
             "device": _S, "engine": _S, "precision": _S, "threads": _I, "workers": _I, "workers_loaded": _I,
             "calls_in_flight": _I, "max_batch_size": _I, "max_latency_ms": _I, "resolution": _I,
             "num_classes": _I, "params": _I, "macs": _I, "offline_top1": _N, "ready": {"type": "boolean"},
-            "problem": _S}}}}})}
+            "problem": _S,
+            "workers_at": {"type": "object", "nullable": True, "description": "workers elsewhere: as configured "
+                           "(workers_at), the addresses resolved, the last resolution's failure"},
+            "versions": {"type": "array", "description": "each version served: tag, share, state, offline top-1, "
+                         "images answered (GET /variants/{variant}/versions)", "items": {"type": "object"}}}}}}})}
 _ROUTE = {"type": "object", "properties": {
     "split": _WEIGHTS, "variants": {"type": "array", "items": _S}, "shadow": _SHADOW, "num_classes": _I,
     "changed_at": {"type": "string", "nullable": True,

@@ -59,6 +59,10 @@ def short(tag: str) -> str:
     return tag.split(":", 1)[-1]
 
 
+def _top1(manifest: Any) -> float | None:
+    return (getattr(manifest, "metrics", None) or {}).get("top1")
+
+
 def base_of(key: str) -> str:
     """The variant of a dispatcher key (`b0`, or `b0@b0-fashion-mnist:v2`)."""
     return key.split(SEP, 1)[0]
@@ -75,12 +79,14 @@ class Version:
     port: int | None = None
     proc: subprocess.Popen | None = None
     since: float = 0.0  # when the state last changed (time.time)
+    top1: float | None = None  # its checkpoint's test top-1 (the manifest's)
+    images: int = 0  # answered by it since it was loaded
 
     def row(self, default: str, ready: bool) -> dict:
         return {"tag": self.tag, "version": self.tag.split(":", 1)[-1], "configured": self.configured,
                 "default": self.tag == default, "share": round(self.share, 4) if self.tag != default else None,
                 "state": self.state if self.state != "ready" or ready else "down", "error": self.error,
-                "port": self.port, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))}
+                "offline_top1": self.top1, "images": self.images, "port": self.port, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))}
 
 
 @dataclass
@@ -101,7 +107,8 @@ class Versions:
 
     def __init__(self, configured: dict[str, str], manifests: dict[str, Any], dispatcher: Any, config_source: str,
                  token: str, usable: Callable[[str], bool], rng: random.Random | None = None) -> None:
-        self.by_variant = {v: VariantVersions({tag: Version(tag, v, configured=True, since=time.time())}, tag)
+        self.by_variant = {v: VariantVersions({tag: Version(tag, v, configured=True, since=time.time(),
+                                                            top1=_top1(manifests.get(v)))}, tag)
                            for v, tag in configured.items()}
         self.manifests = manifests
         self.dispatcher = dispatcher  # adds and removes the keys' replicas (service/dispatch.py)
@@ -143,6 +150,15 @@ class Versions:
         c = next(iter(vv.versions.values()))
         return c.key, c.tag
 
+    def answered(self, variant: str, tag: str, images: int) -> None:
+        """Count what a version answered (the dispatcher calls it for variants with several)."""
+        from . import metrics
+
+        v = self.by_variant[variant].versions.get(tag)
+        if v is not None:
+            v.images += images
+        metrics.VERSION_IMAGES.labels(variant, tag).inc(images)
+
     def tag_of(self, variant: str) -> str:
         """The configured checkpoint's exact tag."""
         return next(iter(self.by_variant[variant].versions))
@@ -170,9 +186,9 @@ class Versions:
         return {"variant": variant, "default": vv.default, "previous": vv.previous,
                 "versions": [v.row(vv.default, self._serves(v)) for v in vv.versions.values()]}
 
-    def check(self, variant: str, tag: str) -> str:
-        """The exact tag of a checkpoint that may become a version of `variant`: verified (sha256), with the
-        variant's classes and input; raises ClientError (409) naming the difference."""
+    def check(self, variant: str, tag: str) -> tuple[str, float | None]:
+        """The exact tag of a checkpoint that may become a version of `variant`, and its test top-1: verified
+        (sha256), with the variant's classes and input; raises ClientError (409) naming the difference."""
         from store import CheckpointError, read_manifest
         from store.checkpoint import verified_tag
 
@@ -188,18 +204,18 @@ class Versions:
             if getattr(m, f) != getattr(base, f):
                 raise ClientError(f"checkpoint {exact!r} cannot be a version of {variant!r}: its {f} differs from "
                                   f"{self.by_variant[variant].default!r}'s", 409)
-        return exact
+        return exact, _top1(m)
 
     async def load(self, variant: str, tag: str, share: float = 0.0) -> Version:
         """Start a version's workers; it is `loading` until a replica is ready (a background task), and takes
         `share` of the variant's requests from then on."""
         vv = self.get(variant)
-        exact = await asyncio.to_thread(self.check, variant, tag)
+        exact, top1 = await asyncio.to_thread(self.check, variant, tag)
         old = vv.versions.get(exact)
         if old is not None and old.state != "failed":
             raise ClientError(f"variant {variant!r} has version {exact!r} already ({old.state})", 409)
         self._check_shares(vv, exact, share)
-        v = Version(exact, f"{variant}{SEP}{exact}", share=share, state="loading", since=time.time())
+        v = Version(exact, f"{variant}{SEP}{exact}", share=share, state="loading", since=time.time(), top1=top1)
         vv.versions[exact] = v
         self._start(variant, v)
         self.save()
@@ -405,7 +421,7 @@ class Versions:
                 v = Version(tag, f"{name}{SEP}{tag}", share=share, state="loading", since=time.time())
                 vv.versions[tag] = v
                 try:
-                    self.check(name, tag)
+                    v.top1 = self.check(name, tag)[1]
                 except ClientError as e:
                     self._failed(v, str(e))
                     continue

@@ -105,7 +105,7 @@ def test_a_restart_loads_the_saved_versions_again_with_their_shares(tmp_path, mo
 
     again = versions(tmp_path, monkeypatch)
     started = []
-    monkeypatch.setattr(again, "check", lambda variant, tag: tag)
+    monkeypatch.setattr(again, "check", lambda variant, tag: (tag, 0.9))
     monkeypatch.setattr(again, "_start", lambda variant, v: started.append(v.tag))
     again.restore()
     vv = again.by_variant["compact"]
