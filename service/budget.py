@@ -153,6 +153,18 @@ class Choice:
         return self.reason == NONE_FITS
 
 
+@dataclass(frozen=True)
+class Cut:
+    """A cascade ended early by a latency budget: it runs its first `last` stages only."""
+    budget_ms: float
+    last: int
+    predicted_ms: float  # of the stages up to the first one that does not fit
+
+    def fields(self, stages: tuple[str, ...]) -> dict:
+        return {"budget_ms": self.budget_ms, "cascade_cut_after": stages[self.last - 1],
+                "cascade_predicted_ms": self.predicted_ms}
+
+
 def choose(candidates: list[Figures], budget_ms: float, images: int = 1) -> Choice:
     """The most accurate candidate whose prediction fits `budget_ms` (ties: the faster, then the first
     given); else the fastest. `candidates` must not be empty."""
@@ -262,12 +274,35 @@ class Budget:
         shadow = a.shadow if a.shadow != choice.variant else None
         return replace(a, variant=choice.variant, how="budget", shadow=shadow, instead_of=None, budget=choice)
 
+    def sample(self, variant: str, service_s: float) -> None:
+        """One image's service time (its latency less its queue wait), for the variant's predictions."""
+        self.samples.setdefault(variant, deque(maxlen=SAMPLES)).append((time.monotonic(), max(0.0, service_s)))
+
+    def cascade_cut(self, stages: tuple[str, ...], header: list[str], images: int = 1) -> Cut | None:
+        """Where a cascade must end to fit the budget the request sends (None: no header, or every stage
+        fits): the most stages whose predicted times, added up, fit it; at least the first. A stage not yet
+        measured is taken to fit, as `choose` takes it."""
+        budget_ms = parse_header(header)
+        if budget_ms is None:
+            return None
+        now, total, last = time.monotonic(), 0.0, 0
+        for i, v in enumerate(stages):
+            c = self.coalescer(v)
+            ahead = max(self.held(v), c.queued_images + c.in_flight_images if c is not None else 0)
+            f = Figures(v, None, ahead, c.seconds_per_image if c is not None else None,
+                        c.limit if c is not None else self.parallel(v), self.service_s(v, now, ahead > 0))
+            predicted = f.predicted_s(images)
+            total += (predicted or 0.0) * 1000
+            if i > 0 and predicted is not None and total > budget_ms:
+                break
+            last = i + 1
+        return Cut(budget_ms, last, round(total, 2)) if last < len(stages) else None
+
     def answered(self, a: Assignment, latency_ms: float, waited: float | None = None) -> dict:
         """After an answer: its service time kept (one image, `waited`: its queue wait), and the budget's
         fields for the answer when the budget chose its variant."""
         if waited is not None:
-            self.samples.setdefault(a.variant, deque(maxlen=SAMPLES)).append(
-                (time.monotonic(), max(0.0, latency_ms / 1000 - waited)))
+            self.sample(a.variant, latency_ms / 1000 - waited)
         choice = a.budget
         if not isinstance(choice, Choice):
             return {}

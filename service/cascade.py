@@ -18,7 +18,9 @@ A client that names a `variant` gets that variant alone, as in any route. The ro
 no part in a cascade. `thresholds_file` is read where the configuration is parsed (relative to the
 configuration file's folder); GET /routes shows it beside the thresholds read from it.
 
-A latency budget may end a cascade early: `run_stages(..., last=k)` runs at most the first k stages.
+A latency budget may end a cascade early: with `X-Latency-Budget-Ms`, the stages run are the most whose
+predicted times add up within it (at least the first; service.budget.Budget.cascade_cut), and the answer
+says where it was cut (`cascade_cut_after`).
 """
 from __future__ import annotations
 
@@ -224,7 +226,7 @@ async def classify(gw: Any, rid: str, t0: float, a: Any, top_k: int, data: bytes
     """One /classify request of a cascade route, through the gateway `gw`: each stage with its own
     readiness, admission, decoding and dispatch, as a request for that variant alone would have."""
     policy = gw.cfg.routes[a.route].policy
-    out = await run_stages(policy, stage_call(gw, a.route, data))
+    out = await run_stages(policy, stage_call(gw, a.route, data), a.budget.last if a.budget is not None else None)
     labels[:] = [a.route, out.variant]
     return answer(gw, rid, t0, a, top_k, out, client)
 
@@ -241,8 +243,10 @@ def stage_call(gw: Any, route: str, data: bytes) -> Call:
         with gw.admission.hold(variant):
             gw.dispatcher.check_capacity(variant, 1)
             batch = await gw.decoder.prepare(data, variant)
+            t0 = time.perf_counter()
             result = await gw.dispatcher.infer(variant, batch)
         metrics.QUEUE_WAIT.labels(route, variant).observe(result.waited)
+        gw.budget.sample(variant, time.perf_counter() - t0 - result.waited)  # what a budget predicts stages from
         return result
 
     return call
@@ -262,6 +266,8 @@ def answer(gw: Any, rid: str, t0: float, a: Any, top_k: int, out: Outcome, clien
     body["cascade"] = describe_steps(out.steps, policy, gw.manifests[out.variant].classes)
     if out.averaged:
         body["averaged"] = [s.variant for s in out.steps if s.result is not None]
+    if a.budget is not None:  # the request's latency budget ended the cascade early (service.budget.Cut)
+        body.update(a.budget.fields(policy.stages))
     gw.experiments.answered(rid, a.route, out.variant, "cascade", out.scores, body["latency_ms"], client)
     return body
 
@@ -298,7 +304,8 @@ async def classify_batch(gw: Any, rid: str, t0: float, a: Any, top_k: int, files
         try:
             if not isinstance(f, UploadFile):
                 raise ImageError("this item is a text value, not a file")
-            out = await run_stages(policy, stage_call(gw, a.route, await f.read()))
+            out = await run_stages(policy, stage_call(gw, a.route, await f.read()),
+                                   a.budget.last if a.budget is not None else None)
         except (ImageError, ClientError) as e:
             metrics.REQUESTS.labels("classify_batch", a.route, "none", str(e.status)).inc()
             return {"index": i, "filename": name, "status": e.status, "error": str(e)}

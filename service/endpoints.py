@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from starlette.applications import Starlette
@@ -64,6 +65,13 @@ async def assignment(request: Request) -> JSONResponse:
         a = gw.router.assign(request.query_params.get("route"), None, client)
     except RoutingError as e:
         return error_response(rid, 400, str(e))
+    policy = gw.cfg.routes[a.route].policy
+    if policy is not None and math.isinf(policy.every_s):  # budget, cascade: no variant per client
+        kind = next(iter(policy.as_dict()))
+        return JSONResponse({"client_id": client, "route": a.route, "variant": None, "model": None,
+                             "assignment": kind, "weights": gw.cfg.routes[a.route].split,
+                             "why": f"route {a.route!r} chooses per request ({kind} policy): no client keeps a "
+                                    "variant; each answer names the one that answered"})
     return JSONResponse({"client_id": client, "route": a.route, "variant": a.variant,
                          "model": gw.cfg.variants[a.variant].model, "assignment": a.how,
                          "weights": gw.cfg.routes[a.route].split})

@@ -16,6 +16,7 @@ import math
 import os
 import secrets
 import time
+from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
 import bentoml
@@ -279,7 +280,10 @@ class GatewayService:
         a = self.budget.assign(self.cfg.routes[a.route], a, request.headers.getlist(BUDGET_HEADER), images_in(f.form),
                                down)
         if (c := cascade.cascade_of(self.cfg.routes[a.route], a.how)) is not None:
-            return (f.form, *cascade.assign(self, a, c, f.top_k))
+            a, k = cascade.assign(self, a, c, f.top_k)
+            # a budget the request sends may end the cascade early (service.budget.Budget.cascade_cut)
+            return f.form, replace(a, budget=self.budget.cascade_cut(c.stages, request.headers.getlist(BUDGET_HEADER),
+                                                                     images_in(f.form))), k
         if self.health.is_down(a.variant):  # answered now, not after a call's deadline
             raise self.dispatcher.down(a.variant)
         if (why := self.readiness.problem(a.variant, self.manifests)) is not None:

@@ -26,7 +26,7 @@ import binascii
 import io
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -272,7 +272,10 @@ async def infer(gw: Any, request: Request, rid: str, t0: float, labels: list[str
     labels[:] = [a.route, a.variant]
     if (policy := cascade.cascade_of(gw.cfg.routes[a.route], a.how)) is not None:
         a, k = cascade.assign(gw, a, policy, req.top_k)
-        done = await asyncio.gather(*(cascade.run_stages(policy, cascade.stage_call(gw, a.route, data))
+        cut = gw.budget.cascade_cut(policy.stages, request.headers.getlist(BUDGET_HEADER), len(req.images))
+        a = replace(a, budget=cut)
+        done = await asyncio.gather(*(cascade.run_stages(policy, cascade.stage_call(gw, a.route, data),
+                                                         cut.last if cut is not None else None)
                                       for data in req.images))
         for i, out in enumerate(done):  # counted and recorded as /classify's answers of the cascade
             cascade.answer(gw, f"{rid}-{i}", t0, a, k, out, client)

@@ -253,8 +253,9 @@ ASSIGNMENT = {
                    {"name": "route", "in": "query", "required": False, "schema": _S,
                     "description": "route (GET /routes); default: the default route"}],
     "responses": {**ok("the client's variant", {"type": "object", "properties": {
-        "client_id": _S, "route": _S, "variant": _S, "model": _S,
-        "assignment": {"type": "string", "enum": ["split", "default"]}, "weights": _WEIGHTS}}),
+        "client_id": _S, "route": _S, "variant": {**_S, "nullable": True}, "model": {**_S, "nullable": True},
+        "assignment": {"type": "string", "enum": ["split", "default", "budget", "cascade"]}, "weights": _WEIGHTS,
+        "why": {**_S, "description": "on a route that chooses per request (budget, cascade): why no variant"}}}),
         **errors("400")}}
 READYZ_VARIANT = {
     "summary": "Whether one variant serves now, and each worker replica's mark",

@@ -240,3 +240,18 @@ def test_service_times_come_from_answers_and_old_ones_are_forgotten(monkeypatch)
     clock[0] += budget.SAMPLE_MAX_AGE_S + 1
     assert b.service_s("b0", clock[0]) is None  # tried again as if new...
     assert b.service_s("b0", clock[0], probing=True) == pytest.approx(0.015)  # ...by one request at a time
+
+
+def test_a_budget_ends_a_cascade_after_the_stages_whose_times_add_up_within_it():
+    b = budget.Budget(accuracy=lambda v: None, held=lambda v: 0, coalescer=lambda v: None, parallel=lambda v: 1)
+    b.service_s = lambda variant, now, probing=False: {"compact": 0.004, "b0": 0.010, "big": 0.100}.get(variant)
+    stages = ("compact", "b0", "big")
+    assert b.cascade_cut(stages, []) is None  # no header: the whole cascade
+    assert b.cascade_cut(stages, ["500"]) is None  # 114 ms: every stage fits
+    cut = b.cascade_cut(stages, ["50"])  # 4 + 10 fit, + 100 does not
+    assert cut.last == 2 and cut.fields(stages) == {"budget_ms": 50, "cascade_cut_after": "b0",
+                                                    "cascade_predicted_ms": 114.0}
+    assert b.cascade_cut(stages, ["1"]).last == 1  # the first stage always runs
+    assert b.cascade_cut(("compact", "unmeasured"), ["1"]) is None  # a stage not measured yet counts as fitting
+    with pytest.raises(ClientError, match=budget.HEADER):
+        b.cascade_cut(stages, ["-3"])

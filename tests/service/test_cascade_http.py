@@ -118,6 +118,23 @@ def test_a_stage_that_cannot_serve_escalates(server):
     assert a["cascade"][0]["variant"] == "broken" and a["cascade"][0]["escalated"] and "error" in a["cascade"][0]
 
 
+def test_a_tight_latency_budget_ends_the_cascade_at_the_first_stage(server):
+    _classify(server, server.unsure, route="fashion")  # both stages answer: their service times are known
+    r = server.client.post("/classify", files={"image": ("x.png", IMAGES[server.unsure], "image/png")},
+                           data={"route": "fashion"}, headers={"X-Latency-Budget-Ms": "0.001"})
+    a = r.json()
+    assert r.status_code == 200 and a["variant"] == "compact" and a["cascade_cut_after"] == "compact", a
+    assert [s["variant"] for s in a["cascade"]] == ["compact"] and a["budget_ms"] == 0.001
+    loose = server.client.post("/classify", files={"image": ("x.png", IMAGES[server.unsure], "image/png")},
+                               data={"route": "fashion"}, headers={"X-Latency-Budget-Ms": "60000"}).json()
+    assert loose["variant"] == "b0" and "cascade_cut_after" not in loose
+
+
+def test_the_assignment_of_a_cascade_route_is_per_request_not_per_client(server):
+    a = server.client.get("/assignment", params={"route": "fashion", "client_id": "alice"}).json()
+    assert a["variant"] is None and a["assignment"] == "cascade" and "per request" in a["why"]
+
+
 def test_a_batch_goes_through_the_cascade_image_by_image(server):
     files = [("images", (f"{s}.png", IMAGES[s], "image/png")) for s in (server.sure, server.unsure)]
     r = server.client.post("/classify_batch", files=files, data={"route": "fashion"})
