@@ -29,8 +29,8 @@ from .health import DOWN, Health
 from .inprocess import InProcessVariant
 from .remote_workers import RemoteWorkers
 from .results import InferenceResult
-from .versions import Versions, base_of
 from .shm import Arena, Lease
+from .versions import Versions, base_of
 
 logger = logging.getLogger("effnet.gateway")
 

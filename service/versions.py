@@ -83,10 +83,11 @@ class Version:
     images: int = 0  # answered by it since it was loaded
 
     def row(self, default: str, ready: bool) -> dict:
-        return {"tag": self.tag, "version": self.tag.split(":", 1)[-1], "configured": self.configured,
+        return {"tag": self.tag, "version": short(self.tag), "configured": self.configured,
                 "default": self.tag == default, "share": round(self.share, 4) if self.tag != default else None,
                 "state": self.state if self.state != "ready" or ready else "down", "error": self.error,
-                "offline_top1": self.top1, "images": self.images, "port": self.port, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))}
+                "offline_top1": self.top1, "images": self.images, "port": self.port,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since))}
 
 
 @dataclass
