@@ -103,10 +103,21 @@ def split_settings(man, data: str | None) -> dict:
             "variant": man.variant}
 
 
+# What chooses a checkpoint's validation images (training/data.py): its data, the split's size and seed, and
+# the test limit (whose subset of an image folder is drawn with the training seed). Not its variant or
+# resolution: the stages of a cascade differ in those and still held out the same images.
+IMAGE_SETTINGS = ("data", "val_size", "val_seed", "limit_test")
+
+
+def _images_chosen_by(settings: dict) -> tuple:
+    keys = IMAGE_SETTINGS + (("seed",) if settings.get("limit_test") else ())
+    return tuple((k, settings.get(k)) for k in keys)
+
+
 def choose_split(manifests: list, data: str | None) -> str:
     """"val" when every stage held out the same validation images, else "test" (with a warning)."""
     held = [m.metrics.get("val_images") for m in manifests]
-    same = len({tuple(sorted(split_settings(m, data).items())) for m in manifests}) == 1
+    same = len({_images_chosen_by(split_settings(m, data)) for m in manifests}) == 1
     if all(held) and same:
         return "val"
     why = ("some stages were trained without a validation split" if not all(held)

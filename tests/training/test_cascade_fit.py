@@ -102,3 +102,20 @@ def test_effnet_cascade_fit_writes_the_thresholds_the_route_names(tmp_path, monk
     assert list(policy.thresholds) == written["thresholds"]
     assert main(["cascade", "fit", "nowhere", "--config", str(config), "--data", "fake"]) == 2
     assert "unknown route" in capsys.readouterr().err
+
+
+def test_stages_of_different_variants_that_held_out_the_same_images_fit_on_the_validation_split(capsys):
+    from types import SimpleNamespace
+
+    from cli.cascade import choose_split
+
+    def man(variant, resolution, seed, val_seed=0, val_images=5000):
+        return SimpleNamespace(variant=variant, resolution=resolution, metrics={"val_images": val_images},
+                               training={"val_size": -1.0, "val_seed": val_seed, "seed": seed, "data": "fashion-mnist"})
+
+    assert choose_split([man("compact", 40, 0), man("b0", 48, 1)], None) == "val"  # variant, size, seed differ
+    assert capsys.readouterr().err == ""
+    assert choose_split([man("compact", 40, 0), man("b0", 40, 0, val_seed=1)], None) == "test"
+    assert "held out different validation images" in capsys.readouterr().err
+    assert choose_split([man("compact", 40, 0), man("b0", 40, 0, val_images=None)], None) == "test"
+    assert "without a validation split" in capsys.readouterr().err
