@@ -24,7 +24,7 @@ help:
 	@echo "make train-full   the full recipe on Fashion-MNIST (VARIANT=b0 NPROC=1)"
 	@echo "make models  print the variant table (parameters, MACs, the slides' figures)"
 	@echo "make bench   time the main variants offline; the figures go to benchmarks/results/<date>-<host>/"
-	@echo "make loadtest  Locust + Prometheus against the served variants; report in reports/<run>/ (<= 10 min)"
+	@echo "make loadtest  Locust + Prometheus against the served variants, splits, an experiment and the budget and cascade routes; reports/<run>/ (<= 15 min)"
 	@echo "make chaos   kills, hangs, SIGTERM, slow clients, big uploads, a damaged store under load; reports/chaos-<run>/ (<= 10 min)"
 	@echo "make soak    the service at half its capacity for 1 h (SOAK_ARGS=\"--duration 30m\"); RSS/fd/thread growth per process"
 
@@ -123,7 +123,7 @@ serve: setup
 LOADTEST_ARGS ?=
 loadtest: setup
 	@$(EFFNET) serve --check || $(MAKE) --no-print-directory checkpoints engines
-	$(EFFNET) loadtest $(LOADTEST_ARGS)
+	$(EFFNET) loadtest --policies --max-seconds 900 $(LOADTEST_ARGS)
 
 # Fills the default store if empty, then serves a private copy of it under steady load on every route and
 # runs the fault scenarios one after another (docs/loadtest.md, "Chaos run"); fails if one fails.

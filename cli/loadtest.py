@@ -103,7 +103,8 @@ def add_commands(sub) -> None:
     g = p.add_argument_group("policy phases", "the budget and cascade policies on two routes the run adds over the "
                              "fashion variants (fashion-budget, fashion-cascade with thresholds from `effnet cascade "
                              "fit`), at the same user counts as the variants; opt-in: they add two phases of steps")
-    g.add_argument("--policies", action="store_true", help="add the policy phases (raise --max-seconds to fit them)")
+    g.add_argument("--policies", action=argparse.BooleanOptionalAction, default=False,
+                   help="add the policy phases (raise --max-seconds to fit them; `make loadtest` does both)")
     g.add_argument("--budget-ms", type=bounded(float, 1, 10000, " ms"),
                    help="X-Latency-Budget-Ms of every budget-route request (default 250)")
     p.add_argument("--locust-workers", type=bounded(int, 0, 64), metavar="N",
