@@ -39,6 +39,7 @@ from store.durable import write_atomic
 from store.paths import state_dir
 
 from .errors import ClientError
+from .health import UP
 
 logger = logging.getLogger("effnet.gateway")
 
@@ -309,7 +310,8 @@ class Versions:
                 await self._fail(v, f"its worker exited with status {v.proc.returncode} (log: {self._log(variant, v)})")
             elif errors:  # a worker answers only once it has loaded: an error is final
                 await self._fail(v, errors[0])
-            elif self.usable(v.key):
+            elif any(r.state == UP and r.status and r.status.get("ready") for r in reps):
+                # a check's answer, not only "usable": a replica not checked yet counts as usable for calls
                 v.state, v.since = "ready", time.time()
                 logger.info("variant %s: version %s is ready (share %.0f%%)", variant, v.tag, v.share * 100)
                 self.save()

@@ -114,3 +114,25 @@ def test_a_restart_loads_the_saved_versions_again_with_their_shares(tmp_path, mo
     assert vv.versions["compact:v2"].share == 0.25 and vv.versions["compact:v2"].state == "loading"
     # until its workers are ready, the promoted version's requests go to the configured one
     assert {again.choose("compact")[1] for _ in range(100)} == {"compact:v1"}
+
+
+def test_a_version_is_ready_only_once_a_check_has_found_its_worker_ready(tmp_path, monkeypatch):
+    """A replica not checked yet counts as usable for calls, but a version must not take its share before
+    its worker has answered: the first requests would find nothing listening."""
+    from service.health import UP, Replica
+
+    vs = versions(tmp_path, monkeypatch)
+    v = loaded(vs, "compact:v2", share=0.5, state="loading")
+    replica = Replica()
+    vs.dispatcher.health.replicas[v.key] = [replica]
+
+    async def run():
+        task = asyncio.get_running_loop().create_task(vs._await_ready("compact", v))
+        await asyncio.sleep(0.6)
+        assert v.state == "loading"  # usable (unknown) but never checked
+        assert {vs.choose("compact")[1] for _ in range(200)} == {"compact:v1"}
+        replica.state, replica.status = UP, {"ready": True}
+        await asyncio.wait_for(task, 2)
+        assert v.state == "ready"
+
+    asyncio.run(run())
