@@ -22,6 +22,39 @@ QUERY_FIELDS = ("variant", "route", "top_k")  # also accepted in the query strin
 DEFAULT_TOP_K = 5
 
 
+# A body above this is parsed in a thread of its own, one at a time, not in the event loop: parsing 10 MiB
+# of multipart is about 50 ms of pure Python, and a burst of big uploads held the loop for seconds, every
+# other route waiting behind it (the chaos run's max-uploads scenario, benchmarks/RESULTS.md). One thread
+# at a time leaves the loop half of the interpreter while it parses; small bodies stay in the loop, where
+# they cost less than a thread's hop.
+PARSE_APART_BYTES = 1 << 20
+_PARSING: Any = None  # anyio.CapacityLimiter(1), made in the event loop at its first use
+
+
+async def _parse_apart(request: Request, body: bytes, max_files: int, max_fields: int) -> Any:
+    """The form of `body`, parsed by Starlette's own parser in a thread (with its own event loop)."""
+    import asyncio
+
+    import anyio.to_thread
+    from starlette.formparsers import MultiPartParser
+
+    global _PARSING
+    if _PARSING is None:
+        _PARSING = anyio.CapacityLimiter(1)
+
+    async def chunks():
+        yield body
+        yield b""
+
+    def parse() -> Any:
+        return asyncio.run(MultiPartParser(request.headers, chunks(), max_files=max_files,
+                                           max_fields=max_fields).parse())
+
+    form = await anyio.to_thread.run_sync(parse, limiter=_PARSING)
+    request._form = form  # Starlette closes the form's files with the request, as for request.form()
+    return form
+
+
 @dataclass(frozen=True)
 class ClassifyForm:
     form: Any  # starlette FormData: the files are read from it
@@ -49,9 +82,12 @@ async def read_form(request: Request, allowed: frozenset[str], max_batch_images:
             raise ClientError("the multipart body is incomplete: it does not end with its closing boundary "
                               f"({len(body):,} bytes arrived; was the upload interrupted?)")
     try:
-        form = await request.form(max_files=max_batch_images + 1, max_fields=16)
+        if boundary and len(body) > PARSE_APART_BYTES:
+            form = await _parse_apart(request, body, max_batch_images + 1, 16)
+        else:
+            form = await request.form(max_files=max_batch_images + 1, max_fields=16)
     except Exception as e:
-        detail = str(getattr(e, "detail", e))
+        detail = str(getattr(e, "detail", None) or getattr(e, "message", None) or e)
         if detail.startswith("Too many files"):  # Starlette counts the +1 above, which only confuses
             detail = (f"too many files: at most one for /classify and {max_batch_images} "
                       "for /classify_batch (server.max_batch_images)")

@@ -36,10 +36,11 @@ def limited_endpoint(method: str, path: str) -> str | None:
 # answer instead of a reset. As nginx: a total bound (lingering_time), a bound on each wait for more
 # (lingering_timeout: a client that stops sending is let go), and a byte bound: in a burst of big
 # uploads each body arrives slowly while its client is still sending (256 x 10 MiB: 50 resets with 5 s
-# in all, none with these bounds; benchmarks/RESULTS.md, chaos).
+# in all, none with these bounds; benchmarks/RESULTS.md, chaos). The wait for more is 15 s: with big bodies
+# parsed beside the event loop (service/forms.py), 224 of 231 refused uploads were reset with 5 s.
 LINGER_BYTES = 64 * 1024 * 1024
 LINGER_S = 30.0
-LINGER_IDLE_S = 5.0
+LINGER_IDLE_S = 15.0
 
 
 async def discard_body(receive: Any, max_bytes: int = LINGER_BYTES, max_s: float = LINGER_S,
