@@ -92,10 +92,11 @@ def stage(ctx: Path, config: Path, models: list[str]) -> Path:
     return bentofile
 
 
-def build(config: Path, pack_models: bool) -> tuple[int, str]:
-    """Run `bentoml build` for `config`'s service; (exit status, the bento's tag or BentoML's output)."""
+def build(config: Path, models: list[str]) -> tuple[int, str]:
+    """Run `bentoml build` for `config`'s service, carrying `models` (exact tags; none: it reads the store);
+    (exit status, the bento's tag or BentoML's output)."""
     with tempfile.TemporaryDirectory(prefix="effnet-build-") as ctx:
-        bentofile = stage(Path(ctx), config, packed_models(_load(config)) if pack_models else [])
+        bentofile = stage(Path(ctx), config, models)
         env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
         env.pop("EFFNET_SERVE_CONFIG", None)  # the bento serves the configuration staged in it
         r = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", str(bentofile), "-o", "tag", ctx],
@@ -105,20 +106,14 @@ def build(config: Path, pack_models: bool) -> tuple[int, str]:
     return 0, r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
 
 
-def _load(config: Path):
-    from service.config import load_config
-
-    return load_config(config)
-
-
 def cmd_build(args: argparse.Namespace) -> int:
-    from service.config import ConfigError, config_path
+    from service.config import ConfigError, config_path, load_config
 
     from .serve import preflight, prepare_engines
 
     path = config_path(args.config).resolve()
     try:
-        cfg = _load(path)
+        cfg = load_config(path)
         problems = preflight(cfg)
     except ConfigError as e:
         print(f"effnet build: {e}", file=sys.stderr)
@@ -135,7 +130,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             print("effnet build --pack-models: the engines are not beside the weights (is the store read-only?): "
                   + "; ".join(left), file=sys.stderr)
             return 1
-    rc, out = build(path, args.pack_models)
+    rc, out = build(path, packed_models(cfg) if args.pack_models else [])
     if rc != 0:
         print(f"effnet build: bentoml build failed:\n{out}", file=sys.stderr)
         return rc

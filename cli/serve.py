@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+CONFIG_HELP = "serving configuration YAML (default: $EFFNET_SERVE_CONFIG, else service/config.yaml)"
+
+
 def server_tmp_dir(home: Path, port: int | None = None) -> Path:
     """The runtime folder of the server of the store at `home` on `port` (see server_env)."""
     import hashlib
@@ -29,8 +32,9 @@ def server_tmp_dir(home: Path, port: int | None = None) -> Path:
     return Path(tempfile.gettempdir()) / (f"effnet-serve-{digest}" + (f"-{port}" if port else ""))
 
 
-def server_env(home: Path | None = None, port: int | None = None) -> dict[str, str]:
-    """The environment of a `bentoml serve` on the store at `home` (default: $BENTOML_HOME or ~/bentoml).
+def server_env(home: Path | None = None, port: int | None = None, state: Path | None = None) -> dict[str, str]:
+    """The environment of a `bentoml serve` on the store at `home` (default: $BENTOML_HOME or ~/bentoml), with
+    its state folder `state` (default: $EFFNET_STATE_DIR, else the store's).
 
     TMPDIR is a runtime folder private to the server, per store and port, emptied at every start: every
     BentoML client between services makes a temporary folder that only its finalizer removes, and
@@ -54,7 +58,7 @@ def server_env(home: Path | None = None, port: int | None = None) -> dict[str, s
     # route changes are closed without one (service/audit.py).
     from service.audit import ensure_token_file
 
-    env[STATE_ENV] = str(Path(os.environ.get(STATE_ENV) or state_dir(home)).resolve())
+    env[STATE_ENV] = str(Path(state or os.environ.get(STATE_ENV) or state_dir(home)).resolve())
     ensure_token_file(env[STATE_ENV])
     # torch.compile's cache lives under the temporary folder by default: keep it in the system's, so that
     # a GPU worker's compiled graphs survive restarts instead of being emptied with the litter.
@@ -351,7 +355,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Check the serving configuration and the store, then serve POST /classify, "
         "/classify_batch and GET /variants, /routes, /livez, /readyz, /metrics.",
     )
-    p.add_argument("--config", help="serving configuration YAML (default: $EFFNET_SERVE_CONFIG, else service/config.yaml)")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--port", type=port_number, default=3000, help="port (default 3000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--reset-routes", action="store_true",

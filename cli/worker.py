@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from .serve import port_number
+from .serve import CONFIG_HELP, port_number
 
 
 def worker_command(host: str, port: int) -> list[str]:
@@ -45,9 +46,9 @@ def worker_env(variant: str, config: str, port: int, model: str | None = None) -
     link = own / "models"
     if not link.is_symlink():
         link.symlink_to(models_dir(home).resolve(), target_is_directory=True)
-    shared = {SLOTS_ENV: os.environ.get(SLOTS_ENV) or str(slots_dir()),
-              STATE_ENV: os.environ.get(STATE_ENV) or str(state_dir(home))}
-    env = {**server_env(own, port), **shared, CONFIG_ENV: config, VARIANT_ENV: variant}
+    state = Path(os.environ.get(STATE_ENV) or state_dir(home))
+    env = {**server_env(own, port, state), SLOTS_ENV: os.environ.get(SLOTS_ENV) or str(slots_dir()),
+           CONFIG_ENV: config, VARIANT_ENV: variant}
     if model:
         env[MODEL_ENV] = model
     return env
@@ -68,8 +69,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"effnet worker: {e}", file=sys.stderr)
         return 2
     if args.variant not in cfg.variants:
-        print(f"effnet worker: {args.variant!r} is not a variant of {path}; variants: {', '.join(sorted(cfg.variants))}",
-              file=sys.stderr)
+        print(f"effnet worker: {args.variant!r} is not a variant of {path}; "
+              f"variants: {', '.join(sorted(cfg.variants))}", file=sys.stderr)
         return 2
     v = cfg.variants[args.variant]
     model = args.model or v.model
@@ -100,7 +101,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "the network: on another host, in another container, or as a Kubernetes pod behind a headless Service.",
     )
     p.add_argument("variant", help="the variant to serve, as named in the configuration")
-    p.add_argument("--config", help="serving configuration YAML (default: $EFFNET_SERVE_CONFIG, else service/config.yaml)")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--port", type=port_number, default=3000, help="port (default 3000)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in a container)")
     p.add_argument("--model", help="store tag to serve instead of the configured one (a version of the variant)")

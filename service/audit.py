@@ -95,3 +95,20 @@ def read(path: Path | None = None) -> list[dict]:
         except ValueError:
             continue
     return out
+
+
+def write_request(request: Any, rid: str, status: int, error: str | None = None, **what: Any) -> None:
+    """One line for an admin request's attempt (a route change, a version change): who asked, from where,
+    with which token's fingerprint, `what` they asked and the result. A log that cannot be written is an
+    error in the server log, not the client's problem."""
+    import logging
+
+    given = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip() or None
+    try:
+        AuditLog().write(client=request.client.host if request.client else None,
+                         forwarded_for=request.headers.get("x-forwarded-for"), token=fingerprint(given),
+                         host=request.headers.get("host"), **what,
+                         result={"status": status, **({"error": error} if error else {})}, request_id=rid)
+    except OSError as e:
+        logging.getLogger("effnet.gateway").error("admin request %s (%s): the audit log cannot be written: %s",
+                                                  rid, status, e)

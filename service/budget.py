@@ -238,11 +238,12 @@ class Budget:
         recent = [s for t, s in samples if now - t <= SAMPLE_MAX_AGE_S] or ([s for _, s in samples] if probing else [])
         return statistics.median(recent) if recent else None
 
-    def figures(self, route: str, variant: str, policy: BudgetPolicy, now: float) -> Figures:
+    def figures(self, route: str, variant: str, policy: BudgetPolicy | None, now: float) -> Figures:
+        """What is known of `variant` now; with no policy (a cascade's stage), its offline accuracy."""
         c = self.coalescer(variant)
         images = c.queued_images + c.in_flight_images if c is not None else 0
         accuracy = self.accuracy(variant)
-        if policy.accuracy == "online":
+        if policy is not None and policy.accuracy == "online":
             accuracy = self.online.get(route, {}).get(variant, accuracy)
         ahead = max(self.held(variant), images)
         return Figures(variant, accuracy, ahead, c.seconds_per_image if c is not None else None,
@@ -287,11 +288,7 @@ class Budget:
             return None
         now, total, last = time.monotonic(), 0.0, 0
         for i, v in enumerate(stages):
-            c = self.coalescer(v)
-            ahead = max(self.held(v), c.queued_images + c.in_flight_images if c is not None else 0)
-            f = Figures(v, None, ahead, c.seconds_per_image if c is not None else None,
-                        c.limit if c is not None else self.parallel(v), self.service_s(v, now, ahead > 0))
-            predicted = f.predicted_s(images)
+            predicted = self.figures("", v, None, now).predicted_s(images)
             total += (predicted or 0.0) * 1000
             if i > 0 and predicted is not None and total > budget_ms:
                 break

@@ -9,7 +9,6 @@ here every failure has its status and message. BentoML still serves /livez, /rea
 from __future__ import annotations
 
 import json
-import logging
 import math
 from typing import Any
 
@@ -19,13 +18,11 @@ from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import Route
 
 from . import oip, openapi, route_state, version_endpoints
-from .audit import AuditLog, configured_token, fingerprint
+from .audit import configured_token, write_request
 from .errors import ClientError, error_response, request_id
 from .live_routes import MAX_CHANGE_BYTES, admin_refusal
 from .openapi import Endpoint
 from .routing import RoutingError, shown
-
-logger = logging.getLogger("effnet.gateway")
 
 
 def _gateway() -> Any:
@@ -79,16 +76,8 @@ async def assignment(request: Request) -> JSONResponse:
 
 def _audit(request: Request, rid: str, name: str, before: dict | None, after: Any, status: int,
            error: str | None = None) -> None:
-    """One line of the audit log (service.audit) for a route-change attempt; a log that cannot be written
-    is an error in the server log, not the client's problem."""
-    given = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip() or None
-    try:
-        AuditLog().write(client=request.client.host if request.client else None,
-                         forwarded_for=request.headers.get("x-forwarded-for"), token=fingerprint(given),
-                         host=request.headers.get("host"), route=name, before=before, after=after,
-                         result={"status": status, **({"error": error} if error else {})}, request_id=rid)
-    except OSError as e:
-        logger.error("route change %s (%s): the audit log cannot be written: %s", rid, status, e)
+    """One line of the audit log for a route-change attempt (service.audit.write_request)."""
+    write_request(request, rid, status, error, route=name, before=before, after=after)
 
 
 async def change_route(request: Request) -> JSONResponse:

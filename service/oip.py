@@ -63,7 +63,7 @@ def versions_of(gw: Any, target: Target) -> list[str]:
     """The model's versions: `1`, and a variant's loaded versions (service/versions.py)."""
     if target.variant is None or gw.versions is None:
         return [VERSION]
-    return [VERSION, *(short(v["tag"]) for v in gw.versions.describe(target.variant)["versions"])]
+    return [VERSION, *(short(tag) for tag in gw.versions.get(target.variant).versions)]
 
 
 def resolve(cfg: Any, name: str, version: str | None, gw: Any = None) -> Target:
@@ -76,9 +76,10 @@ def resolve(cfg: Any, name: str, version: str | None, gw: Any = None) -> Target:
     else:
         raise ClientError(f"unknown model {shown(name)}; models (variants and routes): "
                           f"{', '.join([*cfg.variants, *(r for r in cfg.routes if r not in cfg.variants)])}", 404)
-    known = versions_of(gw, target) if gw is not None else [VERSION]
-    if version is not None and version not in known:
-        raise ClientError(f"model {name!r} has no version {shown(version)}; its versions: {', '.join(known)}", 404)
+    if version is not None and version != VERSION:  # only then: not on every infer's path
+        known = versions_of(gw, target) if gw is not None else [VERSION]
+        if version not in known:
+            raise ClientError(f"model {name!r} has no version {shown(version)}; its versions: {', '.join(known)}", 404)
     return target
 
 
@@ -371,7 +372,8 @@ async def ready(request: Request) -> JSONResponse:
     ok, why = model_ready(gw, target)
     if ok and version not in (None, VERSION):  # that version itself serves, not only its variant
         row = next(v for v in gw.versions.describe(target.variant)["versions"] if short(v["tag"]) == version)
-        ok, why = row["state"] == "ready", None if row["state"] == "ready" else f"version {row['tag']} is {row['state']}"
+        ok = row["state"] == "ready"
+        why = None if ok else f"version {row['tag']} is {row['state']}"
     return JSONResponse({"name": target.name, "ready": ok, **({"error": why} if why else {})},
                         status_code=200 if ok else 503)
 

@@ -28,34 +28,35 @@ logger = logging.getLogger("effnet.gateway")
 class RemoteWorkers:
     """`variant -> [client per replica]` for the variants with `workers_at`, kept current."""
 
-    API = "predict_wire"  # what the dispatcher calls on them (service.workers.VariantRunner.predict_wire)
-
     def __init__(self, cfg: ServingConfig, health: Health, replica_calls: dict[str, list[int]],
                  worker_service: Callable[[str], Any], token: str | None = None,
                  on_change: Callable[[str, int], None] | None = None) -> None:
         self.cfg = cfg
-        self.where: dict[str, Addresses] = {n: addresses(v.workers_at) for n, v in cfg.variants.items() if v.workers_at}
         self.health, self.replica_calls = health, replica_calls
         self.worker_service = worker_service  # variant -> its worker's BentoML service class (the API's shape)
         self.token = token
         self.on_change = on_change  # (variant, replicas resolved now): the dispatcher's calls in flight follow
-        self.urls: dict[str, list[str]] = {n: [] for n in self.where}  # by replica index
-        self.clients: dict[str, list[Any]] = {n: [] for n in self.where}
-        self.errors: dict[str, str | None] = {n: None for n in self.where}  # the last resolution's failure
+        self.where: dict[str, Addresses] = {}
+        self.urls: dict[str, list[str]] = {}  # by replica index
+        self.clients: dict[str, list[Any]] = {}
+        self.errors: dict[str, str | None] = {}  # the last resolution's failure
         self.task: asyncio.Task | None = None
-        for name in self.where:
-            health.replicas.setdefault(name, [])
-            replica_calls.setdefault(name, [])
+        for name, v in cfg.variants.items():
+            if v.workers_at:
+                self._register(name, addresses(v.workers_at))
+
+    def _register(self, key: str, where: Addresses) -> None:
+        self.where[key] = where
+        self.urls[key], self.clients[key], self.errors[key] = [], [], None
+        self.health.replicas.setdefault(key, [])
+        self.replica_calls.setdefault(key, [])
 
     def __contains__(self, variant: str) -> bool:
         return variant in self.where
 
     def add(self, key: str, urls: list[str]) -> None:
         """Replicas at fixed `urls` for a key that starts now (a version the gateway loads, service/versions.py)."""
-        self.where[key] = Addresses(urls=tuple(urls))
-        self.urls[key], self.clients[key], self.errors[key] = [], [], None
-        self.health.replicas.setdefault(key, [])
-        self.replica_calls.setdefault(key, [])
+        self._register(key, Addresses(urls=tuple(urls)))
         self.apply(key, urls)
 
     async def remove(self, key: str) -> None:

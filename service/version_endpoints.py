@@ -6,17 +6,14 @@ names this server), and every attempt is written to the audit log. GET is open, 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .audit import AuditLog, configured_token, fingerprint
+from .audit import configured_token, write_request
 from .errors import ClientError, error_response, request_id
 from .live_routes import MAX_CHANGE_BYTES, admin_refusal
-
-logger = logging.getLogger("effnet.gateway")
 
 
 def _gateway() -> Any:
@@ -36,7 +33,6 @@ def _percent(body: dict, key: str = "share") -> float:
 async def _admin(request: Request, action: str, act) -> JSONResponse:
     """Check the caller, read the JSON body, run `act(body)` and audit the attempt, whatever its result."""
     rid, variant = request_id(), request.path_params["variant"]
-    given = (request.headers.get("authorization") or "").removeprefix("Bearer ").strip() or None
     status, answer, body = 200, None, None
     try:
         local = (request.scope.get("server") or (None,))[0]
@@ -58,14 +54,8 @@ async def _admin(request: Request, action: str, act) -> JSONResponse:
         resp = JSONResponse(answer, status_code=status, headers={"X-Request-Id": rid})
     except ClientError as e:
         status, resp = e.status, error_response(rid, e.status, str(e))
-    try:
-        AuditLog().write(client=request.client.host if request.client else None, token=fingerprint(given),
-                         forwarded_for=request.headers.get("x-forwarded-for"), host=request.headers.get("host"),
-                         variant=variant, action=action, version=request.path_params.get("version"), change=body,
-                         result={"status": status, **({"error": json.loads(resp.body)["error"]} if status >= 400
-                                                      else {})}, request_id=rid)
-    except OSError as e:
-        logger.error("version change %s (%s): the audit log cannot be written: %s", rid, status, e)
+    write_request(request, rid, status, json.loads(resp.body)["error"] if status >= 400 else None,
+                  variant=variant, action=action, version=request.path_params.get("version"), change=body)
     return resp
 
 
